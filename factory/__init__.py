@@ -1,0 +1,31 @@
+"""The Factory: durable AI workflows on Ray."""
+
+from factory.api import cancel, resume, run
+from factory.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from factory.dag import load_workflow, validate_workflow
+from factory.engine import Progress, RunResult
+from factory.errors import FactoryError, WorkflowValidationError
+from factory.settings import Settings
+from factory.spec import Resources, RetryPolicy, Step, Workflow
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BreakerConfig",
+    "BreakerState",
+    "CircuitBreaker",
+    "FactoryError",
+    "Progress",
+    "Resources",
+    "RetryPolicy",
+    "RunResult",
+    "Settings",
+    "Step",
+    "Workflow",
+    "WorkflowValidationError",
+    "cancel",
+    "load_workflow",
+    "resume",
+    "run",
+    "validate_workflow",
+]

@@ -1,0 +1,349 @@
+"""The ``factory`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from factory import api
+from factory.dag import load_workflow
+from factory.engine import Progress as RunProgress
+from factory.engine import RunResult
+from factory.errors import FactoryError, WorkflowValidationError
+from factory.settings import get_settings
+from factory.store import RunRecord, RunStatus
+
+app = typer.Typer(
+    help=(
+        "The Factory: durable AI workflows on Ray.\n\n"
+        "State lives in SQLite under $FACTORY_HOME (default ~/.factory). "
+        "Ray: the cluster in RAY_ADDRESS, else a running local one, else a new local Ray."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+
+STATUS_STYLE = {
+    "succeeded": "green",
+    "running": "cyan",
+    "retrying": "yellow",
+    "failed": "red",
+    "cancelled": "magenta",
+    "skipped": "dim",
+    "pending": "dim",
+}
+
+
+def _fail(message: str, code: int = EXIT_INVALID) -> typer.Exit:
+    err.print(f"[red]error:[/red] {escape(message)}")
+    return typer.Exit(code)
+
+
+def parse_inputs(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are read as YAML scalars (``n=6`` is an integer)."""
+    inputs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{pair!r} is not key=value", param_hint="--input")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        inputs[key.strip()] = value
+    return inputs
+
+
+def _short(value: Any, width: int = 100) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _status_text(record: RunRecord) -> str:
+    status = record.status.value
+    settings = get_settings()
+    if record.status == RunStatus.RUNNING and (record.heartbeat_at or 0) < time.time() - settings.lease_seconds:
+        return f"[yellow]{status} (coordinator gone: `factory resume {record.id}`)[/yellow]"
+    return f"[{STATUS_STYLE.get(status, '')}]{status}[/]"
+
+
+class _Bar:
+    """Live progress bar on stderr: done/total, running, retrying, failed."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and err.is_terminal
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=False,
+        )
+        self.task: Any = None
+
+    def __enter__(self) -> _Bar:
+        if self.enabled:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+    def started(self, run_id: str) -> None:
+        err.print(f"run [bold]{run_id}[/bold] started")
+
+    def update(self, p: RunProgress) -> None:
+        if not self.enabled:
+            return
+        detail = f"running {p.running}  retrying {p.retrying}  failed {p.failed}"
+        if p.skipped:
+            detail += f"  skipped {p.skipped}"
+        if p.items_total:
+            detail += f"  items {p.items_done}/{p.items_total}"
+        if self.task is None:
+            self.task = self.progress.add_task("steps", total=p.total, detail=detail)
+        self.progress.update(self.task, completed=p.succeeded, detail=detail)
+
+
+def _print_result(result: RunResult, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+        return
+    table = Table(title=f"outputs of run {result.run_id}", show_lines=False)
+    table.add_column("step")
+    table.add_column("output", overflow="fold")
+    for step_id, value in result.outputs.items():
+        table.add_row(step_id, escape(_short(value, 160)))
+    out.print(table)
+    style = STATUS_STYLE.get(result.status.value, "")
+    out.print(f"run {result.run_id}: [{style}]{result.status.value}[/]")
+    if result.error:
+        out.print(f"[red]{escape(result.error)}[/red]")
+        out.print(f"details: factory logs {result.run_id}")
+
+
+@app.command()
+def validate(
+    workflow: Annotated[Path, typer.Argument(help="Workflow YAML file.")],
+) -> None:
+    """Check a workflow: every problem at once, each naming its step and field. Exit 0 if valid, 2 if not."""
+    try:
+        wf = load_workflow(workflow)
+    except WorkflowValidationError as exc:
+        err.print(f"[red]invalid workflow[/red] {escape(str(workflow))}: {len(exc.problems)} problem(s)")
+        for problem in exc.problems:
+            err.print(f"  - {escape(problem)}")
+        raise typer.Exit(EXIT_INVALID) from None
+    out.print(f"[green]valid[/green]: {wf.name} ({len(wf.steps)} steps)")
+
+
+@app.command("run")
+def run_cmd(
+    workflow: Annotated[Path, typer.Argument(help="Workflow YAML file.")],
+    input: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--input", "-i", help="Override an input: key=value (value read as YAML: n=6 is an integer). Repeatable."
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object: run_id, status, outputs, error.")
+    ] = False,
+) -> None:
+    """Run a workflow on Ray with a live progress bar. Exit 0 on success, 1 if the run failed."""
+    try:
+        inputs = parse_inputs(input or [])
+        wf = load_workflow(workflow)
+    except WorkflowValidationError as exc:
+        err.print(f"[red]invalid workflow[/red] {escape(str(workflow))}:")
+        for problem in exc.problems:
+            err.print(f"  - {escape(problem)}")
+        raise typer.Exit(EXIT_INVALID) from None
+    bar = _Bar(enabled=not as_json)
+    try:
+        with bar:
+            result = api.run(wf, inputs, on_progress=bar.update, on_start=None if as_json else bar.started)
+    except WorkflowValidationError as exc:
+        raise _fail(str(exc)) from None
+    except FactoryError as exc:
+        raise _fail(str(exc)) from None
+    _print_result(result, as_json)
+    raise typer.Exit(0 if result.ok else EXIT_FAILED)
+
+
+@app.command()
+def resume(
+    run_id: Annotated[str, typer.Argument(help="Run id (see `factory runs`).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Finish an interrupted, failed or cancelled run; steps that committed their output do not run again."""
+    bar = _Bar(enabled=not as_json)
+    try:
+        with bar:
+            result = api.resume(run_id, on_progress=bar.update)
+    except FactoryError as exc:
+        raise _fail(str(exc)) from None
+    _print_result(result, as_json)
+    raise typer.Exit(0 if result.ok else EXIT_FAILED)
+
+
+@app.command()
+def cancel(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
+    """Ask a running run to stop: attempts in flight are stopped, unfinished steps are cancelled."""
+    try:
+        requested = api.cancel(run_id)
+    except FactoryError as exc:
+        raise _fail(str(exc)) from None
+    if requested:
+        out.print(f"cancel requested for run {run_id}")
+    else:
+        out.print(f"run {run_id} has already finished; nothing to cancel")
+
+
+@app.command()
+def runs(
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    status: Annotated[RunStatus | None, typer.Option(help="Only runs with this status.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List runs, newest first."""
+    store = api.store_for()
+    try:
+        records = store.list_runs(limit, status)
+    finally:
+        store.close()
+    if as_json:
+        sys.stdout.write(json.dumps([r.model_dump(mode="json", exclude={"spec_json"}) for r in records]) + "\n")
+        return
+    table = Table()
+    for column in ("run", "workflow", "status", "created", "finished", "error"):
+        table.add_column(column)
+    for r in records:
+        table.add_row(
+            r.id,
+            r.workflow_name,
+            _status_text(r),
+            _when(r.created_at),
+            _when(r.finished_at),
+            escape((r.error or "")[:80]),
+        )
+    out.print(table)
+
+
+@app.command()
+def status(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """A run and its steps: status, attempts, duration, error."""
+    store = api.store_for()
+    try:
+        try:
+            record = store.get_run(run_id)
+        except FactoryError as exc:
+            raise _fail(str(exc)) from None
+        steps = store.get_steps(run_id)
+    finally:
+        store.close()
+    if as_json:
+        data = record.model_dump(mode="json", exclude={"spec_json"})
+        data["steps"] = [{**s.model_dump(mode="json", exclude={"output_json"}), "output": s.output} for s in steps]
+        sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+        return
+    out.print(f"run [bold]{record.id}[/bold]  workflow {escape(record.workflow_name)}  {_status_text(record)}")
+    out.print(f"created {_when(record.created_at)}  finished {_when(record.finished_at)}")
+    if record.error:
+        out.print(f"[red]{escape(record.error)}[/red]")
+    table = Table()
+    for column in ("step", "status", "attempts", "seconds", "output / error"):
+        table.add_column(column, overflow="fold")
+    for s in steps:
+        seconds = f"{s.finished_at - s.started_at:.3f}" if s.finished_at and s.started_at else "-"
+        style = STATUS_STYLE.get(s.status.value, "")
+        label = s.status.value + (" (cached)" if s.cached else "")
+        detail = s.error if s.error else (_short(s.output, 80) if s.output_json is not None else "")
+        table.add_row(s.step_id, f"[{style}]{label}[/]", str(s.attempts), seconds, escape(detail or ""))
+    out.print(table)
+
+
+@app.command()
+def logs(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    step: Annotated[str | None, typer.Argument(help="Only this step.")] = None,
+) -> None:
+    """What each attempt printed or logged, and the traceback of each failure."""
+    store = api.store_for()
+    try:
+        try:
+            store.get_run(run_id)
+        except FactoryError as exc:
+            raise _fail(str(exc)) from None
+        attempts = store.get_attempts(run_id, step)
+    finally:
+        store.close()
+    if not attempts:
+        out.print("no finished attempts yet" + (f" for step {step}" if step else ""))
+        return
+    for a in attempts:
+        style = STATUS_STYLE.get(a.status.value, "")
+        duration = f"{a.duration:.3f}s" if a.duration is not None else "-"
+        out.print(f"[bold]── {a.step_id} attempt {a.attempt}[/bold] [{style}]{a.status.value}[/] {duration}")
+        if a.error:
+            out.print(f"[red]{escape(a.error)}[/red]")
+        if a.logs:
+            out.print(escape(a.logs.rstrip("\n")), highlight=False)
+
+
+@app.command()
+def events(
+    run_id: Annotated[str | None, typer.Argument(help="Only this run's events.")] = None,
+    after: Annotated[int, typer.Option(help="Start after this event id.")] = 0,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new events until the run ends.")
+    ] = False,
+) -> None:
+    """Print events as JSON lines, from an event id on."""
+    from factory.events import tail
+
+    store = api.store_for()
+    try:
+        for event in tail(store, after, run_id, follow=follow):
+            sys.stdout.write(event.model_dump_json() + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        store.close()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,616 @@
+"""The coordinator: runs one workflow run on Ray, durably.
+
+Python steps are submitted eagerly as Ray tasks whose arguments are the
+ObjectRefs of their dependencies' outcomes, so Ray pipelines a chain without a
+round trip through the coordinator. The coordinator waits on everything in
+flight, commits each batch of finished steps (state change and event in one
+transaction), schedules retries with backoff, expands for_each steps once their
+list is known, answers cancellation, and keeps a lease on the run so that a
+second coordinator cannot take it over while this one lives.
+
+When an attempt fails and will be retried, dependants that were already
+submitted against it are superseded (their generation is bumped); those tasks
+return at once without running user code, and the dependants are submitted
+again against the retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import inspect
+import json
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayError, TaskCancelledError, WorkerCrashedError
+
+from factory.callables import import_callable
+from factory.dag import Graph, build_graph
+from factory.errors import RunStateError, StepInputError
+from factory.refs import Context, resolve
+from factory.retry import backoff_delay
+from factory.runtime import Outcome, StepCall, execute_item, execute_step
+from factory.settings import Settings
+from factory.spec import Step, Workflow
+from factory.store import (
+    Change,
+    RunChange,
+    RunStatus,
+    StepChange,
+    StepStatus,
+    Store,
+)
+
+CANCEL_POLL_SECONDS = 0.25
+MAX_WAIT_SECONDS = 0.1
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run produced."""
+
+    run_id: str
+    status: RunStatus
+    outputs: dict[str, Any]
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == RunStatus.SUCCEEDED
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "status": self.status.value, "outputs": self.outputs, "error": self.error}
+
+
+@dataclass
+class Progress:
+    """Counts shown by a progress bar."""
+
+    total: int
+    succeeded: int = 0
+    running: int = 0
+    retrying: int = 0
+    failed: int = 0
+    skipped: int = 0
+    cancelled: int = 0
+    items_done: int = 0
+    items_total: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed + self.skipped + self.cancelled
+
+
+@dataclass
+class _ItemState:
+    attempts: int = 0
+    output_json: str | None = None
+    logs: str = ""
+
+
+@dataclass
+class _StepState:
+    step: Step
+    status: StepStatus = StepStatus.PENDING
+    generation: int = 0
+    submitted: bool = False
+    attempts: int = 0
+    ref: Any = None  # ObjectRef[Outcome] that dependants consume
+    output_json: str | None = None
+    items: list[_ItemState] = field(default_factory=list)
+    items_left: int = 0
+    cache_keys: list[str | None] = field(default_factory=list)
+    started_at: float = 0.0
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _describe_ray_error(exc: BaseException, step: Step, elapsed: float) -> str:
+    if isinstance(exc, WorkerCrashedError) or "worker died" in str(exc).lower():
+        if step.timeout and elapsed >= step.timeout:
+            return (
+                f"the attempt did not stop at its timeout of {step.timeout:g}s "
+                "(stuck outside Python) and its worker process was killed"
+            )
+        return "the worker process running the attempt died (killed, out of memory, or crashed)"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+class Coordinator:
+    """Drives one run to a final state. Use :func:`factory.api.run` / :func:`factory.api.resume`."""
+
+    def __init__(
+        self,
+        store: Store,
+        workflow: Workflow,
+        run_id: str,
+        inputs: dict[str, Any],
+        settings: Settings,
+        on_progress: Callable[[Progress], None] | None = None,
+        graph: Graph | None = None,
+    ) -> None:
+        self.store = store
+        self.workflow = workflow
+        self.run_id = run_id
+        self.inputs = inputs
+        self.settings = settings
+        self.on_progress = on_progress
+        self.graph = graph or build_graph(workflow)
+        self.owner = _owner_id()
+        self.search_path = tuple(p for p in (workflow.base_dir, os.getcwd()) if p)
+        self.states: dict[str, _StepState] = {s.id: _StepState(s) for s in workflow.steps}
+        self.inflight: dict[Any, tuple[str, int, int | None]] = {}
+        self.retry_heap: list[tuple[float, int, str, int | None, int]] = []
+        self._seq = 0
+        self._pending: list[Change] = []
+        self._values: dict[str, Any] = {}
+        self._item_calls: dict[str, tuple[list[Any], list[dict[str, Any]]]] = {}  # for_each items and their arguments
+        self._rng = random.Random()
+        self._cancelled = False
+        self._first_error: str | None = None
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _emit(self, change: Change) -> None:
+        self._pending.append(change)
+
+    def _flush(self) -> None:
+        if self._pending:
+            changes, self._pending = self._pending, []
+            self.store.record(changes)
+
+    def _step_change(self, state: _StepState, status: StepStatus, event: str, **kw: Any) -> None:
+        state.status = status
+        self._emit(StepChange(self.run_id, state.step.id, status, event, **kw))
+
+    def _value(self, step_id: str) -> Any:
+        if step_id not in self._values:
+            self._values[step_id] = json.loads(self.states[step_id].output_json or "null")
+        return self._values[step_id]
+
+    def _deps_succeeded(self, step_id: str) -> bool:
+        return all(self.states[d].status == StepStatus.SUCCEEDED for d in self.graph.deps[step_id])
+
+    def _needs_values(self, step: Step) -> bool:
+        return step.for_each is not None or step.cache
+
+    def _call(
+        self, step: Step, arguments: dict[str, Any], resolved: bool, item: Any = None, has_item: bool = False
+    ) -> StepCall:
+        assert step.python is not None
+        return StepCall(
+            step_id=step.id,
+            target=step.python,
+            arguments=arguments,
+            resolved=resolved,
+            inputs=self.inputs,
+            dep_ids=tuple(self.graph.deps[step.id]),
+            search_path=self.search_path,
+            timeout=step.timeout,
+            retry=step.retry,
+            item=item,
+            has_item=has_item,
+        )
+
+    def _options(self, step: Step) -> dict[str, Any]:
+        return step.resources.ray_options()
+
+    def _track(self, ref: Any, step_id: str, item: int | None = None) -> None:
+        self.inflight[ref] = (step_id, self.states[step_id].generation, item)
+
+    def _context(self, step: Step, item: Any = None, has_item: bool = False) -> Context:
+        outputs = {d: self._value(d) for d in self.graph.deps[step.id]}
+        return Context(self.inputs, outputs, item, has_item)
+
+    def _cache_key(self, step: Step, arguments: dict[str, Any]) -> str:
+        assert step.python is not None
+        func = import_callable(step.python, self.search_path)
+        try:
+            code = inspect.getsource(func)
+        except (OSError, TypeError):
+            code = ""
+        payload = json.dumps([step.python, code, arguments], sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    # -- submission ----------------------------------------------------------------------------
+
+    def _mark_running(self, state: _StepState) -> None:
+        state.attempts += 1
+        state.started_at = time.monotonic()
+        self._step_change(state, StepStatus.RUNNING, "step.started", attempts=state.attempts)
+
+    def _try_submit(self, step_id: str) -> None:
+        state = self.states[step_id]
+        if state.submitted or state.status in (
+            StepStatus.SUCCEEDED,
+            StepStatus.FAILED,
+            StepStatus.SKIPPED,
+            StepStatus.CANCELLED,
+            StepStatus.RETRYING,
+        ):
+            return
+        deps = self.graph.deps[step_id]
+        if any(self.states[d].ref is None for d in deps):
+            return
+        step = state.step
+        if self._needs_values(step):
+            if not self._deps_succeeded(step_id):
+                return
+            self._submit_with_values(state)
+            return
+        dep_refs = [self.states[d].ref for d in deps]
+        ref = execute_step.options(**self._options(step)).remote(self._call(step, step.with_, False), *dep_refs)
+        state.submitted = True
+        state.ref = ref
+        self._track(ref, step_id)
+        if self._deps_succeeded(step_id):
+            self._mark_running(state)
+
+    def _submit_with_values(self, state: _StepState) -> None:
+        step = state.step
+        try:
+            if step.for_each is not None:
+                items = resolve(step.for_each, self._context(step))
+                if not isinstance(items, list):
+                    raise StepInputError(f"for_each needs a list, but {step.for_each} is a {type(items).__name__}")
+                arguments = [resolve(step.with_, self._context(step, item, True)) for item in items]
+            else:
+                items = [None]
+                arguments = [resolve(step.with_, self._context(step))]
+            keys: list[str | None] = [None] * len(items)
+            if step.cache:
+                keys = [self._cache_key(step, args) for args in arguments]
+        except Exception as exc:  # noqa: BLE001 - user data; reported on the step
+            state.submitted = True
+            self._mark_running(state)
+            self._fail_step(state, f"{type(exc).__name__}: {exc}", logs="")
+            return
+        state.submitted = True
+        self._mark_running(state)
+        state.items = [_ItemState() for _ in items]
+        state.items_left = len(items)
+        state.cache_keys = keys
+        self._item_calls[step.id] = (items, arguments)
+        if not items:
+            self._finish_items(state)
+            return
+        for index in range(len(items)):
+            self._submit_item(state, index)
+        if state.items_left == 0:
+            self._finish_items(state)
+
+    def _submit_item(self, state: _StepState, index: int) -> None:
+        step = state.step
+        items, arguments = self._item_calls[step.id]
+        key = state.cache_keys[index]
+        if key is not None and state.items[index].attempts == 0:
+            cached = self.store.cache_get(key)
+            if cached is not None:
+                state.items[index].output_json = cached
+                state.items[index].logs = "(cached)"
+                state.items_left -= 1
+                return
+        state.items[index].attempts += 1
+        has_item = step.for_each is not None
+        call = self._call(step, arguments[index], True, items[index] if has_item else None, has_item)
+        ref = execute_item.options(**self._options(step)).remote(call)
+        self._track(ref, step.id, index)
+
+    def _finish_items(self, state: _StepState) -> None:
+        step = state.step
+        if step.for_each is not None:
+            output_json = "[" + ",".join(item.output_json or "null" for item in state.items) + "]"
+        else:
+            output_json = state.items[0].output_json or "null"
+        all_cached = bool(state.items) and all(item.logs == "(cached)" for item in state.items)
+        logs = "\n".join(
+            (f"[item {i}] " if step.for_each is not None else "") + item.logs
+            for i, item in enumerate(state.items)
+            if item.logs and item.logs != "(cached)"
+        )
+        state.attempts = max([state.attempts] + [item.attempts for item in state.items])
+        self._succeed(state, output_json, logs, time.monotonic() - state.started_at, cached=all_cached)
+
+    # -- completion ----------------------------------------------------------------------------
+
+    def _succeed(self, state: _StepState, output_json: str, logs: str, duration: float, cached: bool = False) -> None:
+        state.output_json = output_json
+        if state.ref is None or state.step.for_each is not None or self._needs_values(state.step):
+            state.ref = ray.put(Outcome(ok=True, output_json=output_json))
+        self._step_change(
+            state,
+            StepStatus.SUCCEEDED,
+            "step.cached" if cached else "step.succeeded",
+            attempts=state.attempts,
+            output_json=output_json,
+            cached=cached,
+            attempt_logs=logs,
+            attempt_duration=duration,
+            data={"duration": round(duration, 6)},
+        )
+        for dependant in self.graph.dependants.get(state.step.id, []):
+            dep_state = self.states[dependant]
+            if dep_state.submitted:
+                if dep_state.status == StepStatus.PENDING and self._deps_succeeded(dependant):
+                    self._mark_running(dep_state)
+            else:
+                self._try_submit(dependant)
+
+    def _supersede(self, step_id: str) -> None:
+        """Dependants submitted against an attempt that failed: forget them, they go again later."""
+        for desc in self.graph.descendants(step_id):
+            state = self.states[desc]
+            if state.status in (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.CANCELLED):
+                continue
+            state.generation += 1
+            state.submitted = False
+            state.ref = None
+            if state.status == StepStatus.RUNNING:
+                state.status = StepStatus.PENDING
+
+    def _fail_step(self, state: _StepState, error: str, logs: str, duration: float = 0.0) -> None:
+        step_id = state.step.id
+        self._supersede(step_id)
+        state.ref = None
+        self._step_change(
+            state,
+            StepStatus.FAILED,
+            "step.failed",
+            attempts=state.attempts,
+            error=error,
+            attempt_logs=logs,
+            attempt_duration=duration,
+        )
+        if self._first_error is None:
+            self._first_error = f"step {step_id!r} failed: {error}"
+        for desc in self.graph.descendants(step_id):
+            desc_state = self.states[desc]
+            if desc_state.status not in (
+                StepStatus.SUCCEEDED,
+                StepStatus.FAILED,
+                StepStatus.SKIPPED,
+                StepStatus.CANCELLED,
+            ):
+                self._step_change(desc_state, StepStatus.SKIPPED, "step.skipped", data={"because": step_id})
+        for ref, (sid, _, item) in list(self.inflight.items()):
+            if sid == step_id and item is not None:
+                ray.cancel(ref, force=True)
+                del self.inflight[ref]
+
+    def _on_failure(self, state: _StepState, outcome: Outcome, item: int | None) -> None:
+        step = state.step
+        attempts = state.items[item].attempts if item is not None else state.attempts
+        label = f"item {item}: " if item is not None and step.for_each is not None else ""
+        error = f"{label}{outcome.error}"
+        if outcome.retryable and attempts < step.retry.max_attempts:
+            delay = backoff_delay(step.retry, attempts, self._rng)
+            self._seq += 1
+            heapq.heappush(self.retry_heap, (time.monotonic() + delay, self._seq, step.id, item, state.generation))
+            if item is None:
+                self._supersede(step.id)
+                state.ref = None
+                state.submitted = False
+            self._step_change(
+                state,
+                StepStatus.RETRYING,
+                "step.retrying",
+                attempts=state.attempts if item is None else None,
+                error=error,
+                attempt_logs=outcome.logs if item is None else None,
+                attempt_duration=outcome.duration,
+                data={"delay": round(delay, 3), "attempt": attempts, **({"item": item} if item is not None else {})},
+            )
+            return
+        if not outcome.retryable:
+            error += " (not retried: fix the input or the code)"
+        elif step.retry.max_attempts > 1:
+            error += f" (gave up after {attempts} attempts)"
+        self._fail_step(state, error, outcome.logs, outcome.duration)
+
+    def _handle(self, ref: Any, outcome: Outcome | None, exc: BaseException | None) -> None:
+        step_id, generation, item = self.inflight.pop(ref)
+        state = self.states[step_id]
+        if generation != state.generation or state.status in (
+            StepStatus.FAILED,
+            StepStatus.SKIPPED,
+            StepStatus.CANCELLED,
+        ):
+            return
+        if outcome is None:
+            assert exc is not None
+            elapsed = time.monotonic() - state.started_at
+            outcome = Outcome(
+                ok=False,
+                error=_describe_ray_error(exc, state.step, elapsed),
+                retryable=not isinstance(exc, TaskCancelledError),
+            )
+        if item is not None:
+            if outcome.ok:
+                item_state = state.items[item]
+                item_state.output_json = outcome.output_json
+                item_state.logs = outcome.logs
+                key = state.cache_keys[item]
+                if key is not None and outcome.output_json is not None:
+                    self.store.cache_put(key, outcome.output_json)
+                state.items_left -= 1
+                if state.items_left == 0:
+                    self._finish_items(state)
+            else:
+                self._on_failure(state, outcome, item)
+            return
+        if outcome.skipped:
+            state.submitted = False
+            state.ref = None
+            state.status = StepStatus.PENDING if state.status == StepStatus.RUNNING else state.status
+            return
+        if outcome.ok:
+            assert outcome.output_json is not None
+            self._succeed(state, outcome.output_json, outcome.logs, outcome.duration)
+        else:
+            self._on_failure(state, outcome, None)
+
+    def _submit_due_retries(self) -> None:
+        now = time.monotonic()
+        while self.retry_heap and self.retry_heap[0][0] <= now:
+            _, _, step_id, item, generation = heapq.heappop(self.retry_heap)
+            state = self.states[step_id]
+            if state.status != StepStatus.RETRYING or generation != state.generation:
+                continue
+            if item is None:
+                state.status = StepStatus.PENDING
+                self._try_submit(step_id)
+            else:
+                state.status = StepStatus.RUNNING
+                self._submit_item(state, item)
+                if any(entry[2] == step_id for entry in self.retry_heap):
+                    state.status = StepStatus.RETRYING
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def progress(self) -> Progress:
+        p = Progress(total=len(self.states))
+        for state in self.states.values():
+            status = state.status
+            if status == StepStatus.SUCCEEDED:
+                p.succeeded += 1
+            elif status == StepStatus.RUNNING:
+                p.running += 1
+            elif status == StepStatus.RETRYING:
+                p.retrying += 1
+            elif status == StepStatus.FAILED:
+                p.failed += 1
+            elif status == StepStatus.SKIPPED:
+                p.skipped += 1
+            elif status == StepStatus.CANCELLED:
+                p.cancelled += 1
+            if state.step.for_each is not None and state.items and status in (StepStatus.RUNNING, StepStatus.RETRYING):
+                p.items_total += len(state.items)
+                p.items_done += len(state.items) - state.items_left
+        return p
+
+    def _unfinished(self) -> bool:
+        return any(
+            s.status not in (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.CANCELLED)
+            for s in self.states.values()
+        )
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop every attempt in flight and mark the unfinished steps cancelled."""
+        self._cancelled = True
+        for ref in list(self.inflight):
+            ray.cancel(ref, force=True)
+        self.inflight.clear()
+        self.retry_heap.clear()
+        for state in self.states.values():
+            if state.status not in (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.CANCELLED):
+                self._step_change(state, StepStatus.CANCELLED, "step.cancelled", data={"reason": reason})
+
+    def _wait(self) -> None:
+        timeout = MAX_WAIT_SECONDS
+        if self.retry_heap:
+            timeout = max(0.0, min(timeout, self.retry_heap[0][0] - time.monotonic()))
+        if not self.inflight:
+            time.sleep(timeout)
+            return
+        refs = list(self.inflight)
+        ready, rest = ray.wait(refs, num_returns=1, timeout=timeout)
+        if not ready:
+            return
+        if rest:
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready += more
+        for ref in ready:
+            try:
+                outcome: Outcome | None = ray.get(ref)
+                exc: BaseException | None = None
+            except RayError as err:
+                outcome, exc = None, err
+            self._handle(ref, outcome, exc)
+
+    def start(self, resumed: bool = False) -> None:
+        """Take the run's lease and record that it runs."""
+        if not self.store.claim_run(self.run_id, self.owner, self.settings.lease_seconds):
+            raise RunStateError(
+                f"run {self.run_id} is being run by another live process; wait for it, or `factory cancel` it first"
+            )
+        if resumed:
+            done = 0
+            for record in self.store.get_steps(self.run_id):
+                if record.status == StepStatus.SUCCEEDED and record.step_id in self.states:
+                    state = self.states[record.step_id]
+                    state.status = StepStatus.SUCCEEDED
+                    state.output_json = record.output_json
+                    state.attempts = record.attempts
+                    state.ref = ray.put(Outcome(ok=True, output_json=record.output_json))
+                    done += 1
+                elif record.step_id in self.states:
+                    self.states[record.step_id].attempts = record.attempts
+            self._emit(RunChange(self.run_id, RunStatus.RUNNING, "run.resumed", data={"already_done": done}))
+        else:
+            self._emit(RunChange(self.run_id, RunStatus.RUNNING, "run.started"))
+
+    def execute(self) -> RunResult:
+        """Run until every step is final; returns the result."""
+        try:
+            for step_id in self.graph.order:
+                self._try_submit(step_id)
+            self._flush()
+            last_poll = last_beat = time.monotonic()
+            while self._unfinished():
+                self._submit_due_retries()
+                self._wait()
+                self._flush()
+                now = time.monotonic()
+                if now - last_poll >= CANCEL_POLL_SECONDS:
+                    last_poll = now
+                    if self.store.cancel_requested(self.run_id):
+                        self.cancel("cancel requested")
+                        break
+                    if self.on_progress is not None:
+                        self.on_progress(self.progress())
+                if now - last_beat >= self.settings.heartbeat_seconds:
+                    last_beat = now
+                    self.store.heartbeat(self.run_id, self.owner)
+        except KeyboardInterrupt:
+            self.cancel("interrupted (Ctrl-C)")
+            self._flush()
+            return self._finish()
+        except BaseException:
+            self._pending.clear()
+            self.store.release_run(self.run_id, self.owner)
+            raise
+        return self._finish()
+
+    def _finish(self) -> RunResult:
+        if self._cancelled:
+            status, error = RunStatus.CANCELLED, "the run was cancelled"
+        elif all(s.status == StepStatus.SUCCEEDED for s in self.states.values()):
+            status, error = RunStatus.SUCCEEDED, None
+        else:
+            status, error = RunStatus.FAILED, self._first_error or "a step did not succeed"
+        event = {
+            RunStatus.SUCCEEDED: "run.succeeded",
+            RunStatus.FAILED: "run.failed",
+            RunStatus.CANCELLED: "run.cancelled",
+        }[status]
+        self._emit(RunChange(self.run_id, status, event, error=error))
+        self._flush()
+        self.store.release_run(self.run_id, self.owner)
+        if self.on_progress is not None:
+            self.on_progress(self.progress())
+        outputs = {sid: self._value(sid) for sid, s in self.states.items() if s.status == StepStatus.SUCCEEDED}
+        return RunResult(self.run_id, status, outputs, error)

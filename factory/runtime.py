@@ -1,0 +1,213 @@
+"""What runs inside a Ray worker for one attempt of a python step.
+
+The worker resolves the step's ``${...}`` references against the outcomes of its
+dependencies (which Ray hands over as resolved task arguments, so a chain of
+steps is pipelined by Ray without a round trip to the coordinator), calls the
+function with a per-attempt timeout, captures its printed output, and returns
+an :class:`Outcome` carrying the output as JSON text. User errors never escape
+as Ray errors: they come back in the Outcome, classified as retryable or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import faulthandler
+import inspect
+import io
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import ray
+
+from factory.callables import bind_arguments, import_callable
+from factory.errors import OutputNotSerializableError, StepInputError, StepTimeoutError
+from factory.refs import Context, resolve
+from factory.retry import is_retryable
+from factory.spec import RetryPolicy
+
+# After the timeout, the attempt gets an interrupt (StepTimeoutError raised in it).
+# If it is stuck in native code and ignores that, the worker process is killed
+# this many seconds later: the timeout always stops the attempt.
+HARD_KILL_GRACE_SECONDS = 2.0
+MAX_LOG_CHARS = 64_000
+
+
+@dataclass(slots=True)
+class StepCall:
+    """Everything a worker needs to run one attempt."""
+
+    step_id: str
+    target: str
+    arguments: dict[str, Any]
+    resolved: bool  # arguments already resolved by the coordinator (for_each items, cached steps)
+    inputs: dict[str, Any]
+    dep_ids: tuple[str, ...]
+    search_path: tuple[str, ...]
+    timeout: float | None
+    retry: RetryPolicy
+    item: Any = None
+    has_item: bool = False
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The result of one attempt, as the coordinator records it."""
+
+    ok: bool
+    output_json: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    retryable: bool = False
+    skipped: bool = False  # a dependency failed: nothing ran
+    logs: str = ""
+    duration: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _to_jsonable(value: Any) -> Any:
+    model_dump = getattr(value, "model_dump", None)
+    if callable(model_dump):
+        return model_dump(mode="json")
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    raise TypeError(f"a {type(value).__name__} cannot be stored as JSON")
+
+
+def encode_output(value: Any) -> str:
+    """JSON text of a step's output, or OutputNotSerializableError saying what to return instead."""
+    try:
+        return json.dumps(value, default=_to_jsonable, allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise OutputNotSerializableError(
+            f"the step returned {type(value).__name__} that cannot be stored as JSON ({exc}); "
+            "return dicts, lists, strings, numbers, booleans, None or pydantic models"
+        ) from None
+
+
+def _real_stderr() -> Any:
+    stream = sys.__stderr__
+    try:
+        if stream is not None:
+            stream.fileno()
+            return stream
+    except (OSError, ValueError):
+        pass
+    return 2
+
+
+class _Timeout:
+    """Interrupt the main thread after ``seconds``, kill the process if that does not work."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self._armed = False
+        self._previous: Any = None
+
+    def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        raise StepTimeoutError(f"the attempt ran past its timeout of {self.seconds:g}s and was stopped")
+
+    def __enter__(self) -> _Timeout:
+        if self.seconds and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGALRM, self._interrupt)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+            # The traceback goes to the process's real stderr (the worker log), not the captured one.
+            faulthandler.dump_traceback_later(self.seconds + HARD_KILL_GRACE_SECONDS, exit=True, file=_real_stderr())
+            self._armed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            faulthandler.cancel_dump_traceback_later()
+            signal.signal(signal.SIGALRM, self._previous)
+
+
+class _LogCapture(logging.Handler):
+    def __init__(self, sink: io.StringIO) -> None:
+        super().__init__(logging.INFO)
+        self.sink = sink
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.write(self.format(record) + "\n")
+
+
+def _call(func: Any, kwargs: dict[str, Any]) -> Any:
+    result = func(**kwargs)
+    if inspect.isawaitable(result):
+
+        async def wait() -> Any:
+            return await result
+
+        result = asyncio.run(wait())
+    return result
+
+
+def run_attempt(call: StepCall, deps: tuple[Outcome, ...]) -> Outcome:
+    """Run one attempt in this process. Never raises for a user error."""
+    for dep in deps:
+        if not dep.ok:
+            return Outcome(ok=False, skipped=True, error="a dependency did not succeed")
+    started = time.perf_counter()
+    buffer = io.StringIO()
+    root = logging.getLogger()
+    handler = _LogCapture(buffer)
+    try:
+        if call.resolved:
+            kwargs = call.arguments
+        else:
+            outputs = {
+                dep_id: json.loads(dep.output_json or "null") for dep_id, dep in zip(call.dep_ids, deps, strict=True)
+            }
+            kwargs = resolve(call.arguments, Context(call.inputs, outputs, call.item, call.has_item))
+        try:
+            func = import_callable(call.target, call.search_path)
+        except (ImportError, AttributeError, TypeError) as exc:
+            raise StepInputError(str(exc)) from exc
+        bind_arguments(func, kwargs, call.target)
+        root.addHandler(handler)
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer), _Timeout(call.timeout):
+            value = _call(func, kwargs)
+        output_json = encode_output(value)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):  # ray.cancel() interrupts the task this way
+            raise
+        root.removeHandler(handler)
+        tail = "".join(traceback.format_exception(exc)[-6:])
+        logs = buffer.getvalue()
+        return Outcome(
+            ok=False,
+            error=f"{type(exc).__name__}: {exc}",
+            error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            retryable=is_retryable(exc, call.retry),
+            logs=(logs + ("\n" if logs and not logs.endswith("\n") else "") + tail)[-MAX_LOG_CHARS:],
+            duration=time.perf_counter() - started,
+        )
+    root.removeHandler(handler)
+    return Outcome(
+        ok=True,
+        output_json=output_json,
+        logs=buffer.getvalue()[-MAX_LOG_CHARS:],
+        duration=time.perf_counter() - started,
+    )
+
+
+@ray.remote(max_retries=0)
+def execute_step(call: StepCall, *deps: Outcome) -> Outcome:
+    """Ray task: one attempt of a python step. Dependencies arrive as resolved Outcomes."""
+    return run_attempt(call, deps)
+
+
+@ray.remote(max_retries=0)
+def execute_item(call: StepCall) -> Outcome:
+    """Ray task: one item of a for_each step, with arguments the coordinator resolved."""
+    return run_attempt(call, ())

@@ -1,0 +1,155 @@
+"""Workflow and step models: the one source of truth for the workflow format.
+
+YAML is only a serialisation of these models; the same workflow can be built
+in Python. A step has exactly one action. Today that is ``python:``; the
+``agent:``/``route:`` and ``container:`` actions extend the same model.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+STEP_ID_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+FUNCTION_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def parse_size(value: Any) -> int:
+    """Parse a byte size such as ``500MB``, ``1GiB`` or ``1048576``."""
+    if isinstance(value, bool):
+        raise ValueError("a size must be a number of bytes or a string like '500MB'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return int(value)
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match and match.group(2).lower() in _SIZE_UNITS:
+            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    raise ValueError(f"{value!r} is not a size: write bytes (1048576) or a unit (500MB, 1GiB)")
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class RetryPolicy(_Model):
+    """How a failed attempt is retried: exponential backoff with optional jitter."""
+
+    max_attempts: int = Field(default=1, ge=1, le=100, description="Attempts in all, the first included.")
+    backoff: float = Field(default=0.5, ge=0, description="Delay before the second attempt, in seconds.")
+    max_backoff: float = Field(default=30.0, ge=0, description="Upper bound of any delay, in seconds.")
+    jitter: bool = Field(default=True, description="Randomise each delay (full jitter) to spread retries.")
+    on: list[str] | None = Field(
+        default=None,
+        description=(
+            "Names of the exceptions to retry (class name or module.Class; subclasses match). "
+            "Default: every error except validation errors."
+        ),
+    )
+
+
+class Resources(_Model):
+    """Ray resources one attempt needs."""
+
+    num_cpus: float | None = Field(default=None, ge=0)
+    num_gpus: float | None = Field(default=None, ge=0)
+    memory: ByteSize | None = Field(default=None, description="Bytes, or a string like 500MB.")
+
+    def ray_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.num_cpus is not None:
+            options["num_cpus"] = self.num_cpus
+        if self.num_gpus is not None:
+            options["num_gpus"] = self.num_gpus
+        if self.memory is not None:
+            options["memory"] = self.memory
+        return options
+
+
+class Step(_Model):
+    """One node of the workflow DAG."""
+
+    id: str = Field(description="Unique id within the workflow; letters, digits, '_' and '-'.")
+    python: str | None = Field(default=None, description="'module:function' to call with `with` as keyword arguments.")
+    with_: dict[str, Any] = Field(
+        default_factory=dict, alias="with", description="Keyword arguments; may hold ${...} references."
+    )
+    needs: list[str] = Field(
+        default_factory=list, description="Steps that must finish first (references imply this too)."
+    )
+    for_each: str | list[Any] | None = Field(
+        default=None, description="Fan out over a list: one call per item, available as ${item}."
+    )
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    timeout: float | None = Field(
+        default=None, gt=0, description="Seconds per attempt; the attempt is stopped after it."
+    )
+    resources: Resources = Field(default_factory=Resources)
+    cache: bool = Field(
+        default=False, description="Reuse the output of an earlier run with the same function and inputs."
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if not STEP_ID_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid step id: use letters, digits, '_' and '-', starting with a letter"
+            )
+        return value
+
+    @field_validator("python")
+    @classmethod
+    def _check_python(cls, value: str | None) -> str | None:
+        if value is not None and not FUNCTION_RE.match(value):
+            raise ValueError(f"{value!r} is not 'module:function' (for example mypkg.steps:load_texts)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_action(self) -> Step:
+        if self.python is None:
+            raise ValueError("a step needs an action: python: 'module:function'")
+        return self
+
+    @property
+    def kind(self) -> Literal["python"]:
+        return "python"
+
+
+class Workflow(_Model):
+    """A named DAG of steps with input defaults."""
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    inputs: dict[str, Any] = Field(default_factory=dict, description="Input names and their default values.")
+    steps: list[Step] = Field(min_length=1)
+    base_dir: str | None = Field(
+        default=None,
+        description="Directory step modules are imported from (set to the YAML file's folder by load_workflow).",
+    )
+
+    def step(self, step_id: str) -> Step:
+        for step in self.steps:
+            if step.id == step_id:
+                return step
+        raise KeyError(step_id)

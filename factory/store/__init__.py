@@ -1,0 +1,44 @@
+"""Durable state. ``open_store(url)`` picks the backend from the URL."""
+
+from __future__ import annotations
+
+from factory.errors import FactoryError
+from factory.store.base import (
+    FINAL_RUN_STATUSES,
+    FINAL_STEP_STATUSES,
+    AttemptRecord,
+    Change,
+    Event,
+    RunChange,
+    RunRecord,
+    RunStatus,
+    StepChange,
+    StepRecord,
+    StepStatus,
+    Store,
+)
+
+__all__ = [
+    "FINAL_RUN_STATUSES",
+    "FINAL_STEP_STATUSES",
+    "AttemptRecord",
+    "Change",
+    "Event",
+    "RunChange",
+    "RunRecord",
+    "RunStatus",
+    "StepChange",
+    "StepRecord",
+    "StepStatus",
+    "Store",
+    "open_store",
+]
+
+
+def open_store(url: str) -> Store:
+    """Open the store a URL names: ``sqlite:///path/to/file.db``."""
+    if url.startswith("sqlite:///"):
+        from factory.store.sqlite import SQLiteStore
+
+        return SQLiteStore(url[len("sqlite:///") :])
+    raise FactoryError(f"unsupported store URL {url!r}: use sqlite:///PATH")

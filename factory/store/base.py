@@ -1,0 +1,157 @@
+"""The store's records and the Protocol every backend implements."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+
+class RunStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+
+FINAL_RUN_STATUSES = {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
+FINAL_STEP_STATUSES = {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.CANCELLED}
+
+
+class RunRecord(BaseModel):
+    id: str
+    workflow_name: str
+    status: RunStatus
+    spec_json: str
+    inputs: dict[str, Any]
+    error: str | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    owner: str | None = None
+    heartbeat_at: float | None = None
+    cancel_requested: bool = False
+
+
+class StepRecord(BaseModel):
+    run_id: str
+    step_id: str
+    status: StepStatus
+    attempts: int = 0
+    output_json: str | None = None
+    error: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    cached: bool = False
+
+    @property
+    def output(self) -> Any:
+        return None if self.output_json is None else json.loads(self.output_json)
+
+
+class AttemptRecord(BaseModel):
+    run_id: str
+    step_id: str
+    attempt: int
+    status: StepStatus
+    error: str | None = None
+    logs: str = ""
+    duration: float | None = None
+    finished_at: float
+
+
+class Event(BaseModel):
+    id: int
+    run_id: str
+    step_id: str | None = None
+    type: str
+    data: dict[str, Any] = {}
+    ts: float
+
+
+@dataclass
+class RunChange:
+    """A run's new status, with the event that records it."""
+
+    run_id: str
+    status: RunStatus
+    event: str
+    error: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepChange:
+    """A step's new status, with the event that records it, and optionally a finished attempt."""
+
+    run_id: str
+    step_id: str
+    status: StepStatus
+    event: str
+    attempts: int | None = None
+    output_json: str | None = None
+    error: str | None = None
+    cached: bool = False
+    attempt_logs: str | None = None  # set when an attempt finished: recorded in the attempts table
+    attempt_duration: float | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+Change = RunChange | StepChange
+
+
+class Store(Protocol):
+    """Durable state of runs, steps, attempts, events and the step cache."""
+
+    url: str
+
+    def create_run(
+        self, run_id: str, workflow_name: str, spec_json: str, inputs: dict[str, Any], step_ids: list[str]
+    ) -> None: ...
+
+    def record(self, changes: list[Change]) -> None:
+        """Apply the changes and append one event each, in one transaction."""
+
+    def claim_run(self, run_id: str, owner: str, lease_seconds: float) -> bool:
+        """Become the run's coordinator unless another owner holds a fresh lease."""
+
+    def heartbeat(self, run_id: str, owner: str) -> None: ...
+
+    def release_run(self, run_id: str, owner: str) -> None: ...
+
+    def reset_unfinished_steps(self, run_id: str) -> list[str]:
+        """Before a resume: every step that has not succeeded goes back to pending."""
+
+    def request_cancel(self, run_id: str) -> None: ...
+
+    def cancel_requested(self, run_id: str) -> bool: ...
+
+    def get_run(self, run_id: str) -> RunRecord: ...
+
+    def list_runs(self, limit: int = 20, status: RunStatus | None = None) -> list[RunRecord]: ...
+
+    def get_steps(self, run_id: str) -> list[StepRecord]: ...
+
+    def get_attempts(self, run_id: str, step_id: str | None = None) -> list[AttemptRecord]: ...
+
+    def events(self, after_id: int = 0, run_id: str | None = None, limit: int = 1000) -> list[Event]: ...
+
+    def cache_get(self, key: str) -> str | None: ...
+
+    def cache_put(self, key: str, output_json: str) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,166 @@
+"""The `factory` command as a user runs it: real subprocesses on the session's Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from factory.store.sqlite import SQLiteStore
+
+REPO = Path(__file__).parent.parent.parent
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+FACTORY = [sys.executable, "-m", "factory.cli"]
+
+
+def factory(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FACTORY, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_help_explains_the_commands() -> None:
+    result = subprocess.run([*FACTORY, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for command in ("validate", "run", "resume", "runs", "status", "logs", "cancel", "events"):
+        assert command in result.stdout
+
+
+def test_run_json_then_inspect_the_run(cli_env: dict[str, str], tmp_path: Path) -> None:
+    report = tmp_path / "report.md"
+    result = factory(cli_env, "run", "examples/doc_report/workflow.yaml", "--input", f"out={report}", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data) == {"run_id", "status", "outputs", "error"}
+    assert data["status"] == "succeeded" and data["error"] is None
+    assert data["outputs"]["report"]["path"] == str(report) and report.exists()
+    run_id = data["run_id"]
+
+    runs = factory(cli_env, "runs", "--json")
+    assert [r["id"] for r in json.loads(runs.stdout)] == [run_id]
+    status = factory(cli_env, "status", run_id)
+    assert status.returncode == 0
+    assert "summarize" in status.stdout and "succeeded" in status.stdout
+    events = factory(cli_env, "events", run_id)
+    types = [json.loads(line)["type"] for line in events.stdout.splitlines()]
+    assert types[0] == "run.created" and types[-1] == "run.succeeded"
+    missing = factory(cli_env, "status", "nosuchrun")
+    assert missing.returncode == 2 and "no run 'nosuchrun'" in missing.stderr
+
+
+def test_input_values_are_yaml_scalars(cli_env: dict[str, str], tmp_path: Path) -> None:
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(
+        yaml.safe_dump(
+            {
+                "name": "typed",
+                "inputs": {"n": 1, "flag": False},
+                "steps": [
+                    {"id": "sum", "python": "teststeps:add", "with": {"a": "${inputs.n}", "b": 1}},
+                    {"id": "flag", "python": "teststeps:echo", "with": {"value": "${inputs.flag}"}},
+                ],
+            }
+        )
+    )
+    (tmp_path / "teststeps.py").write_text((FIXTURES / "teststeps.py").read_text())
+    result = factory(cli_env, "run", str(wf), "--input", "n=6", "-i", "flag=true", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["outputs"] == {"sum": 7, "flag": True}
+    bad = factory(cli_env, "run", str(wf), "--input", "nope=1")
+    assert bad.returncode == 2 and "unknown input 'nope'" in bad.stderr
+
+
+def test_failed_run_exits_1_with_the_error_and_logs(cli_env: dict[str, str], tmp_path: Path) -> None:
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(
+        yaml.safe_dump(
+            {
+                "name": "fails",
+                "steps": [{"id": "boom", "python": "teststeps:always_fails", "with": {"message": "disk on fire"}}],
+            }
+        )
+    )
+    (tmp_path / "teststeps.py").write_text((FIXTURES / "teststeps.py").read_text())
+    result = factory(cli_env, "run", str(wf), "--json")
+    assert result.returncode == 1
+    data = json.loads(result.stdout)
+    assert data["status"] == "failed" and "ValueError: disk on fire" in data["error"]
+    logs = factory(cli_env, "logs", data["run_id"], "boom")
+    assert "Traceback" in logs.stdout and "disk on fire" in logs.stdout
+
+
+def test_invalid_workflow_exits_2(cli_env: dict[str, str], tmp_path: Path) -> None:
+    wf = tmp_path / "wf.yaml"
+    wf.write_text("name: x\nsteps: [{id: a, python: 'm:f', with: {v: '${steps.a.output}'}}]\n")
+    result = factory(cli_env, "run", str(wf))
+    assert result.returncode == 2
+    assert "references its own output" in result.stderr
+
+
+def _wait_for(predicate: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting")
+
+
+def test_sigkill_mid_run_then_resume(cli_env: dict[str, str], tmp_path: Path, factory_home: Path) -> None:
+    """Kill `factory run` with SIGKILL after some steps committed; `factory resume` finishes the
+    run and steps that had committed their output do not run again."""
+    log = tmp_path / "executions.txt"
+    steps = [{"id": "s0", "python": "teststeps:slow_record", "with": {"path": str(log), "value": 0, "seconds": 0.4}}]
+    for i in range(1, 8):
+        steps.append(
+            {
+                "id": f"s{i}",
+                "python": "teststeps:slow_record",
+                "needs": [f"s{i - 1}"],
+                "with": {"path": str(log), "value": i, "seconds": 0.4},
+            }
+        )
+    steps.append({"id": "plus", "python": "teststeps:add", "with": {"a": "${steps.s7.output}", "b": 1}})
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(yaml.safe_dump({"name": "killable", "steps": steps}))
+    (tmp_path / "teststeps.py").write_text((FIXTURES / "teststeps.py").read_text())
+    env = {**cli_env, "FACTORY_LEASE_SECONDS": "2"}
+
+    proc = subprocess.Popen(
+        [*FACTORY, "run", str(wf)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    store = SQLiteStore(factory_home / "factory.db")
+    try:
+
+        def committed() -> set[str]:
+            runs = store.list_runs()
+            if not runs:
+                return set()
+            return {s.step_id for s in store.get_steps(runs[0].id) if s.status.value == "succeeded"}
+
+        _wait_for(lambda: len(committed()) >= 3, 90)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        run = store.list_runs()[0]
+        done_before = committed()
+        assert run.status.value == "running"  # nobody got to record anything else
+        assert 3 <= len(done_before) < 9
+
+        time.sleep(2.5)  # let the dead coordinator's lease expire
+        resumed = factory(env, "resume", run.id, "--json")
+        assert resumed.returncode == 0, resumed.stderr
+        data = json.loads(resumed.stdout)
+        assert data["status"] == "succeeded" and data["outputs"]["plus"] == 8
+        executions = [int(line) for line in log.read_text().split()]
+        # steps that had committed ran exactly once (s_k writes k)
+        for step_id in done_before:
+            assert executions.count(int(step_id[1:])) == 1, (step_id, executions)
+        assert sorted(set(executions)) == list(range(8))  # and every step ran
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        store.close()

@@ -1,0 +1,313 @@
+"""The engine on a real local Ray (one per test session) with durable SQLite state."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import factory
+from factory.settings import Settings
+from factory.spec import RetryPolicy, Step, Workflow
+from factory.store import RunStatus
+from factory.store.sqlite import SQLiteStore
+
+FIXTURES = str(Path(__file__).parent.parent / "fixtures")
+REPO = Path(__file__).parent.parent.parent
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def wf(*steps: Step, inputs: dict[str, Any] | None = None, name: str = "t") -> Workflow:
+    return Workflow(name=name, steps=list(steps), inputs=inputs or {}, base_dir=FIXTURES)
+
+
+def calls(counter: Path) -> int:
+    return len(counter.read_text()) if counter.exists() else 0
+
+
+def statuses(store: SQLiteStore, run_id: str) -> dict[str, str]:
+    return {s.step_id: s.status.value for s in store.get_steps(run_id)}
+
+
+def test_doc_report_example(store: SQLiteStore, settings: Settings, tmp_path: Path) -> None:
+    out = tmp_path / "report.md"
+    result = factory.run(REPO / "examples/doc_report/workflow.yaml", {"out": str(out)}, store=store, settings=settings)
+    assert result.ok, result.error
+    summaries = result.outputs["summarize"]
+    assert len(summaries) == len(result.outputs["load"]) >= 8
+    assert all(s["words"] > 100 and len(s["top_terms"]) == 5 for s in summaries)
+    report = result.outputs["report"]
+    assert report["documents"] == len(summaries)
+    assert report["total_words"] == sum(s["words"] for s in summaries)
+    assert out.read_text() == report["markdown"] and report["markdown"].startswith("# Document report")
+
+
+def test_sales_example_with_an_input_override(store: SQLiteStore, settings: Settings) -> None:
+    default = factory.run(REPO / "examples/sales_stats/workflow.yaml", store=store, settings=settings)
+    strict = factory.run(REPO / "examples/sales_stats/workflow.yaml", {"z": 3}, store=store, settings=settings)
+    assert default.ok and strict.ok
+    summary = default.outputs["summary"]
+    assert summary["total_revenue"] == pytest.approx(sum(r["revenue"] for r in default.outputs["region_stats"]))
+    assert summary["best_region"] == max(default.outputs["region_stats"], key=lambda r: r["revenue"])["region"]
+    assert strict.outputs["summary"]["outlier_count"] < summary["outlier_count"]
+
+
+def test_retries_with_backoff_until_success(store: SQLiteStore, settings: Settings, tmp_path: Path) -> None:
+    counter = tmp_path / "flaky"
+    step = Step(
+        id="flaky",
+        python="teststeps:flaky",
+        with_={"counter": str(counter), "fail_times": 2},
+        retry=RetryPolicy(max_attempts=3, backoff=0.05, jitter=True),
+    )
+    after = Step(id="after", python="teststeps:echo", with_={"value": "${steps.flaky.output}"})
+    result = factory.run(wf(step, after), store=store, settings=settings)
+    assert result.ok, result.error
+    assert result.outputs["after"] == "ok after 3 attempts"
+    assert calls(counter) == 3
+    events = [e.type for e in store.events(0, result.run_id) if e.step_id == "flaky"]
+    assert events.count("step.retrying") == 2 and events[-1] == "step.succeeded"
+    attempts = store.get_attempts(result.run_id, "flaky")
+    assert [a.status.value for a in attempts] == ["failed", "failed", "succeeded"]
+    assert "attempt 1 failed on purpose" in (attempts[0].error or "")
+
+
+def test_retries_are_limited_to_the_errors_named(store: SQLiteStore, settings: Settings, tmp_path: Path) -> None:
+    counter = tmp_path / "c"
+    step = Step(
+        id="s",
+        python="teststeps:flaky",
+        with_={"counter": str(counter), "fail_times": 5, "error": "ValueError"},
+        retry=RetryPolicy(max_attempts=4, backoff=0.01, on=["ConnectionError"]),
+    )
+    result = factory.run(wf(step), store=store, settings=settings)
+    assert result.status == RunStatus.FAILED
+    assert calls(counter) == 1
+    assert "ValueError: attempt 1 failed on purpose" in (result.error or "")
+
+
+def test_validation_errors_are_not_retried(store: SQLiteStore, settings: Settings, tmp_path: Path) -> None:
+    counter = tmp_path / "c"
+    step = Step(
+        id="s", python="teststeps:invalid_point", with_={"counter": str(counter)}, retry=RetryPolicy(max_attempts=3)
+    )
+    result = factory.run(wf(step), store=store, settings=settings)
+    assert result.status == RunStatus.FAILED and calls(counter) == 1
+    assert "ValidationError" in (result.error or "") and "not retried" in (result.error or "")
+
+
+def test_timeout_stops_the_attempt_then_retries(store: SQLiteStore, settings: Settings, tmp_path: Path) -> None:
+    marker = tmp_path / "finished"
+    step = Step(
+        id="slow",
+        python="teststeps:sleepy",
+        with_={"seconds": 30, "marker": str(marker)},
+        timeout=0.5,
+        retry=RetryPolicy(max_attempts=2, backoff=0.01),
+    )
+    start = time.monotonic()
+    result = factory.run(wf(step), store=store, settings=settings)
+    assert time.monotonic() - start < 20
+    assert result.status == RunStatus.FAILED
+    assert "timeout of 0.5s" in (result.error or "") and "gave up after 2 attempts" in (result.error or "")
+    assert not marker.exists()
+
+
+def test_timeout_kills_an_attempt_that_ignores_the_interrupt(
+    store: SQLiteStore, settings: Settings, tmp_path: Path
+) -> None:
+    counter = tmp_path / "c"
+    step = Step(
+        id="stuck", python="teststeps:stuck_in_native", with_={"seconds": 60, "counter": str(counter)}, timeout=0.5
+    )
+    start = time.monotonic()
+    result = factory.run(wf(step), store=store, settings=settings)
+    assert time.monotonic() - start < 30
+    assert result.status == RunStatus.FAILED
+    assert "worker process was killed" in (result.error or "")
+
+
+def test_a_failure_skips_dependants_but_not_other_branches(
+    store: SQLiteStore, settings: Settings, tmp_path: Path
+) -> None:
+    result = factory.run(
+        wf(
+            Step(id="bad", python="teststeps:always_fails", with_={"message": "broken input"}),
+            Step(id="child", python="teststeps:echo", with_={"value": "${steps.bad.output}"}),
+            Step(id="grandchild", python="teststeps:echo", with_={"value": "${steps.child.output}"}),
+            Step(id="other", python="teststeps:sleepy", with_={"seconds": 0.3}),
+            Step(id="unserialisable", python="teststeps:unserializable"),
+        ),
+        store=store,
+        settings=settings,
+    )
+    assert result.status == RunStatus.FAILED
+    assert statuses(store, result.run_id) == {
+        "bad": "failed",
+        "child": "skipped",
+        "grandchild": "skipped",
+        "other": "succeeded",
+        "unserialisable": "failed",
+    }
+    steps = {s.step_id: s for s in store.get_steps(result.run_id)}
+    assert steps["unserialisable"].error and "cannot be stored as JSON" in steps["unserialisable"].error
+    assert result.outputs == {"other": "slept"}
+    # the failure does not leak into the next run
+    ok = factory.run(wf(Step(id="a", python="teststeps:add", with_={"a": 1, "b": 2})), store=store, settings=settings)
+    assert ok.ok and ok.outputs == {"a": 3}
+
+
+def test_for_each_retries_only_the_failing_item(store: SQLiteStore, settings: Settings, tmp_path: Path) -> None:
+    counter = tmp_path / "c"
+    result = factory.run(
+        wf(
+            Step(id="nums", python="teststeps:echo", with_={"value": [1, 2, 3, 4]}),
+            Step(
+                id="sq",
+                python="teststeps:square_or_fail",
+                for_each="${steps.nums.output}",
+                with_={"x": "${item}", "bad": 3, "counter": str(counter)},
+                retry=RetryPolicy(max_attempts=2, backoff=0.01),
+            ),
+            Step(id="sum", python="teststeps:echo", with_={"value": "${steps.sq.output}"}),
+        ),
+        store=store,
+        settings=settings,
+    )
+    assert result.ok, result.error
+    assert result.outputs["sum"] == [1, 4, 9, 16]
+    assert calls(counter) == 2
+    retry_events = [e for e in store.events(0, result.run_id) if e.type == "step.retrying"]
+    assert len(retry_events) == 1 and retry_events[0].data["item"] == 2
+
+
+def test_for_each_over_something_that_is_not_a_list(store: SQLiteStore, settings: Settings) -> None:
+    result = factory.run(
+        wf(
+            Step(id="one", python="teststeps:echo", with_={"value": 5}),
+            Step(id="each", python="teststeps:echo", for_each="${steps.one.output}", with_={"value": "${item}"}),
+        ),
+        store=store,
+        settings=settings,
+    )
+    assert result.status == RunStatus.FAILED
+    assert "for_each needs a list" in (result.error or "")
+
+
+def test_cached_steps_do_not_run_again(store: SQLiteStore, settings: Settings, tmp_path: Path) -> None:
+    counter = tmp_path / "c"
+
+    def workflow(value: int) -> Workflow:
+        return wf(
+            Step(id="src", python="teststeps:echo", with_={"value": value}),
+            Step(
+                id="slow",
+                python="teststeps:count_and_echo",
+                with_={"counter": str(counter), "value": "${steps.src.output}"},
+                cache=True,
+            ),
+        )
+
+    first = factory.run(workflow(1), store=store, settings=settings)
+    second = factory.run(workflow(1), store=store, settings=settings)
+    third = factory.run(workflow(2), store=store, settings=settings)
+    assert first.outputs["slow"] == second.outputs["slow"] == 1 and third.outputs["slow"] == 2
+    assert calls(counter) == 2
+    cached = {s.step_id: s.cached for s in store.get_steps(second.run_id)}
+    assert cached == {"src": False, "slow": True}
+    assert "step.cached" in [e.type for e in store.events(0, second.run_id)]
+
+
+def test_cancel_stops_attempts_in_flight(store: SQLiteStore, settings: Settings, tmp_path: Path) -> None:
+    marker = tmp_path / "finished"
+    workflow = wf(
+        Step(id="slow", python="teststeps:sleepy", with_={"seconds": 20, "marker": str(marker)}),
+        Step(id="after", python="teststeps:echo", with_={"value": "${steps.slow.output}"}),
+    )
+    started: list[str] = []
+    results: list[factory.RunResult] = []
+    thread = threading.Thread(
+        target=lambda: results.append(factory.run(workflow, store=store, settings=settings, on_start=started.append))
+    )
+    thread.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (started and statuses(store, started[0])["slow"] == "running"):
+        time.sleep(0.05)
+    assert factory.cancel(started[0], store=store)
+    thread.join(30)
+    assert results and results[0].status == RunStatus.CANCELLED
+    assert statuses(store, started[0]) == {"slow": "cancelled", "after": "cancelled"}
+    assert not factory.cancel(started[0], store=store)  # already finished
+    time.sleep(1)
+    assert not marker.exists()
+
+
+def test_resume_reruns_only_what_did_not_succeed(store: SQLiteStore, settings: Settings, tmp_path: Path) -> None:
+    counter_a, counter_b = tmp_path / "a", tmp_path / "b"
+    workflow = wf(
+        Step(id="a", python="teststeps:count_and_echo", with_={"counter": str(counter_a), "value": 10}),
+        Step(id="b", python="teststeps:flaky", with_={"counter": str(counter_b), "fail_times": 1}),
+        Step(id="c", python="teststeps:echo", with_={"value": "${steps.a.output} / ${steps.b.output}"}),
+    )
+    first = factory.run(workflow, store=store, settings=settings)
+    assert first.status == RunStatus.FAILED
+    assert statuses(store, first.run_id) == {"a": "succeeded", "b": "failed", "c": "skipped"}
+    resumed = factory.resume(first.run_id, store=store, settings=settings)
+    assert resumed.ok, resumed.error
+    assert resumed.outputs["c"] == "10 / ok after 2 attempts"
+    assert calls(counter_a) == 1 and calls(counter_b) == 2
+    assert {s.step_id: s.attempts for s in store.get_steps(first.run_id)} == {"a": 1, "b": 2, "c": 1}
+    assert "run.resumed" in [e.type for e in store.events(0, first.run_id)]
+    with pytest.raises(factory.FactoryError, match="already succeeded"):
+        factory.resume(first.run_id, store=store, settings=settings)
+
+
+def test_every_state_change_is_an_event(store: SQLiteStore, settings: Settings) -> None:
+    result = factory.run(
+        wf(
+            Step(id="a", python="teststeps:add", with_={"a": 1, "b": 2}),
+            Step(id="b", python="teststeps:add", with_={"a": "${steps.a.output}", "b": 2}),
+        ),
+        store=store,
+        settings=settings,
+    )
+    events = store.events(0, result.run_id)
+    assert [(e.type, e.step_id) for e in events] == [
+        ("run.created", None),
+        ("step.created", "a"),
+        ("step.created", "b"),
+        ("run.started", None),
+        ("step.started", "a"),
+        ("step.succeeded", "a"),
+        ("step.started", "b"),
+        ("step.succeeded", "b"),
+        ("run.succeeded", None),
+    ]
+
+
+def test_inputs_must_be_declared(store: SQLiteStore, settings: Settings) -> None:
+    workflow = wf(Step(id="a", python="teststeps:echo", with_={"value": "${inputs.x}"}), inputs={"x": 1})
+    with pytest.raises(factory.WorkflowValidationError, match="unknown input 'y'"):
+        factory.run(workflow, {"y": 2}, store=store, settings=settings)
+    assert factory.run(workflow, {"x": "two"}, store=store, settings=settings).outputs == {"a": "two"}
+
+
+def test_runs_do_not_share_state(store: SQLiteStore, settings: Settings) -> None:
+    workflow = wf(Step(id="a", python="teststeps:echo", with_={"value": "${inputs.x}"}), inputs={"x": 0})
+    results: list[factory.RunResult] = []
+    threads = [
+        threading.Thread(
+            target=lambda i=i: results.append(factory.run(workflow, {"x": i}, store=store, settings=settings))
+        )
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(r.outputs["a"] for r in results) == [0, 1, 2, 3]
+    assert len({r.run_id for r in results}) == 4
