@@ -40,8 +40,12 @@ class Graph:
 
 def step_references(step: Step) -> list[Reference]:
     refs = find_references(step.with_)
-    if isinstance(step.for_each, str) or step.for_each is not None:
+    if step.for_each is not None:
         refs += find_references(step.for_each)
+    if step.container is not None:
+        refs += find_references(step.container.model_dump())
+    if step.route is not None:
+        refs += find_references(step.route.text)
     return refs
 
 

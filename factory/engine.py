@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 from ray.exceptions import RayError, TaskCancelledError, WorkerCrashedError
@@ -50,6 +50,15 @@ from factory.store import (
 )
 
 CANCEL_POLL_SECONDS = 0.25
+
+
+class AgentDispatcher(Protocol):
+    """Sends an agent or route step's task to an agent pool (factory.pools implements it)."""
+
+    def submit(self, step: Step, task: dict[str, Any]) -> Any:
+        """Start the task; return an ObjectRef that resolves to a runtime.Outcome."""
+
+
 MAX_WAIT_SECONDS = 0.1
 
 
@@ -142,6 +151,7 @@ class Coordinator:
         settings: Settings,
         on_progress: Callable[[Progress], None] | None = None,
         graph: Graph | None = None,
+        agent_dispatcher: AgentDispatcher | None = None,
     ) -> None:
         self.store = store
         self.workflow = workflow
@@ -150,6 +160,7 @@ class Coordinator:
         self.settings = settings
         self.on_progress = on_progress
         self.graph = graph or build_graph(workflow)
+        self.agent_dispatcher = agent_dispatcher
         self.owner = _owner_id()
         self.search_path = tuple(p for p in (workflow.base_dir, os.getcwd()) if p)
         self.states: dict[str, _StepState] = {s.id: _StepState(s) for s in workflow.steps}
@@ -186,15 +197,14 @@ class Coordinator:
         return all(self.states[d].status == StepStatus.SUCCEEDED for d in self.graph.deps[step_id])
 
     def _needs_values(self, step: Step) -> bool:
-        return step.for_each is not None or step.cache
+        return step.for_each is not None or step.cache or step.kind in ("agent", "route")
 
     def _call(
         self, step: Step, arguments: dict[str, Any], resolved: bool, item: Any = None, has_item: bool = False
     ) -> StepCall:
-        assert step.python is not None
         return StepCall(
             step_id=step.id,
-            target=step.python,
+            target=step.python or "",
             arguments=arguments,
             resolved=resolved,
             inputs=self.inputs,
@@ -204,7 +214,15 @@ class Coordinator:
             retry=step.retry,
             item=item,
             has_item=has_item,
+            action=step.kind,
+            executor=step.executor,
         )
+
+    def _step_arguments(self, step: Step) -> dict[str, Any]:
+        """What a step's attempt resolves: a container step's spec, else its `with` mapping."""
+        if step.container is not None:
+            return step.container.model_dump()
+        return step.with_
 
     def _options(self, step: Step) -> dict[str, Any]:
         return step.resources.ray_options()
@@ -253,7 +271,9 @@ class Coordinator:
             self._submit_with_values(state)
             return
         dep_refs = [self.states[d].ref for d in deps]
-        ref = execute_step.options(**self._options(step)).remote(self._call(step, step.with_, False), *dep_refs)
+        ref = execute_step.options(**self._options(step)).remote(
+            self._call(step, self._step_arguments(step), False), *dep_refs
+        )
         state.submitted = True
         state.ref = ref
         self._track(ref, step_id)
@@ -267,10 +287,10 @@ class Coordinator:
                 items = resolve(step.for_each, self._context(step))
                 if not isinstance(items, list):
                     raise StepInputError(f"for_each needs a list, but {step.for_each} is a {type(items).__name__}")
-                arguments = [resolve(step.with_, self._context(step, item, True)) for item in items]
+                arguments = [resolve(self._step_arguments(step), self._context(step, item, True)) for item in items]
             else:
                 items = [None]
-                arguments = [resolve(step.with_, self._context(step))]
+                arguments = [resolve(self._step_arguments(step), self._context(step))]
             keys: list[str | None] = [None] * len(items)
             if step.cache:
                 keys = [self._cache_key(step, args) for args in arguments]
@@ -306,9 +326,24 @@ class Coordinator:
                 return
         state.items[index].attempts += 1
         has_item = step.for_each is not None
-        call = self._call(step, arguments[index], True, items[index] if has_item else None, has_item)
-        ref = execute_item.options(**self._options(step)).remote(call)
+        if step.kind in ("agent", "route"):
+            ref = self._dispatch_to_agent(step, arguments[index])
+        else:
+            call = self._call(step, arguments[index], True, items[index] if has_item else None, has_item)
+            ref = execute_item.options(**self._options(step)).remote(call)
         self._track(ref, step.id, index)
+
+    def _dispatch_to_agent(self, step: Step, task: dict[str, Any]) -> Any:
+        """An agent or route step: the resolved task goes to an agent pool; returns ObjectRef[Outcome]."""
+        if self.agent_dispatcher is None:
+            return ray.put(
+                Outcome(
+                    ok=False,
+                    error=f"step {step.id!r} is an {step.kind} step but no agent catalogue was given to this run",
+                    error_type="factory.errors.StepInputError",
+                )
+            )
+        return self.agent_dispatcher.submit(step, task)
 
     def _finish_items(self, state: _StepState) -> None:
         step = state.step

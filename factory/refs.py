@@ -76,10 +76,14 @@ def parse_reference(text: str) -> Reference:
     rest = rest[match.end() :]
     if root == "inputs":
         return Reference("inputs", name, _parse_path(rest, text), expr)
-    out = re.match(r"^\.output\b", rest)
+    out = re.match(r"^\.(output|artifacts)\b", rest)
     if not out:
-        raise ReferenceSyntaxError(f"${{{text}}}: a step reference reads its output: write steps.{name}.output")
-    return Reference("steps", name, _parse_path(rest[out.end() :], text), expr)
+        raise ReferenceSyntaxError(
+            f"${{{text}}}: a step reference reads its output: write steps.{name}.output (or .artifacts)"
+        )
+    # ${steps.ID.artifacts} is short for ${steps.ID.output.artifacts} (container steps' files)
+    prefix: tuple[PathPart, ...] = ("artifacts",) if out.group(1) == "artifacts" else ()
+    return Reference("steps", name, prefix + _parse_path(rest[out.end() :], text), expr)
 
 
 def iter_strings(value: Any) -> Iterator[str]:

@@ -46,8 +46,8 @@ class StepCall:
     """Everything a worker needs to run one attempt."""
 
     step_id: str
-    target: str
-    arguments: dict[str, Any]
+    target: str  # python steps: module:function
+    arguments: dict[str, Any]  # python steps: keyword arguments; container steps: the container spec
     resolved: bool  # arguments already resolved by the coordinator (for_each items, cached steps)
     inputs: dict[str, Any]
     dep_ids: tuple[str, ...]
@@ -56,6 +56,8 @@ class StepCall:
     retry: RetryPolicy
     item: Any = None
     has_item: bool = False
+    action: str = "python"  # or "container"
+    executor: str | None = None  # container steps: local or dagger
 
 
 @dataclass(slots=True)
@@ -152,6 +154,15 @@ def _call(func: Any, kwargs: dict[str, Any]) -> Any:
     return result
 
 
+def _run_container(call: StepCall, spec: dict[str, Any], logs: io.StringIO) -> Any:
+    """A container step: the resolved spec goes to the isolated executor (factory.sandbox)."""
+    try:
+        from factory import sandbox  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        raise StepInputError("container steps need the isolated executors (factory.sandbox), not built yet") from None
+    return sandbox.run_container_step(call, spec, logs)
+
+
 def run_attempt(call: StepCall, deps: tuple[Outcome, ...]) -> Outcome:
     """Run one attempt in this process. Never raises for a user error."""
     for dep in deps:
@@ -169,14 +180,17 @@ def run_attempt(call: StepCall, deps: tuple[Outcome, ...]) -> Outcome:
                 dep_id: json.loads(dep.output_json or "null") for dep_id, dep in zip(call.dep_ids, deps, strict=True)
             }
             kwargs = resolve(call.arguments, Context(call.inputs, outputs, call.item, call.has_item))
-        try:
-            func = import_callable(call.target, call.search_path)
-        except (ImportError, AttributeError, TypeError) as exc:
-            raise StepInputError(str(exc)) from exc
-        bind_arguments(func, kwargs, call.target)
-        root.addHandler(handler)
-        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer), _Timeout(call.timeout):
-            value = _call(func, kwargs)
+        if call.action == "container":
+            value = _run_container(call, kwargs, buffer)
+        else:
+            try:
+                func = import_callable(call.target, call.search_path)
+            except (ImportError, AttributeError, TypeError) as exc:
+                raise StepInputError(str(exc)) from exc
+            bind_arguments(func, kwargs, call.target)
+            root.addHandler(handler)
+            with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer), _Timeout(call.timeout):
+                value = _call(func, kwargs)
         output_json = encode_output(value)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):  # ray.cancel() interrupts the task this way

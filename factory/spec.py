@@ -86,11 +86,52 @@ class Resources(_Model):
         return options
 
 
+class ContainerResources(_Model):
+    """Limits of an isolated step."""
+
+    cpus: float | None = Field(default=None, gt=0, description="CPU share (Dagger/podman) or CPU-time bound (local).")
+    memory: ByteSize | None = Field(default=None, description="Memory limit: bytes, or a string like 512MB.")
+
+
+class ContainerSpec(_Model):
+    """An isolated step: a command in an image (Dagger) or in an isolated process (local executor)."""
+
+    image: str = Field(description="Image for Dagger; for the local executor, a configured rootfs for it or the host.")
+    command: list[str] = Field(min_length=1, description="argv to run.")
+    env: dict[str, str] = Field(default_factory=dict)
+    secrets: list[str] = Field(default_factory=list, description="Names resolved from the secret source; never logged.")
+    mounts: dict[str, Any] = Field(
+        default_factory=dict, description="Container path -> host path or ${steps.ID.artifacts}; read-only."
+    )
+    outputs: list[str] = Field(default_factory=list, description="Files (container paths) kept as artifacts.")
+    network: bool = Field(default=False, description="Reach the network (default: no network at all).")
+    resources: ContainerResources = Field(default_factory=ContainerResources)
+    timeout: float | None = Field(default=None, gt=0, description="Seconds; the command is killed after it.")
+    workdir: str = Field(default="/work", description="Writable scratch directory the command starts in.")
+
+
+class RouteSpec(_Model):
+    """Let the router choose the agent: hard filters on capabilities, then fit of the text."""
+
+    text: str = Field(min_length=1, description="The task, in words; may hold ${...} references.")
+    capabilities: list[str] = Field(default_factory=list, description="Every one of these is required.")
+
+
+StepKind = Literal["python", "container", "agent", "route"]
+_ACTIONS: tuple[StepKind, ...] = ("python", "container", "agent", "route")
+
+
 class Step(_Model):
     """One node of the workflow DAG."""
 
     id: str = Field(description="Unique id within the workflow; letters, digits, '_' and '-'.")
     python: str | None = Field(default=None, description="'module:function' to call with `with` as keyword arguments.")
+    container: ContainerSpec | None = Field(default=None, description="Run a command isolated (see executor).")
+    executor: str | None = Field(
+        default=None, description="For container steps: local or dagger (default from settings)."
+    )
+    agent: str | None = Field(default=None, description="Send the step to this agent's pool; `with` is the task.")
+    route: RouteSpec | None = Field(default=None, description="Let the router pick the agent for this task.")
     with_: dict[str, Any] = Field(
         default_factory=dict, alias="with", description="Keyword arguments; may hold ${...} references."
     )
@@ -127,13 +168,23 @@ class Step(_Model):
 
     @model_validator(mode="after")
     def _check_action(self) -> Step:
-        if self.python is None:
-            raise ValueError("a step needs an action: python: 'module:function'")
+        given = [name for name in _ACTIONS if getattr(self, name) is not None]
+        if not given:
+            raise ValueError(
+                "a step needs one action: python: 'module:function', container: {...}, agent: NAME or route: {...}"
+            )
+        if len(given) > 1:
+            raise ValueError(f"a step has exactly one action; this one has {' and '.join(given)}")
+        if self.executor is not None and self.container is None:
+            raise ValueError("executor: applies to container steps only")
         return self
 
     @property
-    def kind(self) -> Literal["python"]:
-        return "python"
+    def kind(self) -> StepKind:
+        for name in _ACTIONS:
+            if getattr(self, name) is not None:
+                return name
+        raise AssertionError("validated steps have an action")
 
 
 class Workflow(_Model):
