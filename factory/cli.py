@@ -347,3 +347,20 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _register_command_modules() -> None:
+    """Commands that live beside their subsystem register themselves on ``app``."""
+    import importlib
+
+    for name in ("factory.cli_agents", "factory.cli_sandbox"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(app)
+
+
+_register_command_modules()
