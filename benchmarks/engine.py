@@ -1,9 +1,12 @@
 """Engine benchmark: the same DAGs on raw Ray and through the Factory (durable SQLite state).
 
     python -m benchmarks.engine [--repeat 3] [--only chain,fanout,lattice] [--big 10000]
+    python -m benchmarks.engine --store postgresql://... [--events redis://...]
 
-Both run in this process on one Ray instance; for each DAG it prints the best
-wall time of each and the ratio Factory/raw. ``--big N`` also runs an N-step
+All run in this process on one Ray instance; for each DAG it prints the best
+wall time of each and the ratio Factory/raw. With --store (and --events), the
+Factory also runs on that store (and publishes its events to that Redis), beside
+the SQLite figures, and the per-step overhead over raw Ray is compared. ``--big N`` also runs an N-step
 workflow through the Factory and prints the peak memory of this process (the
 coordinator).
 """
@@ -24,8 +27,9 @@ import ray
 
 import factory
 from benchmarks import dagfuncs
-from factory.settings import Settings
+from factory.settings import Settings, mask_secrets
 from factory.spec import Step, Workflow
+from factory.store import Store, open_store
 from factory.store.sqlite import SQLiteStore
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -113,17 +117,27 @@ def main() -> None:
     parser.add_argument("--fanout", type=int, default=2000)
     parser.add_argument("--lattice", type=int, default=20)
     parser.add_argument("--big", type=int, default=0, help="also run an N-step workflow and report memory")
+    parser.add_argument("--store", help="also run on this store, e.g. postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--events", help="with --store: publish events to this Redis, e.g. redis://127.0.0.1:6379/0")
     args = parser.parse_args()
 
     home = tempfile.mkdtemp(prefix="factory-bench-")
     settings = Settings(home=home)
     store = SQLiteStore(os.path.join(home, "factory.db"))
+    backends: list[tuple[str, Store, Settings]] = [("sqlite", store, settings)]
+    if args.store:
+        label = "postgres" if args.store.startswith("postgres") else "store"
+        if args.events:
+            label += "+redis"
+        backends.append((label, open_store(args.store), Settings(home=home, events_url=args.events)))
     ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cpus, "
         f"Python {platform.python_version()}, Ray {ray.__version__}"
     )
-    print(f"store: {store.url}")
+    for label, backend, backend_settings in backends:
+        events = mask_secrets(backend_settings.events_url or "embedded (the store's event log)")
+        print(f"{label}: store {mask_secrets(backend.url)}, events {events}")
 
     cases = {
         "chain": (
@@ -145,22 +159,42 @@ def main() -> None:
             f"n{args.lattice - 1}_{args.lattice - 1}",
         ),
     }
-    # warm both paths (worker processes, imports)
+    # warm every path (worker processes, imports, connections)
     raw_chain(20)
-    factory.run(chain_workflow(20), store=store, settings=settings)
+    for _, backend, backend_settings in backends:
+        factory.run(chain_workflow(20), store=backend, settings=backend_settings)
 
-    print(f"{'dag':<26}{'raw ray s':>11}{'factory s':>11}{'ratio':>8}")
+    header = f"{'dag':<26}{'raw ray s':>11}"
+    for label, _, _ in backends:
+        header += f"{label + ' s':>18}{'ratio':>7}"
+    print(header)
+    overheads: dict[str, dict[str, float]] = {}
+    tasks = {"chain": args.chain, "fanout": args.fanout + 2, "lattice": args.lattice**2}  # Ray tasks per DAG
     for name in args.only.split(","):
-        label, raw_fn, workflow, last = cases[name]
+        title, raw_fn, workflow, last = cases[name]
         raw_time, raw_result = _best(raw_fn, args.repeat)
+        line = f"{title:<26}{raw_time:>11.3f}"
+        for label, backend, backend_settings in backends:
 
-        def through_factory(wf: Workflow = workflow) -> factory.RunResult:
-            return factory.run(wf, store=store, settings=settings)
+            def through_factory(
+                wf: Workflow = workflow, st: Store = backend, se: Settings = backend_settings
+            ) -> factory.RunResult:
+                return factory.run(wf, store=st, settings=se)
 
-        fac_time, result = _best(through_factory, args.repeat)
-        assert result.ok, result.error
-        assert result.outputs[last] == raw_result, (result.outputs[last], raw_result)
-        print(f"{label:<26}{raw_time:>11.3f}{fac_time:>11.3f}{fac_time / raw_time:>8.2f}")
+            fac_time, result = _best(through_factory, args.repeat)
+            assert result.ok, result.error
+            assert result.outputs[last] == raw_result, (result.outputs[last], raw_result)
+            line += f"{fac_time:>18.3f}{fac_time / raw_time:>7.2f}"
+            overheads.setdefault(name, {})[label] = (fac_time - raw_time) / tasks[name]
+        print(line)
+    if len(backends) > 1:
+        for name, per_backend in overheads.items():
+            base, other = per_backend["sqlite"], per_backend[backends[1][0]]
+            ratio = f"{other / base:.2f}x" if base > 0 else "n/a"
+            print(
+                f"{name}: overhead per task over raw Ray: sqlite {base * 1e3:.3f} ms, "
+                f"{backends[1][0]} {other * 1e3:.3f} ms ({ratio} of sqlite)"
+            )
 
     if args.big:
         width = 100

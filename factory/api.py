@@ -2,22 +2,49 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from factory.cache import RedisResultCache, ResultCache
+from factory.catalog import Catalog
 from factory.dag import build_graph, load_workflow, validate_workflow
 from factory.engine import Coordinator, Progress, RunResult, new_run_id
 from factory.errors import RunStateError, WorkflowValidationError
 from factory.raysession import ensure_ray
+from factory.redisbus import RedisEventPublisher
 from factory.settings import Settings, get_settings
 from factory.spec import Workflow
 from factory.store import FINAL_RUN_STATUSES, RunStatus, Store, open_store
+
+if TYPE_CHECKING:
+    from factory.pools import PoolDispatcher
 
 
 def store_for(settings: Settings | None = None) -> Store:
     settings = settings or get_settings()
     return open_store(settings.resolved_store_url())
+
+
+def cache_for(settings: Settings, store: Store) -> ResultCache:
+    """The step result cache the settings name: Redis (cache_url) or the store."""
+    if settings.cache_url:
+        return RedisResultCache(settings.cache_url, settings.cache_ttl_seconds)
+    return store
+
+
+@contextmanager
+def event_publication(settings: Settings, store: Store) -> Iterator[None]:
+    """While a coordinator runs: publish its events to Redis when events_url names one."""
+    if not settings.events_url:
+        yield
+        return
+    publisher = RedisEventPublisher(store, settings.events_url, settings.events_stream_maxlen).start()
+    try:
+        yield
+    finally:
+        publisher.stop()
 
 
 def merge_inputs(workflow: Workflow, inputs: dict[str, Any] | None) -> dict[str, Any]:
@@ -32,6 +59,39 @@ def merge_inputs(workflow: Workflow, inputs: dict[str, Any] | None) -> dict[str,
     return {**workflow.inputs, **given}
 
 
+def create_run(
+    workflow: Workflow | str | Path,
+    inputs: dict[str, Any] | None = None,
+    *,
+    store: Store | None = None,
+    settings: Settings | None = None,
+    run_id: str | None = None,
+) -> str:
+    """Record a new pending run without running it; ``resume(run_id)`` (in any process) runs it."""
+    settings = settings or get_settings()
+    workflow = validate_workflow(workflow) if isinstance(workflow, Workflow) else load_workflow(workflow)
+    merged = merge_inputs(workflow, inputs)
+    graph = build_graph(workflow)
+    own_store = store is None
+    store = store or store_for(settings)
+    try:
+        run_id = run_id or new_run_id()
+        store.create_run(run_id, workflow.name, workflow.model_dump_json(by_alias=True), merged, graph.order)
+        return run_id
+    finally:
+        if own_store:
+            store.close()
+
+
+def _agent_dispatcher(agents: Catalog | str | Path | None, workflow: Workflow) -> PoolDispatcher | None:
+    """The engine's dispatcher for agent:/route: steps (pools live in the detached agent manager)."""
+    if agents is None:
+        return None
+    from factory.pools import PoolDispatcher
+
+    return PoolDispatcher.from_catalog(agents, search_path=[workflow.base_dir])
+
+
 def run(
     workflow: Workflow | str | Path,
     inputs: dict[str, Any] | None = None,
@@ -41,10 +101,12 @@ def run(
     on_progress: Callable[[Progress], None] | None = None,
     on_start: Callable[[str], None] | None = None,
     run_id: str | None = None,
+    agents: Catalog | str | Path | None = None,
 ) -> RunResult:
     """Run a workflow to the end and return its result. Joins or starts Ray as needed.
 
     The run is durable: if this process dies, ``resume(run_id)`` finishes it.
+    ``agents`` (a Catalog or an agents.yaml path) serves the workflow's agent: and route: steps.
     """
     settings = settings or get_settings()
     workflow = validate_workflow(workflow) if isinstance(workflow, Workflow) else load_workflow(workflow)
@@ -58,9 +120,27 @@ def run(
         store.create_run(run_id, workflow.name, workflow.model_dump_json(by_alias=True), merged, graph.order)
         if on_start is not None:
             on_start(run_id)
-        coordinator = Coordinator(store, workflow, run_id, merged, settings, on_progress, graph)
-        coordinator.start()
-        return coordinator.execute()
+        dispatcher = _agent_dispatcher(agents, workflow)
+        coordinator = Coordinator(
+            store,
+            workflow,
+            run_id,
+            merged,
+            settings,
+            on_progress,
+            graph,
+            agent_dispatcher=dispatcher,
+            cache=cache_for(settings, store),
+        )
+        try:
+            if dispatcher is not None:
+                dispatcher.bind_context(coordinator._context)
+            coordinator.start()
+            with event_publication(settings, store):
+                return coordinator.execute()
+        finally:
+            if dispatcher is not None:
+                dispatcher.close()
     finally:
         if own_store:
             store.close()
@@ -72,9 +152,11 @@ def resume(
     store: Store | None = None,
     settings: Settings | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    agents: Catalog | str | Path | None = None,
 ) -> RunResult:
-    """Finish a run that was interrupted, failed or cancelled. Steps that committed
-    their output are not run again; every other step runs (again)."""
+    """Run a pending run, or finish one that was interrupted, failed or cancelled. Steps
+    that committed their output are not run again; every other step runs (again).
+    ``agents`` as for :func:`run`."""
     settings = settings or get_settings()
     own_store = store is None
     store = store or store_for(settings)
@@ -84,15 +166,32 @@ def resume(
             raise RunStateError(f"run {run_id} already succeeded; nothing to resume")
         workflow = Workflow.model_validate_json(record.spec_json)
         ensure_ray(settings.ray_address)
-        coordinator = Coordinator(store, workflow, run_id, record.inputs, settings, on_progress)
-        if not store.claim_run(run_id, coordinator.owner, settings.lease_seconds):
-            raise RunStateError(
-                f"run {run_id} is still being run by a live process (its lease was renewed less than "
-                f"{settings.lease_seconds:g}s ago); wait for it or `factory cancel {run_id}`"
-            )
-        store.reset_unfinished_steps(run_id)
-        coordinator.start(resumed=True)
-        return coordinator.execute()
+        dispatcher = _agent_dispatcher(agents, workflow)
+        coordinator = Coordinator(
+            store,
+            workflow,
+            run_id,
+            record.inputs,
+            settings,
+            on_progress,
+            agent_dispatcher=dispatcher,
+            cache=cache_for(settings, store),
+        )
+        try:
+            if dispatcher is not None:
+                dispatcher.bind_context(coordinator._context)
+            if not store.claim_run(run_id, coordinator.owner, settings.lease_seconds):
+                raise RunStateError(
+                    f"run {run_id} is still being run by a live process (its lease was renewed less than "
+                    f"{settings.lease_seconds:g}s ago); wait for it or `factory cancel {run_id}`"
+                )
+            store.reset_unfinished_steps(run_id)
+            coordinator.start(resumed=record.status != RunStatus.PENDING)
+            with event_publication(settings, store):
+                return coordinator.execute()
+        finally:
+            if dispatcher is not None:
+                dispatcher.close()
     finally:
         if own_store:
             store.close()

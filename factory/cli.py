@@ -21,21 +21,37 @@ from factory.dag import load_workflow
 from factory.engine import Progress as RunProgress
 from factory.engine import RunResult
 from factory.errors import FactoryError, WorkflowValidationError
-from factory.settings import get_settings
+from factory.settings import get_settings, use_config_file
 from factory.store import RunRecord, RunStatus
 
 app = typer.Typer(
     help=(
         "The Factory: durable AI workflows on Ray.\n\n"
-        "State lives in SQLite under $FACTORY_HOME (default ~/.factory). "
-        "Ray: the cluster in RAY_ADDRESS, else a running local one, else a new local Ray."
+        "State lives in SQLite under $FACTORY_HOME (default ~/.factory), or where FACTORY_STORE_URL says "
+        "(postgresql://...). Ray: the cluster in RAY_ADDRESS, else a running local one, else a new local Ray. "
+        "`factory config` shows the effective settings."
     ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+@app.callback()
+def _global_options(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="YAML settings file (else FACTORY_CONFIG); FACTORY_* variables override it."),
+    ] = None,
+) -> None:
+    if config is not None:
+        try:
+            use_config_file(config)
+        except FactoryError as exc:
+            raise _fail(str(exc)) from None
+
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -339,6 +355,44 @@ def events(
         pass
     finally:
         store.close()
+
+
+@app.command("config")
+def config_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The effective settings (environment, --config file, defaults), with secrets masked."""
+    try:
+        settings = get_settings()
+    except FactoryError as exc:
+        raise _fail(str(exc)) from None
+    data = settings.masked()
+    if as_json:
+        sys.stdout.write(json.dumps(data) + "\n")
+        return
+    table = Table("setting", "environment variable", "value")
+    for name, value in data.items():
+        table.add_row(name, f"FACTORY_{name.upper()}", escape(str(value)))
+    out.print(table)
+
+
+@app.command("publish-events")
+def publish_events() -> None:
+    """Publish to Redis (FACTORY_EVENTS_URL) the events it has not received yet, e.g. after an outage."""
+    settings = get_settings()
+    if not settings.events_url:
+        raise _fail("FACTORY_EVENTS_URL is not set: events stay in the store (the embedded bus)")
+    from factory.redisbus import RedisEventPublisher
+
+    store = api.store_for(settings)
+    try:
+        publisher = RedisEventPublisher(store, settings.events_url, settings.events_stream_maxlen)
+        count = publisher.publish_pending()
+    except Exception as exc:  # noqa: BLE001 - redis errors of every kind end here
+        raise _fail(f"cannot publish to Redis: {exc}", EXIT_FAILED) from None
+    finally:
+        store.close()
+    out.print(f"published {count} event(s); Redis has everything up to event {publisher.cursor()}")
 
 
 def main() -> None:

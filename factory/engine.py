@@ -32,9 +32,10 @@ from typing import Any, Protocol
 import ray
 from ray.exceptions import RayError, TaskCancelledError, WorkerCrashedError
 
+from factory.cache import ResultCache
 from factory.callables import import_callable
 from factory.dag import Graph, build_graph
-from factory.errors import RunStateError, StepInputError
+from factory.errors import LeaseLostError, RunStateError, StepInputError
 from factory.refs import Context, resolve
 from factory.retry import backoff_delay
 from factory.runtime import Outcome, StepCall, execute_item, execute_step
@@ -152,6 +153,7 @@ class Coordinator:
         on_progress: Callable[[Progress], None] | None = None,
         graph: Graph | None = None,
         agent_dispatcher: AgentDispatcher | None = None,
+        cache: ResultCache | None = None,
     ) -> None:
         self.store = store
         self.workflow = workflow
@@ -161,6 +163,7 @@ class Coordinator:
         self.on_progress = on_progress
         self.graph = graph or build_graph(workflow)
         self.agent_dispatcher = agent_dispatcher
+        self.cache: ResultCache = cache or store
         self.owner = _owner_id()
         self.search_path = tuple(p for p in (workflow.base_dir, os.getcwd()) if p)
         self.states: dict[str, _StepState] = {s.id: _StepState(s) for s in workflow.steps}
@@ -182,7 +185,7 @@ class Coordinator:
     def _flush(self) -> None:
         if self._pending:
             changes, self._pending = self._pending, []
-            self.store.record(changes)
+            self.store.record(changes, owner=self.owner)
 
     def _step_change(self, state: _StepState, status: StepStatus, event: str, **kw: Any) -> None:
         state.status = status
@@ -318,7 +321,7 @@ class Coordinator:
         items, arguments = self._item_calls[step.id]
         key = state.cache_keys[index]
         if key is not None and state.items[index].attempts == 0:
-            cached = self.store.cache_get(key)
+            cached = self.cache.cache_get(key)
             if cached is not None:
                 state.items[index].output_json = cached
                 state.items[index].logs = "(cached)"
@@ -480,7 +483,7 @@ class Coordinator:
                 item_state.logs = outcome.logs
                 key = state.cache_keys[item]
                 if key is not None and outcome.output_json is not None:
-                    self.store.cache_put(key, outcome.output_json)
+                    self.cache.cache_put(key, outcome.output_json)
                 state.items_left -= 1
                 if state.items_left == 0:
                     self._finish_items(state)
@@ -619,7 +622,15 @@ class Coordinator:
                         self.on_progress(self.progress())
                 if now - last_beat >= self.settings.heartbeat_seconds:
                     last_beat = now
-                    self.store.heartbeat(self.run_id, self.owner)
+                    if not self.store.heartbeat(self.run_id, self.owner):
+                        raise LeaseLostError(f"run {self.run_id} was taken over by another coordinator; this one stops")
+        except LeaseLostError:
+            # Someone else owns the run now: stop our attempts, write nothing more.
+            for ref in list(self.inflight):
+                ray.cancel(ref, force=True)
+            self.inflight.clear()
+            self._pending.clear()
+            raise
         except KeyboardInterrupt:
             self.cancel("interrupted (Ctrl-C)")
             self._flush()

@@ -61,3 +61,101 @@ VALIDATION_ERRORS: tuple[type[BaseException], ...] = (
     StepInputError,
     OutputNotSerializableError,
 )
+
+
+class LeaseLostError(RunStateError):
+    """Another coordinator took over the run: this one must stop writing to it."""
+
+
+class PoolSaturated(FactoryError):
+    """An agent pool's queue is full: every replica is busy and ``max_queued`` requests already wait."""
+
+    def __init__(self, pool: str, in_flight: int, capacity: int, max_queued: int) -> None:
+        self.pool = pool
+        self.in_flight = in_flight
+        self.capacity = capacity
+        self.max_queued = max_queued
+        super().__init__(
+            f"agent pool {pool!r} is saturated: {in_flight} requests in flight for {capacity} slots "
+            f"and {max_queued} queued places; retry later, raise pool.max_replicas or pool.max_queued "
+            "in the catalogue, or send fewer requests at once"
+        )
+
+
+class AgentError(FactoryError):
+    """An agent cannot be loaded, started or reached (wrong class path, bad config, no live replica)."""
+
+
+class NoEligibleAgentError(FactoryError):
+    """The router found no agent that passes the hard filters (capabilities, health, breakers).
+
+    ``filtered_out`` maps each agent of the catalogue to the reason it was removed.
+    """
+
+    def __init__(self, filtered_out: dict[str, str], capabilities: list[str] | None = None) -> None:
+        self.filtered_out = dict(filtered_out)
+        self.capabilities = list(capabilities or [])
+        if not self.filtered_out:
+            message = "no agent can take this task: the agent catalogue is empty; add agents to agents.yaml"
+        else:
+            reasons = "; ".join(f"{agent}: {why}" for agent, why in self.filtered_out.items())
+            hints: list[str] = []
+            whys = self.filtered_out.values()
+            if any(w.startswith("missing capabilit") for w in whys):
+                wanted = ", ".join(self.capabilities)
+                hints.append(
+                    f"add an agent with capabilities [{wanted}] to the catalogue or ask for fewer capabilities"
+                )
+            if any(w.startswith("circuit breaker open") for w in whys):
+                hints.append("retry once the open circuit breakers let a trial call through")
+            if any(w.startswith("unhealthy") for w in whys):
+                hints.append("check the unhealthy agents' pools (their replicas fail health checks)")
+            message = f"no agent can take this task ({reasons})"
+            if hints:
+                message += "; to fix: " + "; or ".join(hints)
+        super().__init__(message)
+
+
+class ModelNotFoundError(FactoryError):
+    """Model files (weights, tokenizer) are not where the Factory looks for them."""
+
+
+class RouterConfigError(FactoryError):
+    """A routing scorer is unknown or not configured."""
+
+
+class ContainerStepError(FactoryError):
+    """A container step's command failed: non-zero exit, or stopped by one of its limits.
+
+    ``reason`` says which limit stopped it (memory, processes, timeout) when one did;
+    the message ends with the tail of the command's stderr.
+    """
+
+    def __init__(self, message: str, exit_code: int | None = None, reason: str | None = None) -> None:
+        self.exit_code = exit_code
+        self.reason = reason
+        super().__init__(message)
+
+
+class ContainerTimeoutError(ContainerStepError, StepTimeoutError):
+    """A container step ran past its timeout; its whole process tree was killed."""
+
+
+class ExecutorUnavailableError(FactoryError):
+    """The chosen executor cannot run here (no bubblewrap, no Dagger engine, unknown name)."""
+
+
+class SecretNotFoundError(StepInputError):
+    """A container step names a secret that the secret source does not hold (not retried)."""
+
+
+class ArtifactError(FactoryError):
+    """An artifact could not be stored, found or mounted."""
+
+
+class ScorerError(FactoryError):
+    """A routing scorer could not score a task (for example an LLM reply that is not the JSON asked for)."""
+
+
+class SettingsError(FactoryError):
+    """A setting (environment variable or settings file) has an invalid value."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 from factory.store import FINAL_RUN_STATUSES, Event, Store
@@ -16,7 +15,8 @@ def tail(
     poll_seconds: float = 0.2,
     batch: int = 1000,
 ) -> Iterator[Event]:
-    """Yield events with id > ``after_id``. With ``follow``, keep waiting for new ones;
+    """Yield events with id > ``after_id``. With ``follow``, keep waiting for new ones
+    (PostgreSQL wakes the tailer on commit; SQLite is polled every ``poll_seconds``);
     when following one run, stop once that run has finished and its events are out."""
     last = after_id
     while True:
@@ -33,4 +33,4 @@ def tail(
             if not page:
                 return
             continue
-        time.sleep(poll_seconds)
+        store.wait_for_events(poll_seconds)

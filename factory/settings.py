@@ -1,49 +1,143 @@
-"""The Factory's settings: one pydantic-settings model, env prefix ``FACTORY_``.
+"""The Factory's settings: one pydantic-settings model.
 
-Nothing else in the package reads ``os.environ`` for configuration.
+Sources, highest priority first: arguments given in code, environment variables
+(prefix ``FACTORY_``, e.g. ``FACTORY_STORE_URL``), a YAML file (``--config FILE``
+on the CLI or ``FACTORY_CONFIG``), then the defaults below. Nothing else in the
+package reads ``os.environ`` for configuration.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+_config_file_override: Path | None = None
+_SECRET_URL_RE = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):(?P<password>[^@]*)@", re.I)
+_SECRET_NAME_RE = re.compile(r"(password|secret|token|key)$", re.I)
+
+
+def mask_secrets(value: str) -> str:
+    """Hide the password part of a URL: postgresql://u:***@host/db."""
+    return _SECRET_URL_RE.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
 
 
 class Settings(BaseSettings):
-    """Effective configuration, from the environment (``FACTORY_*``) and defaults."""
+    """Effective configuration of the Factory."""
 
     model_config = SettingsConfigDict(env_prefix="FACTORY_", extra="ignore")
 
     home: Path = Field(
         default_factory=lambda: Path.home() / ".factory",
-        description="Directory for the embedded state (SQLite database, artifacts).",
+        description="Directory for the embedded state (SQLite database, artifacts, models).",
     )
     store_url: str | None = Field(
         default=None,
-        description="Where durable state lives; default sqlite:///$FACTORY_HOME/factory.db.",
+        description="Durable state: sqlite:///PATH (default: $FACTORY_HOME/factory.db) or postgresql://...",
     )
+    events_url: str | None = Field(
+        default=None,
+        description="Event bus: empty for the embedded one (the store's event log), or redis://host:port/db.",
+    )
+    events_stream_maxlen: int = Field(
+        default=100_000, ge=0, description="Redis streams are trimmed to about this many entries (0: never)."
+    )
+    cache_url: str | None = Field(
+        default=None, description="Step result cache: empty to keep it in the store, or redis://..."
+    )
+    cache_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1, description="How long a Redis-cached result lives.")
+    postgres_pool_max: int = Field(default=4, ge=1, description="Connections per process to PostgreSQL.")
     ray_address: str | None = Field(
         default=None,
-        description="Ray cluster to join; default: a reachable one (RAY_ADDRESS), else a new local Ray.",
+        description="Ray cluster to join; default: RAY_ADDRESS, else a running local one, else a new local Ray.",
     )
     breaker_failure_threshold: int = Field(default=5, ge=1)
     breaker_cooldown_seconds: float = Field(default=30.0, gt=0)
-    heartbeat_seconds: float = Field(
-        default=1.0, gt=0, description="How often a coordinator renews its lease on a run."
-    )
+    heartbeat_seconds: float = Field(default=1.0, gt=0, description="How often a coordinator renews its lease.")
     lease_seconds: float = Field(
         default=10.0,
         gt=0,
         description="A run whose coordinator has not renewed its lease for this long may be resumed.",
     )
 
+    @field_validator("store_url", "events_url", "cache_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        assert value is not None
+        if not re.match(r"^(sqlite:///|postgres(ql)?://|redis://|rediss://)", value):
+            raise ValueError(
+                f"{mask_secrets(value)!r} is not a supported URL: use sqlite:///PATH, postgresql://... or redis://..."
+            )
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = config_file_path()
+        if config_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
     def resolved_store_url(self) -> str:
         if self.store_url:
             return self.store_url
         return f"sqlite:///{self.home / 'factory.db'}"
 
+    def masked(self) -> dict[str, Any]:
+        """The settings as plain data with secrets hidden, for display."""
+        data: dict[str, Any] = {}
+        for name, value in self.model_dump(mode="json").items():
+            if isinstance(value, str):
+                value = "***" if _SECRET_NAME_RE.search(name) and value else mask_secrets(value)
+            data[name] = value
+        data["store_url"] = mask_secrets(self.resolved_store_url())
+        return data
+
+
+def config_file_path() -> Path | None:
+    """The YAML settings file in force: --config, else FACTORY_CONFIG, else none."""
+    if _config_file_override is not None:
+        return _config_file_override
+    env = os.environ.get("FACTORY_CONFIG")
+    return Path(env) if env else None
+
+
+def use_config_file(path: Path | None) -> None:
+    """Read settings from this YAML file from now on (the CLI's --config)."""
+    global _config_file_override
+    if path is not None and not path.is_file():
+        from factory.errors import FactoryError
+
+        raise FactoryError(f"settings file {path} does not exist")
+    _config_file_override = path
+
 
 def get_settings() -> Settings:
-    return Settings()
+    """The effective settings; an invalid value raises SettingsError naming the variable."""
+    from pydantic import ValidationError
+
+    from factory.errors import SettingsError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            problems.append(f"{field} (FACTORY_{field.upper()}): {err['msg'].removeprefix('Value error, ')}")
+        source = config_file_path()
+        where = f" (from the environment or {source})" if source else " (from the environment)"
+        raise SettingsError("invalid settings" + where + ": " + "; ".join(problems)) from None

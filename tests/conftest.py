@@ -48,13 +48,65 @@ def settings(factory_home: Path) -> object:
     return Settings(home=factory_home)
 
 
-@pytest.fixture
-def store(factory_home: Path) -> Iterator[object]:
-    from factory.store.sqlite import SQLiteStore
+POSTGRES_URL = os.environ.get("FACTORY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("FACTORY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
-    s = SQLiteStore(factory_home / "factory.db")
+
+def service_missing(what: str, error: Exception) -> None:
+    """Without the server: skip on a laptop, fail in CI (CI=true), where it must be there."""
+    message = f"{what} is not reachable ({error})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; CI must provide it")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""
+    import uuid
+    from urllib.parse import quote
+
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        service_missing("PostgreSQL", exc)
+        raise
+    admin.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    try:
+        yield f"{POSTGRES_URL}{sep}options={quote(f'-csearch_path={schema}')}"
+    finally:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        admin.close()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5).ping()
+    except redis.RedisError as exc:
+        service_missing("Redis", exc)
+    return REDIS_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, factory_home: Path) -> Iterator[object]:
+    """The same tests on each store backend."""
+    if request.param == "sqlite":
+        from factory.store.sqlite import SQLiteStore
+
+        s: object = SQLiteStore(factory_home / "factory.db")
+    else:
+        from factory.store.postgres import PostgresStore
+
+        s = PostgresStore(request.getfixturevalue("postgres_url"))
     yield s
-    s.close()
+    s.close()  # type: ignore[attr-defined]
 
 
 @pytest.fixture

@@ -36,9 +36,14 @@ __all__ = [
 
 
 def open_store(url: str) -> Store:
-    """Open the store a URL names: ``sqlite:///path/to/file.db``."""
+    """Open the store a URL names: ``sqlite:///path/to/file.db`` or ``postgresql://...``."""
     if url.startswith("sqlite:///"):
         from factory.store.sqlite import SQLiteStore
 
         return SQLiteStore(url[len("sqlite:///") :])
-    raise FactoryError(f"unsupported store URL {url!r}: use sqlite:///PATH")
+    if url.startswith(("postgresql://", "postgres://")):
+        from factory.settings import get_settings
+        from factory.store.postgres import PostgresStore
+
+        return PostgresStore(url, pool_max=get_settings().postgres_pool_max)
+    raise FactoryError(f"unsupported store URL {url!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB")

@@ -123,13 +123,15 @@ class Store(Protocol):
         self, run_id: str, workflow_name: str, spec_json: str, inputs: dict[str, Any], step_ids: list[str]
     ) -> None: ...
 
-    def record(self, changes: list[Change]) -> None:
-        """Apply the changes and append one event each, in one transaction."""
+    def record(self, changes: list[Change], owner: str | None = None) -> None:
+        """Apply the changes and append one event each, in one transaction. With ``owner``,
+        raise LeaseLostError (and change nothing) unless that coordinator still owns the runs."""
 
     def claim_run(self, run_id: str, owner: str, lease_seconds: float) -> bool:
         """Become the run's coordinator unless another owner holds a fresh lease."""
 
-    def heartbeat(self, run_id: str, owner: str) -> None: ...
+    def heartbeat(self, run_id: str, owner: str) -> bool:
+        """Renew the lease; False when ``owner`` no longer holds it."""
 
     def release_run(self, run_id: str, owner: str) -> None: ...
 
@@ -149,6 +151,11 @@ class Store(Protocol):
     def get_attempts(self, run_id: str, step_id: str | None = None) -> list[AttemptRecord]: ...
 
     def events(self, after_id: int = 0, run_id: str | None = None, limit: int = 1000) -> list[Event]: ...
+
+    def last_event_id(self) -> int: ...
+
+    def wait_for_events(self, timeout: float) -> None:
+        """Return when new events may have been appended, or after ``timeout`` seconds."""
 
     def cache_get(self, key: str) -> str | None: ...
 

@@ -1,24 +1,22 @@
-"""The store contract, on the embedded SQLite backend."""
+"""The store contract: the same tests on SQLite and PostgreSQL (the `store` fixture)."""
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
-from factory.errors import RunNotFoundError
+from factory.errors import LeaseLostError, RunNotFoundError
 from factory.events import tail
-from factory.store import RunChange, RunStatus, StepChange, StepStatus
-from factory.store.sqlite import SQLiteStore
+from factory.store import RunChange, RunStatus, StepChange, StepStatus, Store, open_store
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> SQLiteStore:
-    return SQLiteStore(tmp_path / "f.db")
+def db(store: Store) -> Store:
+    return store
 
 
-def test_run_lifecycle_with_events_in_order(db: SQLiteStore) -> None:
+def test_run_lifecycle_with_events_in_order(db: Store) -> None:
     db.create_run("r1", "wf", "{}", {"n": 1}, ["a", "b"])
     db.record(
         [
@@ -69,7 +67,7 @@ def test_run_lifecycle_with_events_in_order(db: SQLiteStore) -> None:
     assert events[-2].data["error"] == "ValueError: x"
 
 
-def test_a_failed_transaction_leaves_nothing_behind(db: SQLiteStore) -> None:
+def test_a_failed_transaction_leaves_nothing_behind(db: Store) -> None:
     db.create_run("r1", "wf", "{}", {}, ["a"])
     before = db.events(0)
     with pytest.raises(Exception):  # noqa: B017 - any error must roll the whole batch back
@@ -78,9 +76,9 @@ def test_a_failed_transaction_leaves_nothing_behind(db: SQLiteStore) -> None:
     assert db.get_steps("r1")[0].status == StepStatus.PENDING
 
 
-def test_tail_from_an_id_and_across_processes(tmp_path: Path) -> None:
-    writer = SQLiteStore(tmp_path / "f.db")
-    reader = SQLiteStore(tmp_path / "f.db")
+def test_tail_from_an_id_through_another_connection(db: Store) -> None:
+    writer = db
+    reader = open_store(db.url)
     writer.create_run("r1", "wf", "{}", {}, ["a"])
     writer.create_run("r2", "wf", "{}", {}, ["a"])
     all_events = list(tail(reader, 0))
@@ -88,9 +86,24 @@ def test_tail_from_an_id_and_across_processes(tmp_path: Path) -> None:
     later = list(tail(reader, all_events[1].id))
     assert later == all_events[2:]
     assert [e.run_id for e in tail(reader, 0, "r2")] == ["r2", "r2"]
+    reader.close()
 
 
-def test_lease_keeps_a_second_coordinator_out(db: SQLiteStore) -> None:
+def test_a_coordinator_that_lost_its_lease_cannot_write(db: Store) -> None:
+    db.create_run("r1", "wf", "{}", {}, ["a"])
+    assert db.claim_run("r1", "old", lease_seconds=60)
+    assert db.heartbeat("r1", "old")
+    assert db.claim_run("r1", "new", lease_seconds=0)  # the old lease is treated as lapsed
+    assert not db.heartbeat("r1", "old")
+    before = db.events(0)
+    with pytest.raises(LeaseLostError, match="owned by another coordinator"):
+        db.record([StepChange("r1", "a", StepStatus.RUNNING, "step.started", attempts=1)], owner="old")
+    assert db.events(0) == before and db.get_steps("r1")[0].status == StepStatus.PENDING
+    db.record([StepChange("r1", "a", StepStatus.RUNNING, "step.started", attempts=1)], owner="new")
+    assert db.get_steps("r1")[0].status == StepStatus.RUNNING
+
+
+def test_lease_keeps_a_second_coordinator_out(db: Store) -> None:
     db.create_run("r1", "wf", "{}", {}, ["a"])
     assert db.claim_run("r1", "one", lease_seconds=60)
     assert not db.claim_run("r1", "two", lease_seconds=60)
@@ -99,7 +112,7 @@ def test_lease_keeps_a_second_coordinator_out(db: SQLiteStore) -> None:
     assert db.claim_run("r1", "three", lease_seconds=60)
 
 
-def test_cancel_flag_and_unknown_runs(db: SQLiteStore) -> None:
+def test_cancel_flag_and_unknown_runs(db: Store) -> None:
     db.create_run("r1", "wf", "{}", {}, ["a"])
     assert not db.cancel_requested("r1")
     db.request_cancel("r1")
@@ -110,7 +123,7 @@ def test_cancel_flag_and_unknown_runs(db: SQLiteStore) -> None:
         db.request_cancel("nope")
 
 
-def test_reset_unfinished_steps_keeps_committed_outputs(db: SQLiteStore) -> None:
+def test_reset_unfinished_steps_keeps_committed_outputs(db: Store) -> None:
     db.create_run("r1", "wf", "{}", {}, ["a", "b", "c"])
     db.record(
         [
@@ -123,7 +136,7 @@ def test_reset_unfinished_steps_keeps_committed_outputs(db: SQLiteStore) -> None
     assert steps["a"].output == 1 and steps["b"].status == StepStatus.PENDING
 
 
-def test_cache_and_list_runs(db: SQLiteStore) -> None:
+def test_cache_and_list_runs(db: Store) -> None:
     assert db.cache_get("k") is None
     db.cache_put("k", '{"v": 1}')
     assert db.cache_get("k") == '{"v": 1}'

@@ -1,0 +1,214 @@
+"""Redis Streams event bus: the store's event log (the outbox) published to Redis.
+
+Every event is appended to the global stream ``factory:events`` and to its run's
+stream ``factory:run:<run_id>:events`` under the entry id ``<event id>-0``. Event
+ids follow commit order (see the stores), so publishing in id order keeps the
+streams in order, and Redis itself refuses an entry id it already has: a
+publisher that retries after a failure, or two publishers at once, cannot
+create duplicates. The publication cursor lives in Redis beside the streams.
+
+If Redis is unreachable, events simply stay in the store; the publisher keeps
+trying and catches up in order when Redis returns. Runs never fail because of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from factory.errors import FactoryError
+from factory.store import Event, Store
+
+log = logging.getLogger(__name__)
+
+GLOBAL_STREAM = "factory:events"
+CURSOR_KEY = "factory:events:published"
+FINAL_EVENTS = {"run.succeeded", "run.failed", "run.cancelled"}
+
+# Move the cursor forward only (never back), in one round trip.
+_ADVANCE_CURSOR = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
+return current
+"""
+
+
+def run_stream(run_id: str) -> str:
+    return f"factory:run:{run_id}:events"
+
+
+def _client(url: str) -> Any:
+    try:
+        import redis
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise FactoryError("the Redis event bus needs the redis package: pip install 'factory[redis]'") from exc
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, decode_responses=True)
+
+
+def _fields(event: Event) -> dict[str, str]:
+    return {
+        "run_id": event.run_id,
+        "step_id": event.step_id or "",
+        "type": event.type,
+        "data": json.dumps(event.data),
+        "ts": repr(event.ts),
+    }
+
+
+def event_from_entry(entry_id: str, fields: dict[str, str]) -> Event:
+    return Event(
+        id=int(entry_id.split("-", 1)[0]),
+        run_id=fields["run_id"],
+        step_id=fields["step_id"] or None,
+        type=fields["type"],
+        data=json.loads(fields["data"]),
+        ts=float(fields["ts"]),
+    )
+
+
+class RedisEventPublisher:
+    """Publishes the store's events to Redis Streams, in order, at most once per entry id."""
+
+    def __init__(
+        self,
+        store: Store,
+        url: str,
+        maxlen: int = 100_000,
+        run_stream_ttl: int = 7 * 24 * 3600,
+        batch: int = 500,
+    ) -> None:
+        self.store = store
+        self.url = url
+        self.maxlen = maxlen
+        self.run_stream_ttl = run_stream_ttl
+        self.batch = batch
+        self.redis = _client(url)
+        self._advance = self.redis.register_script(_ADVANCE_CURSOR)
+        self._stop = threading.Event()
+        self._nudge = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def cursor(self) -> int:
+        return int(self.redis.get(CURSOR_KEY) or 0)
+
+    def publish_pending(self) -> int:
+        """Publish every event after the cursor; returns how many were looked at.
+        Raises redis.ConnectionError while Redis is unreachable."""
+        total = 0
+        while True:
+            events = self.store.events(self.cursor(), limit=self.batch)
+            if not events:
+                return total
+            pipe = self.redis.pipeline(transaction=False)
+            trim = {"maxlen": self.maxlen, "approximate": True} if self.maxlen else {}
+            for event in events:
+                entry = f"{event.id}-0"
+                fields = _fields(event)
+                pipe.xadd(GLOBAL_STREAM, fields, id=entry, **trim)
+                pipe.xadd(run_stream(event.run_id), fields, id=entry, **trim)
+                if event.type in FINAL_EVENTS:
+                    pipe.expire(run_stream(event.run_id), self.run_stream_ttl)
+            results = pipe.execute(raise_on_error=False)
+            for result in results:
+                if isinstance(result, Exception) and "equal or smaller" not in str(result):
+                    raise result  # anything but "already published"
+            self._advance(keys=[CURSOR_KEY], args=[events[-1].id])
+            total += len(events)
+            if len(events) < self.batch:
+                return total
+
+    # -- background publication ------------------------------------------------------------------
+
+    def start(self, interval: float = 0.2) -> RedisEventPublisher:
+        def loop() -> None:
+            delay = interval
+            while not self._stop.is_set():
+                try:
+                    self.publish_pending()
+                    delay = interval
+                except Exception as exc:  # noqa: BLE001 - Redis down: keep the events, try again later
+                    log.warning("cannot publish events to Redis yet (%s); retrying", exc)
+                    delay = min(delay * 2, 5.0)
+                self._nudge.wait(delay)
+                self._nudge.clear()
+
+        self._thread = threading.Thread(target=loop, name="factory-event-publisher", daemon=True)
+        self._thread.start()
+        return self
+
+    def nudge(self) -> None:
+        self._nudge.set()
+
+    def stop(self, flush_timeout: float = 5.0) -> bool:
+        """Stop the thread, then try for up to ``flush_timeout`` s to publish what is left.
+        Returns False if events remain unpublished (they stay in the store for later)."""
+        self._stop.set()
+        self._nudge.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        deadline = time.monotonic() + flush_timeout
+        while True:
+            try:
+                self.publish_pending()
+                return True
+            except Exception as exc:  # noqa: BLE001
+                if time.monotonic() >= deadline:
+                    log.warning("events not yet published to Redis (%s); they stay in the store", exc)
+                    return False
+                time.sleep(0.2)
+
+
+class RedisEventBus:
+    """Reading the streams: replay, tail, and consumer groups for outside consumers."""
+
+    def __init__(self, url: str) -> None:
+        self.redis = _client(url)
+
+    def replay(self, after_id: int = 0, run_id: str | None = None, count: int = 1000) -> list[Event]:
+        stream = run_stream(run_id) if run_id else GLOBAL_STREAM
+        entries = self.redis.xrange(stream, min=f"({after_id}-0" if after_id else "-", count=count)
+        return [event_from_entry(entry_id, fields) for entry_id, fields in entries]
+
+    def tail(self, after_id: int = 0, run_id: str | None = None, block_ms: int = 1000) -> Iterator[Event]:
+        """Events after ``after_id``, waiting for new ones (forever; stop iterating to end)."""
+        stream = run_stream(run_id) if run_id else GLOBAL_STREAM
+        last = f"{after_id}-0"
+        while True:
+            reply = self.redis.xread({stream: last}, count=500, block=block_ms)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    yield event_from_entry(entry_id, fields)
+
+    def ensure_group(self, group: str, run_id: str | None = None, start_after: int = 0) -> None:
+        """Create a consumer group (if it does not exist) that starts after event ``start_after``."""
+        import redis
+
+        stream = run_stream(run_id) if run_id else GLOBAL_STREAM
+        try:
+            self.redis.xgroup_create(stream, group, id=f"{start_after}-0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def consume(
+        self, group: str, consumer: str, run_id: str | None = None, count: int = 100, block_ms: int = 1000
+    ) -> list[Event]:
+        """New events for this consumer of the group; acknowledge them with :meth:`ack`."""
+        stream = run_stream(run_id) if run_id else GLOBAL_STREAM
+        reply = self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+        return [event_from_entry(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
+
+    def ack(self, group: str, events: list[Event], run_id: str | None = None) -> int:
+        stream = run_stream(run_id) if run_id else GLOBAL_STREAM
+        if not events:
+            return 0
+        return int(self.redis.xack(stream, group, *[f"{e.id}-0" for e in events]))
+
+    def pending(self, group: str, run_id: str | None = None) -> int:
+        stream = run_stream(run_id) if run_id else GLOBAL_STREAM
+        return int(self.redis.xpending(stream, group)["pending"])

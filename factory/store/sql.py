@@ -1,0 +1,368 @@
+"""The store's logic in SQL, shared by the SQLite and PostgreSQL backends.
+
+A backend supplies connections and transactions (``_write`` / ``_read``), its
+schema, and a few hooks (row locking, notifying tailers). Statements are written
+with ``?`` placeholders and translated for drivers that use ``%s``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from factory.errors import LeaseLostError, RunNotFoundError
+from factory.store.base import (
+    FINAL_RUN_STATUSES,
+    FINAL_STEP_STATUSES,
+    AttemptRecord,
+    Change,
+    Event,
+    RunChange,
+    RunRecord,
+    RunStatus,
+    StepChange,
+    StepRecord,
+    StepStatus,
+)
+
+
+class Cursor(Protocol):
+    def execute(self, sql: str, args: Sequence[Any] = ...) -> Any: ...
+
+    def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> Any: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    @property
+    def rowcount(self) -> int: ...
+
+
+class SQLStore(ABC):
+    """Runs, steps, attempts, events and the cache, in SQL tables."""
+
+    url: str
+    placeholder = "?"
+
+    # -- what a backend provides ---------------------------------------------------------------
+
+    @abstractmethod
+    def _write(self) -> AbstractContextManager[Cursor]:
+        """A cursor inside a write transaction, committed when the block ends without error."""
+
+    @abstractmethod
+    def _read(self) -> AbstractContextManager[Cursor]:
+        """A cursor for reading."""
+
+    def _lock_run(self, cur: Cursor, run_id: str) -> Any:
+        """Select the run's owner row for update (the transaction holds it until it ends)."""
+        return cur.execute(self._sql("SELECT owner, heartbeat_at FROM runs WHERE id=?"), (run_id,)).fetchone()
+
+    def _before_events(self, cur: Cursor) -> None:
+        """Called in a transaction before it appends events (PostgreSQL serialises them here)."""
+        return None
+
+    def _after_events(self, cur: Cursor) -> None:
+        """Called in a transaction after it appended events (PostgreSQL notifies tailers here)."""
+        return None
+
+    def close(self) -> None:
+        """Release connections."""
+        return None
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _sql(self, sql: str) -> str:
+        return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
+
+    def _not_found(self, run_id: str) -> RunNotFoundError:
+        return RunNotFoundError(f"no run {run_id!r} in {self.url}; `factory runs` lists them")
+
+    def _insert_events(self, cur: Cursor, rows: list[tuple[Any, ...]]) -> None:
+        self._before_events(cur)
+        cur.executemany(self._sql("INSERT INTO events (run_id, step_id, type, data, ts) VALUES (?,?,?,?,?)"), rows)
+        self._after_events(cur)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def create_run(
+        self, run_id: str, workflow_name: str, spec_json: str, inputs: dict[str, Any], step_ids: list[str]
+    ) -> None:
+        now = time.time()
+        with self._write() as cur:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO runs (id, workflow_name, status, spec_json, inputs_json, created_at, cancel_requested)"
+                    " VALUES (?,?,?,?,?,?,?)"
+                ),
+                (run_id, workflow_name, RunStatus.PENDING.value, spec_json, json.dumps(inputs), now, False),
+            )
+            cur.executemany(
+                self._sql("INSERT INTO steps (run_id, step_id, status, position) VALUES (?,?,?,?)"),
+                [(run_id, step_id, StepStatus.PENDING.value, i) for i, step_id in enumerate(step_ids)],
+            )
+            rows: list[tuple[Any, ...]] = [
+                (run_id, None, "run.created", json.dumps({"workflow": workflow_name, "steps": len(step_ids)}), now)
+            ]
+            rows += [(run_id, step_id, "step.created", "{}", now) for step_id in step_ids]
+            self._insert_events(cur, rows)
+
+    def record(self, changes: list[Change], owner: str | None = None) -> None:
+        if not changes:
+            return
+        now = time.time()
+        with self._write() as cur:
+            if owner is not None:
+                for run_id in sorted({c.run_id for c in changes}):
+                    row = self._lock_run(cur, run_id)
+                    if row is None:
+                        raise self._not_found(run_id)
+                    if row[0] != owner:
+                        raise LeaseLostError(
+                            f"run {run_id} is now owned by another coordinator ({row[0] or 'none'}); "
+                            "this one lost its lease and stops"
+                        )
+            events: list[tuple[Any, ...]] = []
+            for change in changes:
+                data = dict(change.data)
+                if change.error is not None:
+                    data["error"] = change.error
+                if isinstance(change, StepChange):
+                    self._apply_step(cur, change, now)
+                    if change.attempts is not None:
+                        data["attempt"] = change.attempts
+                    events.append((change.run_id, change.step_id, change.event, json.dumps(data), now))
+                else:
+                    self._apply_run(cur, change, now)
+                    events.append((change.run_id, None, change.event, json.dumps(data), now))
+            self._insert_events(cur, events)
+
+    def _apply_step(self, cur: Cursor, change: StepChange, now: float) -> None:
+        status = change.status
+        succeeded = status == StepStatus.SUCCEEDED
+        cur.execute(
+            self._sql(
+                """UPDATE steps SET status=?,
+                       attempts=COALESCE(?, attempts),
+                       output_json=CASE WHEN ? THEN ? ELSE output_json END,
+                       error=?,
+                       started_at=COALESCE(?, started_at),
+                       finished_at=?,
+                       cached=?
+                   WHERE run_id=? AND step_id=?"""
+            ),
+            (
+                status.value,
+                change.attempts,
+                succeeded,
+                change.output_json,
+                change.error,
+                now if status == StepStatus.RUNNING else None,
+                now if status in FINAL_STEP_STATUSES else None,
+                change.cached,
+                change.run_id,
+                change.step_id,
+            ),
+        )
+        if change.attempt_logs is not None and change.attempts is not None:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO attempts (run_id, step_id, attempt, status, error, logs, duration, finished_at)"
+                    " VALUES (?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT (run_id, step_id, attempt) DO UPDATE SET status=excluded.status,"
+                    " error=excluded.error, logs=excluded.logs, duration=excluded.duration,"
+                    " finished_at=excluded.finished_at"
+                ),
+                (
+                    change.run_id,
+                    change.step_id,
+                    change.attempts,
+                    (StepStatus.SUCCEEDED if succeeded else StepStatus.FAILED).value,
+                    change.error,
+                    change.attempt_logs,
+                    change.attempt_duration,
+                    now,
+                ),
+            )
+
+    def _apply_run(self, cur: Cursor, change: RunChange, now: float) -> None:
+        status = change.status
+        cur.execute(
+            self._sql(
+                """UPDATE runs SET status=?, error=?,
+                       started_at=CASE WHEN ? THEN COALESCE(started_at, ?) ELSE started_at END,
+                       finished_at=?
+                   WHERE id=?"""
+            ),
+            (
+                status.value,
+                change.error,
+                status == RunStatus.RUNNING,
+                now,
+                now if status in FINAL_RUN_STATUSES else None,
+                change.run_id,
+            ),
+        )
+
+    def claim_run(self, run_id: str, owner: str, lease_seconds: float) -> bool:
+        now = time.time()
+        with self._write() as cur:
+            row = self._lock_run(cur, run_id)
+            if row is None:
+                raise self._not_found(run_id)
+            current, heartbeat = row[0], row[1]
+            if current and current != owner and (heartbeat or 0) > now - lease_seconds:
+                return False
+            cur.execute(
+                self._sql("UPDATE runs SET owner=?, heartbeat_at=?, cancel_requested=? WHERE id=?"),
+                (owner, now, False, run_id),
+            )
+            return True
+
+    def heartbeat(self, run_id: str, owner: str) -> bool:
+        with self._write() as cur:
+            cur.execute(
+                self._sql("UPDATE runs SET heartbeat_at=? WHERE id=? AND owner=?"), (time.time(), run_id, owner)
+            )
+            return bool(cur.rowcount)
+
+    def release_run(self, run_id: str, owner: str) -> None:
+        with self._write() as cur:
+            cur.execute(
+                self._sql("UPDATE runs SET owner=NULL, heartbeat_at=NULL WHERE id=? AND owner=?"), (run_id, owner)
+            )
+
+    def reset_unfinished_steps(self, run_id: str) -> list[str]:
+        with self._write() as cur:
+            rows = cur.execute(
+                self._sql("SELECT step_id FROM steps WHERE run_id=? AND status != ? ORDER BY position"),
+                (run_id, StepStatus.SUCCEEDED.value),
+            ).fetchall()
+            cur.execute(
+                self._sql("UPDATE steps SET status=?, error=NULL, finished_at=NULL WHERE run_id=? AND status != ?"),
+                (StepStatus.PENDING.value, run_id, StepStatus.SUCCEEDED.value),
+            )
+            return [row[0] for row in rows]
+
+    def request_cancel(self, run_id: str) -> None:
+        with self._write() as cur:
+            cur.execute(self._sql("UPDATE runs SET cancel_requested=? WHERE id=?"), (True, run_id))
+            if cur.rowcount == 0:
+                raise self._not_found(run_id)
+
+    def cancel_requested(self, run_id: str) -> bool:
+        with self._read() as cur:
+            row = cur.execute(self._sql("SELECT cancel_requested FROM runs WHERE id=?"), (run_id,)).fetchone()
+        return bool(row and row[0])
+
+    # -- reading -------------------------------------------------------------------------------
+
+    _RUN_COLUMNS = (
+        "id, workflow_name, status, spec_json, inputs_json, error, created_at, started_at, finished_at,"
+        " owner, heartbeat_at, cancel_requested"
+    )
+
+    @staticmethod
+    def _run(row: Sequence[Any]) -> RunRecord:
+        keys = SQLStore._RUN_COLUMNS.replace(" ", "").split(",")
+        data = dict(zip(keys, row, strict=True))
+        data["inputs"] = json.loads(data.pop("inputs_json"))
+        data["cancel_requested"] = bool(data["cancel_requested"])
+        return RunRecord.model_validate(data)
+
+    def get_run(self, run_id: str) -> RunRecord:
+        with self._read() as cur:
+            row = cur.execute(self._sql(f"SELECT {self._RUN_COLUMNS} FROM runs WHERE id=?"), (run_id,)).fetchone()
+        if row is None:
+            raise self._not_found(run_id)
+        return self._run(row)
+
+    def list_runs(self, limit: int = 20, status: RunStatus | None = None) -> list[RunRecord]:
+        query = f"SELECT {self._RUN_COLUMNS} FROM runs"
+        args: list[Any] = []
+        if status is not None:
+            query += " WHERE status=?"
+            args.append(status.value)
+        query += " ORDER BY created_at DESC LIMIT ?"
+        args.append(limit)
+        with self._read() as cur:
+            rows = cur.execute(self._sql(query), args).fetchall()
+        return [self._run(row) for row in rows]
+
+    def get_steps(self, run_id: str) -> list[StepRecord]:
+        with self._read() as cur:
+            rows = cur.execute(
+                self._sql(
+                    "SELECT run_id, step_id, status, attempts, output_json, error, started_at, finished_at, cached"
+                    " FROM steps WHERE run_id=? ORDER BY position"
+                ),
+                (run_id,),
+            ).fetchall()
+        keys = ("run_id", "step_id", "status", "attempts", "output_json", "error", "started_at", "finished_at")
+        return [
+            StepRecord.model_validate({**dict(zip(keys, row, strict=False)), "cached": bool(row[8])}) for row in rows
+        ]
+
+    def get_attempts(self, run_id: str, step_id: str | None = None) -> list[AttemptRecord]:
+        query = (
+            "SELECT run_id, step_id, attempt, status, error, logs, duration, finished_at FROM attempts WHERE run_id=?"
+        )
+        args: list[Any] = [run_id]
+        if step_id is not None:
+            query += " AND step_id=?"
+            args.append(step_id)
+        query += " ORDER BY finished_at, attempt"
+        with self._read() as cur:
+            rows = cur.execute(self._sql(query), args).fetchall()
+        keys = ("run_id", "step_id", "attempt", "status", "error", "logs", "duration", "finished_at")
+        return [AttemptRecord.model_validate(dict(zip(keys, row, strict=True))) for row in rows]
+
+    def events(self, after_id: int = 0, run_id: str | None = None, limit: int = 1000) -> list[Event]:
+        query = "SELECT id, run_id, step_id, type, data, ts FROM events WHERE id > ?"
+        args: list[Any] = [after_id]
+        if run_id is not None:
+            query += " AND run_id=?"
+            args.append(run_id)
+        query += " ORDER BY id LIMIT ?"
+        args.append(limit)
+        with self._read() as cur:
+            rows = cur.execute(self._sql(query), args).fetchall()
+        return [
+            Event(id=row[0], run_id=row[1], step_id=row[2], type=row[3], data=json.loads(row[4]), ts=row[5])
+            for row in rows
+        ]
+
+    def last_event_id(self) -> int:
+        with self._read() as cur:
+            row = cur.execute("SELECT MAX(id) FROM events").fetchone()
+        return int(row[0] or 0)
+
+    def wait_for_events(self, timeout: float) -> None:
+        """Block until new events may exist or ``timeout`` passes (polling by default)."""
+        time.sleep(timeout)
+
+    def cache_get(self, key: str) -> str | None:
+        with self._read() as cur:
+            row = cur.execute(self._sql("SELECT output_json FROM cache WHERE key=?"), (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def cache_put(self, key: str, output_json: str) -> None:
+        with self._write() as cur:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO cache (key, output_json, created_at) VALUES (?,?,?)"
+                    " ON CONFLICT (key) DO UPDATE SET output_json=excluded.output_json, created_at=excluded.created_at"
+                ),
+                (key, output_json, time.time()),
+            )
+
+
+def iter_statements(script: str) -> Iterator[str]:
+    for statement in script.split(";"):
+        if statement.strip():
+            yield statement.strip()
