@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from factory.cache import RedisResultCache, ResultCache
-from factory.catalog import Catalog
+from factory.catalog import Catalog, load_catalog
 from factory.dag import build_graph, load_workflow, validate_workflow
 from factory.engine import Coordinator, Progress, RunResult, new_run_id
 from factory.errors import RunStateError, WorkflowValidationError
@@ -109,7 +109,12 @@ def run(
     ``agents`` (a Catalog or an agents.yaml path) serves the workflow's agent: and route: steps.
     """
     settings = settings or get_settings()
-    workflow = validate_workflow(workflow) if isinstance(workflow, Workflow) else load_workflow(workflow)
+    catalog = agents if isinstance(agents, Catalog) or agents is None else load_catalog(agents)
+    workflow = (
+        validate_workflow(workflow, agents=catalog)
+        if isinstance(workflow, Workflow)
+        else load_workflow(workflow, agents=catalog)
+    )
     merged = merge_inputs(workflow, inputs)
     graph = build_graph(workflow)
     own_store = store is None

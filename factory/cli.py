@@ -17,12 +17,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from factory import api
+from factory.auth import Scope
+from factory.client import FactoryClient
 from factory.dag import load_workflow
 from factory.engine import Progress as RunProgress
 from factory.engine import RunResult
 from factory.errors import FactoryError, WorkflowValidationError
 from factory.settings import get_settings, use_config_file
-from factory.store import RunRecord, RunStatus
+from factory.store import RunRecord, RunStatus, StepRecord
 
 app = typer.Typer(
     help=(
@@ -45,12 +47,83 @@ def _global_options(
         Path | None,
         typer.Option("--config", help="YAML settings file (else FACTORY_CONFIG); FACTORY_* variables override it."),
     ] = None,
+    api_url: Annotated[
+        str | None,
+        typer.Option(
+            "--api", help="Use the Factory's HTTP API at this URL instead of local state (else FACTORY_API_URL)."
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="API key for --api (else FACTORY_API_KEY).", show_default=False)
+    ] = None,
 ) -> None:
     if config is not None:
         try:
             use_config_file(config)
         except FactoryError as exc:
             raise _fail(str(exc)) from None
+    _API["url"], _API["key"] = api_url, api_key
+
+
+_API: dict[str, str | None] = {"url": None, "key": None}
+
+
+def _api_client() -> FactoryClient | None:
+    """A client of the HTTP API when --api (or FACTORY_API_URL) is given, else None (local state)."""
+    url, key = _API["url"], _API["key"]
+    if url is None or key is None:
+        try:
+            settings = get_settings()
+        except FactoryError as exc:
+            raise _fail(str(exc)) from None
+        url, key = url or settings.api_url, key or settings.api_key
+    if not url:
+        return None
+    return FactoryClient(url, key)
+
+
+def _record_from_api(view: dict[str, Any]) -> RunRecord:
+    """A run as the API shows it, in the shape the local commands print."""
+    return RunRecord(
+        id=view["id"],
+        workflow_name=view["workflow"],
+        status=view["status"],
+        spec_json="",
+        inputs=view["inputs"],
+        error=view["error"],
+        created_at=view["created_at"],
+        started_at=view["started_at"],
+        finished_at=view["finished_at"],
+    )
+
+
+def _run_via_api(client: FactoryClient, workflow: Path, inputs: dict[str, Any], as_json: bool) -> None:
+    """`factory run --api`: submit, follow the events with the progress bar, print the outputs."""
+    try:
+        run_id = client.submit(workflow, inputs)
+        if not as_json:
+            err.print(f"run [bold]{run_id}[/bold] submitted to {client.http.base_url}")
+        bar = _Bar(enabled=not as_json)
+        counts = RunProgress(total=0)
+        with bar:
+            for event in client.events(run_id):
+                kind = event["type"]
+                if kind == "step.created":
+                    counts.total += 1
+                elif kind == "step.succeeded" or kind == "step.cached":
+                    counts.succeeded += 1
+                elif kind == "step.failed":
+                    counts.failed += 1
+                bar.update(counts)
+                if kind in ("run.succeeded", "run.failed", "run.cancelled"):
+                    break
+        run = client.get_run(run_id)
+    except FactoryError as exc:
+        raise _fail(str(exc)) from None
+    outputs = {s["step_id"]: s["output"] for s in run.get("steps") or [] if s["status"] == "succeeded"}
+    result = RunResult(run_id, RunStatus(run["status"]), outputs, run.get("error"))
+    _print_result(result, as_json)
+    raise typer.Exit(0 if result.ok else EXIT_FAILED)
 
 
 EXIT_FAILED = 1
@@ -190,20 +263,35 @@ def run_cmd(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object: run_id, status, outputs, error.")
     ] = False,
+    agents: Annotated[
+        Path | None,
+        typer.Option("--agents", help="Agent catalogue (agents.yaml) serving the agent: and route: steps."),
+    ] = None,
 ) -> None:
     """Run a workflow on Ray with a live progress bar. Exit 0 on success, 1 if the run failed."""
+    client = _api_client()
+    if client is not None:
+        _run_via_api(client, workflow, parse_inputs(input or []), as_json)
+    from factory.catalog import load_catalog
+
     try:
         inputs = parse_inputs(input or [])
-        wf = load_workflow(workflow)
+        catalog = load_catalog(agents) if agents is not None else None
+        wf = load_workflow(workflow, agents=catalog)
     except WorkflowValidationError as exc:
-        err.print(f"[red]invalid workflow[/red] {escape(str(workflow))}:")
+        err.print(
+            f"[red]invalid {'workflow' if exc.source != str(agents) else 'agent catalogue'}[/red] "
+            f"{escape(str(exc.source or workflow))}:"
+        )
         for problem in exc.problems:
             err.print(f"  - {escape(problem)}")
         raise typer.Exit(EXIT_INVALID) from None
     bar = _Bar(enabled=not as_json)
     try:
         with bar:
-            result = api.run(wf, inputs, on_progress=bar.update, on_start=None if as_json else bar.started)
+            result = api.run(
+                wf, inputs, on_progress=bar.update, on_start=None if as_json else bar.started, agents=agents
+            )
     except WorkflowValidationError as exc:
         raise _fail(str(exc)) from None
     except FactoryError as exc:
@@ -216,12 +304,26 @@ def run_cmd(
 def resume(
     run_id: Annotated[str, typer.Argument(help="Run id (see `factory runs`).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    agents: Annotated[
+        Path | None,
+        typer.Option("--agents", help="Agent catalogue (agents.yaml) serving the agent: and route: steps."),
+    ] = None,
 ) -> None:
     """Finish an interrupted, failed or cancelled run; steps that committed their output do not run again."""
+    client = _api_client()
+    if client is not None:
+        try:
+            accepted = client.resume(run_id)
+        except FactoryError as exc:
+            raise _fail(str(exc)) from None
+        out.print(
+            f"run {run_id}: {accepted['status']} ({accepted['detail']}); follow it with `factory events {run_id} -f`"
+        )
+        return
     bar = _Bar(enabled=not as_json)
     try:
         with bar:
-            result = api.resume(run_id, on_progress=bar.update)
+            result = api.resume(run_id, on_progress=bar.update, agents=agents)
     except FactoryError as exc:
         raise _fail(str(exc)) from None
     _print_result(result, as_json)
@@ -231,8 +333,13 @@ def resume(
 @app.command()
 def cancel(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
     """Ask a running run to stop: attempts in flight are stopped, unfinished steps are cancelled."""
+    client = _api_client()
     try:
-        requested = api.cancel(run_id)
+        if client is not None:
+            client.cancel(run_id)
+            requested = True
+        else:
+            requested = api.cancel(run_id)
     except FactoryError as exc:
         raise _fail(str(exc)) from None
     if requested:
@@ -248,11 +355,19 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List runs, newest first."""
-    store = api.store_for()
-    try:
-        records = store.list_runs(limit, status)
-    finally:
-        store.close()
+    client = _api_client()
+    if client is not None:
+        try:
+            page = client.list_runs(status.value if status else None, limit)
+        except FactoryError as exc:
+            raise _fail(str(exc)) from None
+        records = [_record_from_api(r) for r in page["runs"]]
+    else:
+        store = api.store_for()
+        try:
+            records = store.list_runs(limit, status)
+        finally:
+            store.close()
     if as_json:
         sys.stdout.write(json.dumps([r.model_dump(mode="json", exclude={"spec_json"}) for r in records]) + "\n")
         return
@@ -277,15 +392,31 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """A run and its steps: status, attempts, duration, error."""
-    store = api.store_for()
-    try:
+    client = _api_client()
+    if client is not None:
         try:
-            record = store.get_run(run_id)
+            view = client.get_run(run_id)
         except FactoryError as exc:
             raise _fail(str(exc)) from None
-        steps = store.get_steps(run_id)
-    finally:
-        store.close()
+        record = _record_from_api(view)
+        steps = [
+            StepRecord(
+                run_id=run_id,
+                **{k: v for k, v in s.items() if k != "output"},
+                output_json=None if s["output"] is None and s["status"] != "succeeded" else json.dumps(s["output"]),
+            )
+            for s in view["steps"] or []
+        ]
+    else:
+        store = api.store_for()
+        try:
+            try:
+                record = store.get_run(run_id)
+            except FactoryError as exc:
+                raise _fail(str(exc)) from None
+            steps = store.get_steps(run_id)
+        finally:
+            store.close()
     if as_json:
         data = record.model_dump(mode="json", exclude={"spec_json"})
         data["steps"] = [{**s.model_dump(mode="json", exclude={"output_json"}), "output": s.output} for s in steps]
@@ -346,6 +477,19 @@ def events(
     """Print events as JSON lines, from an event id on."""
     from factory.events import tail
 
+    client = _api_client()
+    if client is not None:
+        if run_id is None:
+            raise _fail("with --api, name the run: factory --api URL events RUN_ID")
+        try:
+            for data in client.events(run_id, after, follow):
+                sys.stdout.write(json.dumps(data) + "\n")
+                sys.stdout.flush()
+        except FactoryError as exc:
+            raise _fail(str(exc)) from None
+        except KeyboardInterrupt:
+            pass
+        return
     store = api.store_for()
     try:
         for event in tail(store, after, run_id, follow=follow):
@@ -395,19 +539,65 @@ def publish_events() -> None:
     out.print(f"published {count} event(s); Redis has everything up to event {publisher.cursor()}")
 
 
+keys_app = typer.Typer(help="API keys for the HTTP API: stored hashed, shown once.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    scope: Annotated[
+        list[Scope], typer.Option("--scope", help="read, submit (includes read) or admin (includes all). Repeatable.")
+    ],
+    name: Annotated[str, typer.Option(help="A label to recognise the key by.")] = "",
+) -> None:
+    """Create an API key and print it once."""
+    from factory.auth import create_key
+
+    store = api.store_for()
+    try:
+        key, record = create_key(store, scope, name)
+    finally:
+        store.close()
+    err.print(f"created key {record.id} ({record.name}) with scopes [{', '.join(record.scopes)}]; it is shown once:")
+    out.print(key, highlight=False)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """The API keys (ids, names, scopes; never the keys)."""
+    store = api.store_for()
+    try:
+        records = store.list_api_keys()
+    finally:
+        store.close()
+    table = Table("id", "name", "scopes", "created", "revoked")
+    for r in records:
+        table.add_row(r.id, escape(r.name), ",".join(r.scopes), _when(r.created_at), "yes" if r.revoked else "")
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (`factory keys list`).")]) -> None:
+    """Revoke an API key (API replicas stop accepting it within FACTORY_API_KEY_CACHE_SECONDS)."""
+    store = api.store_for()
+    try:
+        found = store.revoke_api_key(key_id)
+    finally:
+        store.close()
+    if not found:
+        raise _fail(f"no API key with id {key_id!r}; `factory keys list` shows them")
+    out.print(f"revoked key {key_id}")
+
+
 def main() -> None:
     app()
-
-
-if __name__ == "__main__":
-    main()
 
 
 def _register_command_modules() -> None:
     """Commands that live beside their subsystem register themselves on ``app``."""
     import importlib
 
-    for name in ("factory.cli_agents", "factory.cli_sandbox"):
+    for name in ("factory.cli_agents", "factory.cli_sandbox", "deployments.cli"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -418,3 +608,7 @@ def _register_command_modules() -> None:
 
 
 _register_command_modules()
+
+
+if __name__ == "__main__":
+    main()

@@ -238,13 +238,14 @@ class Coordinator:
         return Context(self.inputs, outputs, item, has_item)
 
     def _cache_key(self, step: Step, arguments: dict[str, Any]) -> str:
-        assert step.python is not None
-        func = import_callable(step.python, self.search_path)
-        try:
-            code = inspect.getsource(func)
-        except (OSError, TypeError):
-            code = ""
-        payload = json.dumps([step.python, code, arguments], sort_keys=True, default=str)
+        """Same action, same code, same resolved inputs -> same key."""
+        code = ""
+        if step.python is not None:
+            try:
+                code = inspect.getsource(import_callable(step.python, self.search_path))
+            except (OSError, TypeError):
+                code = ""
+        payload = json.dumps([step.kind, step.python, step.agent, code, arguments], sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     # -- submission ----------------------------------------------------------------------------

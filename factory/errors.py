@@ -159,3 +159,11 @@ class ScorerError(FactoryError):
 
 class SettingsError(FactoryError):
     """A setting (environment variable or settings file) has an invalid value."""
+
+
+class AuthenticationError(FactoryError):
+    """No API key, or one that is unknown or revoked."""
+
+
+class PermissionDeniedError(FactoryError):
+    """The API key is valid but lacks the scope the action needs."""

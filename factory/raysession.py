@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+from pathlib import Path
 
 import ray
 
+# `ray start` records the cluster it started here; ray.init() of another program does not.
+RAY_START_RECORD = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+
 
 def ensure_ray(address: str | None = None) -> None:
-    """Use the Ray already initialised in this process, else the one ``address`` (or
-    RAY_ADDRESS) names, else a running local cluster, else start a new local Ray."""
+    """Use the Ray already initialised in this process; else the cluster ``address`` or
+    RAY_ADDRESS names; else a cluster started with `ray start` on this machine; else a
+    new local Ray (which lives as long as this process). Another program's private Ray
+    (its own ray.init()) is never joined by accident."""
     if ray.is_initialized():
         return
     # Ray warns on every start that token authentication is on; that is the secure
     # default we want, not news for a CLI user, so keep it out of the progress display.
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
-    options = {"logging_level": logging.WARNING, "log_to_driver": False, "include_dashboard": False}
-    if address:
+    options = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **options)  # type: ignore[arg-type]
         return
-    try:
-        ray.init(address="auto", **options)  # type: ignore[arg-type]
-    except (ConnectionError, RuntimeError, ValueError):
-        ray.init(**options)  # type: ignore[arg-type]
+    if RAY_START_RECORD.exists():
+        try:
+            ray.init(address="auto", **options)  # type: ignore[arg-type]
+            return
+        except (ConnectionError, RuntimeError, ValueError):
+            pass  # a stale record: that cluster is gone
+    ray.init(address="local", include_dashboard=False, **options)  # type: ignore[arg-type]

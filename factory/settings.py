@@ -55,6 +55,18 @@ class Settings(BaseSettings):
         default=None,
         description="Ray cluster to join; default: RAY_ADDRESS, else a running local one, else a new local Ray.",
     )
+    agents_file: Path | None = Field(
+        default=None, description="Agent catalogue (agents.yaml) the API routes to and lists."
+    )
+    router_scorer: str = Field(default="lexical", description="Scorer of the routing API: lexical, embedding or llm.")
+    api_url: str | None = Field(default=None, description="Where the CLI's --api commands send requests.")
+    api_key: str | None = Field(default=None, description="The CLI's and client's API key (a secret).")
+    api_rate_limit: float = Field(default=200.0, gt=0, description="Requests per second per API key and replica.")
+    api_rate_burst: int = Field(default=400, ge=1, description="Requests a key may send at once before the limit.")
+    api_max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest request body accepted.")
+    api_key_cache_seconds: float = Field(
+        default=30.0, ge=0, description="How long a replica trusts a verified key (revocation takes this long)."
+    )
     breaker_failure_threshold: int = Field(default=5, ge=1)
     breaker_cooldown_seconds: float = Field(default=30.0, gt=0)
     heartbeat_seconds: float = Field(default=1.0, gt=0, description="How often a coordinator renews its lease.")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,3 +120,47 @@ def cli_env(factory_home: Path, ray_cluster: str) -> dict[str, str]:
     env["RAY_ADDRESS"] = ray_cluster
     env["COLUMNS"] = "200"
     return env
+
+
+@dataclass
+class ApiServer:
+    """The Factory's HTTP API on Ray Serve, shared by the tests of a session."""
+
+    base_url: str
+    keys: dict[str, str]  # scope -> key
+    settings: Any
+
+    def headers(self, scope: str = "admin") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[scope]}"}
+
+
+@pytest.fixture(scope="session")
+def api_server(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    """Both Serve applications (API and routing) on a free port, with their own store."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    from deployments.app import run_local
+    from factory.api import store_for
+    from factory.auth import Scope, create_key
+    from factory.settings import Settings
+
+    home = tmp_path_factory.mktemp("api-home")
+    settings = Settings(
+        home=home, agents_file=FIXTURES / "api_agents.yaml", api_rate_limit=50, api_rate_burst=30, lease_seconds=3
+    )
+    store = store_for(settings)
+    keys = {scope.value: create_key(store, [scope], f"test {scope.value}")[0] for scope in Scope}
+    store.close()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run_local(settings, "127.0.0.1", port, open_mode=False)
+    try:
+        yield ApiServer(f"http://127.0.0.1:{port}", keys, settings)
+    finally:
+        serve.shutdown()
+        with contextlib.suppress(ValueError):
+            ray.kill(ray.get_actor("factory-runner", namespace="factory"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from factory.errors import FactoryError
 from factory.store.base import (
+    ApiKeyRecord,
     FINAL_RUN_STATUSES,
     FINAL_STEP_STATUSES,
     AttemptRecord,
@@ -19,6 +20,7 @@ from factory.store.base import (
 )
 
 __all__ = [
+    "ApiKeyRecord",
     "FINAL_RUN_STATUSES",
     "FINAL_STEP_STATUSES",
     "AttemptRecord",

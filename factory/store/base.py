@@ -74,6 +74,17 @@ class AttemptRecord(BaseModel):
     finished_at: float
 
 
+class ApiKeyRecord(BaseModel):
+    """An API key as stored: only its hash, never the key."""
+
+    id: str
+    name: str
+    key_hash: str
+    scopes: list[str]
+    created_at: float
+    revoked: bool = False
+
+
 class Event(BaseModel):
     id: int
     run_id: str
@@ -144,7 +155,10 @@ class Store(Protocol):
 
     def get_run(self, run_id: str) -> RunRecord: ...
 
-    def list_runs(self, limit: int = 20, status: RunStatus | None = None) -> list[RunRecord]: ...
+    def list_runs(
+        self, limit: int = 20, status: RunStatus | None = None, before: tuple[float, str] | None = None
+    ) -> list[RunRecord]:
+        """Newest first; ``before`` = (created_at, id) of the last run of the previous page."""
 
     def get_steps(self, run_id: str) -> list[StepRecord]: ...
 
@@ -156,6 +170,14 @@ class Store(Protocol):
 
     def wait_for_events(self, timeout: float) -> None:
         """Return when new events may have been appended, or after ``timeout`` seconds."""
+
+    def create_api_key(self, record: ApiKeyRecord) -> None: ...
+
+    def find_api_key(self, key_hash: str) -> ApiKeyRecord | None: ...
+
+    def list_api_keys(self) -> list[ApiKeyRecord]: ...
+
+    def revoke_api_key(self, key_id: str) -> bool: ...
 
     def cache_get(self, key: str) -> str | None: ...
 

@@ -85,6 +85,19 @@ MIGRATIONS: list[tuple[int, str]] = [
         )
         """,
     ),
+    (
+        2,
+        """
+        CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            key_hash TEXT NOT NULL UNIQUE,
+            scopes TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            revoked BOOLEAN NOT NULL DEFAULT FALSE
+        )
+        """,
+    ),
 ]
 
 

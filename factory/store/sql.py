@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from factory.errors import LeaseLostError, RunNotFoundError
 from factory.store.base import (
+    ApiKeyRecord,
     FINAL_RUN_STATUSES,
     FINAL_STEP_STATUSES,
     AttemptRecord,
@@ -81,7 +82,7 @@ class SQLStore(ABC):
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
 
     def _not_found(self, run_id: str) -> RunNotFoundError:
-        return RunNotFoundError(f"no run {run_id!r} in {self.url}; `factory runs` lists them")
+        return RunNotFoundError(f"no run {run_id!r}; `factory runs` lists the runs")
 
     def _insert_events(self, cur: Cursor, rows: list[tuple[Any, ...]]) -> None:
         self._before_events(cur)
@@ -282,13 +283,18 @@ class SQLStore(ABC):
             raise self._not_found(run_id)
         return self._run(row)
 
-    def list_runs(self, limit: int = 20, status: RunStatus | None = None) -> list[RunRecord]:
-        query = f"SELECT {self._RUN_COLUMNS} FROM runs"
+    def list_runs(
+        self, limit: int = 20, status: RunStatus | None = None, before: tuple[float, str] | None = None
+    ) -> list[RunRecord]:
+        query = f"SELECT {self._RUN_COLUMNS} FROM runs WHERE 1=1"
         args: list[Any] = []
         if status is not None:
-            query += " WHERE status=?"
+            query += " AND status=?"
             args.append(status.value)
-        query += " ORDER BY created_at DESC LIMIT ?"
+        if before is not None:  # keyset pagination: runs older than (created_at, id)
+            query += " AND (created_at < ? OR (created_at = ? AND id < ?))"
+            args += [before[0], before[0], before[1]]
+        query += " ORDER BY created_at DESC, id DESC LIMIT ?"
         args.append(limit)
         with self._read() as cur:
             rows = cur.execute(self._sql(query), args).fetchall()
@@ -345,6 +351,50 @@ class SQLStore(ABC):
     def wait_for_events(self, timeout: float) -> None:
         """Block until new events may exist or ``timeout`` passes (polling by default)."""
         time.sleep(timeout)
+
+    # -- API keys ------------------------------------------------------------------------------
+
+    def create_api_key(self, record: ApiKeyRecord) -> None:
+        with self._write() as cur:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO api_keys (id, name, key_hash, scopes, created_at, revoked) VALUES (?,?,?,?,?,?)"
+                ),
+                (record.id, record.name, record.key_hash, ",".join(record.scopes), record.created_at, record.revoked),
+            )
+
+    @staticmethod
+    def _api_key(row: Sequence[Any]) -> ApiKeyRecord:
+        return ApiKeyRecord(
+            id=row[0],
+            name=row[1],
+            key_hash=row[2],
+            scopes=[s for s in str(row[3]).split(",") if s],
+            created_at=row[4],
+            revoked=bool(row[5]),
+        )
+
+    def find_api_key(self, key_hash: str) -> ApiKeyRecord | None:
+        with self._read() as cur:
+            row = cur.execute(
+                self._sql("SELECT id, name, key_hash, scopes, created_at, revoked FROM api_keys WHERE key_hash=?"),
+                (key_hash,),
+            ).fetchone()
+        return None if row is None else self._api_key(row)
+
+    def list_api_keys(self) -> list[ApiKeyRecord]:
+        with self._read() as cur:
+            rows = cur.execute(
+                "SELECT id, name, key_hash, scopes, created_at, revoked FROM api_keys ORDER BY created_at"
+            ).fetchall()
+        return [self._api_key(row) for row in rows]
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        with self._write() as cur:
+            cur.execute(self._sql("UPDATE api_keys SET revoked=? WHERE id=?"), (True, key_id))
+            return bool(cur.rowcount)
+
+    # -- cache -----------------------------------------------------------------------------------
 
     def cache_get(self, key: str) -> str | None:
         with self._read() as cur:

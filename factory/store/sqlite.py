@@ -17,7 +17,7 @@ from pathlib import Path
 
 from factory.store.sql import Cursor, SQLStore, iter_statements
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -72,6 +72,14 @@ CREATE TABLE IF NOT EXISTS cache (
     key TEXT PRIMARY KEY,
     output_json TEXT NOT NULL,
     created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    key_hash TEXT NOT NULL UNIQUE,
+    scopes TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
 )
 """
 

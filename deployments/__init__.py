@@ -1,0 +1,2 @@
+"""Ray Serve applications of the Factory: the HTTP API (``deployments.api``) and the
+routing hot path (``deployments.route``). ``deployments.app`` builds both."""

@@ -1,0 +1,87 @@
+"""``factory up``: Ray, the HTTP API and the routing API on this machine, until Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+def up(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port of the API.")] = 8000,
+    agents: Annotated[
+        Path | None, typer.Option("--agents", help="Agent catalogue (agents.yaml) for routing and /v1/agents.")
+    ] = None,
+    open_mode: Annotated[
+        bool, typer.Option("--open", help="No API keys: every request is admin. Only with --host 127.0.0.1.")
+    ] = False,
+) -> None:
+    """Start Ray, the HTTP API and the routing API locally; print the URLs and a first admin key."""
+    from factory.api import store_for
+    from factory.auth import Scope, create_key
+    from factory.errors import FactoryError
+    from factory.raysession import ensure_ray
+    from factory.settings import get_settings
+
+    if open_mode and host != "127.0.0.1":
+        err.print("[red]error:[/red] --open (no API keys) is only allowed with --host 127.0.0.1")
+        raise typer.Exit(2)
+    try:
+        settings = get_settings()
+        if agents is not None:
+            settings = settings.model_copy(update={"agents_file": agents.resolve()})
+        store = store_for(settings)
+    except FactoryError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    first_key = None
+    if not open_mode and not any(not k.revoked for k in store.list_api_keys()):
+        first_key, _ = create_key(store, [Scope.ADMIN], name="first admin key (factory up)")
+    store.close()
+
+    import ray
+    from ray import serve
+
+    from deployments.app import ROUTE_PREFIX, run_local
+
+    ensure_ray(settings.ray_address)
+    err.print("starting the API on Ray Serve…")
+    try:
+        run_local(settings, host, port, open_mode)
+    except FactoryError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    base = f"http://{host}:{port}"
+    out.print(f"API        {base}/v1/  (docs {base}/docs, OpenAPI {base}/openapi.json)")
+    out.print(f"routing    {base}{ROUTE_PREFIX}")
+    out.print(f"health     {base}/healthz")
+    out.print(f"state      {settings.resolved_store_url()}")
+    if open_mode:
+        out.print("[yellow]open mode: no API key needed (127.0.0.1 only)[/yellow]")
+    elif first_key:
+        out.print(f"admin key  {first_key}   (shown once; more with `factory keys create`)")
+    else:
+        out.print("API keys   use an existing key, or `factory keys create --scope submit`")
+    out.print("Ctrl-C stops everything.")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    err.print("stopping…")
+    serve.shutdown()  # type: ignore[no-untyped-call]
+    ray.shutdown()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("up")(up)

@@ -1,0 +1,69 @@
+"""API keys: creation, hashing, verification and scopes. No HTTP here.
+
+A key looks like ``fk_<id>_<secret>``; the store keeps only the SHA-256 of the
+whole key (keys are long random strings, so a fast hash is the right one), and
+the key itself is shown once, when it is created. Scopes nest:
+``admin`` includes ``submit``, which includes ``read``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from enum import StrEnum
+
+from factory.errors import AuthenticationError, PermissionDeniedError
+from factory.store import ApiKeyRecord, Store
+
+
+class Scope(StrEnum):
+    READ = "read"
+    SUBMIT = "submit"
+    ADMIN = "admin"
+
+
+_RANK = {Scope.READ: 0, Scope.SUBMIT: 1, Scope.ADMIN: 2}
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(store: Store, scopes: list[Scope], name: str = "") -> tuple[str, ApiKeyRecord]:
+    """Make a new key; returns the key (show it once) and what was stored."""
+    key_id = secrets.token_hex(4)
+    key = f"fk_{key_id}_{secrets.token_urlsafe(32)}"
+    record = ApiKeyRecord(
+        id=key_id,
+        name=name or f"key-{key_id}",
+        key_hash=hash_key(key),
+        scopes=sorted({Scope(s).value for s in scopes}),
+        created_at=time.time(),
+    )
+    store.create_api_key(record)
+    return key, record
+
+
+def verify_key(store: Store, key: str | None) -> ApiKeyRecord:
+    """The stored record of a presented key; AuthenticationError if there is none that is valid."""
+    if not key:
+        raise AuthenticationError("this endpoint needs an API key: send 'Authorization: Bearer <key>'")
+    record = store.find_api_key(hash_key(key))
+    if record is None:
+        raise AuthenticationError("unknown API key: check it, or create one with `factory keys create`")
+    if record.revoked:
+        raise AuthenticationError(f"API key {record.id} was revoked: create a new one with `factory keys create`")
+    return record
+
+
+def has_scope(record: ApiKeyRecord, needed: Scope) -> bool:
+    return any(_RANK[Scope(s)] >= _RANK[needed] for s in record.scopes if s in Scope._value2member_map_)
+
+
+def require_scope(record: ApiKeyRecord, needed: Scope) -> None:
+    if not has_scope(record, needed):
+        raise PermissionDeniedError(
+            f"API key {record.id} has scopes [{', '.join(record.scopes)}] but this needs '{needed.value}': "
+            f"create a key with `factory keys create --scope {needed.value}`"
+        )

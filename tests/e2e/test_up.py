@@ -1,0 +1,83 @@
+"""`factory up` as a user runs it: Ray, the API and the routing API; Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).parent.parent.parent
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_up_serves_then_stops_on_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "FACTORY_HOME": str(tmp_path / "home")}
+    env.pop("RAY_ADDRESS", None)  # its own local Ray, as on a laptop
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "factory.cli", "up", "--port", str(port), "--agents", str(FIXTURES / "api_agents.yaml")],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        output = "".join(lines)
+        assert "admin key  fk_" in output, output
+        key = output.split("admin key  ")[1].split()[0]
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
+        assert httpx.get(f"{base}/v1/runs", timeout=30).status_code == 401
+        decision = httpx.post(
+            f"{base}/v1/route",
+            json={"text": "Translate this note into French"},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        assert decision.status_code == 200 and decision.json()["agent"] == "translator"
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(120) == 0
+        try:
+            httpx.get(f"{base}/healthz", timeout=5)
+            raise AssertionError("the API still answers after Ctrl-C")
+        except httpx.TransportError:
+            pass
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_open_mode_refuses_other_addresses(tmp_path: Path) -> None:
+    env = {**os.environ, "FACTORY_HOME": str(tmp_path / "home")}
+    result = subprocess.run(
+        [sys.executable, "-m", "factory.cli", "up", "--open", "--host", "0.0.0.0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "only allowed with --host 127.0.0.1" in result.stderr
