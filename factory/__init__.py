@@ -1,5 +1,6 @@
 """The Factory: durable AI workflows on Ray."""
 
+from factory.agent import Agent, HealthReport, agent
 from factory.api import cancel, resume, run
 from factory.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from factory.dag import load_workflow, validate_workflow
@@ -11,10 +12,12 @@ from factory.spec import Resources, RetryPolicy, Step, Workflow
 __version__ = "0.1.0"
 
 __all__ = [
+    "Agent",
     "BreakerConfig",
     "BreakerState",
     "CircuitBreaker",
     "FactoryError",
+    "HealthReport",
     "Progress",
     "Resources",
     "RetryPolicy",
@@ -23,6 +26,7 @@ __all__ = [
     "Step",
     "Workflow",
     "WorkflowValidationError",
+    "agent",
     "cancel",
     "load_workflow",
     "resume",

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
@@ -17,6 +17,9 @@ from factory.callables import check_arguments, import_callable
 from factory.errors import WorkflowValidationError
 from factory.refs import Reference, ReferenceSyntaxError, find_references
 from factory.spec import Step, Workflow
+
+if TYPE_CHECKING:
+    from factory.catalog import Catalog
 
 
 @dataclass
@@ -122,9 +125,16 @@ def _step_label(raw: Any, index: int) -> str:
 
 
 def validate_data(
-    data: Any, base_dir: str | None = None, source: str | None = None, check_imports: bool = True
+    data: Any,
+    base_dir: str | None = None,
+    source: str | None = None,
+    check_imports: bool = True,
+    agents: Catalog | None = None,
 ) -> Workflow:
-    """Build a Workflow from parsed YAML/JSON data, collecting every problem."""
+    """Build a Workflow from parsed YAML/JSON data, collecting every problem.
+
+    With ``agents`` (the agent catalogue), ``agent:`` steps must name an agent it can run.
+    """
     problems: list[str] = []
     if not isinstance(data, dict):
         raise WorkflowValidationError(
@@ -200,6 +210,8 @@ def validate_data(
         if step.id in step.needs:
             problems.append(f"step {step.id!r} field needs: a step cannot need itself")
         deps[step.id] = [d for d in step_dependencies(step) if d in known_ids and d != step.id]
+        if agents is not None and step.agent is not None:
+            problems.extend(_agent_problems(step.id, step.agent, agents))
         if check_imports and step.python:
             try:
                 func = import_callable(step.python, [base_dir] if base_dir else [])
@@ -220,13 +232,23 @@ def validate_data(
     return Workflow.model_validate({**top, "steps": steps, "base_dir": base_dir or top.get("base_dir")})
 
 
-def validate_workflow(workflow: Workflow, check_imports: bool = True) -> Workflow:
+def _agent_problems(step_id: str, name: str, agents: Catalog) -> list[str]:
+    known = {a.name: a for a in agents.agents}
+    if name not in known:
+        names = ", ".join(sorted(known)) or "none"
+        return [f"step {step_id!r} field agent: unknown agent {name!r} (the catalogue has: {names})"]
+    if known[name].class_ is None:
+        return [f"step {step_id!r} field agent: agent {name!r} has no `class:` in the catalogue, so it cannot run"]
+    return []
+
+
+def validate_workflow(workflow: Workflow, check_imports: bool = True, agents: Catalog | None = None) -> Workflow:
     """Validate a workflow built in Python the same way as one loaded from YAML."""
     data = workflow.model_dump(by_alias=True, exclude_none=True)
-    return validate_data(data, workflow.base_dir, workflow.name, check_imports)
+    return validate_data(data, workflow.base_dir, workflow.name, check_imports, agents)
 
 
-def load_workflow(path: str | Path, check_imports: bool = True) -> Workflow:
+def load_workflow(path: str | Path, check_imports: bool = True, agents: Catalog | None = None) -> Workflow:
     """Read and validate a workflow YAML (or JSON) file."""
     file = Path(path)
     try:
@@ -240,4 +262,4 @@ def load_workflow(path: str | Path, check_imports: bool = True) -> Workflow:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise WorkflowValidationError([f"malformed YAML: {where}{problem}"], str(path)) from exc
-    return validate_data(data, str(file.resolve().parent), str(path), check_imports)
+    return validate_data(data, str(file.resolve().parent), str(path), check_imports, agents)

@@ -121,6 +121,15 @@ class _StepState:
     started_at: float = 0.0
 
 
+def _stop_attempt(ref: Any) -> None:
+    """Stop an attempt in flight: kill its worker (a task), or cancel the call (an actor task,
+    e.g. an agent step, whose replica must not be killed with it)."""
+    try:
+        ray.cancel(ref, force=True)
+    except ValueError:  # "force=True is not supported for actor tasks"
+        ray.cancel(ref)
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -219,6 +228,7 @@ class Coordinator:
             has_item=has_item,
             action=step.kind,
             executor=step.executor,
+            home=str(self.settings.home) if step.container is not None else None,
         )
 
     def _step_arguments(self, step: Step) -> dict[str, Any]:
@@ -427,7 +437,7 @@ class Coordinator:
                 self._step_change(desc_state, StepStatus.SKIPPED, "step.skipped", data={"because": step_id})
         for ref, (sid, _, item) in list(self.inflight.items()):
             if sid == step_id and item is not None:
-                ray.cancel(ref, force=True)
+                _stop_attempt(ref)
                 del self.inflight[ref]
 
     def _on_failure(self, state: _StepState, outcome: Outcome, item: int | None) -> None:
@@ -551,7 +561,7 @@ class Coordinator:
         """Stop every attempt in flight and mark the unfinished steps cancelled."""
         self._cancelled = True
         for ref in list(self.inflight):
-            ray.cancel(ref, force=True)
+            _stop_attempt(ref)
         self.inflight.clear()
         self.retry_heap.clear()
         for state in self.states.values():
@@ -628,7 +638,7 @@ class Coordinator:
         except LeaseLostError:
             # Someone else owns the run now: stop our attempts, write nothing more.
             for ref in list(self.inflight):
-                ray.cancel(ref, force=True)
+                _stop_attempt(ref)
             self.inflight.clear()
             self._pending.clear()
             raise

@@ -58,6 +58,7 @@ class StepCall:
     has_item: bool = False
     action: str = "python"  # or "container"
     executor: str | None = None  # container steps: local or dagger
+    home: str | None = None  # the coordinator's FACTORY_HOME (container steps keep artifacts there)
 
 
 @dataclass(slots=True)
@@ -156,11 +157,9 @@ def _call(func: Any, kwargs: dict[str, Any]) -> Any:
 
 def _run_container(call: StepCall, spec: dict[str, Any], logs: io.StringIO) -> Any:
     """A container step: the resolved spec goes to the isolated executor (factory.sandbox)."""
-    try:
-        from factory import sandbox  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        raise StepInputError("container steps need the isolated executors (factory.sandbox), not built yet") from None
-    return sandbox.run_container_step(call, spec, logs)
+    from factory.sandbox import run_container_step
+
+    return run_container_step(call, spec, logs)
 
 
 def run_attempt(call: StepCall, deps: tuple[Outcome, ...]) -> Outcome:

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
         default=None, description="Agent catalogue (agents.yaml) the API routes to and lists."
     )
     router_scorer: str = Field(default="lexical", description="Scorer of the routing API: lexical, embedding or llm.")
+    router_llm_model: str | None = Field(default=None, description="fast-agent model for the llm routing scorer.")
+    embedding_model_path: Path | None = Field(
+        default=None, description="Folder with all-MiniLM-L6-v2 (else $FACTORY_HOME/models; `factory models pull`)."
+    )
     api_url: str | None = Field(default=None, description="Where the CLI's --api commands send requests.")
     api_key: str | None = Field(default=None, description="The CLI's and client's API key (a secret).")
     api_rate_limit: float = Field(default=200.0, gt=0, description="Requests per second per API key and replica.")

@@ -117,6 +117,7 @@ class RouteSpec(_Model):
     capabilities: list[str] = Field(default_factory=list, description="Every one of these is required.")
 
 
+EXECUTORS = ("local", "dagger")
 StepKind = Literal["python", "container", "agent", "route"]
 _ACTIONS: tuple[StepKind, ...] = ("python", "container", "agent", "route")
 
@@ -164,6 +165,13 @@ class Step(_Model):
     def _check_python(cls, value: str | None) -> str | None:
         if value is not None and not FUNCTION_RE.match(value):
             raise ValueError(f"{value!r} is not 'module:function' (for example mypkg.steps:load_texts)")
+        return value
+
+    @field_validator("executor")
+    @classmethod
+    def _check_executor(cls, value: str | None) -> str | None:
+        if value is not None and value not in EXECUTORS:
+            raise ValueError(f"unknown executor {value!r}: use {' or '.join(EXECUTORS)}")
         return value
 
     @model_validator(mode="after")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from factory.errors import FactoryError
 from factory.store.base import (
-    ApiKeyRecord,
     FINAL_RUN_STATUSES,
     FINAL_STEP_STATUSES,
+    ApiKeyRecord,
     AttemptRecord,
     Change,
     Event,
@@ -20,9 +20,9 @@ from factory.store.base import (
 )
 
 __all__ = [
-    "ApiKeyRecord",
     "FINAL_RUN_STATUSES",
     "FINAL_STEP_STATUSES",
+    "ApiKeyRecord",
     "AttemptRecord",
     "Change",
     "Event",

@@ -16,9 +16,9 @@ from typing import Any, Protocol
 
 from factory.errors import LeaseLostError, RunNotFoundError
 from factory.store.base import (
-    ApiKeyRecord,
     FINAL_RUN_STATUSES,
     FINAL_STEP_STATUSES,
+    ApiKeyRecord,
     AttemptRecord,
     Change,
     Event,

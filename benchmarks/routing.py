@@ -1,0 +1,134 @@
+"""Routing benchmark: top-1 accuracy and decision latency of each scorer on a labelled task list.
+
+    python -m benchmarks.routing --agents agents.yaml --tasks tasks.tsv [--scorer NAME] [--only]
+
+``tasks.tsv`` has a header with the columns ``expected`` (the right agent) and
+``description`` (the task text). Every scorer that can run here is measured
+(``llm`` only when a model is configured), unless ``--only``; the last line is
+``accuracy: 0.xx`` for the scorer asked with ``--scorer``. Latency is per
+decision (``Router.route``), measured after a warm-up on the catalogue's own
+examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from factory.catalog import Catalog, load_catalog
+from factory.errors import FactoryError
+from factory.routing import SCORERS, Router, RouteRequest, make_scorer
+
+
+@dataclass(frozen=True)
+class Task:
+    expected: str
+    text: str
+
+
+@dataclass
+class Result:
+    scorer: str
+    correct: int
+    total: int
+    p50_ms: float
+    p99_ms: float
+    prepare_s: float
+    misses: list[tuple[Task, str]]
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+def read_tasks(path: Path) -> list[Task]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh, delimiter="\t")
+        columns = set(reader.fieldnames or [])
+        if not {"expected", "description"} <= columns:
+            raise SystemExit(
+                f"{path}: needs tab-separated columns 'expected' and 'description' (has {sorted(columns)})"
+            )
+        return [Task(row["expected"].strip(), row["description"].strip()) for row in reader if row.get("description")]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def measure(name: str, catalog: Catalog, tasks: list[Task]) -> Result:
+    start = time.perf_counter()
+    router = Router(catalog, make_scorer(name, catalog))
+    prepare_s = time.perf_counter() - start
+    warm_up = [e for agent in catalog.agents for e in agent.examples] or [a.description for a in catalog.agents]
+    for text in warm_up:
+        router.route(RouteRequest(text=text))
+    latencies: list[float] = []
+    misses: list[tuple[Task, str]] = []
+    for task in tasks:
+        t0 = time.perf_counter()
+        decision = router.route(RouteRequest(text=task.text))
+        latencies.append((time.perf_counter() - t0) * 1000.0)
+        if decision.agent != task.expected:
+            misses.append((task, decision.agent))
+    return Result(
+        scorer=name,
+        correct=len(tasks) - len(misses),
+        total=len(tasks),
+        p50_ms=statistics.median(latencies) if latencies else 0.0,
+        p99_ms=percentile(latencies, 0.99),
+        prepare_s=prepare_s,
+        misses=misses,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.routing", description=__doc__.split("\n")[0])
+    parser.add_argument("--agents", required=True, type=Path, help="agent catalogue (agents.yaml)")
+    parser.add_argument("--tasks", required=True, type=Path, help="TSV with columns expected, description")
+    parser.add_argument("--scorer", default="lexical", choices=sorted(SCORERS), help="scorer of the last line")
+    parser.add_argument("--only", action="store_true", help="measure only --scorer")
+    parser.add_argument("--show-misses", action="store_true", help="list the misrouted tasks")
+    args = parser.parse_args(argv)
+
+    catalog = load_catalog(args.agents)
+    tasks = read_tasks(args.tasks)
+    unknown = sorted({t.expected for t in tasks} - {a.name for a in catalog.agents})
+    if unknown:
+        print(f"warning: tasks expect agents not in the catalogue: {', '.join(unknown)}", file=sys.stderr)
+    names = [args.scorer] if args.only else [args.scorer, *(n for n in SCORERS if n != args.scorer)]
+    print(f"routing benchmark: {len(tasks)} tasks, {len(catalog.agents)} agents ({args.agents})")
+    print(f"{'scorer':<10} {'accuracy':>8} {'correct':>9} {'p50 ms':>8} {'p99 ms':>8} {'prepare s':>10}")
+    results: dict[str, Result] = {}
+    for name in names:
+        try:
+            result = measure(name, catalog, tasks)
+        except FactoryError as exc:
+            if name == args.scorer:
+                print(f"error: scorer {name!r} cannot run: {exc}", file=sys.stderr)
+                return 2
+            print(f"{name:<10} skipped: {str(exc).splitlines()[0]}")
+            continue
+        results[name] = result
+        print(
+            f"{name:<10} {result.accuracy:>8.2f} {result.correct:>4}/{result.total:<4} "
+            f"{result.p50_ms:>8.2f} {result.p99_ms:>8.2f} {result.prepare_s:>10.2f}"
+        )
+        if args.show_misses:
+            for task, got in result.misses:
+                print(f"    miss: expected {task.expected}, got {got}: {task.text}")
+    print(f"accuracy: {results[args.scorer].accuracy:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

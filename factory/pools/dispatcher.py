@@ -1,0 +1,219 @@
+"""The engine's AgentDispatcher: ``agent:`` steps to their pool, ``route:`` steps through the router.
+
+A step's output records who served it and why::
+
+    {"agent": "summarizer", "replica": "summarizer-2-ab12", "route": null | <RouteDecision>, "result": ...}
+
+``route`` is the router's decision (chosen agent, scores, runners-up, filtered
+agents) for ``route:`` steps and null for ``agent:`` steps. Pools start on
+first use (the manager keeps them for later runs). A refusal (saturated pool,
+open breaker, no eligible agent) comes back as a failed attempt the step's
+retry policy may retry, never as an exception in the coordinator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from factory.agent import load_agent_class
+from factory.breaker import BreakerState
+from factory.catalog import Catalog, load_catalog
+from factory.errors import (
+    AgentError,
+    CircuitOpenError,
+    FactoryError,
+    NoEligibleAgentError,
+    PoolSaturated,
+    StepInputError,
+)
+from factory.pools.client import PoolClient
+from factory.pools.connection import Pools
+from factory.refs import Context, find_references, resolve
+from factory.runtime import Outcome
+from factory.spec import Step
+
+TRANSIENT: tuple[type[BaseException], ...] = (PoolSaturated, CircuitOpenError)
+
+
+def _as_dict(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+def _refused(exc: BaseException, retryable: bool) -> Any:
+    return ray.put(
+        Outcome(
+            ok=False,
+            error=f"{type(exc).__name__}: {exc}",
+            error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            retryable=retryable,
+        )
+    )
+
+
+def complete_catalog(catalog: Catalog, search_path: Sequence[str] = ()) -> Catalog:
+    """Fill an entry's empty capabilities, description and examples from its agent class.
+
+    A class that cannot be imported is left alone: the error shows when the agent is first used.
+    """
+    agents = []
+    for spec in catalog.agents:
+        if spec.class_ and not (spec.capabilities and spec.description and spec.examples):
+            try:
+                cls = load_agent_class(spec.class_, search_path)
+            except AgentError:
+                agents.append(spec)
+                continue
+            spec = spec.model_copy(
+                update={
+                    "capabilities": spec.capabilities or list(cls.capabilities),
+                    "description": spec.description or cls.description,
+                    "examples": spec.examples or list(cls.examples),
+                }
+            )
+        agents.append(spec)
+    return Catalog(agents=agents)
+
+
+class PoolDispatcher:
+    """Implements ``factory.engine.AgentDispatcher`` on top of :class:`Pools` and the router."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        pools: Pools | None = None,
+        router: Any = None,
+        scorer: str = "lexical",
+        search_path: Sequence[str] = (),
+        context: Callable[[Step], Context] | None = None,
+    ) -> None:
+        self.search_path = tuple(p for p in search_path if p)
+        self.catalog = complete_catalog(catalog, self.search_path)
+        self._own_pools = pools is None
+        self.pools = pools if pools is not None else Pools()
+        self._router = router
+        self.scorer = scorer
+        self._context = context
+
+    @classmethod
+    def from_catalog(
+        cls, agents: Catalog | str | Path, *, search_path: Sequence[str | None] = (), **kwargs: Any
+    ) -> PoolDispatcher:
+        """From a Catalog or an agents.yaml path (whose folder is searched for agent classes)."""
+        paths = [p for p in search_path if p]
+        if isinstance(agents, Catalog):
+            catalog = agents
+        else:
+            catalog = load_catalog(agents)
+            paths.insert(0, str(Path(agents).resolve().parent))
+        return cls(catalog, search_path=paths, **kwargs)
+
+    def bind_context(self, context: Callable[[Step], Context]) -> None:
+        """How to resolve ``${...}`` in a route step's text (the coordinator's view of inputs and outputs)."""
+        self._context = context
+
+    @property
+    def router(self) -> Any:
+        if self._router is None:
+            try:
+                from factory.routing import Router
+            except ImportError as exc:
+                raise AgentError(
+                    f"route steps need the router (factory.routing), which failed to import: {exc}"
+                ) from None
+            self._router = Router(self.catalog, scorer=self.scorer)
+        return self._router
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """What the router needs to filter and weigh pools: the caller's own counts and breaker states."""
+        from factory.routing import AgentHealth
+
+        health: dict[str, Any] = {}
+        for spec in self.catalog.agents:
+            client = self.pools.clients.get(spec.name)
+            if spec.class_ is None:  # catalogued for routing elsewhere, cannot run here
+                health[spec.name] = AgentHealth(healthy=False, breaker_open=False, in_flight=0, capacity=1)
+            elif client is None:  # not started yet: it starts on first use
+                capacity = max(spec.pool.min_replicas, 1) * spec.pool.max_concurrency
+                health[spec.name] = AgentHealth(healthy=True, breaker_open=False, in_flight=0, capacity=capacity)
+            else:
+                health[spec.name] = AgentHealth(
+                    healthy=client.replicas > 0 or client.manager is not None,
+                    breaker_open=client.breaker.state == BreakerState.OPEN,
+                    in_flight=client.in_flight,
+                    capacity=max(client.capacity, 1),
+                )
+        return health
+
+    def route(self, text: str, capabilities: Sequence[str] = ()) -> Any:
+        """The router's decision for a task (raises NoEligibleAgentError when none fits)."""
+        from factory.routing import RouteRequest
+
+        return self.router.route(RouteRequest(text=text, capabilities=list(capabilities)), health=self.health())
+
+    def _route_text(self, step: Step) -> str:
+        assert step.route is not None
+        text = step.route.text
+        refs = find_references(text)
+        if not refs:
+            return text
+        if any(ref.root == "item" for ref in refs):
+            raise StepInputError(
+                f"step {step.id!r}: route.text cannot use ${{item}} (each item is routed on the same text); "
+                "keep the text general and pass the item in `with:`"
+            )
+        if self._context is None:
+            raise StepInputError(
+                f"step {step.id!r}: the route text has ${{...}} references but this dispatcher was not bound "
+                "to a run (PoolDispatcher.bind_context)"
+            )
+        resolved = resolve(text, self._context(step))
+        return resolved if isinstance(resolved, str) else str(resolved)
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def client(self, name: str) -> PoolClient:
+        try:
+            spec = self.catalog.get(name)
+        except KeyError as exc:
+            raise StepInputError(str(exc.args[0])) from None
+        return self.pools.ensure(spec, search_path=self.search_path)
+
+    def submit(self, step: Step, task: dict[str, Any]) -> Any:
+        """Start the step's task on a pool; returns ObjectRef[Outcome] (the engine's AgentDispatcher)."""
+        try:
+            decision: Any = None
+            if step.route is not None:
+                decision = self.route(self._route_text(step), step.route.capabilities)
+                name = str(decision.agent)
+            elif step.agent is not None:
+                name = step.agent
+            else:
+                raise StepInputError(f"step {step.id!r} is neither an agent: nor a route: step")
+            client = self.client(name)
+            meta = {"agent": name, "route": _as_dict(decision) if decision is not None else None}
+            return client.submit(task, meta=meta, retry=step.retry, timeout=step.timeout)
+        except TRANSIENT as exc:
+            return _refused(exc, retryable=True)
+        except NoEligibleAgentError as exc:
+            # Worth retrying when an agent was only passed over for now (open breaker, unhealthy pool).
+            transient = any(not why.startswith("missing capabilit") for why in exc.filtered_out.values())
+            return _refused(exc, retryable=transient)
+        except FactoryError as exc:
+            return _refused(exc, retryable=False)
+
+    def close(self) -> None:
+        if self._own_pools:
+            self.pools.close()

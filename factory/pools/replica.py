@@ -1,0 +1,217 @@
+"""A replica: one Ray actor wrapping one Agent instance.
+
+Two actor classes, one per kind of ``handle``: a threaded actor for a sync
+``handle`` (``max_concurrency`` threads) and an async actor for an async one
+(``max_concurrency`` coroutines). Both keep health checks in their own
+concurrency group, so a busy replica still answers them. ``call`` never raises
+for an agent's error: it comes back in the Outcome, classified as retryable or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+
+from factory.agent import Agent, HealthReport, load_agent_class
+from factory.catalog import AgentSpec
+from factory.errors import StepTimeoutError
+from factory.pools.models import ReplicaHealth
+from factory.retry import is_retryable
+from factory.runtime import MAX_LOG_CHARS, Outcome, encode_output
+from factory.spec import RetryPolicy
+
+CONTROL_GROUP = "control"
+_DEFAULT_RETRY = RetryPolicy()
+
+
+class ReplicaCore:
+    """The agent instance and its counters; shared by both actor classes (and usable without Ray)."""
+
+    def __init__(self, replica_id: str, spec: AgentSpec, agent: type[Agent] | str, search_path: Sequence[str]) -> None:
+        agent_cls = load_agent_class(agent, search_path) if isinstance(agent, str) else agent
+        self.replica_id = replica_id
+        self.agent_name = spec.name
+        self.agent = agent_cls(spec.config)
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.served = 0
+        self.failed = 0
+
+    def begin(self) -> float:
+        with self._lock:
+            self.in_flight += 1
+        return time.perf_counter()
+
+    def succeed(self, value: Any, meta: dict[str, Any] | None, started: float) -> Outcome:
+        try:
+            wrapped = value if meta is None else {**meta, "replica": self.replica_id, "result": value}
+            output_json = encode_output(wrapped)
+        except Exception as exc:  # noqa: BLE001 - reported in the Outcome
+            return self.fail(exc, None, started)
+        with self._lock:
+            self.in_flight -= 1
+            self.served += 1
+        return Outcome(
+            ok=True,
+            output_json=output_json,
+            duration=time.perf_counter() - started,
+            extra={"agent": self.agent_name, "replica": self.replica_id},
+        )
+
+    def fail(self, exc: BaseException, retry: RetryPolicy | None, started: float) -> Outcome:
+        with self._lock:
+            self.in_flight -= 1
+            self.failed += 1
+        tail = "".join(traceback.format_exception(exc)[-6:])
+        return Outcome(
+            ok=False,
+            error=f"{type(exc).__name__}: {exc}",
+            error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            retryable=is_retryable(exc, retry or _DEFAULT_RETRY),
+            logs=f"agent {self.agent_name!r} replica {self.replica_id}:\n{tail}"[-MAX_LOG_CHARS:],
+            duration=time.perf_counter() - started,
+            extra={"agent": self.agent_name, "replica": self.replica_id},
+        )
+
+    def report(self, result: Any) -> ReplicaHealth:
+        if isinstance(result, HealthReport):
+            healthy, detail = result.healthy, result.detail
+        else:
+            healthy, detail = bool(result), ""
+        return ReplicaHealth(
+            replica_id=self.replica_id,
+            healthy=healthy,
+            detail=detail,
+            in_flight=self.in_flight,
+            served=self.served,
+            failed=self.failed,
+            pid=os.getpid(),
+        )
+
+    def broken(self, exc: BaseException) -> ReplicaHealth:
+        return ReplicaHealth(
+            replica_id=self.replica_id,
+            healthy=False,
+            detail=f"health() raised {type(exc).__name__}: {exc}",
+            in_flight=self.in_flight,
+            served=self.served,
+            failed=self.failed,
+            pid=os.getpid(),
+        )
+
+
+class SyncReplicaActor:
+    """A replica for an agent whose ``handle`` is a plain function (runs on up to max_concurrency threads)."""
+
+    def __init__(self, replica_id: str, spec: AgentSpec, agent: type[Agent] | str, search_path: Sequence[str]) -> None:
+        self._core = ReplicaCore(replica_id, spec, agent, search_path)
+
+    def call(
+        self,
+        task: Any,
+        meta: dict[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> Outcome:
+        """Run the task on this thread. A thread cannot be stopped: the caller stops waiting at ``timeout``."""
+        core = self._core
+        started = core.begin()
+        try:
+            value = core.agent.handle(core.agent.prepare_task(task))
+            if inspect.isawaitable(value):
+
+                async def wait() -> Any:
+                    return await value
+
+                value = asyncio.run(wait())
+        except Exception as exc:  # noqa: BLE001 - an agent's error goes back in the Outcome
+            return core.fail(exc, retry, started)
+        return core.succeed(value, meta, started)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def health(self) -> ReplicaHealth:
+        try:
+            result: Any = self._core.agent.health()
+            if inspect.isawaitable(result):
+
+                async def wait() -> Any:
+                    return await result
+
+                result = asyncio.run(wait())
+        except Exception as exc:  # noqa: BLE001 - an unhealthy replica
+            return self._core.broken(exc)
+        return self._core.report(result)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def ready(self) -> int:
+        return os.getpid()
+
+
+class AsyncReplicaActor:
+    """A replica for an agent whose ``handle`` is ``async def`` (up to max_concurrency coroutines at once)."""
+
+    def __init__(self, replica_id: str, spec: AgentSpec, agent: type[Agent] | str, search_path: Sequence[str]) -> None:
+        self._core = ReplicaCore(replica_id, spec, agent, search_path)
+
+    async def call(
+        self,
+        task: Any,
+        meta: dict[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> Outcome:
+        core = self._core
+        started = core.begin()
+        try:
+            pending = core.agent.handle(core.agent.prepare_task(task))
+            if timeout is not None:
+                try:
+                    value = await asyncio.wait_for(pending, timeout)
+                except TimeoutError:
+                    raise StepTimeoutError(
+                        f"agent {core.agent_name!r} ran past the step's timeout of {timeout:g}s and was stopped"
+                    ) from None
+            else:
+                value = await pending
+        except Exception as exc:  # noqa: BLE001 - an agent's error goes back in the Outcome
+            return core.fail(exc, retry, started)
+        return core.succeed(value, meta, started)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    async def health(self) -> ReplicaHealth:
+        try:
+            result: Any = self._core.agent.health()
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:  # noqa: BLE001 - an unhealthy replica
+            return self._core.broken(exc)
+        return self._core.report(result)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    async def ready(self) -> int:
+        return os.getpid()
+
+
+# ray.remote's type hints do not know actor options such as concurrency_groups.
+_actor: Any = ray.remote(concurrency_groups={CONTROL_GROUP: 1}, max_restarts=0)  # type: ignore[call-overload]
+SyncReplica: Any = _actor(SyncReplicaActor)
+AsyncReplica: Any = _actor(AsyncReplicaActor)
+
+
+def replica_actor_options(spec: AgentSpec) -> dict[str, Any]:
+    """Ray options of one replica, from the catalogue's pool config."""
+    pool = spec.pool
+    options: dict[str, Any] = {"max_concurrency": pool.max_concurrency, "num_cpus": pool.num_cpus}
+    if pool.num_gpus:
+        options["num_gpus"] = pool.num_gpus
+    if pool.memory:
+        options["memory"] = pool.memory
+    return options

@@ -1,0 +1,73 @@
+"""The ``embedding`` scorer: all-MiniLM-L6-v2 sentence embeddings, run with numpy.
+
+Each agent is represented by several sentences (prototypes): its description,
+each of its examples, and "name: capabilities". They are embedded once, when
+the scorer is prepared for a catalogue. A task's fit to an agent is its cosine
+to the agent's centroid, the normalised mean of its prototypes: the agent's
+overall profile counts, not one example that happens to share the task's words
+(on the development set the centroid beat the closest prototype and mixes of
+the two).
+
+The model is read from disk only (see ``factory.models.files``): run
+``factory models pull`` once, or set ``FACTORY_EMBEDDING_MODEL_PATH``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from factory.catalog import AgentSpec, Catalog
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+
+def prototypes(agent: AgentSpec) -> list[str]:
+    """The sentences that stand for ``agent``."""
+    texts = [agent.description] if agent.description.strip() else []
+    texts += [e for e in agent.examples if e.strip()]
+    label = agent.name.replace("_", " ").replace("-", " ")
+    caps = ", ".join(c.replace("-", " ").replace("_", " ") for c in agent.capabilities)
+    texts.append(f"{label}: {caps}" if caps else label)
+    return texts
+
+
+class EmbeddingScorer:
+    """Cosine fit of a text to each agent's description, examples and capabilities, in MiniLM space."""
+
+    name = "embedding"
+
+    def __init__(self, catalog: Catalog, model_dir: str | Path | None = None) -> None:
+        import numpy as np
+
+        from factory.models.minilm import load_encoder
+
+        self.encoder = load_encoder(model_dir)
+        self.agents = [a.name for a in catalog.agents]
+        texts: list[str] = []
+        owner: list[int] = []
+        for i, agent in enumerate(catalog.agents):
+            for text in prototypes(agent):
+                texts.append(text)
+                owner.append(i)
+        vectors = self.encoder.encode(texts)
+        centroids = np.zeros((len(self.agents), self.encoder.hidden), dtype=np.float32)
+        np.add.at(centroids, np.asarray(owner, dtype=np.int64), vectors)
+        norms = np.linalg.norm(centroids, axis=1, keepdims=True)
+        self._centroids = centroids / np.maximum(norms, 1e-12)
+
+    def embed(self, text: str) -> npt.NDArray[np.float32]:
+        vector: npt.NDArray[np.float32] = self.encoder.encode([text])[0]
+        return vector
+
+    def fit(self, text: str) -> dict[str, float]:
+        return self.fit_many([text])[0]
+
+    def fit_many(self, texts: list[str]) -> list[dict[str, float]]:
+        """``fit`` for several texts at once: one batched forward pass, much faster than a loop."""
+        if not self.agents or not texts:
+            return [{} for _ in texts]
+        scores = self.encoder.encode(texts) @ self._centroids.T
+        return [{name: float(s) for name, s in zip(self.agents, row, strict=True)} for row in scores]

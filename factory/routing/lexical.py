@@ -1,0 +1,128 @@
+"""The ``lexical`` scorer: TF-IDF over stems, concepts and character n-grams. No dependencies.
+
+Each agent becomes one document: its name, capabilities, description and
+examples. A text becomes three sparse vectors, each weighted by TF-IDF over the
+catalogue's agents (a word every agent has tells nothing):
+
+- ``words``: Porter stems of the words that are not stop words;
+- ``concepts``: task concepts from ``factory.routing.lexicon`` ("recap" and
+  "synopsis" both give ``summary``), so texts with no word in common still meet;
+- ``chars``: character 4-grams of the words, which catch forms the stemmer keeps
+  apart ("analysis" / "analyze") and spelling slips.
+
+The fit of a text to an agent is a weighted sum of the cosines of the three
+vector pairs, computed against the agent's whole document and against its best
+single example, so one close example counts even in a long list.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from factory.catalog import AgentSpec, Catalog
+from factory.routing.lexicon import concepts_of
+from factory.routing.text import STOP_WORDS, char_ngrams, stem, words
+
+Vector = dict[str, float]
+
+# How much each view of the text counts; they add up to 1.
+FAMILY_WEIGHTS: dict[str, float] = {"words": 0.4, "concepts": 0.4, "chars": 0.2}
+# Share of the whole-document match against the best single example.
+DOCUMENT_WEIGHT = 0.7
+# Name and capabilities are short and telling: they count as this many sentences of description.
+NAME_WEIGHT = 2.0
+
+
+@dataclass(frozen=True)
+class _Features:
+    words: Counter[str]
+    concepts: Counter[str]
+    chars: Counter[str]
+
+    def family(self, name: str) -> Counter[str]:
+        return {"words": self.words, "concepts": self.concepts, "chars": self.chars}[name]
+
+
+def features(text: str) -> _Features:
+    tokens = words(text)
+    stems = [stem(t) for t in tokens]
+    content = [s for t, s in zip(tokens, stems, strict=True) if t not in STOP_WORDS]
+    chars: Counter[str] = Counter()
+    for token in tokens:
+        if token not in STOP_WORDS and len(token) > 2:
+            chars.update(char_ngrams(token))
+    return _Features(Counter(content), Counter(concepts_of(stems)), chars)
+
+
+def _scaled(counts: Counter[str], weight: float) -> Counter[str]:
+    return Counter({k: v * weight for k, v in counts.items()})
+
+
+def _name_text(agent: AgentSpec) -> str:
+    return " ".join(
+        re.split(r"[-_.]", agent.name) + [c.replace("-", " ").replace("_", " ") for c in agent.capabilities]
+    )
+
+
+class LexicalScorer:
+    """TF-IDF fit of a text to each agent's name, capabilities, description and examples."""
+
+    name = "lexical"
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.agents = [a.name for a in catalog.agents]
+        docs: list[dict[str, Counter[str]]] = []
+        self._examples: list[list[dict[str, Vector]]] = []
+        example_feats: list[list[_Features]] = []
+        for agent in catalog.agents:
+            head = features(_name_text(agent))
+            body = features(agent.description)
+            exs = [features(e) for e in agent.examples]
+            doc: dict[str, Counter[str]] = {}
+            for fam in FAMILY_WEIGHTS:
+                total = _scaled(head.family(fam), NAME_WEIGHT) + body.family(fam)
+                for ex in exs:
+                    total.update(ex.family(fam))
+                doc[fam] = total
+            docs.append(doc)
+            example_feats.append(exs)
+        n = len(docs)
+        self._idf: dict[str, dict[str, float]] = {}
+        for fam in FAMILY_WEIGHTS:
+            df: Counter[str] = Counter()
+            for doc in docs:
+                df.update(doc[fam].keys())
+            self._idf[fam] = {term: math.log((1 + n) / (1 + d)) + 1.0 for term, d in df.items()}
+        self._docs = [{fam: self._vector(doc[fam], fam) for fam in FAMILY_WEIGHTS} for doc in docs]
+        self._examples = [
+            [{fam: self._vector(ex.family(fam), fam) for fam in FAMILY_WEIGHTS} for ex in exs] for exs in example_feats
+        ]
+
+    def _vector(self, counts: Counter[str], family: str) -> Vector:
+        """Sublinear TF times IDF, L2-normalised; terms no agent has are dropped (they cannot match)."""
+        idf = self._idf[family]
+        vec = {t: (1.0 + math.log(c)) * idf[t] for t, c in counts.items() if c > 0 and t in idf}
+        norm = math.sqrt(sum(v * v for v in vec.values()))
+        return {t: v / norm for t, v in vec.items()} if norm else {}
+
+    @staticmethod
+    def _cosine(a: Vector, b: Vector) -> float:
+        if len(a) > len(b):
+            a, b = b, a
+        return sum(v * b.get(t, 0.0) for t, v in a.items())
+
+    def _similarity(self, query: dict[str, Vector], target: dict[str, Vector]) -> float:
+        return sum(w * self._cosine(query[fam], target[fam]) for fam, w in FAMILY_WEIGHTS.items())
+
+    def fit(self, text: str) -> dict[str, float]:
+        feats = features(text)
+        query = {fam: self._vector(feats.family(fam), fam) for fam in FAMILY_WEIGHTS}
+        scores: dict[str, float] = {}
+        for name, doc, examples in zip(self.agents, self._docs, self._examples, strict=True):
+            whole = self._similarity(query, doc)
+            best_example = max((self._similarity(query, ex) for ex in examples), default=whole)
+            scores[name] = DOCUMENT_WEIGHT * whole + (1.0 - DOCUMENT_WEIGHT) * best_example
+        return scores

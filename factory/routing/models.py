@@ -1,0 +1,55 @@
+"""The router's boundary types: what a caller asks, what it tells about health, what it gets back."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class RouteRequest(BaseModel):
+    """A task to place: its text, and the capabilities an agent must have to take it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(description="What the task asks, in plain language.")
+    capabilities: list[str] = Field(default_factory=list, description="Every one is required of the agent.")
+
+    @field_validator("capabilities")
+    @classmethod
+    def _strip(cls, value: list[str]) -> list[str]:
+        return [c.strip() for c in value if c.strip()]
+
+
+class AgentHealth(BaseModel):
+    """What the pools know about an agent right now. An agent missing from the map counts as healthy and idle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    healthy: bool = True
+    breaker_open: bool = False
+    in_flight: int = Field(default=0, ge=0, description="Requests being served or queued.")
+    capacity: int = Field(default=1, ge=1, description="replicas * max_concurrency.")
+
+    @property
+    def utilisation(self) -> float:
+        return self.in_flight / self.capacity
+
+
+class Candidate(BaseModel):
+    """One eligible agent and how it scored."""
+
+    agent: str
+    score: float
+    breakdown: dict[str, float] = Field(description="semantic, load (penalty, >= 0) and total.")
+
+
+class RouteDecision(BaseModel):
+    """The router's choice, with everything needed to see why."""
+
+    agent: str
+    scorer: str
+    score: float
+    breakdown: dict[str, float]
+    reason: str = Field(description="One sentence on why this agent won.")
+    runners_up: list[Candidate] = Field(default_factory=list, description="The next best eligible agents, best first.")
+    filtered_out: dict[str, str] = Field(default_factory=dict, description="Agent -> why a hard filter removed it.")
+    latency_ms: float

@@ -1,0 +1,123 @@
+"""The router: hard filters, then semantic fit, then load."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from factory.catalog import AgentSpec, Catalog
+from factory.errors import NoEligibleAgentError
+from factory.routing.models import AgentHealth, Candidate, RouteDecision, RouteRequest
+from factory.routing.scorers import Scorer, make_scorer
+
+_IDLE = AgentHealth()
+
+
+class Router:
+    """Picks the agent of a catalogue that should take a task, and says why.
+
+    1. Hard filters: the agent must have every requested capability, be healthy,
+       and have its circuit breaker closed (an agent whose breaker is open is
+       passed over for any other eligible agent).
+    2. Semantic fit of the task text to each remaining agent (the scorer).
+    3. Load, as a small tie-breaker: ``total = semantic - load_weight * utilisation``,
+       utilisation being in-flight requests over capacity (capped at ``max_utilisation``).
+
+    The scorer is prepared once, here, for this catalogue; ``route`` is cheap.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        scorer: str | Scorer = "lexical",
+        *,
+        load_weight: float = 0.02,
+        max_utilisation: float = 2.0,
+        max_runners_up: int = 5,
+    ) -> None:
+        self.catalog = catalog
+        self.scorer: Scorer = make_scorer(scorer, catalog) if isinstance(scorer, str) else scorer
+        self.load_weight = load_weight
+        self.max_utilisation = max_utilisation
+        self.max_runners_up = max_runners_up
+        self._order = {agent.name: i for i, agent in enumerate(catalog.agents)}
+
+    def _filter(
+        self, request: RouteRequest, health: Mapping[str, AgentHealth]
+    ) -> tuple[list[AgentSpec], dict[str, str]]:
+        wanted = [c.lower() for c in request.capabilities]
+        eligible: list[AgentSpec] = []
+        filtered: dict[str, str] = {}
+        for agent in self.catalog.agents:
+            have = {c.lower() for c in agent.capabilities}
+            missing = [c for c in wanted if c not in have]
+            state = health.get(agent.name, _IDLE)
+            if missing:
+                filtered[agent.name] = f"missing capabilities: {', '.join(missing)}"
+            elif not state.healthy:
+                filtered[agent.name] = "unhealthy: its pool has no healthy replica"
+            elif state.breaker_open:
+                filtered[agent.name] = "circuit breaker open after repeated failures"
+            else:
+                eligible.append(agent)
+        return eligible, filtered
+
+    def route(self, request: RouteRequest, health: Mapping[str, AgentHealth] | None = None) -> RouteDecision:
+        """The decision for ``request``; raises ``NoEligibleAgentError`` when the filters leave no agent."""
+        start = time.perf_counter()
+        health = health or {}
+        eligible, filtered = self._filter(request, health)
+        if not eligible:
+            raise NoEligibleAgentError(filtered, request.capabilities)
+
+        fit = self.scorer.fit(request.text)
+        candidates: list[Candidate] = []
+        for agent in eligible:
+            semantic = float(fit.get(agent.name, 0.0))
+            utilisation = min(health.get(agent.name, _IDLE).utilisation, self.max_utilisation)
+            load = self.load_weight * utilisation
+            total = semantic - load
+            breakdown = {"semantic": round(semantic, 6), "load": round(load, 6), "total": round(total, 6)}
+            candidates.append(Candidate(agent=agent.name, score=round(total, 6), breakdown=breakdown))
+        # Best total first; ties go to the better semantic fit, then to catalogue order.
+        candidates.sort(key=lambda c: (-c.score, -c.breakdown["semantic"], self._order[c.agent]))
+        best, rest = candidates[0], candidates[1:]
+        return RouteDecision(
+            agent=best.agent,
+            scorer=self.scorer.name,
+            score=best.score,
+            breakdown=best.breakdown,
+            reason=self._reason(best, rest, filtered),
+            runners_up=rest[: self.max_runners_up],
+            filtered_out=filtered,
+            latency_ms=(time.perf_counter() - start) * 1000.0,
+        )
+
+    def _reason(self, best: Candidate, rest: list[Candidate], filtered: dict[str, str]) -> str:
+        sem = best.breakdown["semantic"]
+        if not rest:
+            why = f"{best.agent} is the only eligible agent (fit {sem:.3f})"
+        else:
+            second = rest[0]
+            sem2 = second.breakdown["semantic"]
+            if sem > sem2:
+                why = (
+                    f"{best.agent} fits the task best "
+                    f"({self.scorer.name} fit {sem:.3f} vs {sem2:.3f} for {second.agent})"
+                )
+                if best.breakdown["load"] > 0 and second.breakdown["load"] < best.breakdown["load"]:
+                    why += ", ahead despite more load"
+            elif sem == sem2 and best.breakdown["load"] < second.breakdown["load"]:
+                why = f"{best.agent} and {second.agent} fit equally ({sem:.3f}); {best.agent} is less loaded"
+            elif sem == sem2:
+                why = (
+                    f"{best.agent} and {second.agent} fit equally ({sem:.3f}) and are as loaded; "
+                    f"{best.agent} comes first in the catalogue"
+                )
+            else:
+                why = f"{best.agent} fits almost as well as {second.agent} ({sem:.3f} vs {sem2:.3f}) and is less loaded"
+        if 0 < len(filtered) <= 3:
+            why += f"; filtered out: {', '.join(filtered)}"
+        elif filtered:
+            why += f"; {len(filtered)} agents filtered out"
+        return why + "."

@@ -1,0 +1,68 @@
+"""Scorers: how well a task's text fits each agent of a catalogue.
+
+A scorer is prepared once per catalogue (its constructor takes the catalogue)
+and then answers ``fit(text)`` with a score per agent, higher is better. Scores
+of one scorer are comparable across agents; the router adds load on top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+from factory.catalog import Catalog
+from factory.errors import RouterConfigError
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Semantic fit of a task to the agents of the catalogue it was prepared for."""
+
+    name: str
+
+    def fit(self, text: str) -> dict[str, float]:
+        """A score per agent name (every agent of the catalogue), higher is a better fit."""
+        ...
+
+
+ScorerFactory = Callable[[Catalog], Scorer]
+
+
+def _lexical(catalog: Catalog) -> Scorer:
+    from factory.routing.lexical import LexicalScorer
+
+    return LexicalScorer(catalog)
+
+
+def _embedding(catalog: Catalog) -> Scorer:
+    try:
+        import numpy  # noqa: F401
+        import safetensors  # noqa: F401
+        import tokenizers  # noqa: F401
+    except ImportError as exc:
+        raise RouterConfigError(
+            f"the embedding scorer needs numpy, tokenizers and safetensors ({exc.name} is missing): "
+            "install the Factory's embedding extra, or use --scorer lexical"
+        ) from None
+    from factory.routing.embedding import EmbeddingScorer
+
+    return EmbeddingScorer(catalog)
+
+
+def _llm(catalog: Catalog) -> Scorer:
+    from factory.routing.llm import LLMScorer
+
+    return LLMScorer(catalog)
+
+
+SCORERS: dict[str, ScorerFactory] = {"lexical": _lexical, "embedding": _embedding, "llm": _llm}
+
+
+def make_scorer(name: str, catalog: Catalog) -> Scorer:
+    """Prepare the scorer called ``name`` for ``catalog``."""
+    try:
+        factory = SCORERS[name]
+    except KeyError:
+        known = ", ".join(sorted(SCORERS))
+        raise RouterConfigError(f"unknown scorer {name!r}; choose one of: {known}") from None
+    return factory(catalog)

@@ -1,0 +1,191 @@
+"""agent: and route: steps in workflow runs, through the pools and the router, on a real local Ray."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+import factory
+from factory.catalog import AgentSpec, Catalog
+from factory.engine import RunResult
+from factory.pools import DEFAULT_MANAGER_NAME, Pools, stop_manager
+from factory.settings import Settings
+from factory.spec import RetryPolicy, RouteSpec, Step, Workflow
+from factory.store.sqlite import SQLiteStore
+
+REPO = Path(__file__).parent.parent.parent
+FIXTURES = str(Path(__file__).parent.parent / "fixtures")
+TRIAGE = REPO / "examples" / "agents_triage"
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.fixture
+def store(factory_home: Path) -> Iterator[SQLiteStore]:
+    """One store backend is enough here: these tests are about agents, not storage."""
+    s = SQLiteStore(factory_home / "factory.db")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def default_manager(ray_cluster: str) -> Iterator[None]:
+    """factory.run uses the default agent manager; stop it (and its pools) after these tests."""
+    yield
+    stop_manager(DEFAULT_MANAGER_NAME, drain_timeout=0)
+
+
+def test_triage_example_records_who_served_each_step_and_why(store: SQLiteStore, settings: Settings) -> None:
+    result = factory.run(TRIAGE / "workflow.yaml", store=store, settings=settings, agents=TRIAGE / "agents.yaml")
+    assert result.ok, result.error
+    out = result.outputs
+
+    assert out["classify"]["agent"] == "classifier" and out["classify"]["route"] is None
+    assert out["classify"]["result"]["label"] == "invoice"
+    assert out["classify"]["replica"].startswith("classifier-")
+
+    fields = out["fields"]  # a route: step without capabilities: the router chose on the text
+    assert fields["agent"] == "extractor"
+    decision = fields["route"]
+    assert decision["agent"] == "extractor" and decision["scorer"] == "lexical"
+    assert decision["score"] > max(c["score"] for c in decision["runners_up"])
+    assert "translator" in decision["filtered_out"]  # catalogued without a class: cannot run here
+    assert fields["result"]["fields"]["invoice_number"] == "INV-2024-0173"
+
+    assert out["summary"]["agent"] == "summarizer" and out["summary"]["route"]["agent"] == "summarizer"
+    assert len(out["summary"]["result"]["sentences"]) == 2
+
+    assert out["check_total"]["result"]["stdout"].strip() == "ok"  # 830 + 166 == 996, checked in the sandbox
+    report = out["report"]
+    assert report["label"] == "invoice" and report["total"] == 996.0 and report["due_date"] == "2024-04-11"
+    assert report["routed"] == {"fields": "extractor", "summary": "summarizer"}
+
+    steps = {s.step_id: s for s in store.get_steps(result.run_id)}
+    assert steps["fields"].output["route"]["reason"]  # the decision is durable with the output
+
+
+def test_unknown_agent_and_unrunnable_route_are_reported(store: SQLiteStore, settings: Settings) -> None:
+    catalog = Catalog(agents=[AgentSpec(name="elsewhere", capabilities=["translate"], description="Translate.")])
+    with pytest.raises(factory.WorkflowValidationError, match="unknown agent 'nobody'"):
+        factory.run(
+            Workflow(name="t", steps=[Step(id="a", agent="nobody")]), store=store, settings=settings, agents=catalog
+        )
+    routed = Workflow(
+        name="t", steps=[Step(id="a", route=RouteSpec(text="Translate this.", capabilities=["translate"]))]
+    )
+    result = factory.run(routed, store=store, settings=settings, agents=catalog)
+    assert not result.ok
+    assert "NoEligibleAgentError" in (result.error or "") and "elsewhere" in (result.error or "")
+
+
+def test_agent_step_survives_its_replica_being_killed(store: SQLiteStore, settings: Settings) -> None:
+    spec = AgentSpec.model_validate(
+        {"name": "sleeper", "class": "agent_fixtures:Sleeper", "pool": {"min_replicas": 2, "max_replicas": 2}}
+    )
+    wf = Workflow(
+        name="kill",
+        base_dir=FIXTURES,
+        steps=[Step(id="slow", agent="sleeper", with_={"sleep": 1.5, "echo": "done"}, retry=RetryPolicy())],
+    )
+    results: list[RunResult] = []
+    runner = threading.Thread(
+        target=lambda: results.append(factory.run(wf, store=store, settings=settings, agents=Catalog(agents=[spec])))
+    )
+    runner.start()
+    watcher = Pools()
+    try:
+        victim = _serving_replica(watcher, "sleeper")
+        ray.kill(watcher.client("sleeper").handles()[victim])
+        runner.join(timeout=60)
+    finally:
+        watcher.close()
+    (result,) = results
+    assert result.ok, result.error  # one attempt (no step retry): the pool retried on the other replica
+    assert result.outputs["slow"]["result"]["echo"] == "done"
+    assert result.outputs["slow"]["replica"] != victim
+
+
+def _serving_replica(pools: Pools, name: str, deadline: float = 30.0) -> str:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            handles: dict[str, Any] = pools.client(name).handles()
+        except factory.FactoryError:  # not registered yet
+            time.sleep(0.05)
+            continue
+        for replica_id, handle in handles.items():
+            if ray.get(handle.health.remote()).in_flight > 0:
+                return replica_id
+        time.sleep(0.02)
+    raise AssertionError(f"no replica of {name} started serving")
+
+
+def test_resume_serves_agent_steps_from_the_catalogue(store: SQLiteStore, settings: Settings) -> None:
+    spec = AgentSpec.model_validate(
+        {"name": "greeter", "class": "agent_fixtures:greeter", "config": {"greeting": "welcome"}}
+    )
+    wf = Workflow(
+        name="greet",
+        base_dir=FIXTURES,
+        inputs={"who": "Ada"},
+        steps=[Step(id="hello", agent="greeter", with_={"name": "${inputs.who}", "times": 2})],
+    )
+    run_id = factory.api.create_run(wf, store=store, settings=settings)
+    result = factory.resume(run_id, store=store, settings=settings, agents=Catalog(agents=[spec]))
+    assert result.ok, result.error
+    assert result.outputs["hello"]["result"] == {"text": "welcome Ada welcome Ada"}
+    assert result.outputs["hello"]["agent"] == "greeter"
+
+
+def test_an_open_breaker_makes_the_router_prefer_another_pool() -> None:
+    from factory.breaker import BreakerConfig
+    from factory.pools import PoolDispatcher
+
+    catalog = Catalog.model_validate(
+        {
+            "agents": [
+                {
+                    "name": "flaky",
+                    "class": "agent_fixtures:Flaky",
+                    "capabilities": ["work"],
+                    "description": "Flaky worker that processes invoices.",
+                },
+                {
+                    "name": "steady",
+                    "class": "agent_fixtures:Sleeper",
+                    "capabilities": ["work"],
+                    "description": "Steady worker for any chore.",
+                },
+            ]
+        }
+    )
+    name = f"test-breaker-{uuid.uuid4().hex[:8]}"
+    pools = Pools(name, breaker=BreakerConfig(failure_threshold=2, cooldown=60))
+    dispatcher = PoolDispatcher(catalog, pools=pools, search_path=[FIXTURES])
+    try:
+        assert dispatcher.route("process these invoices", ["work"]).agent == "flaky"
+        step = Step(id="s", agent="flaky", retry=RetryPolicy(max_attempts=1))
+        for _ in range(2):  # two retryable failures open flaky's breaker
+            outcome = ray.get(dispatcher.submit(step, {"fail": True}))
+            assert not outcome.ok and outcome.retryable
+        client = pools.clients["flaky"]
+        end = time.monotonic() + 10
+        while client.breaker.state.value != "open" and time.monotonic() < end:
+            time.sleep(0.01)
+
+        decision = dispatcher.route("process these invoices", ["work"])
+        assert decision.agent == "steady"
+        assert decision.filtered_out["flaky"].startswith("circuit breaker open")
+        refused = ray.get(dispatcher.submit(step, {"fail": False}))  # the pool itself refuses too
+        assert not refused.ok and refused.retryable and "CircuitOpenError" in (refused.error or "")
+    finally:
+        dispatcher.close()
+        pools.close()
+        stop_manager(name, drain_timeout=0)

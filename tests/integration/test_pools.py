@@ -1,0 +1,168 @@
+"""Agent pools on a real local Ray: failover when a replica is killed, the bounded queue, the breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from factory.breaker import BreakerConfig
+from factory.errors import CircuitOpenError, PoolSaturated
+from factory.pools import ManagerConfig, PoolClient, Pools, stop_manager
+from factory.runtime import Outcome
+
+FIXTURES = str(Path(__file__).parent.parent / "fixtures")
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.fixture
+def pools() -> Iterator[Pools]:
+    name = f"test-pools-{uuid.uuid4().hex[:8]}"
+    connection = Pools(
+        name,
+        config=ManagerConfig(check_interval=0.5, drain_grace=0.1, drain_timeout=5),
+        breaker=BreakerConfig(failure_threshold=2, cooldown=60),
+        failover_wait=20,
+    )
+    try:
+        yield connection
+    finally:
+        connection.close()
+        stop_manager(name, drain_timeout=0)
+
+
+def sleeper_pool(pools: Pools, cls: str = "Sleeper", **pool: Any) -> PoolClient:
+    from factory.catalog import AgentSpec
+
+    spec = AgentSpec.model_validate(
+        {"name": cls.lower(), "class": f"agent_fixtures:{cls}", "pool": {"num_cpus": 0.1, **pool}}
+    )
+    return pools.ensure(spec, search_path=[FIXTURES])
+
+
+def wait_until_serving(client: PoolClient, deadline: float = 30.0) -> str:
+    """The id of the replica that is executing a request right now (asked of the replicas themselves)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        for replica_id, handle in client.handles().items():
+            if ray.get(handle.health.remote()).in_flight > 0:
+                return replica_id
+        time.sleep(0.02)
+    raise AssertionError("no replica started serving the request")
+
+
+def wait_for_size(pools: Pools, name: str, size: int, gone: str, deadline: float = 30.0) -> list[str]:
+    end = time.monotonic() + deadline
+    ids: list[str] = []
+    while time.monotonic() < end:
+        (info,) = pools.discover(name, refresh=True)
+        ids = [r.replica_id for r in info.replica_details]
+        if info.replicas == size and gone not in ids and all(r.healthy for r in info.replica_details):
+            return ids
+        time.sleep(0.2)
+    raise AssertionError(f"pool {name} did not get back to {size} healthy replicas without {gone}: {ids}")
+
+
+def settled(client: PoolClient, deadline: float = 10.0) -> int:
+    """In-flight count once completion callbacks (which run just after ray.get returns) have run."""
+    end = time.monotonic() + deadline
+    while client.in_flight and time.monotonic() < end:
+        time.sleep(0.01)
+    return client.in_flight
+
+
+def test_killed_replica_request_is_retried_elsewhere_and_pool_heals(pools: Pools) -> None:
+    client = sleeper_pool(pools, min_replicas=2, max_replicas=2, max_concurrency=1)
+    before = set(client.handles())
+    assert len(before) == 2
+    ref = client.submit({"sleep": 1.0, "echo": "survivor"})
+    victim = wait_until_serving(client)
+    ray.kill(client.handles()[victim])
+
+    outcome: Outcome = ray.get(ref, timeout=60)
+    assert outcome.ok, outcome.error
+    assert json.loads(outcome.output_json or "null")["echo"] == "survivor"
+    assert outcome.extra["dead"] == [victim]
+    assert outcome.extra["replica"] in before - {victim}
+
+    ids = wait_for_size(pools, "sleeper", 2, gone=victim)
+    assert len(set(ids) - before) == 1  # one new replica took the dead one's place
+    pools.report_now()
+    assert victim not in client.handles() and len(client.handles()) == 2
+    assert settled(client) == 0
+
+
+def test_killed_replica_with_the_async_api(pools: Pools) -> None:
+    client = sleeper_pool(pools, cls="AsyncSleeper", min_replicas=2, max_replicas=2, max_concurrency=4)
+
+    async def scenario() -> tuple[Outcome, str]:
+        call = asyncio.ensure_future(client.call({"sleep": 1.0, "echo": 7}))
+        victim = await asyncio.to_thread(wait_until_serving, client)
+        ray.kill(client.handles()[victim])
+        return await call, victim
+
+    outcome, victim = asyncio.run(scenario())
+    assert outcome.ok, outcome.error
+    assert json.loads(outcome.output_json or "null")["echo"] == 7
+    assert outcome.extra["dead"] == [victim] and outcome.extra["replica"] != victim
+    wait_for_size(pools, "asyncsleeper", 2, gone=victim)
+
+
+def test_power_of_two_choices_spreads_by_in_flight(pools: Pools) -> None:
+    client = sleeper_pool(pools, min_replicas=2, max_replicas=2, max_concurrency=1)
+    refs = [client.submit({"sleep": 0.5}) for _ in range(2)]
+    # with two replicas both are sampled: the second request goes to the idle one
+    assert sorted(client.in_flight_by_replica().values()) == [1, 1]
+    refs += [client.submit({"sleep": 0.5}) for _ in range(2)]
+    assert sorted(client.in_flight_by_replica().values()) == [2, 2]
+    outcomes = ray.get(refs)
+    pids = {json.loads(o.output_json or "null")["pid"] for o in outcomes}
+    assert len(pids) == 2, [o.extra for o in outcomes]
+    assert all(not o.extra["dead"] for o in outcomes)
+    assert settled(client) == 0
+
+
+def test_a_full_queue_raises_pool_saturated(pools: Pools) -> None:
+    client = sleeper_pool(pools, min_replicas=1, max_replicas=1, max_concurrency=1, max_queued=2)
+    refs = [client.submit({"sleep": 0.5}) for _ in range(3)]  # 1 running + 2 queued
+    with pytest.raises(PoolSaturated, match=r"raise pool\.max_replicas or pool\.max_queued") as info:
+        client.submit({"sleep": 0})
+    assert info.value.in_flight == 3 and info.value.capacity == 1 and info.value.max_queued == 2
+    assert all(o.ok for o in ray.get(refs))
+    assert settled(client) == 0
+    assert client.ask({"echo": "again"})["echo"] == "again"  # room again once the queue drained
+
+
+def test_breaker_opens_after_repeated_failures(pools: Pools) -> None:
+    from factory.catalog import AgentSpec
+
+    client = pools.ensure(
+        AgentSpec.model_validate({"name": "flaky", "class": "agent_fixtures:Flaky"}), search_path=[FIXTURES]
+    )
+    assert ray.get(client.submit({"fail": False})).ok
+    for _ in range(2):
+        outcome = ray.get(client.submit({"fail": True}))
+        assert not outcome.ok and outcome.retryable and "backend this agent needs is down" in (outcome.error or "")
+    settled(client)  # the completion callbacks settle the breaker
+    assert client.breaker.state.value == "open"
+    with pytest.raises(CircuitOpenError, match="pool:flaky"):
+        client.submit({"fail": False})
+
+
+def test_a_pool_of_one_waits_for_the_replacement(pools: Pools) -> None:
+    client = sleeper_pool(pools, min_replicas=1, max_replicas=1)
+    ref = client.submit({"sleep": 0.5, "echo": "again"})
+    victim = wait_until_serving(client)
+    ray.kill(client.handles()[victim])
+    outcome: Outcome = ray.get(ref, timeout=60)
+    assert outcome.ok, outcome.error  # served by the replica the manager started in the dead one's place
+    assert outcome.extra["dead"] == [victim] and outcome.extra["replica"] != victim
+    assert json.loads(outcome.output_json or "null")["echo"] == "again"
