@@ -10,11 +10,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import ray
 import yaml
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.exceptions import RayActorError
 from starlette.concurrency import run_in_threadpool
 
 from deployments.http import ApiProblem, Authorizer, install_error_handlers
@@ -22,6 +24,7 @@ from factory import __version__
 from factory.api import cancel as cancel_run
 from factory.api import create_run, store_for
 from factory.auth import Scope
+from factory.catalog import load_catalog
 from factory.dag import validate_data
 from factory.errors import RunStateError, WorkflowValidationError
 from factory.runner import get_runner
@@ -148,9 +151,18 @@ class FactoryAPI:
         self.store = store_for(self.settings)
         self.auth = Authorizer(self.store, self.settings, open_mode)
         self.runner = get_runner(self.settings)
+        self.catalog = load_catalog(self.settings.agents_file) if self.settings.agents_file else None
         LIMITS["max_body"] = self.settings.api_max_body_bytes
         self.requests = 0
         self.started = time.time()
+
+    def _start(self, run_id: str, resume: bool) -> None:
+        """Hand the run to the runner actor; fetch the actor again if it died."""
+        try:
+            ray.get(self.runner.start.remote(run_id, resume), timeout=30)
+        except RayActorError:
+            self.runner = get_runner(self.settings)
+            ray.get(self.runner.start.remote(run_id, resume), timeout=30)
 
     @app.get("/healthz", summary="Liveness: the API and its store answer")
     def healthz(self) -> dict[str, Any]:
@@ -194,9 +206,9 @@ class FactoryAPI:
                 exc
             )
             raise ApiProblem(422, f"the body is not {{'workflow': ..., 'inputs': ...}}: {detail}") from None
-        workflow = await run_in_threadpool(validate_data, data, None, "the submitted workflow")
+        workflow = await run_in_threadpool(validate_data, data, None, "the submitted workflow", True, self.catalog)
         run_id = await run_in_threadpool(create_run, workflow, inputs, store=self.store, settings=self.settings)
-        self.runner.start.remote(run_id)
+        await run_in_threadpool(self._start, run_id, False)
         return Submitted(run_id=run_id, status=RunStatus.PENDING, url=f"/v1/runs/{run_id}")
 
     @app.get("/v1/runs", response_model=RunPage, summary="Runs, newest first, paginated")
@@ -238,7 +250,7 @@ class FactoryAPI:
         lapsed = (record.heartbeat_at or 0) < time.time() - self.settings.lease_seconds
         if record.owner and not lapsed:
             raise RunStateError(f"run {run_id} is being run right now; wait for it or cancel it first")
-        self.runner.start.remote(run_id)
+        self._start(run_id, True)
         return Accepted(run_id=run_id, status="resuming", detail="steps that committed their output are kept")
 
     @app.get(

@@ -22,7 +22,7 @@ ROUTE_PREFIX = "/v1/route"
 def _settings(args: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     settings = Settings.model_validate(args["settings"]) if "settings" in args else get_settings()
     open_mode = bool(args.get("open_mode", False))
-    if open_mode and args.get("host", "127.0.0.1") != "127.0.0.1":
+    if open_mode and args.get("host") != "127.0.0.1":  # a missing host may be Serve's 0.0.0.0
         raise FactoryError("open mode (no API keys) is only allowed when the API listens on 127.0.0.1")
     return settings.model_dump(mode="json"), open_mode
 

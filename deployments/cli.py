@@ -29,7 +29,7 @@ def up(
     from factory.auth import Scope, create_key
     from factory.errors import FactoryError
     from factory.raysession import ensure_ray
-    from factory.settings import get_settings
+    from factory.settings import get_settings, mask_secrets
 
     if open_mode and host != "127.0.0.1":
         err.print("[red]error:[/red] --open (no API keys) is only allowed with --host 127.0.0.1")
@@ -63,7 +63,7 @@ def up(
     out.print(f"API        {base}/v1/  (docs {base}/docs, OpenAPI {base}/openapi.json)")
     out.print(f"routing    {base}{ROUTE_PREFIX}")
     out.print(f"health     {base}/healthz")
-    out.print(f"state      {settings.resolved_store_url()}")
+    out.print(f"state      {mask_secrets(settings.resolved_store_url())}")
     if open_mode:
         out.print("[yellow]open mode: no API key needed (127.0.0.1 only)[/yellow]")
     elif first_key:

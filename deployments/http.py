@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from factory.auth import Scope, has_scope, hash_key, require_scope
+from factory.auth import Scope, check_key, require_scope
 from factory.errors import (
     AuthenticationError,
     CircuitOpenError,
@@ -218,8 +218,7 @@ class Authorizer:
         self.limiter = RateLimiter(settings.api_rate_limit, settings.api_rate_burst)
         self._cache: dict[str, tuple[float, ApiKeyRecord | None]] = {}
 
-    def _lookup(self, key: str) -> ApiKeyRecord | None:
-        digest = hash_key(key)
+    def _lookup(self, digest: str) -> ApiKeyRecord | None:
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is not None and now - cached[0] < self.ttl:
@@ -235,15 +234,8 @@ class Authorizer:
             return OPEN_MODE_KEY
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise AuthenticationError("this endpoint needs an API key: send 'Authorization: Bearer <key>'")
-        record = self._lookup(key.strip())
-        if record is None:
-            raise AuthenticationError("unknown API key: check it, or create one with `factory keys create`")
-        if record.revoked:
-            raise AuthenticationError(f"API key {record.id} was revoked: create a new one with `factory keys create`")
-        if not has_scope(record, scope):
-            require_scope(record, scope)
+        record = check_key(key.strip() if scheme.lower() == "bearer" else None, self._lookup)
+        require_scope(record, scope)
         wait = self.limiter.check(record.id)
         if wait > 0:
             raise ApiProblem(

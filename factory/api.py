@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,17 @@ from factory.raysession import ensure_ray
 from factory.redisbus import RedisEventPublisher
 from factory.settings import Settings, get_settings
 from factory.spec import Workflow
-from factory.store import FINAL_RUN_STATUSES, RunStatus, Store, open_store
+from factory.store import (
+    FINAL_RUN_STATUSES,
+    FINAL_STEP_STATUSES,
+    Change,
+    RunChange,
+    RunStatus,
+    StepChange,
+    StepStatus,
+    Store,
+    open_store,
+)
 
 if TYPE_CHECKING:
     from factory.pools import PoolDispatcher
@@ -158,15 +169,19 @@ def resume(
     settings: Settings | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     agents: Catalog | str | Path | None = None,
+    pending_only: bool = False,
 ) -> RunResult:
     """Run a pending run, or finish one that was interrupted, failed or cancelled. Steps
     that committed their output are not run again; every other step runs (again).
-    ``agents`` as for :func:`run`."""
+    ``agents`` as for :func:`run`. With ``pending_only`` (a submitted run starting), a run
+    that is no longer pending (cancelled meanwhile) is left as it is."""
     settings = settings or get_settings()
     own_store = store is None
     store = store or store_for(settings)
     try:
         record = store.get_run(run_id)
+        if pending_only and record.status != RunStatus.PENDING:
+            return RunResult(run_id, record.status, {}, f"the run is {record.status.value}, no longer pending")
         if record.status == RunStatus.SUCCEEDED:
             raise RunStateError(f"run {run_id} already succeeded; nothing to resume")
         workflow = Workflow.model_validate_json(record.spec_json)
@@ -190,6 +205,8 @@ def resume(
                     f"run {run_id} is still being run by a live process (its lease was renewed less than "
                     f"{settings.lease_seconds:g}s ago); wait for it or `factory cancel {run_id}`"
                 )
+            if not pending_only:
+                store.clear_cancel(run_id)  # resuming on purpose overrides an earlier cancel
             store.reset_unfinished_steps(run_id)
             coordinator.start(resumed=record.status != RunStatus.PENDING)
             with event_publication(settings, store):
@@ -203,14 +220,26 @@ def resume(
 
 
 def cancel(run_id: str, *, store: Store | None = None, settings: Settings | None = None) -> bool:
-    """Ask the run's coordinator to stop. Returns False if the run had already finished."""
+    """Cancel a run. Its coordinator, if one runs it, stops the attempts in flight; a run
+    that nobody runs (pending, or its coordinator died) is marked cancelled here.
+    Returns False if the run had already finished."""
+    settings = settings or get_settings()
     own_store = store is None
     store = store or store_for(settings)
     try:
         record = store.get_run(run_id)
         if record.status in FINAL_RUN_STATUSES:
             return False
-        store.request_cancel(run_id)
+        store.request_cancel(run_id)  # stays set: a coordinator that claims the run later stops at once
+        lease_live = bool(record.owner) and (record.heartbeat_at or 0) > time.time() - settings.lease_seconds
+        if not lease_live:
+            changes: list[Change] = [
+                StepChange(run_id, s.step_id, StepStatus.CANCELLED, "step.cancelled", data={"reason": "cancelled"})
+                for s in store.get_steps(run_id)
+                if s.status not in FINAL_STEP_STATUSES
+            ]
+            changes.append(RunChange(run_id, RunStatus.CANCELLED, "run.cancelled", error="the run was cancelled"))
+            store.record(changes)
         return True
     finally:
         if own_store:

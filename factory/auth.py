@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Callable
 from enum import StrEnum
 
 from factory.errors import AuthenticationError, PermissionDeniedError
@@ -47,9 +48,14 @@ def create_key(store: Store, scopes: list[Scope], name: str = "") -> tuple[str, 
 
 def verify_key(store: Store, key: str | None) -> ApiKeyRecord:
     """The stored record of a presented key; AuthenticationError if there is none that is valid."""
+    return check_key(key, lambda digest: store.find_api_key(digest))
+
+
+def check_key(key: str | None, find: Callable[[str], ApiKeyRecord | None]) -> ApiKeyRecord:
+    """Like :func:`verify_key`, with the lookup by hash given (for example a cached one)."""
     if not key:
         raise AuthenticationError("this endpoint needs an API key: send 'Authorization: Bearer <key>'")
-    record = store.find_api_key(hash_key(key))
+    record = find(hash_key(key))
     if record is None:
         raise AuthenticationError("unknown API key: check it, or create one with `factory keys create`")
     if record.revoked:

@@ -229,7 +229,8 @@ def validate_data(
             problems.append(f"cycle: {' -> '.join(cycle)} (remove one of these dependencies)")
     if problems:
         raise WorkflowValidationError(problems, source)
-    return Workflow.model_validate({**top, "steps": steps, "base_dir": base_dir or top.get("base_dir")})
+    # base_dir is where the workflow came from (its file's folder), never something its text may claim
+    return Workflow.model_validate({**top, "steps": steps, "base_dir": base_dir})
 
 
 def _agent_problems(step_id: str, name: str, agents: Catalog) -> list[str]:

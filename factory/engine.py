@@ -229,6 +229,7 @@ class Coordinator:
             action=step.kind,
             executor=step.executor,
             home=str(self.settings.home) if step.container is not None else None,
+            base_dir=self.workflow.base_dir if step.container is not None else None,
         )
 
     def _step_arguments(self, step: Step) -> dict[str, Any]:
@@ -647,6 +648,10 @@ class Coordinator:
             self._flush()
             return self._finish()
         except BaseException:
+            # the coordinator itself failed: stop its attempts so that a resume cannot overlap them
+            for ref in list(self.inflight):
+                _stop_attempt(ref)
+            self.inflight.clear()
             self._pending.clear()
             self.store.release_run(self.run_id, self.owner)
             raise

@@ -8,6 +8,7 @@ finishes them once their lease has lapsed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from typing import Any
@@ -30,21 +31,23 @@ class RunnerActor:
         self._threads: dict[str, threading.Thread] = {}
         self._errors: dict[str, str] = {}
 
-    def start(self, run_id: str) -> bool:
-        """Run (or resume) the run in the background; False if this actor already runs it."""
+    def start(self, run_id: str, resume: bool = False) -> bool:
+        """Run a submitted run (or, with ``resume``, resume one) in the background; False if
+        this actor already runs it."""
         current = self._threads.get(run_id)
         if current is not None and current.is_alive():
             return False
-        thread = threading.Thread(target=self._execute, args=(run_id,), name=f"run-{run_id}", daemon=True)
+        self._threads = {k: t for k, t in self._threads.items() if t.is_alive()}
+        thread = threading.Thread(target=self._execute, args=(run_id, resume), name=f"run-{run_id}", daemon=True)
         self._threads[run_id] = thread
         thread.start()
         return True
 
-    def _execute(self, run_id: str) -> None:
+    def _execute(self, run_id: str, resume_run: bool) -> None:
         from factory.api import resume
 
         try:
-            resume(run_id, settings=self.settings)
+            resume(run_id, settings=self.settings, agents=self.settings.agents_file, pending_only=not resume_run)
         except FactoryError as exc:
             self._errors[run_id] = str(exc)
             log.warning("run %s: %s", run_id, exc)
@@ -59,8 +62,14 @@ class RunnerActor:
         return self._errors.get(run_id)
 
 
+def runner_name(settings: Settings) -> str:
+    """One runner per distinct configuration: an API with other settings gets its own."""
+    digest = hashlib.sha256(settings.model_dump_json(exclude={"api_key"}).encode()).hexdigest()[:10]
+    return f"{RUNNER_NAME}-{digest}"
+
+
 def get_runner(settings: Settings) -> Any:
-    """The cluster's runner actor, created on first use."""
+    """The runner actor for these settings, created on first use."""
     return RunnerActor.options(  # type: ignore[attr-defined]
-        name=RUNNER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote(settings.model_dump(mode="json"))
+        name=runner_name(settings), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote(settings.model_dump(mode="json", exclude={"api_key"}))

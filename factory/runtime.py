@@ -59,6 +59,7 @@ class StepCall:
     action: str = "python"  # or "container"
     executor: str | None = None  # container steps: local or dagger
     home: str | None = None  # the coordinator's FACTORY_HOME (container steps keep artifacts there)
+    base_dir: str | None = None  # the workflow's folder: the only host files a container step may mount
 
 
 @dataclass(slots=True)

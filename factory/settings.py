@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
@@ -70,6 +70,25 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest request body accepted.")
     api_key_cache_seconds: float = Field(
         default=30.0, ge=0, description="How long a replica trusts a verified key (revocation takes this long)."
+    )
+    # isolated (container) steps; unset fields keep the executors' own defaults (docs/isolation.md)
+    container_executor: Literal["local", "dagger"] = Field(default="local", description="For steps without executor:.")
+    secrets_dir: Path | None = Field(
+        default=None, description="Folder of secret files (default $FACTORY_HOME/secrets)."
+    )
+    sandbox_rootfs: dict[str, Path] = Field(default_factory=dict, description="Image name -> root filesystem folder.")
+    sandbox_scratch_root: Path | None = Field(default=None, description="Where local workdirs are made.")
+    sandbox_uid_base: int | None = Field(default=None, ge=1, description="First host uid of the sandbox pool.")
+    sandbox_uid_count: int | None = Field(default=None, ge=1, description="Host uids in the pool.")
+    sandbox_default_timeout: float | None = Field(default=None, gt=0, description="Seconds, when a spec sets none.")
+    sandbox_default_memory: int | None = Field(default=None, gt=0, description="Bytes, when a spec sets none.")
+    sandbox_max_processes: int | None = Field(default=None, ge=4, description="pids.max and RLIMIT_NPROC.")
+    sandbox_max_open_files: int | None = Field(default=None, ge=16)
+    sandbox_max_file_size: int | None = Field(default=None, gt=0, description="Largest file a step may write.")
+    dagger_cli_bin: str | None = Field(default=None, description="Dagger CLI to start sessions with (no download).")
+    dagger_max_concurrency: int | None = Field(default=None, ge=1, description="Dagger runs at once per machine.")
+    dagger_allow_network_when_off: bool | None = Field(
+        default=None, description="Run network: false specs on Dagger anyway (it cannot turn the network off)."
     )
     breaker_failure_threshold: int = Field(default=5, ge=1)
     breaker_cooldown_seconds: float = Field(default=30.0, gt=0)

@@ -162,5 +162,7 @@ def api_server(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> It
         yield ApiServer(f"http://127.0.0.1:{port}", keys, settings)
     finally:
         serve.shutdown()
+        from factory.runner import NAMESPACE, runner_name
+
         with contextlib.suppress(ValueError):
-            ray.kill(ray.get_actor("factory-runner", namespace="factory"))
+            ray.kill(ray.get_actor(runner_name(settings), namespace=NAMESPACE))

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayActorError, RayError, TaskCancelledError
 
 from factory.breaker import CircuitBreaker
 from factory.errors import AgentError, CircuitOpenError, PoolSaturated, StepTimeoutError
@@ -428,6 +428,8 @@ class PoolClient:
         self._release(member)
         try:
             outcome: Outcome = fut.result()
+        except (TaskCancelledError, asyncio.CancelledError):
+            return  # the caller cancelled it (a cancelled run): not the pool's failure
         except Exception as exc:  # noqa: BLE001 - the relay itself failed
             self.breaker.record_failure()
             log.warning("relay for pool %s failed: %s", self.name, exc)

@@ -59,10 +59,14 @@ EXECUTORS = ("local", "dagger")
 
 
 def _prefixed(settings: Settings | None, prefix: str) -> dict[str, Any]:
-    """Settings fields named ``<prefix>NAME`` as ``{NAME: value}`` (none exist until Settings gains them)."""
+    """Settings fields named ``<prefix>NAME`` that are set, as ``{NAME: value}``."""
     if settings is None:
         return {}
-    return {key.removeprefix(prefix): value for key, value in settings if key.startswith(prefix)}
+    return {
+        key.removeprefix(prefix): value
+        for key, value in settings
+        if key.startswith(prefix) and value is not None and value != {}
+    }
 
 
 def get_executor(name: str | None, settings: Settings | None = None) -> Executor:
@@ -178,7 +182,8 @@ def run_container_step(call: ContainerCall, spec: dict[str, Any], logs: io.Strin
         raise StepInputError(f"step {call.step_id!r}: invalid container spec: {exc}") from None
     settings = get_settings()
     home = Path(getattr(call, "home", None) or settings.home)
-    base_dir = Path(call.search_path[0]) if call.search_path else None
+    workflow_dir = getattr(call, "base_dir", None)  # the workflow's own folder, if it came from a file
+    base_dir = Path(workflow_dir) if workflow_dir else None
     secrets_dir = getattr(settings, "secrets_dir", None)
     return run_spec(
         container,

@@ -206,12 +206,25 @@ def prepare_mount(
             store.materialize(item_ref, dest / rel)
         return dest, False
     if isinstance(value, str) and value:
+        if base_dir is None:
+            raise StepInputError(
+                f"mount {target!r}: host paths can be mounted only from the folder of a workflow loaded from "
+                "a file; mount ${steps.ID.artifacts} instead"
+            )
         host = Path(value)
-        if not host.is_absolute() and base_dir is not None:
+        if not host.is_absolute():
             host = base_dir / host
         if not host.exists():
             raise StepInputError(f"mount {target!r}: host path {str(host)!r} does not exist")
-        return host.resolve(), True
+        resolved, root = host.resolve(), base_dir.resolve()
+        if not resolved.is_relative_to(root):
+            raise StepInputError(
+                f"mount {target!r}: {str(resolved)!r} is outside the workflow's folder {str(root)!r}; "
+                "only files under it (or artifacts) can be mounted"
+            )
+        if resolved.is_relative_to(store.root.resolve().parent):
+            raise StepInputError(f"mount {target!r}: {str(resolved)!r} is inside FACTORY_HOME, which is never mounted")
+        return resolved, True
     raise StepInputError(
         f"mount {target!r}: {value!r} is neither a host path nor artifacts; write a path or ${{steps.ID.artifacts}}"
     )

@@ -151,6 +151,9 @@ class Store(Protocol):
 
     def request_cancel(self, run_id: str) -> None: ...
 
+    def clear_cancel(self, run_id: str) -> None:
+        """Forget a cancel request (before an explicit resume of a cancelled run)."""
+
     def cancel_requested(self, run_id: str) -> bool: ...
 
     def get_run(self, run_id: str) -> RunRecord: ...

@@ -219,10 +219,7 @@ class SQLStore(ABC):
             current, heartbeat = row[0], row[1]
             if current and current != owner and (heartbeat or 0) > now - lease_seconds:
                 return False
-            cur.execute(
-                self._sql("UPDATE runs SET owner=?, heartbeat_at=?, cancel_requested=? WHERE id=?"),
-                (owner, now, False, run_id),
-            )
+            cur.execute(self._sql("UPDATE runs SET owner=?, heartbeat_at=? WHERE id=?"), (owner, now, run_id))
             return True
 
     def heartbeat(self, run_id: str, owner: str) -> bool:
@@ -255,6 +252,10 @@ class SQLStore(ABC):
             cur.execute(self._sql("UPDATE runs SET cancel_requested=? WHERE id=?"), (True, run_id))
             if cur.rowcount == 0:
                 raise self._not_found(run_id)
+
+    def clear_cancel(self, run_id: str) -> None:
+        with self._write() as cur:
+            cur.execute(self._sql("UPDATE runs SET cancel_requested=? WHERE id=?"), (False, run_id))
 
     def cancel_requested(self, run_id: str) -> bool:
         with self._read() as cur:

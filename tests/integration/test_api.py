@@ -210,6 +210,8 @@ def test_rate_limit_per_key(api_server: ApiServer) -> None:
 def test_open_mode_only_on_loopback() -> None:
     with pytest.raises(FactoryError, match=r"only allowed when the API listens on 127\.0\.0\.1"):
         _settings({"settings": {}, "open_mode": True, "host": "0.0.0.0"})
+    with pytest.raises(FactoryError, match=r"only allowed when the API listens on 127\.0\.0\.1"):
+        _settings({"settings": {}, "open_mode": True})  # serve.yaml binds 0.0.0.0 and names no host
     assert _settings({"settings": {}, "open_mode": True, "host": "127.0.0.1"})[1] is True
 
 

@@ -311,3 +311,29 @@ def test_runs_do_not_share_state(store: SQLiteStore, settings: Settings) -> None
         t.join(60)
     assert sorted(r.outputs["a"] for r in results) == [0, 1, 2, 3]
     assert len({r.run_id for r in results}) == 4
+
+
+def test_cancelling_a_run_that_nobody_runs(store: SQLiteStore, settings: Settings, tmp_path: Path) -> None:
+    """A pending run (or one whose coordinator died) is cancelled on the spot, and a start
+    that comes later does not run it; an explicit resume does."""
+    counter = tmp_path / "c"
+    workflow = wf(Step(id="a", python="teststeps:count_and_echo", with_={"counter": str(counter), "value": 1}))
+    run_id = factory.api.create_run(workflow, store=store)
+    assert factory.cancel(run_id, store=store, settings=settings)
+    assert store.get_run(run_id).status == RunStatus.CANCELLED
+    assert statuses(store, run_id) == {"a": "cancelled"}
+    late = factory.resume(run_id, store=store, settings=settings, pending_only=True)  # the runner's start
+    assert late.status == RunStatus.CANCELLED and calls(counter) == 0
+    again = factory.resume(run_id, store=store, settings=settings)  # on purpose
+    assert again.ok and calls(counter) == 1
+
+    orphan = factory.api.create_run(workflow, store=store)
+    store.claim_run(orphan, "a-coordinator-that-died", lease_seconds=60)
+    from factory.store import RunChange
+
+    store.record([RunChange(orphan, RunStatus.RUNNING, "run.started")])
+    store.heartbeat(orphan, "a-coordinator-that-died")
+    lapsed = settings.model_copy(update={"lease_seconds": 0.01})
+    time.sleep(0.05)
+    assert factory.cancel(orphan, store=store, settings=lapsed)
+    assert store.get_run(orphan).status == RunStatus.CANCELLED

@@ -103,23 +103,35 @@ def test_outputs_are_named_by_file_or_by_path_inside_a_directory(tmp_path: Path)
 
 
 def test_mount_values_are_artifacts_mappings_or_host_paths(tmp_path: Path) -> None:
-    store = ArtifactStore(tmp_path / "artifacts")
+    home = tmp_path / "home"  # FACTORY_HOME
+    store = ArtifactStore(home / "artifacts")
     ref = store.put_bytes(b"data").model_dump()
     staging = tmp_path / "staging"
     staging.mkdir()
+    workflow_dir = tmp_path / "wf"
+    workflow_dir.mkdir()
     single, copy = prepare_mount(store, "/in/data.txt", ref, staging, None)
     assert single.read_bytes() == b"data" and single.name == "data.txt" and not copy
     folder, _ = prepare_mount(store, "/in", {"x.txt": ref, "deep/y.txt": ref["digest"]}, staging, None)
     assert (folder / "x.txt").read_bytes() == (folder / "deep/y.txt").read_bytes() == b"data"
-    (tmp_path / "scripts").mkdir()
-    host, must_check = prepare_mount(store, "/s", "scripts", staging, tmp_path)
-    assert host == (tmp_path / "scripts").resolve() and must_check
+    (workflow_dir / "scripts").mkdir()
+    host, must_check = prepare_mount(store, "/s", "scripts", staging, workflow_dir)
+    assert host == (workflow_dir / "scripts").resolve() and must_check
     with pytest.raises(StepInputError, match="does not exist"):
-        prepare_mount(store, "/s", "missing", staging, tmp_path)
+        prepare_mount(store, "/s", "missing", staging, workflow_dir)
+    # host paths: only under the workflow's own folder, never FACTORY_HOME, never without a folder
+    with pytest.raises(StepInputError, match="outside the workflow's folder"):
+        prepare_mount(store, "/etc", "/etc", staging, workflow_dir)
+    with pytest.raises(StepInputError, match="outside the workflow's folder"):
+        prepare_mount(store, "/up", "../home", staging, workflow_dir)
+    with pytest.raises(StepInputError, match="only from the folder of a workflow loaded from a file"):
+        prepare_mount(store, "/s", str(workflow_dir / "scripts"), staging, None)
+    with pytest.raises(StepInputError, match="inside FACTORY_HOME"):
+        prepare_mount(store, "/h", str(home), staging, tmp_path)
     with pytest.raises(StepInputError, match="not an artifact"):
         prepare_mount(store, "/in", {"x": 3}, staging, None)
     with pytest.raises(StepInputError, match="absolute"):
-        prepare_mount(store, "in", "scripts", staging, tmp_path)
+        prepare_mount(store, "in", "scripts", staging, workflow_dir)
     absent = {"digest": "sha256:" + "0" * 64, "size": 1}
     with pytest.raises(ArtifactError, match="FACTORY_HOME"):
         prepare_mount(store, "/in/x", absent, staging, None)
