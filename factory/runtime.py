@@ -145,15 +145,20 @@ class _LogCapture(logging.Handler):
         self.sink.write(self.format(record) + "\n")
 
 
+def settle(value: Any) -> Any:
+    """The value itself, or, for an awaitable (an ``async def`` step or agent), what it returns."""
+    if not inspect.isawaitable(value):
+        return value
+    awaitable = value
+
+    async def wait() -> Any:
+        return await awaitable
+
+    return asyncio.run(wait())
+
+
 def _call(func: Any, kwargs: dict[str, Any]) -> Any:
-    result = func(**kwargs)
-    if inspect.isawaitable(result):
-
-        async def wait() -> Any:
-            return await result
-
-        result = asyncio.run(wait())
-    return result
+    return settle(func(**kwargs))
 
 
 def _run_container(call: StepCall, spec: dict[str, Any], logs: io.StringIO) -> Any:

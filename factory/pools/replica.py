@@ -25,7 +25,7 @@ from factory.catalog import AgentSpec
 from factory.errors import StepTimeoutError
 from factory.pools.models import ReplicaHealth
 from factory.retry import is_retryable
-from factory.runtime import MAX_LOG_CHARS, Outcome, encode_output
+from factory.runtime import MAX_LOG_CHARS, Outcome, encode_output, settle
 from factory.spec import RetryPolicy
 
 CONTROL_GROUP = "control"
@@ -125,13 +125,7 @@ class SyncReplicaActor:
         core = self._core
         started = core.begin()
         try:
-            value = core.agent.handle(core.agent.prepare_task(task))
-            if inspect.isawaitable(value):
-
-                async def wait() -> Any:
-                    return await value
-
-                value = asyncio.run(wait())
+            value = settle(core.agent.handle(core.agent.prepare_task(task)))
         except Exception as exc:  # noqa: BLE001 - an agent's error goes back in the Outcome
             return core.fail(exc, retry, started)
         return core.succeed(value, meta, started)
@@ -139,13 +133,7 @@ class SyncReplicaActor:
     @ray.method(concurrency_group=CONTROL_GROUP)
     def health(self) -> ReplicaHealth:
         try:
-            result: Any = self._core.agent.health()
-            if inspect.isawaitable(result):
-
-                async def wait() -> Any:
-                    return await result
-
-                result = asyncio.run(wait())
+            result: Any = settle(self._core.agent.health())
         except Exception as exc:  # noqa: BLE001 - an unhealthy replica
             return self._core.broken(exc)
         return self._core.report(result)
