@@ -230,6 +230,8 @@ class Coordinator:
             executor=step.executor,
             home=str(self.settings.home) if step.container is not None else None,
             base_dir=self.workflow.base_dir if step.container is not None else None,
+            store_url=self.store.url if step.container is not None else None,
+            run_id=self.run_id,
         )
 
     def _step_arguments(self, step: Step) -> dict[str, Any]:

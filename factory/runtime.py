@@ -60,6 +60,8 @@ class StepCall:
     executor: str | None = None  # container steps: local or dagger
     home: str | None = None  # the coordinator's FACTORY_HOME (container steps keep artifacts there)
     base_dir: str | None = None  # the workflow's folder: the only host files a container step may mount
+    store_url: str | None = None  # container steps: where their log lines go as step.log events, live
+    run_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -186,7 +188,16 @@ def run_attempt(call: StepCall, deps: tuple[Outcome, ...]) -> Outcome:
             }
             kwargs = resolve(call.arguments, Context(call.inputs, outputs, call.item, call.has_item))
         if call.action == "container":
-            value = _run_container(call, kwargs, buffer)
+            live = None
+            if call.store_url and call.run_id:
+                from factory.livelog import LiveLog
+
+                live = buffer = LiveLog(call.store_url, call.run_id, call.step_id)
+            try:
+                value = _run_container(call, kwargs, buffer)
+            finally:
+                if live is not None:
+                    live.flush_events(final=True)
         else:
             try:
                 func = import_callable(call.target, call.search_path)

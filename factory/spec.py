@@ -10,7 +10,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 _SIZE_UNITS = {
     "": 1,
@@ -104,6 +112,13 @@ class ContainerSpec(_Model):
         default_factory=dict, description="Container path -> host path or ${steps.ID.artifacts}; read-only."
     )
     outputs: list[str] = Field(default_factory=list, description="Files (container paths) kept as artifacts.")
+    caches: dict[str, Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+$")]] = Field(
+        default_factory=dict,
+        description=(
+            "Container path -> cache name: a writable folder kept between runs (Dagger cache volumes; "
+            "local executor: <scratch root>/caches/NAME). The one place outside the workdir a step may write."
+        ),
+    )
     network: bool = Field(default=False, description="Reach the network (default: no network at all).")
     resources: ContainerResources = Field(default_factory=ContainerResources)
     timeout: float | None = Field(default=None, gt=0, description="Seconds; the command is killed after it.")

@@ -120,6 +120,7 @@ def run_spec(
             step_id=step_id,
             secrets=secrets,
             mounts=mounts,
+            caches=dict(spec.caches),
             timeout=effective_timeout(spec.timeout, timeout),
             outputs_dir=outputs_dir,
             on_line=on_line,

@@ -36,6 +36,9 @@ class Job(BaseModel):
     mounts: dict[str, Path] = Field(
         default_factory=dict, description="Container path -> host path (file or directory), mounted read-only."
     )
+    caches: dict[str, str] = Field(
+        default_factory=dict, description="Container path -> cache name: a folder kept between runs, writable."
+    )
     timeout: float | None = Field(default=None, gt=0, description="Seconds; the effective timeout of the step.")
     outputs_dir: Path | None = Field(default=None, description="Where the executor puts the output files.")
     on_line: LineSink | None = Field(default=None, exclude=True, description="Called with each line as it comes.")

@@ -5,6 +5,7 @@ until a value is awaited)::
 
     container().from_(image)
       .with_mounted_directory / with_mounted_file     (mounts, read-only inputs)
+      .with_mounted_cache(path, cache_volume(name))    (caches, kept between runs)
       .with_env_variable                               (env)
       .with_secret_variable + with_mounted_secret      (set_secret: env var and /run/secrets/NAME)
       .with_workdir(workdir)
@@ -98,6 +99,8 @@ def build_pipeline(
             ctr = ctr.with_mounted_directory(target, client.host().directory(str(host)))
         else:
             ctr = ctr.with_mounted_file(target, client.host().file(str(host)))
+    for target, name in sorted(spec.caches.items()):
+        ctr = ctr.with_mounted_cache(target, client.cache_volume(f"factory-{name}"))
     for key, value in spec.env.items():
         ctr = ctr.with_env_variable(key, value)
     for name, secret_value in sorted(job.secrets.items()):

@@ -378,6 +378,16 @@ class LocalExecutor:
                     source = private / "mounts" / str(index) / host.name
                     _copy_readable(host, source)
                 args += ["--ro-bind", str(source), target]
+            for target, name in sorted(job.caches.items()):  # the step asked for these: writable
+                folder = private.parent / "caches" / name  # beside the workdirs: reachable by the sandbox uids
+                folder.mkdir(parents=True, exist_ok=True)
+                os.chmod(folder, 0o1777)  # any pooled uid may write; none may delete another's files
+                where = PurePosixPath(target)
+                if not where.is_absolute() or PurePosixPath(spec.workdir).is_relative_to(where):
+                    raise StepInputError(
+                        f"cache target {target!r} must be an absolute path that does not hide the workdir"
+                    )
+                args += ["--bind", str(folder), target]
             for name, secret in sorted(job.secrets.items()):
                 fd = _memfd(f"secret-{name}", secret.get_secret_value().encode())
                 fds.append(fd)

@@ -138,6 +138,9 @@ class Store(Protocol):
         """Apply the changes and append one event each, in one transaction. With ``owner``,
         raise LeaseLostError (and change nothing) unless that coordinator still owns the runs."""
 
+    def append_event(self, run_id: str, step_id: str | None, type: str, data: dict[str, Any]) -> None:
+        """An event that changes no state (e.g. step.log lines of a running step)."""
+
     def claim_run(self, run_id: str, owner: str, lease_seconds: float) -> bool:
         """Become the run's coordinator unless another owner holds a fresh lease."""
 

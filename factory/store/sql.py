@@ -210,6 +210,10 @@ class SQLStore(ABC):
             ),
         )
 
+    def append_event(self, run_id: str, step_id: str | None, type: str, data: dict[str, Any]) -> None:
+        with self._write() as cur:
+            self._insert_events(cur, [(run_id, step_id, type, json.dumps(data), time.time())])
+
     def claim_run(self, run_id: str, owner: str, lease_seconds: float) -> bool:
         now = time.time()
         with self._write() as cur:

@@ -325,3 +325,15 @@ def test_a_mount_cannot_hide_the_workdir(tmp_path: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_cache_is_the_one_writable_place_kept_between_steps(tmp_path: Path) -> None:
+    first = run(tmp_path, ["sh", "-c", "echo kept > /cache/note.txt && echo written"], caches={"/cache": "demo"})
+    assert first["stdout"] == "written\n"
+    second = run(tmp_path, ["cat", "/cache/note.txt"], caches={"/cache": "demo"})
+    assert second["stdout"] == "kept\n"  # another sandbox, another uid: the cache is still there
+    assert (SCRATCH[0] / "caches" / "demo" / "note.txt").read_text() == "kept\n"
+    with pytest.raises(ContainerStepError):  # without asking for it, the same write fails
+        run(tmp_path, ["sh", "-c", "echo x > /cache/note.txt"])
+    with pytest.raises(ValueError, match="pattern"):
+        run(tmp_path, ["true"], caches={"/cache": "../escape"})

@@ -76,3 +76,45 @@ def test_a_failed_container_step_resumes_and_mounts_the_committed_artifacts(
     assert [a.status.value for a in store.get_attempts(failed.run_id, "make")] == ["succeeded"]  # not re-run
     logs = "".join(a.logs or "" for a in store.get_attempts(failed.run_id, "use"))
     assert "gate closed" in logs and "made once" in logs
+
+
+def test_container_log_lines_are_events_while_the_step_runs(store: SQLiteStore, settings: Settings) -> None:
+    """Lines come out as step.log events during the step (not only when it ends), secrets redacted."""
+    import threading
+    import time
+
+    secrets = Path(settings.home) / "secrets"  # the run's secrets folder (the default secret source)
+    secrets.mkdir(parents=True, mode=0o700, exist_ok=True)
+    (secrets / "LIVE_TOKEN").write_text("s3cr3t-live-value")
+    step = Step(
+        id="talk",
+        container=ContainerSpec(
+            image="host",
+            command=["sh", "-c", "echo first line; cat /run/secrets/LIVE_TOKEN; echo; sleep 3; echo last line"],
+            secrets=["LIVE_TOKEN"],
+        ),
+    )
+    results: list[factory.RunResult] = []
+    started: list[str] = []
+    runner = threading.Thread(
+        target=lambda: results.append(
+            factory.run(Workflow(name="live", steps=[step]), store=store, settings=settings, on_start=started.append)
+        )
+    )
+    runner.start()
+    seen_while_running: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not seen_while_running:
+        if started:
+            step_status = {s.step_id: s.status.value for s in store.get_steps(started[0])}["talk"]
+            logs = [e for e in store.events(0, started[0]) if e.type == "step.log"]
+            if logs and step_status == "running":
+                seen_while_running = [line for e in logs for line in e.data["lines"]]
+        time.sleep(0.1)
+    runner.join(60)
+    assert results and results[0].ok, results and results[0].error
+    assert "first line" in seen_while_running and "last line" not in seen_while_running
+    lines = [line for e in store.events(0, started[0]) if e.type == "step.log" for line in e.data["lines"]]
+    assert "last line" in lines
+    everything = json.dumps([e.model_dump() for e in store.events(0, started[0])])
+    assert "s3cr3t-live-value" not in everything and "***" in lines

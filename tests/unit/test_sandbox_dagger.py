@@ -53,6 +53,7 @@ def test_the_pipeline_maps_every_part_of_the_spec(tmp_path: Path) -> None:
         env={"MODE": "fast"},
         workdir="/work",
         network=True,
+        caches={"/root/.cache/pip": "pip"},
     )
     job = Job(
         step_id="stats",
@@ -66,6 +67,7 @@ def test_the_pipeline_maps_every_part_of_the_spec(tmp_path: Path) -> None:
         "from",
         "withMountedFile",  # mounts in sorted order of their targets
         "withMountedDirectory",
+        "withMountedCache",
         "withEnvVariable",
         "withSecretVariable",
         "withMountedSecret",
