@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from factory.cache import RedisResultCache, ResultCache
 from factory.catalog import Catalog, load_catalog
-from factory.dag import build_graph, load_workflow, validate_workflow
+from factory.dag import Graph, build_graph, load_workflow, validate_workflow
 from factory.engine import Coordinator, Progress, RunResult, new_run_id
 from factory.errors import RunStateError, WorkflowValidationError
 from factory.raysession import ensure_ray
@@ -103,6 +103,39 @@ def _agent_dispatcher(agents: Catalog | str | Path | None, workflow: Workflow) -
     return PoolDispatcher.from_catalog(agents, search_path=[workflow.base_dir])
 
 
+@contextmanager
+def _coordinator(
+    store: Store,
+    workflow: Workflow,
+    run_id: str,
+    inputs: dict[str, Any],
+    settings: Settings,
+    on_progress: Callable[[Progress], None] | None,
+    agents: Catalog | str | Path | None,
+    graph: Graph | None = None,
+) -> Iterator[Coordinator]:
+    """A coordinator for the run, with its agent dispatcher (if the run has a catalogue) open meanwhile."""
+    dispatcher = _agent_dispatcher(agents, workflow)
+    coordinator = Coordinator(
+        store,
+        workflow,
+        run_id,
+        inputs,
+        settings,
+        on_progress,
+        graph,
+        agent_dispatcher=dispatcher,
+        cache=cache_for(settings, store),
+    )
+    try:
+        if dispatcher is not None:
+            dispatcher.bind_context(coordinator._context)
+        yield coordinator
+    finally:
+        if dispatcher is not None:
+            dispatcher.close()
+
+
 def run(
     workflow: Workflow | str | Path,
     inputs: dict[str, Any] | None = None,
@@ -136,27 +169,10 @@ def run(
         store.create_run(run_id, workflow.name, workflow.model_dump_json(by_alias=True), merged, graph.order)
         if on_start is not None:
             on_start(run_id)
-        dispatcher = _agent_dispatcher(agents, workflow)
-        coordinator = Coordinator(
-            store,
-            workflow,
-            run_id,
-            merged,
-            settings,
-            on_progress,
-            graph,
-            agent_dispatcher=dispatcher,
-            cache=cache_for(settings, store),
-        )
-        try:
-            if dispatcher is not None:
-                dispatcher.bind_context(coordinator._context)
+        with _coordinator(store, workflow, run_id, merged, settings, on_progress, agents, graph) as coordinator:
             coordinator.start()
             with event_publication(settings, store):
                 return coordinator.execute()
-        finally:
-            if dispatcher is not None:
-                dispatcher.close()
     finally:
         if own_store:
             store.close()
@@ -186,20 +202,7 @@ def resume(
             raise RunStateError(f"run {run_id} already succeeded; nothing to resume")
         workflow = Workflow.model_validate_json(record.spec_json)
         ensure_ray(settings.ray_address)
-        dispatcher = _agent_dispatcher(agents, workflow)
-        coordinator = Coordinator(
-            store,
-            workflow,
-            run_id,
-            record.inputs,
-            settings,
-            on_progress,
-            agent_dispatcher=dispatcher,
-            cache=cache_for(settings, store),
-        )
-        try:
-            if dispatcher is not None:
-                dispatcher.bind_context(coordinator._context)
+        with _coordinator(store, workflow, run_id, record.inputs, settings, on_progress, agents) as coordinator:
             if not store.claim_run(run_id, coordinator.owner, settings.lease_seconds):
                 raise RunStateError(
                     f"run {run_id} is still being run by a live process (its lease was renewed less than "
@@ -211,9 +214,6 @@ def resume(
             coordinator.start(resumed=record.status != RunStatus.PENDING)
             with event_publication(settings, store):
                 return coordinator.execute()
-        finally:
-            if dispatcher is not None:
-                dispatcher.close()
     finally:
         if own_store:
             store.close()
