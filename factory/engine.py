@@ -42,6 +42,7 @@ from factory.runtime import Outcome, StepCall, execute_item, execute_step
 from factory.settings import Settings
 from factory.spec import Step, Workflow
 from factory.store import (
+    FINAL_STEP_STATUSES,
     Change,
     RunChange,
     RunStatus,
@@ -270,13 +271,7 @@ class Coordinator:
 
     def _try_submit(self, step_id: str) -> None:
         state = self.states[step_id]
-        if state.submitted or state.status in (
-            StepStatus.SUCCEEDED,
-            StepStatus.FAILED,
-            StepStatus.SKIPPED,
-            StepStatus.CANCELLED,
-            StepStatus.RETRYING,
-        ):
+        if state.submitted or state.status in FINAL_STEP_STATUSES or state.status == StepStatus.RETRYING:
             return
         deps = self.graph.deps[step_id]
         if any(self.states[d].ref is None for d in deps):
@@ -406,7 +401,7 @@ class Coordinator:
         """Dependants submitted against an attempt that failed: forget them, they go again later."""
         for desc in self.graph.descendants(step_id):
             state = self.states[desc]
-            if state.status in (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.CANCELLED):
+            if state.status in FINAL_STEP_STATUSES:
                 continue
             state.generation += 1
             state.submitted = False
@@ -431,12 +426,7 @@ class Coordinator:
             self._first_error = f"step {step_id!r} failed: {error}"
         for desc in self.graph.descendants(step_id):
             desc_state = self.states[desc]
-            if desc_state.status not in (
-                StepStatus.SUCCEEDED,
-                StepStatus.FAILED,
-                StepStatus.SKIPPED,
-                StepStatus.CANCELLED,
-            ):
+            if desc_state.status not in FINAL_STEP_STATUSES:
                 self._step_change(desc_state, StepStatus.SKIPPED, "step.skipped", data={"because": step_id})
         for ref, (sid, _, item) in list(self.inflight.items()):
             if sid == step_id and item is not None:
@@ -555,10 +545,7 @@ class Coordinator:
         return p
 
     def _unfinished(self) -> bool:
-        return any(
-            s.status not in (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.CANCELLED)
-            for s in self.states.values()
-        )
+        return any(s.status not in FINAL_STEP_STATUSES for s in self.states.values())
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop every attempt in flight and mark the unfinished steps cancelled."""
@@ -568,7 +555,7 @@ class Coordinator:
         self.inflight.clear()
         self.retry_heap.clear()
         for state in self.states.values():
-            if state.status not in (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.CANCELLED):
+            if state.status not in FINAL_STEP_STATUSES:
                 self._step_change(state, StepStatus.CANCELLED, "step.cancelled", data={"reason": reason})
 
     def _wait(self) -> None:
