@@ -1,13 +1,14 @@
 """Routing benchmark: top-1 accuracy and decision latency of each scorer on a labelled task list.
 
-    python -m benchmarks.routing --agents agents.yaml --tasks tasks.tsv [--scorer NAME] [--only]
+    python -m benchmarks.routing --agents agents.yaml --tasks tasks.tsv [--scorer NAME] [--only] [--ablation]
 
 ``tasks.tsv`` has a header with the columns ``expected`` (the right agent) and
 ``description`` (the task text). Every scorer that can run here is measured
 (``llm`` only when a model is configured), unless ``--only``; the last line is
 ``accuracy: 0.xx`` for the scorer asked with ``--scorer``. Latency is per
 decision (``Router.route``), measured after a warm-up on the catalogue's own
-examples.
+examples. ``--ablation`` adds the embedding scorer's parts side by side: the
+cosine alone (no lexical blend) and the numpy backend instead of ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import csv
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from factory.catalog import Catalog, load_catalog
 from factory.errors import FactoryError
-from factory.routing import SCORERS, Router, RouteRequest, make_scorer
+from factory.routing import SCORERS, Router, RouteRequest, Scorer, make_scorer
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-def measure(name: str, catalog: Catalog, tasks: list[Task]) -> Result:
+def measure(name: str, catalog: Catalog, tasks: list[Task], build: Callable[[], Scorer] | None = None) -> Result:
     start = time.perf_counter()
-    router = Router(catalog, make_scorer(name, catalog))
+    router = Router(catalog, build() if build else make_scorer(name, catalog))
     prepare_s = time.perf_counter() - start
     warm_up = [e for agent in catalog.agents for e in agent.examples] or [a.description for a in catalog.agents]
     for text in warm_up:
@@ -98,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scorer", default="lexical", choices=sorted(SCORERS), help="scorer of the last line")
     parser.add_argument("--only", action="store_true", help="measure only --scorer")
     parser.add_argument("--show-misses", action="store_true", help="list the misrouted tasks")
+    parser.add_argument(
+        "--ablation", action="store_true", help="also the embedding cosine alone, and the embedding on numpy"
+    )
     args = parser.parse_args(argv)
 
     catalog = load_catalog(args.agents)
@@ -106,12 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"warning: tasks expect agents not in the catalogue: {', '.join(unknown)}", file=sys.stderr)
     names = [args.scorer] if args.only else [args.scorer, *(n for n in SCORERS if n != args.scorer)]
+    variants: dict[str, Callable[[], Scorer]] = {}
+    if args.ablation:
+        from factory.routing.embedding import EmbeddingScorer
+
+        variants["emb-cosine"] = lambda: EmbeddingScorer(catalog, lexical_weight=0.0)
+        variants["emb-numpy"] = lambda: EmbeddingScorer(catalog, backend="numpy")
+        names += list(variants)
     print(f"routing benchmark: {len(tasks)} tasks, {len(catalog.agents)} agents ({args.agents})")
     print(f"{'scorer':<10} {'accuracy':>8} {'correct':>9} {'p50 ms':>8} {'p99 ms':>8} {'prepare s':>10}")
     results: dict[str, Result] = {}
     for name in names:
         try:
-            result = measure(name, catalog, tasks)
+            result = measure(name, catalog, tasks, variants.get(name))
         except FactoryError as exc:
             if name == args.scorer:
                 print(f"error: scorer {name!r} cannot run: {exc}", file=sys.stderr)
@@ -126,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.show_misses:
             for task, got in result.misses:
                 print(f"    miss: expected {task.expected}, got {got}: {task.text}")
+    if "embedding" in results:
+        from factory.models.minilm import load_encoder
+
+        print(f"embedding backend: {load_encoder().backend}")
     print(f"accuracy: {results[args.scorer].accuracy:.2f}")
     return 0
 

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     embedding_model_path: Path | None = Field(
         default=None, description="Folder with all-MiniLM-L6-v2 (else $FACTORY_HOME/models; `factory models pull`)."
     )
+    embedding_backend: Literal["auto", "numpy", "onnxruntime"] = Field(
+        default="auto", description="What runs the embedding model; auto: onnxruntime when installed, else numpy."
+    )
     api_url: str | None = Field(default=None, description="Where the CLI's --api commands send requests.")
     api_key: str | None = Field(default=None, description="The CLI's and client's API key (a secret).")
     api_rate_limit: float = Field(default=200.0, gt=0, description="Requests per second per API key and replica.")
