@@ -11,7 +11,7 @@ decision of the router is exactly that (benchmarks/routing.py prints both).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -41,7 +41,7 @@ class _GraphBuilder:
         self.initializers.append(self._numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], domain: str | None = None, **attributes: object) -> str:
+    def op(self, op_type: str, inputs: list[str], domain: str | None = None, **attributes: Any) -> str:
         from onnx import helper
 
         self._count += 1
