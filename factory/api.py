@@ -128,8 +128,6 @@ def _coordinator(
         cache=cache_for(settings, store),
     )
     try:
-        if dispatcher is not None:
-            dispatcher.bind_context(coordinator._context)
         yield coordinator
     finally:
         if dispatcher is not None:

@@ -57,8 +57,11 @@ CANCEL_POLL_SECONDS = 0.25
 class AgentDispatcher(Protocol):
     """Sends an agent or route step's task to an agent pool (factory.pools implements it)."""
 
-    def submit(self, step: Step, task: dict[str, Any]) -> Any:
-        """Start the task; return an ObjectRef that resolves to a runtime.Outcome."""
+    def submit(self, step: Step, task: dict[str, Any], route_text: str | None = None) -> Any:
+        """Start the task; return an ObjectRef that resolves to a runtime.Outcome.
+
+        ``route_text`` is a route step's text with its ``${...}`` resolved (for this item of a for_each).
+        """
 
 
 MAX_WAIT_SECONDS = 0.1
@@ -339,14 +342,17 @@ class Coordinator:
         state.items[index].attempts += 1
         has_item = step.for_each is not None
         if step.kind in ("agent", "route"):
-            ref = self._dispatch_to_agent(step, arguments[index])
+            ref = self._dispatch_to_agent(step, arguments[index], items[index] if has_item else None, has_item)
         else:
             call = self._call(step, arguments[index], True, items[index] if has_item else None, has_item)
             ref = execute_item.options(**self._options(step)).remote(call)
         self._track(ref, step.id, index)
 
-    def _dispatch_to_agent(self, step: Step, task: dict[str, Any]) -> Any:
-        """An agent or route step: the resolved task goes to an agent pool; returns ObjectRef[Outcome]."""
+    def _dispatch_to_agent(self, step: Step, task: dict[str, Any], item: Any = None, has_item: bool = False) -> Any:
+        """An agent or route step: the resolved task goes to an agent pool; returns ObjectRef[Outcome].
+
+        A route step's text is resolved here, per item, so ``${item}`` routes each item on its own text.
+        """
         if self.agent_dispatcher is None:
             return ray.put(
                 Outcome(
@@ -355,7 +361,15 @@ class Coordinator:
                     error_type="factory.errors.StepInputError",
                 )
             )
-        return self.agent_dispatcher.submit(step, task)
+        if step.route is None:
+            return self.agent_dispatcher.submit(step, task)
+        try:
+            text = resolve(step.route.text, self._context(step, item, has_item))
+        except StepInputError as exc:
+            return ray.put(Outcome(ok=False, error=str(exc), error_type="factory.errors.StepInputError"))
+        if not isinstance(text, str):
+            text = json.dumps(text, default=str)
+        return self.agent_dispatcher.submit(step, task, route_text=text)
 
     def _finish_items(self, state: _StepState) -> None:
         step = state.step

@@ -14,7 +14,7 @@ retry policy may retry, never as an exception in the coordinator.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from factory.errors import (
 )
 from factory.pools.client import PoolClient
 from factory.pools.connection import Pools
-from factory.refs import Context, find_references, resolve
+from factory.refs import find_references
 from factory.runtime import Outcome
 from factory.spec import Step
 
@@ -95,7 +95,6 @@ class PoolDispatcher:
         router: Any = None,
         scorer: str = "lexical",
         search_path: Sequence[str] = (),
-        context: Callable[[Step], Context] | None = None,
     ) -> None:
         self.search_path = tuple(p for p in search_path if p)
         self.catalog = complete_catalog(catalog, self.search_path)
@@ -103,7 +102,6 @@ class PoolDispatcher:
         self.pools = pools if pools is not None else Pools()
         self._router = router
         self.scorer = scorer
-        self._context = context
 
     @classmethod
     def from_catalog(
@@ -117,10 +115,6 @@ class PoolDispatcher:
             catalog = load_catalog(agents)
             paths.insert(0, str(Path(agents).resolve().parent))
         return cls(catalog, search_path=paths, **kwargs)
-
-    def bind_context(self, context: Callable[[Step], Context]) -> None:
-        """How to resolve ``${...}`` in a route step's text (the coordinator's view of inputs and outputs)."""
-        self._context = context
 
     @property
     def router(self) -> Any:
@@ -163,24 +157,17 @@ class PoolDispatcher:
 
         return self.router.route(RouteRequest(text=text, capabilities=list(capabilities)), health=self.health())
 
-    def _route_text(self, step: Step) -> str:
+    @staticmethod
+    def _route_text(step: Step, route_text: str | None) -> str:
         assert step.route is not None
-        text = step.route.text
-        refs = find_references(text)
-        if not refs:
-            return text
-        if any(ref.root == "item" for ref in refs):
+        if route_text is not None:
+            return route_text
+        if find_references(step.route.text):
             raise StepInputError(
-                f"step {step.id!r}: route.text cannot use ${{item}} (each item is routed on the same text); "
-                "keep the text general and pass the item in `with:`"
+                f"step {step.id!r}: the route text has ${{...}} references; the engine resolves them "
+                "and passes route_text= (a direct caller must too)"
             )
-        if self._context is None:
-            raise StepInputError(
-                f"step {step.id!r}: the route text has ${{...}} references but this dispatcher was not bound "
-                "to a run (PoolDispatcher.bind_context)"
-            )
-        resolved = resolve(text, self._context(step))
-        return resolved if isinstance(resolved, str) else str(resolved)
+        return step.route.text
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -191,12 +178,12 @@ class PoolDispatcher:
             raise StepInputError(str(exc.args[0])) from None
         return self.pools.ensure(spec, search_path=self.search_path)
 
-    def submit(self, step: Step, task: dict[str, Any]) -> Any:
+    def submit(self, step: Step, task: dict[str, Any], route_text: str | None = None) -> Any:
         """Start the step's task on a pool; returns ObjectRef[Outcome] (the engine's AgentDispatcher)."""
         try:
             decision: Any = None
             if step.route is not None:
-                decision = self.route(self._route_text(step), step.route.capabilities)
+                decision = self.route(self._route_text(step, route_text), step.route.capabilities)
                 name = str(decision.agent)
             elif step.agent is not None:
                 name = step.agent

@@ -189,3 +189,45 @@ def test_an_open_breaker_makes_the_router_prefer_another_pool() -> None:
         dispatcher.close()
         pools.close()
         stop_manager(name, drain_timeout=0)
+
+
+def test_route_text_with_item_routes_each_item_on_its_own_text(store: SQLiteStore, settings: Settings) -> None:
+    memo = "The board met on Monday. Budgets were approved. Hiring resumes in May. The office moves in June."
+    invoice = "Invoice INV-77 from Acme. Total due: 120.50 EUR by 2025-03-01."
+    wf = Workflow.model_validate(
+        {
+            "name": "per-item-routing",
+            "steps": [
+                {
+                    "id": "work",
+                    "for_each": [
+                        {"ask": "Summarize this memo in two sentences.", "text": memo},
+                        {"ask": "Pull the invoice number and the total out of this invoice as JSON.", "text": invoice},
+                    ],
+                    "route": {"text": "${item.ask}"},
+                    "with": {"text": "${item.text}"},
+                }
+            ],
+        }
+    )
+    result = factory.run(wf, store=store, settings=settings, agents=TRIAGE / "agents.yaml")
+    assert result.ok, result.error
+    summary, fields = result.outputs["work"]
+    assert summary["agent"] == "summarizer" and summary["route"]["agent"] == "summarizer"
+    assert fields["agent"] == "extractor" and fields["route"]["agent"] == "extractor"
+    assert fields["result"]["fields"]["invoice_number"] == "INV-77"
+
+
+def test_route_text_with_an_unknown_reference_fails_the_step(store: SQLiteStore, settings: Settings) -> None:
+    wf = Workflow.model_validate(
+        {
+            "name": "bad-ref",
+            "inputs": {"ask": "Summarize this."},
+            "steps": [
+                {"id": "a", "for_each": [{"ask": "x"}], "route": {"text": "${item.missing}"}, "with": {"text": "t"}}
+            ],
+        }
+    )
+    result = factory.run(wf, store=store, settings=settings, agents=TRIAGE / "agents.yaml")
+    assert not result.ok
+    assert "missing" in (result.error or "")
