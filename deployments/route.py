@@ -19,6 +19,7 @@ from factory import __version__
 from factory.api import store_for
 from factory.auth import Scope
 from factory.catalog import Catalog, load_catalog
+from factory.pools.placement import ClusterView
 from factory.routing import AgentHealth, RouteDecision, Router, RouteRequest
 from factory.settings import Settings
 
@@ -51,8 +52,11 @@ LIMITS = {"max_body": Settings.model_fields["api_max_body_bytes"].default}
 install_error_handlers(route_app, lambda: int(LIMITS["max_body"]))
 
 
-def health_from_pools(pools: dict[str, Any]) -> dict[str, AgentHealth]:
-    return {
+def health_from_pools(
+    pools: dict[str, Any], catalog: Catalog | None = None, cluster: ClusterView | None = None
+) -> dict[str, AgentHealth]:
+    """The router's view of each agent: the manager's pools, and whether the cluster can place a replica."""
+    health = {
         name: AgentHealth(
             healthy=info.health != "down",
             breaker_open=info.breaker == "open",
@@ -61,6 +65,12 @@ def health_from_pools(pools: dict[str, Any]) -> dict[str, AgentHealth]:
         )
         for name, info in pools.items()
     }
+    if catalog is not None and cluster is not None:
+        for agent in catalog.agents:
+            reason = cluster.unplaceable(agent.pool.replica_resources()) if agent.class_ else None
+            if reason:
+                health[agent.name] = AgentHealth(unplaceable=reason)
+    return health
 
 
 @serve.deployment(
@@ -76,6 +86,8 @@ class RouteAPI:
         LIMITS["max_body"] = self.settings.api_max_body_bytes
         self.auth = Authorizer(store_for(self.settings), self.settings, open_mode)
         catalog = load_catalog(self.settings.agents_file) if self.settings.agents_file else Catalog()
+        self.catalog = catalog
+        self.cluster = ClusterView()
         self.router = Router(catalog, scorer=self.settings.router_scorer)
         if catalog.agents:  # warm the scorer (tokeniser, model) before the first request
             self.router.route(RouteRequest(text="warm up the router"))
@@ -84,11 +96,16 @@ class RouteAPI:
         threading.Thread(target=self._refresh_loop, name="pool-load", daemon=True).start()
 
     def _refresh_loop(self) -> None:
+        pools: dict[str, Any] = {}
         while not self._stop.wait(REFRESH_SECONDS):
             try:
-                self.health = health_from_pools(live_pools())
+                pools = live_pools()
             except Exception as exc:  # noqa: BLE001 - a stale view is better than none
                 log.debug("cannot refresh pool load: %s", exc)
+            try:
+                self.health = health_from_pools(pools, self.catalog, self.cluster)
+            except Exception as exc:  # noqa: BLE001 - the placement view is refreshed on the next turn
+                log.debug("cannot read the cluster's nodes: %s", exc)
 
     @route_app.post("/", response_model=RouteDecision, summary="Choose the agent for a task")
     async def route(self, request: Request, body: RouteRequest) -> Response:

@@ -34,13 +34,38 @@ class PoolConfig(BaseModel):
     max_queued: int = Field(default=1000, ge=0, description="Requests waiting per pool before PoolSaturated.")
     num_cpus: float = Field(default=0.1, ge=0)
     num_gpus: float = Field(default=0, ge=0)
-    memory: int | None = Field(default=None, ge=0)
+    memory: int | None = Field(default=None, ge=0, description="Bytes of memory one replica reserves.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources one replica takes, e.g. {accelerator_x: 1}."
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> PoolConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        reserved = sorted({"CPU", "GPU", "memory"} & set(self.resources))
+        if reserved:
+            raise ValueError(f"set {', '.join(reserved)} with num_cpus, num_gpus and memory, not in resources")
+        negative = sorted(k for k, v in self.resources.items() if v < 0)
+        if negative:
+            raise ValueError(f"resource amounts cannot be negative: {', '.join(negative)}")
         return self
+
+    def replica_resources(self) -> dict[str, float]:
+        """What one replica takes, in Ray's resource names: CPU, GPU, memory (bytes) and custom ones."""
+        needs: dict[str, float] = {"CPU": self.num_cpus, "GPU": self.num_gpus}
+        if self.memory:
+            needs["memory"] = float(self.memory)
+        needs.update(self.resources)
+        return needs
+
+
+def describe_amount(resource: str, amount: float) -> str:
+    """An amount of a Ray resource for people: memory in MiB or GiB, the others as plain numbers."""
+    if resource == "memory":
+        gib = amount / 2**30
+        return f"memory {gib:.3g} GiB" if gib >= 1 else f"memory {amount / 2**20:.3g} MiB"
+    return f"{resource} {amount:g}"
 
 
 class AgentSpec(BaseModel):

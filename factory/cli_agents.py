@@ -31,6 +31,20 @@ def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _resources(pairs: list[str]) -> dict[str, float]:
+    """``["GPU=1", "memory=2e9"]`` as ``{"GPU": 1.0, "memory": 2e9}``; a malformed pair exits 2 and says so."""
+    resources: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, amount = pair.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            resources[name.strip()] = float(amount)
+        except ValueError:
+            raise _fail(f"--resource {pair!r}: write NAME=AMOUNT, e.g. --resource GPU=1", EXIT_INVALID) from None
+    return resources
+
+
 def _register_route(app: typer.Typer) -> None:
     @app.command()
     def route(
@@ -45,6 +59,15 @@ def _register_route(app: typer.Typer) -> None:
         capability: Annotated[
             list[str] | None,
             typer.Option("--capability", "-c", help="A capability the agent must have (repeatable)."),
+        ] = None,
+        resource: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--resource",
+                "-r",
+                help="NAME=AMOUNT one replica must hold, in Ray's names: CPU, GPU, memory (bytes) or custom "
+                "(repeatable), e.g. -r GPU=1.",
+            ),
         ] = None,
         model_path: Annotated[
             Path | None,
@@ -74,7 +97,8 @@ def _register_route(app: typer.Typer) -> None:
             else:
                 chosen = make_scorer(scorer, catalog)
             router = Router(catalog, chosen)
-            decision = router.route(RouteRequest(text=text, capabilities=capability or []))
+            request = RouteRequest(text=text, capabilities=capability or [], resources=_resources(resource or []))
+            decision = router.route(request)
         except NoEligibleAgentError as exc:
             if as_json:
                 sys.stdout.write(json.dumps({"error": str(exc), "filtered_out": exc.filtered_out}) + "\n")

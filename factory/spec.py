@@ -130,6 +130,10 @@ class RouteSpec(_Model):
 
     text: str = Field(min_length=1, description="The task, in words; may hold ${...} references.")
     capabilities: list[str] = Field(default_factory=list, description="Every one of these is required.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="What one replica of the agent must hold (Ray's names: CPU, GPU, memory, custom), e.g. {GPU: 1}.",
+    )
 
 
 EXECUTORS = ("local", "dagger")

@@ -14,7 +14,7 @@ retry policy may retry, never as an exception in the coordinator.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,14 @@ from factory.errors import (
 )
 from factory.pools.client import PoolClient
 from factory.pools.connection import Pools
+from factory.pools.placement import ClusterView
 from factory.refs import find_references
 from factory.runtime import Outcome
 from factory.spec import Step
 
 TRANSIENT: tuple[type[BaseException], ...] = (PoolSaturated, CircuitOpenError)
+# Router filters that a retry cannot change (the others, such as an open breaker, pass).
+PERMANENT_FILTERS = ("missing capabilit", "lacks resources")
 
 
 def _as_dict(value: Any) -> Any:
@@ -102,6 +105,7 @@ class PoolDispatcher:
         self.pools = pools if pools is not None else Pools()
         self._router = router
         self.scorer = scorer
+        self.cluster = ClusterView()
 
     @classmethod
     def from_catalog(
@@ -137,7 +141,10 @@ class PoolDispatcher:
         health: dict[str, Any] = {}
         for spec in self.catalog.agents:
             client = self.pools.clients.get(spec.name)
-            if spec.class_ is None:  # catalogued for routing elsewhere, cannot run here
+            unplaceable = self.cluster.unplaceable(spec.pool.replica_resources()) if spec.class_ else None
+            if unplaceable:
+                health[spec.name] = AgentHealth(unplaceable=unplaceable)
+            elif spec.class_ is None:  # catalogued for routing elsewhere, cannot run here
                 health[spec.name] = AgentHealth(healthy=False, breaker_open=False, in_flight=0, capacity=1)
             elif client is None:  # not started yet: it starts on first use
                 capacity = max(spec.pool.min_replicas, 1) * spec.pool.max_concurrency
@@ -151,11 +158,12 @@ class PoolDispatcher:
                 )
         return health
 
-    def route(self, text: str, capabilities: Sequence[str] = ()) -> Any:
+    def route(self, text: str, capabilities: Sequence[str] = (), resources: Mapping[str, float] | None = None) -> Any:
         """The router's decision for a task (raises NoEligibleAgentError when none fits)."""
         from factory.routing import RouteRequest
 
-        return self.router.route(RouteRequest(text=text, capabilities=list(capabilities)), health=self.health())
+        request = RouteRequest(text=text, capabilities=list(capabilities), resources=dict(resources or {}))
+        return self.router.route(request, health=self.health())
 
     @staticmethod
     def _route_text(step: Step, route_text: str | None) -> str:
@@ -183,7 +191,7 @@ class PoolDispatcher:
         try:
             decision: Any = None
             if step.route is not None:
-                decision = self.route(self._route_text(step, route_text), step.route.capabilities)
+                decision = self.route(self._route_text(step, route_text), step.route.capabilities, step.route.resources)
                 name = str(decision.agent)
             elif step.agent is not None:
                 name = step.agent
@@ -196,7 +204,7 @@ class PoolDispatcher:
             return _refused(exc, retryable=True)
         except NoEligibleAgentError as exc:
             # Worth retrying when an agent was only passed over for now (open breaker, unhealthy pool).
-            transient = any(not why.startswith("missing capabilit") for why in exc.filtered_out.values())
+            transient = any(not why.startswith(PERMANENT_FILTERS) for why in exc.filtered_out.values())
             return _refused(exc, retryable=transient)
         except FactoryError as exc:
             return _refused(exc, retryable=False)

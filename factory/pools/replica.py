@@ -202,4 +202,6 @@ def replica_actor_options(spec: AgentSpec) -> dict[str, Any]:
         options["num_gpus"] = pool.num_gpus
     if pool.memory:
         options["memory"] = pool.memory
+    if pool.resources:
+        options["resources"] = dict(pool.resources)
     return options

@@ -6,17 +6,30 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class RouteRequest(BaseModel):
-    """A task to place: its text, and the capabilities an agent must have to take it."""
+    """A task to place: its text, the capabilities an agent must have, and what one replica must hold."""
 
     model_config = ConfigDict(extra="forbid")
 
     text: str = Field(description="What the task asks, in plain language.")
     capabilities: list[str] = Field(default_factory=list, description="Every one is required of the agent.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Resources one replica of the agent must hold, in Ray's names: CPU, GPU, memory (bytes) "
+        "or a custom resource; e.g. {GPU: 1}.",
+    )
 
     @field_validator("capabilities")
     @classmethod
     def _strip(cls, value: list[str]) -> list[str]:
         return [c.strip() for c in value if c.strip()]
+
+    @field_validator("resources")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        negative = sorted(k for k, v in value.items() if v < 0)
+        if negative:
+            raise ValueError(f"resource amounts cannot be negative: {', '.join(negative)}")
+        return value
 
 
 class AgentHealth(BaseModel):
@@ -26,6 +39,9 @@ class AgentHealth(BaseModel):
 
     healthy: bool = True
     breaker_open: bool = False
+    unplaceable: str | None = Field(
+        default=None, description="Why no node of the cluster can hold one of its replicas; None if one can."
+    )
     in_flight: int = Field(default=0, ge=0, description="Requests being served or queued.")
     capacity: int = Field(default=1, ge=1, description="replicas * max_concurrency.")
 

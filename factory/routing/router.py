@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from factory.catalog import AgentSpec, Catalog
+from factory.catalog import AgentSpec, Catalog, describe_amount
 from factory.errors import NoEligibleAgentError
 from factory.routing.models import AgentHealth, Candidate, RouteDecision, RouteRequest
 from factory.routing.scorers import Scorer, make_scorer
@@ -13,12 +13,22 @@ from factory.routing.scorers import Scorer, make_scorer
 _IDLE = AgentHealth()
 
 
+def _short_of(wanted: Mapping[str, float], held: Mapping[str, float]) -> str:
+    """What of ``wanted`` one replica holding ``held`` lacks, e.g. "GPU 1 (a replica holds 0)"; "" if nothing."""
+    return ", ".join(
+        f"{describe_amount(name, amount)} (a replica holds {describe_amount(name, held.get(name, 0.0))})"
+        for name, amount in sorted(wanted.items())
+        if held.get(name, 0.0) + 1e-9 < amount
+    )
+
+
 class Router:
     """Picks the agent of a catalogue that should take a task, and says why.
 
-    1. Hard filters: the agent must have every requested capability, be healthy,
-       and have its circuit breaker closed (an agent whose breaker is open is
-       passed over for any other eligible agent).
+    1. Hard filters: the agent must have every requested capability, its replicas
+       must hold the requested resources (``RouteRequest.resources`` against the
+       catalogue's pool config), some node of the cluster must be able to hold a
+       replica, it must be healthy, and its circuit breaker must be closed.
     2. Semantic fit of the task text to each remaining agent (the scorer).
     3. Load, as a small tie-breaker: ``total = semantic - load_weight * utilisation``,
        utilisation being in-flight requests over capacity (capped at ``max_utilisation``).
@@ -52,8 +62,13 @@ class Router:
             have = {c.lower() for c in agent.capabilities}
             missing = [c for c in wanted if c not in have]
             state = health.get(agent.name, _IDLE)
+            short = _short_of(request.resources, agent.pool.replica_resources())
             if missing:
                 filtered[agent.name] = f"missing capabilities: {', '.join(missing)}"
+            elif short:
+                filtered[agent.name] = f"lacks resources: {short}"
+            elif state.unplaceable:
+                filtered[agent.name] = f"cannot be placed: {state.unplaceable}"
             elif not state.healthy:
                 filtered[agent.name] = "unhealthy: its pool has no healthy replica"
             elif state.breaker_open:

@@ -73,6 +73,20 @@ def test_route_with_no_eligible_agent_exits_1(env: dict[str, str], agents: Path)
     assert json.loads(as_json.stdout)["filtered_out"]["sql"] == "missing capabilities: gpu"
 
 
+def test_route_with_resources(env: dict[str, str], agents: Path, tmp_path: Path) -> None:
+    data = yaml.safe_load(agents.read_text(encoding="utf-8"))
+    data["agents"][1]["pool"] = {"num_gpus": 1}  # the translator's replicas hold a GPU
+    gpu_agents = tmp_path / "gpu_agents.yaml"
+    gpu_agents.write_text(yaml.safe_dump(data), encoding="utf-8")
+    result = factory(env, "route", "Summarize this", "--agents", str(gpu_agents), "-r", "GPU=1", "--json")
+    assert result.returncode == 0, result.stderr
+    decision = json.loads(result.stdout)
+    assert decision["agent"] == "translator"  # the only one with a GPU, however the text reads
+    assert decision["filtered_out"]["summarizer"] == "lacks resources: GPU 1 (a replica holds GPU 0)"
+    bad = factory(env, "route", "x", "--agents", str(agents), "--resource", "GPU")
+    assert bad.returncode == 2 and "write NAME=AMOUNT" in bad.stderr
+
+
 def test_route_reports_unusable_input(env: dict[str, str], agents: Path, tmp_path: Path) -> None:
     bad = factory(env, "route", "x", "--agents", str(agents), "--scorer", "nope")
     assert bad.returncode == 2 and "unknown scorer 'nope'" in bad.stderr

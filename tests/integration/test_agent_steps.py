@@ -231,3 +231,43 @@ def test_route_text_with_an_unknown_reference_fails_the_step(store: SQLiteStore,
     result = factory.run(wf, store=store, settings=settings, agents=TRIAGE / "agents.yaml")
     assert not result.ok
     assert "missing" in (result.error or "")
+
+
+def test_router_passes_over_an_agent_no_node_can_place(store: SQLiteStore, settings: Settings) -> None:
+    """The session's Ray has 4 CPUs and no GPU: a pool whose replicas need a GPU would wait for ever."""
+    from factory.pools import PoolDispatcher
+
+    catalog = Catalog.model_validate(
+        {
+            "agents": [
+                {"name": "gpu_summarizer", "class": "agents.text:Summarizer", "pool": {"num_gpus": 1}},
+                {"name": "summarizer", "class": "agents.text:Summarizer", "pool": {"num_cpus": 0.1}},
+                {"name": "hungry", "class": "agents.text:Summarizer", "pool": {"resources": {"tpu_slice": 1}}},
+            ]
+        }
+    )
+    dispatcher = PoolDispatcher(catalog)
+    try:
+        health = dispatcher.health()
+        assert health["gpu_summarizer"].unplaceable == "no node has GPU 1 (the largest node has GPU 0)"
+        assert health["hungry"].unplaceable == "no node has tpu_slice 1 (the largest node has tpu_slice 0)"
+        assert health["summarizer"].unplaceable is None
+        decision = dispatcher.route("Summarize this report in two sentences.")
+        assert decision.agent == "summarizer"
+        assert decision.filtered_out["gpu_summarizer"].startswith("cannot be placed: no node has GPU 1")
+    finally:
+        dispatcher.close()
+
+    # In a workflow: a route step asking for a GPU finds no agent, and the step says why.
+    wf = Workflow.model_validate(
+        {
+            "name": "needs-gpu",
+            "steps": [
+                {"id": "s", "route": {"text": "Summarize this.", "resources": {"GPU": 1}}, "with": {"text": "x"}}
+            ],
+        }
+    )
+    result = factory.run(wf, store=store, settings=settings, agents=catalog)
+    assert not result.ok
+    assert "cannot be placed: no node has GPU 1" in (result.error or "")
+    assert "lacks resources: GPU 1" in (result.error or "")

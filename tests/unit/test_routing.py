@@ -191,3 +191,72 @@ def test_a_long_filtered_list_is_counted_in_the_reason() -> None:
     decision = Router(Catalog.model_validate({"agents": agents})).route(RouteRequest(text="t", capabilities=["x"]))
     assert decision.agent == "agent-0" and len(decision.filtered_out) == 4
     assert decision.reason.endswith("; 4 agents filtered out.")
+
+
+def _gpu_catalog() -> Catalog:
+    return Catalog.model_validate(
+        {
+            "agents": [
+                {
+                    "name": "big_summarizer",
+                    "capabilities": ["summarize"],
+                    "description": "Summarize long documents with a large model.",
+                    "pool": {"num_gpus": 1, "memory": 8_000_000_000, "resources": {"accel_x": 2}},
+                },
+                {
+                    "name": "small_summarizer",
+                    "capabilities": ["summarize"],
+                    "description": "Summarize short notes.",
+                },
+            ]
+        }
+    )
+
+
+def test_resources_filter_keeps_only_agents_whose_replicas_hold_them() -> None:
+    router = Router(_gpu_catalog())
+    decision = router.route(RouteRequest(text="Summarize this short note", resources={"GPU": 1}))
+    assert decision.agent == "big_summarizer"
+    assert decision.filtered_out == {"small_summarizer": "lacks resources: GPU 1 (a replica holds GPU 0)"}
+    # Memory in bytes and custom resources are compared the same way.
+    decision = router.route(RouteRequest(text="Summarize", resources={"memory": 4e9, "accel_x": 1}))
+    assert decision.agent == "big_summarizer"
+    with pytest.raises(NoEligibleAgentError) as caught:
+        router.route(RouteRequest(text="Summarize", resources={"accel_x": 3, "CPU": 0.1}))
+    assert caught.value.filtered_out["big_summarizer"] == "lacks resources: accel_x 3 (a replica holds accel_x 2)"
+    assert "CPU" not in caught.value.filtered_out["big_summarizer"]
+
+
+def test_an_agent_the_cluster_cannot_place_is_passed_over() -> None:
+    router = Router(_gpu_catalog())
+    health = {"big_summarizer": AgentHealth(unplaceable="no node has GPU 1 (the largest node has 0)")}
+    decision = router.route(RouteRequest(text="Summarize this long report with a large model"), health)
+    assert decision.agent == "small_summarizer"
+    assert decision.filtered_out["big_summarizer"] == "cannot be placed: no node has GPU 1 (the largest node has 0)"
+
+
+def test_resource_requests_must_not_be_negative() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="cannot be negative: GPU"):
+        RouteRequest(text="x", resources={"GPU": -1})
+    with pytest.raises(ValidationError, match="set GPU with num_cpus, num_gpus and memory"):
+        Catalog.model_validate({"agents": [{"name": "a", "pool": {"resources": {"GPU": 1}}}]})
+
+
+def test_placement_reasons_name_the_missing_resource() -> None:
+    from factory.pools.placement import unplaceable_reason
+
+    nodes = [{"CPU": 4.0, "memory": 8e9}, {"CPU": 2.0, "GPU": 1.0, "memory": 2e9}]
+    assert unplaceable_reason({"memory": 16 * 2**30}, nodes) == (
+        "no node has memory 16 GiB (the largest node has memory 7.45 GiB)"
+    )
+    assert unplaceable_reason({"CPU": 1, "GPU": 1}, nodes) is None
+    assert unplaceable_reason({"CPU": 0, "GPU": 0}, []) is None  # asks for nothing
+    assert unplaceable_reason({"memory": 3 * 2**29}, nodes) is None
+    assert unplaceable_reason({"GPU": 2}, nodes) == "no node has GPU 2 (the largest node has GPU 1)"
+    # Each resource exists, but never together on one node.
+    assert unplaceable_reason({"GPU": 1, "memory": 4e9}, nodes) == (
+        "no single node has all of GPU 1, memory 3.73 GiB at once"
+    )
+    assert unplaceable_reason({"CPU": 1}, []) == "the cluster has no alive node"
