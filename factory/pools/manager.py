@@ -8,6 +8,12 @@ checks in a row, scales each pool between ``min_replicas`` and
 ``max_replicas`` on the queue depth its callers report, and drains replicas
 (no new requests, then wait for in-flight work) before it stops them.
 
+A pool with ``min_replicas: 0`` scales to zero: it starts with one replica
+(a pool is registered when it is first used), and its last replica stops after
+``scale_down_after`` quiet checks. The next request finds no replica and asks
+the manager for one (``await_replicas``), which starts it: the request waits
+for a replica's start-up, about a second on a warm node.
+
 It is never on the per-request path: callers hold the pool's membership and
 send requests to replicas themselves (see :mod:`factory.pools.client`). They
 call the manager to register a pool, every half second to report their load
@@ -76,7 +82,22 @@ class _Pool:
 
     @property
     def floor(self) -> int:
+        """Fewest replicas the pool keeps: min_replicas, which may be 0 (scale to zero)."""
+        return self.spec.pool.min_replicas
+
+    @property
+    def initial(self) -> int:
+        """Replicas started at registration: at least one, since a pool is registered when first used."""
         return max(self.spec.pool.min_replicas, 1)
+
+
+def _pool_health(healthy: int, replicas: int) -> str:
+    """healthy, degraded, down (replicas but none healthy) or idle (scaled to zero: starts on the next request)."""
+    if replicas == 0:
+        return "idle"
+    if healthy == 0:
+        return "down"
+    return "healthy" if healthy == replicas else "degraded"
 
 
 def _cause(exc: BaseException) -> str:
@@ -299,7 +320,7 @@ class AgentManager:
                 return self._snapshot(existing)
             pool = _Pool(spec, agent, tuple(search_path), is_async)
             started = await asyncio.gather(
-                *(self._start_replica(pool) for _ in range(pool.floor)), return_exceptions=True
+                *(self._start_replica(pool) for _ in range(pool.initial)), return_exceptions=True
             )
             first = [r for r in started if isinstance(r, _Replica)]
             if len(first) < len(started):
@@ -430,7 +451,7 @@ class AgentManager:
                     max_concurrency=spec.pool.max_concurrency,
                     in_flight=in_flight,
                     queued=queued,
-                    health="down" if healthy == 0 else ("healthy" if healthy == len(details) else "degraded"),
+                    health=_pool_health(healthy, len(details)),
                     breaker=breaker,
                     draining=pool.draining,
                     replica_details=details,

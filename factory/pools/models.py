@@ -89,7 +89,10 @@ class AgentInfo(BaseModel):
     max_concurrency: int
     in_flight: int = Field(description="Requests callers have in flight (their reports), else what replicas say.")
     queued: int = Field(description="Requests beyond the pool's concurrent capacity.")
-    health: str = Field(description="healthy, degraded (some replicas unhealthy) or down (no healthy replica).")
+    health: str = Field(
+        description="healthy, degraded (some replicas unhealthy), down (no healthy replica) "
+        "or idle (scaled to zero; the next request starts a replica)."
+    )
     breaker: str = Field(description="The worst circuit-breaker state callers report: closed, half_open or open.")
     draining: bool = False
     replica_details: list[ReplicaInfo] = Field(default_factory=list)

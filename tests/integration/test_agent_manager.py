@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -133,6 +134,32 @@ def test_scales_up_on_queue_depth_and_back_down_when_quiet(pools: Pools) -> None
     assert all(o.ok for o in ray.get(refs, timeout=60))
     down = poll(pools, "sleeper", lambda i: i.replicas == 1, deadline=30)
     assert down.queued == 0
+
+
+def test_min_replicas_zero_scales_to_zero_and_back_on_the_next_request(pools: Pools) -> None:
+    client = pools.ensure(
+        spec("napper", "Sleeper", pool={"min_replicas": 0, "max_replicas": 2, "max_concurrency": 2}),
+        search_path=[FIXTURES],
+    )
+    assert len(client.handles()) == 1  # registered on first use: one replica to serve it
+    first = ray.get(client.submit({"sleep": 0.05, "echo": "one"}), timeout=60)
+    assert first.ok, first.error
+    # Quiet for scale_down_after checks: the last replica stops, and the pool says it is idle.
+    idle = poll(pools, "napper", lambda i: i.replicas == 0, deadline=30)
+    assert idle.health == "idle" and idle.min_replicas == 0
+    pools.report_now()
+    # The next request finds no replica; the manager starts one and the request is served.
+    second = ray.get(client.submit({"sleep": 0.05, "echo": "two"}), timeout=60)
+    assert second.ok, second.error
+    assert json.loads(second.output_json or "null")["echo"] == "two"
+    assert second.extra["replica"] != first.extra["replica"]
+    back = poll(pools, "napper", lambda i: i.replicas == 1)
+    assert back.health == "healthy"
+    # The async API takes the same way back from zero.
+    poll(pools, "napper", lambda i: i.replicas == 0, deadline=30)
+    pools.report_now()
+    third = asyncio.run(client.call({"sleep": 0.01, "echo": "three"}))
+    assert third.ok, third.error
 
 
 def test_shutdown_drains_in_flight_work(manager_name: str) -> None:
