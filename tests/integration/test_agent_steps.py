@@ -271,3 +271,36 @@ def test_router_passes_over_an_agent_no_node_can_place(store: SQLiteStore, setti
     assert not result.ok
     assert "cannot be placed: no node has GPU 1" in (result.error or "")
     assert "lacks resources: GPU 1" in (result.error or "")
+
+
+def test_cancel_stops_an_agent_step_in_flight(store: SQLiteStore, settings: Settings) -> None:
+    spec = AgentSpec.model_validate({"name": "sleeper", "class": "agent_fixtures:Sleeper"})
+    wf = Workflow(
+        name="cancel-agent",
+        base_dir=FIXTURES,
+        steps=[
+            Step(id="slow", agent="sleeper", with_={"sleep": 30, "echo": "late"}),
+            Step(id="after", python="teststeps:echo", with_={"value": "${steps.slow.output}"}),
+        ],
+    )
+    started: list[str] = []
+    results: list[RunResult] = []
+    catalog = Catalog(agents=[spec])
+    runner = threading.Thread(
+        target=lambda: results.append(
+            factory.run(wf, store=store, settings=settings, agents=catalog, on_start=started.append)
+        )
+    )
+    runner.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (
+        started and {s.step_id: s.status.value for s in store.get_steps(started[0])}.get("slow") == "running"
+    ):
+        time.sleep(0.05)
+    begun = time.monotonic()
+    assert factory.cancel(started[0], store=store)
+    runner.join(30)
+    assert results and results[0].status.value == "cancelled"
+    assert time.monotonic() - begun < 15  # not the 30 s the agent would have slept
+    steps = {s.step_id: s.status.value for s in store.get_steps(started[0])}
+    assert steps == {"slow": "cancelled", "after": "cancelled"}
