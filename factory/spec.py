@@ -135,6 +135,14 @@ class RouteSpec(_Model):
         description="What one replica of the agent must hold (Ray's names: CPU, GPU, memory, custom), e.g. {GPU: 1}.",
     )
 
+    @field_validator("resources")
+    @classmethod
+    def _not_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        negative = sorted(k for k, v in value.items() if v < 0)
+        if negative:
+            raise ValueError(f"resource amounts cannot be negative: {', '.join(negative)}")
+        return value
+
 
 EXECUTORS = ("local", "dagger")
 StepKind = Literal["python", "container", "agent", "route"]

@@ -140,3 +140,10 @@ def test_cli_validate_exit_codes(tmp_path: Path) -> None:
     result = runner.invoke(app, ["validate", str(bad)])
     assert result.exit_code == 2
     assert "duplicate id" in result.output and "cannot import module 'nope'" in result.output
+
+
+def test_route_resources_must_not_be_negative() -> None:
+    from factory.dag import validate_data
+
+    with pytest.raises(WorkflowValidationError, match="cannot be negative: GPU"):
+        validate_data({"name": "w", "steps": [{"id": "a", "route": {"text": "t", "resources": {"GPU": -1}}}]})
