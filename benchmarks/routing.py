@@ -26,7 +26,6 @@ from factory.catalog import Catalog, load_catalog
 from factory.errors import FactoryError
 from factory.routing import SCORERS, Router, RouteRequest, Scorer, make_scorer
 
-
 # Decisions made before timing starts (caches, allocator arenas, CPU frequency settle).
 WARM_UP_DECISIONS = 100
 

@@ -1,19 +1,25 @@
 """The ``llm`` scorer: asks a language model to rate each agent for a task.
 
-The prompt and the parsing of the reply are here and tested with a stand-in
-model. The model itself is a completion function ``str -> str``: pass one as
-``complete=``, or name a fast-agent model in ``FACTORY_ROUTER_LLM_MODEL``.
-The fast-agent binding is not written yet (fast-agent is not installed where
-this was built and no model is reachable), so naming a model raises a
-``RouterConfigError`` that says so rather than pretending.
+The prompt and the parsing of the reply are here. The model itself is a
+completion function ``str -> str``: pass one as ``complete=``, or name a
+fast-agent model (``haiku``, ``openai.gpt-4.1-mini``, ``generic.llama3.2:latest``,
+...) with ``model=`` or ``FACTORY_ROUTER_LLM_MODEL``; the fast-agent binding
+below then sends each prompt as one user message to an ``LlmAgent`` without MCP
+servers or history, and returns its text reply. fast-agent is optional (the
+``fast-agent`` extra) and imported only when a model is named.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import importlib.util
 import json
+import os
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from factory.catalog import Catalog
 from factory.errors import RouterConfigError, ScorerError
@@ -21,6 +27,9 @@ from factory.errors import RouterConfigError, ScorerError
 Complete = Callable[[str], str]
 
 ENV_MODEL = "FACTORY_ROUTER_LLM_MODEL"
+TIMEOUT_SECONDS = 60.0
+
+T = TypeVar("T")
 
 _INSTRUCTIONS = (
     "You route tasks to agents. Rate how well each agent below fits the task, from 0 (cannot do it) "
@@ -63,16 +72,161 @@ def parse_scores(reply: str, agents: list[str]) -> dict[str, float]:
     return scores
 
 
-def _fast_agent_completion(model: str) -> Complete:
+def _fast_agent_completion(model: str, timeout: float = TIMEOUT_SECONDS) -> Complete:
+    """A completion function that sends each prompt to the fast-agent model ``model`` (e.g. ``haiku``).
+
+    The model string is checked here (unknown model, missing API key: ``RouterConfigError``);
+    each call then makes one request, waits at most ``timeout`` seconds, and raises
+    ``ScorerError`` when the model fails or is too slow.
+    """
     if importlib.util.find_spec("fast_agent") is None:
         raise RouterConfigError(
             f"the llm scorer is set to use model {model!r} through fast-agent, which is not installed: "
             "install the Factory's fast-agent extra, or use --scorer lexical or embedding"
         )
-    raise RouterConfigError(
-        "the llm scorer's fast-agent binding is not implemented yet; pass complete= to LLMScorer "
-        "or use --scorer lexical or embedding"
-    )
+    return _FastAgentCompletion(model, timeout)
+
+
+class _FastAgentRuntime:
+    """fast-agent's Core on a private event loop in a daemon thread, one per process.
+
+    fast-agent keeps process-wide state (its context, logger and event bus are bound to the
+    loop that started them), so every model of the process shares this loop and this Core;
+    each model gets its own agent. ``fit()`` is synchronous and may run inside someone
+    else's event loop (a Ray Serve replica), so it never touches the caller's loop.
+    """
+
+    _lock = threading.Lock()
+    _current: _FastAgentRuntime | None = None
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="factory-fast-agent", daemon=True)
+        self.thread.start()
+        self._core: Any = None
+        self._core_lock = asyncio.Lock()
+
+    @classmethod
+    def get(cls) -> _FastAgentRuntime:
+        with cls._lock:
+            if cls._current is None or cls._current.pid != os.getpid():  # a forked child has no loop thread
+                cls._current = cls()
+            return cls._current
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float, what: str) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise ScorerError(f"{what} did not finish within {timeout:g} s") from None
+
+    async def context(self) -> Any:
+        """fast-agent's context, set up once: settings from code only (no fast-agent.yaml), nothing recorded."""
+        async with self._core_lock:
+            if self._core is None:
+                from fast_agent import Core
+                from fast_agent.config import LoggerSettings, Settings, apply_isolation
+
+                logger = LoggerSettings(type="none", progress_display=False, show_chat=False, show_tools=False)
+                # One attempt per task: the router would rather fail fast than wait through back-offs.
+                settings = Settings(logger=logger, session_history=False, llm_retries=0)
+                apply_isolation(settings)
+                core = Core(name="factory-router", settings=settings)
+                await core.initialize()
+                self._core = core
+            return self._core.context
+
+
+class _FastAgentCompletion:
+    """``str -> str`` through one fast-agent agent (no MCP servers, no history between calls)."""
+
+    def __init__(self, model: str, timeout: float) -> None:
+        from fast_agent.core.exceptions import FastAgentError, ModelConfigError, ProviderKeyError
+        from fast_agent.llm.model_factory import ModelFactory
+
+        self.model = model
+        self.timeout = timeout
+        try:
+            spec = ModelFactory.resolve_model_spec(model)
+            self._factory = ModelFactory.create_factory(model)
+        except ModelConfigError as exc:
+            raise RouterConfigError(
+                f"the llm scorer's model {model!r} is not a fast-agent model ({_one_line(exc)}); "
+                f"set {ENV_MODEL} to a fast-agent model string such as haiku or openai.gpt-4.1-mini"
+            ) from None
+        self.provider = spec.provider.display_name
+        self._env_key = _env_key_name(spec.provider.config_name)
+        self._runtime = _FastAgentRuntime.get()
+        self._lock = asyncio.Lock()
+        try:
+            self._agent = self._runtime.run(self._open(), timeout, f"starting the llm scorer's model {model!r}")
+        except ProviderKeyError as exc:
+            where = f"set {self._env_key}" if self._env_key else "configure its credentials"
+            raise RouterConfigError(
+                f"the llm scorer's model {model!r} uses the {self.provider} provider, which needs an API key: "
+                f"{where} ({exc.message})"
+            ) from None
+        except FastAgentError as exc:
+            raise RouterConfigError(f"the llm scorer's model {model!r} cannot start: {_one_line(exc)}") from None
+        except ScorerError as exc:
+            raise RouterConfigError(str(exc)) from None
+
+    async def _open(self) -> Any:
+        from fast_agent import LlmAgent
+        from fast_agent.agents.agent_types import AgentConfig
+        from fast_agent.llm.fastagent_llm import FastAgentLLM
+
+        context = await self._runtime.context()
+        config = AgentConfig(name="factory-router", instruction="You answer with JSON only.", use_history=False)
+        agent = LlmAgent(config, context)
+        await agent.attach_llm(self._factory)
+        if isinstance(agent.llm, FastAgentLLM):
+            agent.llm.validate_provider_credentials()  # raises ProviderKeyError now rather than at the first task
+        return agent
+
+    async def _send(self, prompt: str) -> str:
+        from fast_agent.constants import FAST_AGENT_ERROR_CHANNEL
+        from fast_agent.types import LlmStopReason
+
+        async with self._lock:  # one request at a time per agent
+            reply = await self._agent.generate(prompt)
+        if reply.stop_reason == LlmStopReason.ERROR or FAST_AGENT_ERROR_CHANNEL in (reply.channels or {}):
+            errors = (reply.channels or {}).get(FAST_AGENT_ERROR_CHANNEL) or []
+            detail = " ".join(getattr(block, "text", "") for block in errors) or reply.last_text() or "no detail"
+            raise ScorerError(f"the llm scorer's model {self.model!r} failed: {_one_line(detail)}")
+        text: str = reply.last_text() or ""
+        return text
+
+    def __call__(self, prompt: str) -> str:
+        from fast_agent.core.exceptions import ProviderKeyError
+
+        try:
+            return self._runtime.run(self._send(prompt), self.timeout, f"the llm scorer's model {self.model!r}")
+        except ScorerError:
+            raise
+        except ProviderKeyError as exc:
+            where = f" (set {self._env_key})" if self._env_key else ""
+            raise ScorerError(
+                f"the llm scorer's model {self.model!r} was refused by the {self.provider} provider's "
+                f"credential check{where}: {_one_line(exc)}"
+            ) from None
+        except Exception as exc:  # any provider failure is the scorer's failure
+            raise ScorerError(
+                f"the llm scorer's model {self.model!r} failed: {type(exc).__name__}: {_one_line(exc)}"
+            ) from exc
+
+
+def _env_key_name(provider: str) -> str | None:
+    from fast_agent.llm.provider_key_manager import ProviderKeyManager
+
+    return ProviderKeyManager.get_env_key_name(provider)
+
+
+def _one_line(error: object, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class LLMScorer:
