@@ -23,6 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from factory.errors import WorkflowValidationError
 
 
+def check_resource_amounts(resources: dict[str, float]) -> dict[str, float]:
+    """``resources`` unchanged if no amount is negative; else ValueError naming them (for validators)."""
+    negative = sorted(k for k, v in resources.items() if v < 0)
+    if negative:
+        raise ValueError(f"resource amounts cannot be negative: {', '.join(negative)}")
+    return resources
+
+
 class PoolConfig(BaseModel):
     """How many replicas (Ray actors) serve an agent, and how much each takes."""
 
@@ -46,9 +54,7 @@ class PoolConfig(BaseModel):
         reserved = sorted({"CPU", "GPU", "memory"} & set(self.resources))
         if reserved:
             raise ValueError(f"set {', '.join(reserved)} with num_cpus, num_gpus and memory, not in resources")
-        negative = sorted(k for k, v in self.resources.items() if v < 0)
-        if negative:
-            raise ValueError(f"resource amounts cannot be negative: {', '.join(negative)}")
+        check_resource_amounts(self.resources)
         return self
 
     def replica_resources(self) -> dict[str, float]:

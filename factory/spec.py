@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from factory.catalog import check_resource_amounts
+
 _SIZE_UNITS = {
     "": 1,
     "b": 1,
@@ -138,10 +140,7 @@ class RouteSpec(_Model):
     @field_validator("resources")
     @classmethod
     def _not_negative(cls, value: dict[str, float]) -> dict[str, float]:
-        negative = sorted(k for k, v in value.items() if v < 0)
-        if negative:
-            raise ValueError(f"resource amounts cannot be negative: {', '.join(negative)}")
-        return value
+        return check_resource_amounts(value)
 
 
 EXECUTORS = ("local", "dagger")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from factory.catalog import check_resource_amounts
+
 
 class RouteRequest(BaseModel):
     """A task to place: its text, the capabilities an agent must have, and what one replica must hold."""
@@ -25,11 +27,8 @@ class RouteRequest(BaseModel):
 
     @field_validator("resources")
     @classmethod
-    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
-        negative = sorted(k for k, v in value.items() if v < 0)
-        if negative:
-            raise ValueError(f"resource amounts cannot be negative: {', '.join(negative)}")
-        return value
+    def _not_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        return check_resource_amounts(value)
 
 
 class AgentHealth(BaseModel):
