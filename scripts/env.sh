@@ -5,22 +5,22 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FACTORY_VENV:-$ROOT/.venv}"
 EXTRAS="${1:-}"
 
+pyenv_pythons() {  # pyenv's interpreters whose version matches $1, newest first
+  command -v pyenv >/dev/null 2>&1 || return 0
+  local v
+  for v in $(pyenv versions --bare 2>/dev/null | grep -E "$1" | sort -rV); do
+    echo "$(pyenv root)/versions/$v/bin/python3"
+  done
+}
+
 find_python() {
+  # 3.12 first, the version the project targets and tests on (pyenv keeps it off PATH here), then newer
   local candidate
-  for candidate in python3.13 python3.12 python3; do
+  for candidate in python3.12 $(pyenv_pythons '^3[.]12[.]') "$HOME"/.pyenv/versions/3.12*/bin/python3 \
+    python3.13 python3 $(pyenv_pythons '^3[.]1[3-9]') "$HOME"/.pyenv/versions/3.1[3-9]*/bin/python3; do
     if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
       command -v "$candidate"; return 0
     fi
-  done
-  # pyenv keeps 3.12 without putting it first on PATH
-  if command -v pyenv >/dev/null 2>&1; then
-    for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.1[2-9]' | sort -rV); do
-      candidate="$(pyenv root)/versions/$v/bin/python3"
-      [ -x "$candidate" ] && { echo "$candidate"; return 0; }
-    done
-  fi
-  for candidate in "$HOME"/.pyenv/versions/3.1[2-9]*/bin/python3; do
-    [ -x "$candidate" ] && { echo "$candidate"; return 0; }
   done
   return 1
 }

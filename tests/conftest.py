@@ -137,7 +137,6 @@ class ApiServer:
 @pytest.fixture(scope="session")
 def api_server(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     """Both Serve applications (API and routing) on a free port, with their own store."""
-    import socket
 
     import ray
     from ray import serve
@@ -154,9 +153,9 @@ def api_server(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> It
     store = store_for(settings)
     keys = {scope.value: create_key(store, [scope], f"test {scope.value}")[0] for scope in Scope}
     store.close()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from tests.fixtures.ports import free_port
+
+    port = free_port()
     run_local(settings, "127.0.0.1", port, open_mode=False)
     try:
         yield ApiServer(f"http://127.0.0.1:{port}", keys, settings)

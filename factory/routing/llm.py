@@ -115,7 +115,7 @@ class _FastAgentRuntime:
             return cls._current
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float, what: str) -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        future = asyncio.run_coroutine_threadsafe(_no_exit(coro, what), self.loop)
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -139,6 +139,15 @@ class _FastAgentRuntime:
             return self._core.context
 
 
+async def _no_exit[R](coro: Coroutine[Any, Any, R], what: str) -> R:
+    """``coro``, with the SystemExit that fast-agent raises for configuration errors turned into a ScorerError
+    (a SystemExit would stop the private loop's thread, or a Ray actor that called us)."""
+    try:
+        return await coro
+    except SystemExit as exc:
+        raise ScorerError(f"{what} stopped with a fast-agent configuration error (exit code {exc.code})") from None
+
+
 class _FastAgentCompletion:
     """``str -> str`` through one fast-agent agent (no MCP servers, no history between calls)."""
 
@@ -151,6 +160,11 @@ class _FastAgentCompletion:
         try:
             spec = ModelFactory.resolve_model_spec(model)
             self._factory = ModelFactory.create_factory(model)
+        except SystemExit as exc:  # fast-agent's way of reporting some configuration errors
+            raise RouterConfigError(
+                f"the llm scorer's model {model!r} was refused by fast-agent's configuration (exit code {exc.code}); "
+                f"set {ENV_MODEL} to a fast-agent model string such as haiku or openai.gpt-4.1-mini"
+            ) from None
         except ModelConfigError as exc:
             raise RouterConfigError(
                 f"the llm scorer's model {model!r} is not a fast-agent model ({_one_line(exc)}); "

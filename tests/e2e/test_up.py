@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,10 @@ from pathlib import Path
 
 import httpx
 
+from tests.fixtures.ports import free_port
+
 REPO = Path(__file__).parent.parent.parent
 FIXTURES = Path(__file__).parent.parent / "fixtures"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_up_serves_then_stops_on_ctrl_c(tmp_path: Path) -> None:

@@ -228,3 +228,21 @@ def test_a_failing_endpoint_is_a_scorer_error(chat_server: _ChatServer) -> None:
     with pytest.raises(ScorerError, match=re.escape("generic.tiny-local")):
         scorer.fit(TASK)
     assert time.monotonic() - started < 60
+
+
+def test_a_systemexit_inside_fast_agent_becomes_a_scorer_error_and_the_loop_lives() -> None:
+    """fast-agent reports some configuration errors with SystemExit(1); it must not stop the scorer's loop."""
+    from factory.routing.llm import _FastAgentRuntime
+
+    runtime = _FastAgentRuntime.get()
+
+    async def exits() -> None:
+        raise SystemExit(1)
+
+    async def answers() -> int:
+        return 42
+
+    with pytest.raises(ScorerError, match="fast-agent configuration error"):
+        runtime.run(exits(), 5, "the test's model")
+    assert runtime.thread.is_alive()
+    assert runtime.run(answers(), 5, "the test's model") == 42
