@@ -29,7 +29,6 @@ from factory.errors import ModelNotFoundError
 from factory.models.files import resolve_model_dir
 
 Array = npt.NDArray[np.float32]
-Backend = Literal["auto", "numpy", "onnxruntime"]
 BACKENDS: tuple[str, ...] = ("auto", "numpy", "onnxruntime")
 
 _GELU_C = np.float32(0.7978845608028654)  # sqrt(2 / pi)
