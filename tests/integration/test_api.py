@@ -168,6 +168,15 @@ def test_routing_endpoint(http: httpx.Client, client: FactoryClient, api_server:
     )
     assert "fly" in body["detail"]
     is_problem(http.post("/v1/route", json={"capabilities": []}, headers=api_server.headers("read")), 422)
+    # Resources: no agent of this catalogue has a GPU; a negative amount is a client error too.
+    body = is_problem(
+        http.post("/v1/route", json={"text": "x", "resources": {"GPU": 1}}, headers=api_server.headers("read")), 422
+    )
+    assert "lacks resources: GPU 1 (a replica holds GPU 0)" in body["detail"]
+    body = is_problem(
+        http.post("/v1/route", json={"text": "x", "resources": {"GPU": -1}}, headers=api_server.headers("read")), 422
+    )
+    assert "cannot be negative" in str(body)
 
 
 def test_agents_and_metrics(client: FactoryClient, http: httpx.Client, api_server: ApiServer) -> None:
