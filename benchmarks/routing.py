@@ -7,8 +7,9 @@
 (``llm`` only when a model is configured), unless ``--only``; the last line is
 ``accuracy: 0.xx`` for the scorer asked with ``--scorer``. Latency is per
 decision (``Router.route``), measured after a warm-up of 100 decisions on the
-catalogue's own examples. ``--ablation`` adds the embedding scorer's parts side by side: the
-cosine alone (no lexical blend) and the numpy backend instead of ONNX Runtime.
+catalogue's own examples. ``--ablation`` adds the embedding scorer's parts side by side:
+``emb-plain`` (the cosine alone: no whitening, no lexical blend), ``emb-nowhiten``,
+``emb-nolexical`` and ``emb-numpy`` (the numpy backend instead of ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="store_true", help="measure only --scorer")
     parser.add_argument("--show-misses", action="store_true", help="list the misrouted tasks")
     parser.add_argument(
-        "--ablation", action="store_true", help="also the embedding cosine alone, and the embedding on numpy"
+        "--ablation", action="store_true", help="also the embedding scorer without each of its parts, and on numpy"
     )
     args = parser.parse_args(argv)
 
@@ -118,11 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablation:
         from factory.routing.embedding import EmbeddingScorer
 
-        variants["emb-cosine"] = lambda: EmbeddingScorer(catalog, lexical_weight=0.0)
+        variants["emb-plain"] = lambda: EmbeddingScorer(catalog, lexical_weight=0.0, whiten=False)
+        variants["emb-nowhiten"] = lambda: EmbeddingScorer(catalog, whiten=False)
+        variants["emb-nolexical"] = lambda: EmbeddingScorer(catalog, lexical_weight=0.0)
         variants["emb-numpy"] = lambda: EmbeddingScorer(catalog, backend="numpy")
         names += list(variants)
     print(f"routing benchmark: {len(tasks)} tasks, {len(catalog.agents)} agents ({args.agents})")
-    print(f"{'scorer':<10} {'accuracy':>8} {'correct':>9} {'p50 ms':>8} {'p99 ms':>8} {'prepare s':>10}")
+    print(f"{'scorer':<13} {'accuracy':>8} {'correct':>9} {'p50 ms':>8} {'p99 ms':>8} {'prepare s':>10}")
     results: dict[str, Result] = {}
     for name in names:
         try:
@@ -131,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
             if name == args.scorer:
                 print(f"error: scorer {name!r} cannot run: {exc}", file=sys.stderr)
                 return 2
-            print(f"{name:<10} skipped: {str(exc).splitlines()[0]}")
+            print(f"{name:<13} skipped: {str(exc).splitlines()[0]}")
             continue
         results[name] = result
         print(
-            f"{name:<10} {result.accuracy:>8.2f} {result.correct:>4}/{result.total:<4} "
+            f"{name:<13} {result.accuracy:>8.2f} {result.correct:>4}/{result.total:<4} "
             f"{result.p50_ms:>8.2f} {result.p99_ms:>8.2f} {result.prepare_s:>10.2f}"
         )
         if args.show_misses:

