@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
+from factory.cli_output import EXIT_INVALID, err, fail, out
 
 
 def up(
@@ -32,16 +30,14 @@ def up(
     from factory.settings import get_settings, mask_secrets
 
     if open_mode and host != "127.0.0.1":
-        err.print("[red]error:[/red] --open (no API keys) is only allowed with --host 127.0.0.1")
-        raise typer.Exit(2)
+        raise fail("--open (no API keys) is only allowed with --host 127.0.0.1", EXIT_INVALID)
     try:
         settings = get_settings()
         if agents is not None:
             settings = settings.model_copy(update={"agents_file": agents.resolve()})
         store = store_for(settings)
     except FactoryError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(str(exc), EXIT_INVALID) from None
     first_key = None
     if not open_mode and not any(not k.revoked for k in store.list_api_keys()):
         first_key, _ = create_key(store, [Scope.ADMIN], name="first admin key (factory up)")
@@ -57,8 +53,7 @@ def up(
     try:
         run_local(settings, host, port, open_mode)
     except FactoryError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(str(exc), EXIT_INVALID) from None
     base = f"http://{host}:{port}"
     out.print(f"API        {base}/v1/  (docs {base}/docs, OpenAPI {base}/openapi.json)")
     out.print(f"routing    {base}{ROUTE_PREFIX}")

@@ -11,13 +11,14 @@ from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from factory import api
 from factory.auth import Scope
+from factory.cli_output import EXIT_FAILED, EXIT_INVALID, err, out
+from factory.cli_output import fail as _fail
 from factory.client import FactoryClient
 from factory.dag import load_workflow
 from factory.engine import Progress as RunProgress
@@ -37,8 +38,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
@@ -126,9 +125,6 @@ def _run_via_api(client: FactoryClient, workflow: Path, inputs: dict[str, Any], 
     raise typer.Exit(0 if result.ok else EXIT_FAILED)
 
 
-EXIT_FAILED = 1
-EXIT_INVALID = 2
-
 STATUS_STYLE = {
     "succeeded": "green",
     "running": "cyan",
@@ -138,11 +134,6 @@ STATUS_STYLE = {
     "skipped": "dim",
     "pending": "dim",
 }
-
-
-def _fail(message: str, code: int = EXIT_INVALID) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}")
-    return typer.Exit(code)
 
 
 def parse_inputs(pairs: list[str]) -> dict[str, Any]:

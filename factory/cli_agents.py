@@ -13,22 +13,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from factory.cli_output import EXIT_FAILED, EXIT_INVALID, out
+from factory.cli_output import fail as _fail
 from factory.errors import FactoryError
-
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-EXIT_FAILED = 1
-EXIT_INVALID = 2
-
-
-def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}")
-    return typer.Exit(code)
 
 
 def _resources(pairs: list[str]) -> dict[str, float]:

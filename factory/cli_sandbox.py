@@ -12,12 +12,10 @@ from importlib import metadata
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from factory.cli_output import out
 from factory.errors import FactoryError
-
-out = Console()
 
 
 def _bwrap_version() -> str | None:
