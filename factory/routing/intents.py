@@ -26,6 +26,7 @@ model folder is read-only.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import logging
 import os
@@ -75,11 +76,16 @@ def whitening_matrix(vectors: npt.NDArray[np.float32], intents: list[str], shrin
     return np.asarray(transform / np.linalg.norm(transform, 2), dtype=np.float32)
 
 
+@functools.cache
+def _corpus_digest() -> str:
+    """sha256 of the corpus file, read once per process (it ships with the package)."""
+    return hashlib.sha256(CORPUS.read_bytes()).hexdigest()
+
+
 def _key(encoder: MiniLMEncoder) -> str:
     """Changes with the corpus, the shrinkage and the model's weights."""
     weights = (encoder.model_dir / "model.safetensors").stat()
-    digest = hashlib.sha256(CORPUS.read_bytes())
-    digest.update(f"{SHRINKAGE}|{weights.st_size}|{weights.st_mtime_ns}".encode())
+    digest = hashlib.sha256(f"{_corpus_digest()}|{SHRINKAGE}|{weights.st_size}|{weights.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
 
 
