@@ -87,10 +87,14 @@ class AgentError(FactoryError):
 
 
 class NoEligibleAgentError(FactoryError):
-    """The router found no agent that passes the hard filters (capabilities, health, breakers).
+    """The router found no agent that passes the hard filters (capabilities, resources, placement,
+    health, breakers).
 
     ``filtered_out`` maps each agent of the catalogue to the reason it was removed.
     """
+
+    # Reasons a retry cannot change: they follow from the catalogue and the request alone.
+    LASTING = ("missing capabilit", "lacks resources")
 
     def __init__(self, filtered_out: dict[str, str], capabilities: list[str] | None = None) -> None:
         self.filtered_out = dict(filtered_out)
@@ -106,6 +110,10 @@ class NoEligibleAgentError(FactoryError):
                 hints.append(
                     f"add an agent with capabilities [{wanted}] to the catalogue or ask for fewer capabilities"
                 )
+            if any(w.startswith("lacks resources") for w in whys):
+                hints.append("ask for fewer resources, or give an agent's pool more (num_gpus, memory, resources)")
+            if any(w.startswith("cannot be placed") for w in whys):
+                hints.append("add Ray nodes that have those resources, or lower what the agent's pool asks for")
             if any(w.startswith("circuit breaker open") for w in whys):
                 hints.append("retry once the open circuit breakers let a trial call through")
             if any(w.startswith("unhealthy") for w in whys):
@@ -114,6 +122,12 @@ class NoEligibleAgentError(FactoryError):
             if hints:
                 message += "; to fix: " + "; or ".join(hints)
         super().__init__(message)
+
+    @property
+    def retryable(self) -> bool:
+        """Could a later attempt find an agent? Yes when some agent was passed over only for now
+        (an open breaker, an unhealthy pool, a cluster that may grow)."""
+        return any(not why.startswith(self.LASTING) for why in self.filtered_out.values())
 
 
 class ModelNotFoundError(FactoryError):

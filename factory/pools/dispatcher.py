@@ -39,8 +39,6 @@ from factory.runtime import Outcome
 from factory.spec import Step
 
 TRANSIENT: tuple[type[BaseException], ...] = (PoolSaturated, CircuitOpenError)
-# Router filters that a retry cannot change (the others, such as an open breaker, pass).
-PERMANENT_FILTERS = ("missing capabilit", "lacks resources")
 
 
 def _as_dict(value: Any) -> Any:
@@ -203,9 +201,7 @@ class PoolDispatcher:
         except TRANSIENT as exc:
             return _refused(exc, retryable=True)
         except NoEligibleAgentError as exc:
-            # Worth retrying when an agent was only passed over for now (open breaker, unhealthy pool).
-            transient = any(not why.startswith(PERMANENT_FILTERS) for why in exc.filtered_out.values())
-            return _refused(exc, retryable=transient)
+            return _refused(exc, retryable=exc.retryable)
         except FactoryError as exc:
             return _refused(exc, retryable=False)
 

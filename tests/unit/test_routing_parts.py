@@ -114,6 +114,17 @@ def test_no_eligible_agent_error_lists_every_reason() -> None:
     text = str(err)
     assert "a: unhealthy: x; b: missing capabilities: gpu" in text
     assert "check the unhealthy agents' pools" in text and "capabilities [gpu]" in text
+    assert err.retryable  # a's pool may heal
+
+
+def test_no_eligible_agent_error_says_whether_a_retry_can_help() -> None:
+    lasting = NoEligibleAgentError(
+        {"a": "missing capabilities: gpu", "b": "lacks resources: GPU 1 (a replica holds GPU 0)"}
+    )
+    assert not lasting.retryable
+    assert "give an agent's pool more" in str(lasting)
+    placed = NoEligibleAgentError({"a": "cannot be placed: no node has GPU 1 (the largest node has GPU 0)"})
+    assert placed.retryable and "add Ray nodes" in str(placed)
 
 
 def test_model_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
