@@ -67,7 +67,7 @@ def health_from_pools(
     }
     if catalog is not None and cluster is not None:
         for agent in catalog.agents:
-            reason = cluster.unplaceable(agent.pool.replica_resources()) if agent.class_ else None
+            reason = cluster.unplaceable_agent(agent)
             if reason:
                 health[agent.name] = AgentHealth(unplaceable=reason)
     return health

@@ -139,7 +139,7 @@ class PoolDispatcher:
         health: dict[str, Any] = {}
         for spec in self.catalog.agents:
             client = self.pools.clients.get(spec.name)
-            unplaceable = self.cluster.unplaceable(spec.pool.replica_resources()) if spec.class_ else None
+            unplaceable = self.cluster.unplaceable_agent(spec)
             if unplaceable:
                 health[spec.name] = AgentHealth(unplaceable=unplaceable)
             elif spec.class_ is None:  # catalogued for routing elsewhere, cannot run here

@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from factory.catalog import describe_amount
+from factory.catalog import AgentSpec, describe_amount
 
 NodeResources = list[dict[str, float]]
 
@@ -63,3 +63,7 @@ class ClusterView:
 
     def unplaceable(self, needs: Mapping[str, float]) -> str | None:
         return unplaceable_reason(needs, self.nodes())
+
+    def unplaceable_agent(self, spec: AgentSpec) -> str | None:
+        """Why no node can hold a replica of ``spec``; None if one can, or if it does not run here (no class)."""
+        return self.unplaceable(spec.pool.replica_resources()) if spec.class_ else None
