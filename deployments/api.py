@@ -6,30 +6,46 @@ replicas keep the router warm; the Serve proxy sends that path there.
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
+from functools import partial
+from pathlib import Path
 from typing import Annotated, Any
 
 import ray
-import yaml
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
 from starlette.concurrency import run_in_threadpool
 
 from deployments.http import ApiProblem, Authorizer, install_error_handlers
-from factory import __version__
+from factory import __version__, registry
 from factory.api import cancel as cancel_run
 from factory.api import create_run, store_for
-from factory.auth import Scope
+from factory.auth import Scope, has_scope
+from factory.auth import create_key as make_key
 from factory.catalog import load_catalog
-from factory.dag import validate_data
-from factory.errors import RunStateError, WorkflowValidationError
+from factory.dag import parse_workflow_text, validate_data
+from factory.errors import PermissionDeniedError, RunStateError, StepInputError
+from factory.limits import DocumentLimits, check_data_bounds
+from factory.owner import owner_is_gone
+from factory.policy import Submitter, check_inline, resume_problem
 from factory.runner import get_runner
+from factory.sandbox.secrets import check_name
 from factory.settings import Settings
-from factory.store import FINAL_RUN_STATUSES, Event, RunRecord, RunStatus, StepRecord
+from factory.store import (
+    FINAL_RUN_STATUSES,
+    ApiKeyRecord,
+    Event,
+    RegisteredWorkflow,
+    RunRecord,
+    RunStatus,
+    StepRecord,
+)
+from factory.supervisor import get_supervisor
 
 MAX_EVENT_ID = 2**53  # event ids are 64-bit integers in the store; JSON clients handle up to 2**53
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
@@ -43,6 +59,66 @@ class SubmitWorkflow(BaseModel):
 
     workflow: dict[str, Any] = Field(description="The workflow: name, inputs, steps.")
     inputs: dict[str, Any] = Field(default_factory=dict, description="Input values over the workflow's defaults.")
+
+
+class RegisterWorkflow(BaseModel):
+    """A workflow to register (admin): keys start it by name with ``POST /v1/workflows/{name}/runs``."""
+
+    workflow: dict[str, Any] = Field(description="The workflow: name, inputs, steps.")
+    secrets: list[str] = Field(default_factory=list, description="Secrets its container steps may use.")
+    base_dir: str | None = Field(
+        default=None, description="A folder on the cluster its python steps are imported from (vouched for by you)."
+    )
+
+
+class RegisteredView(BaseModel):
+    name: str
+    version: int
+    secrets: list[str]
+    base_dir: str | None
+    created_at: float
+    created_by: str
+    inputs: dict[str, Any]
+    steps: int
+
+
+class StartRun(BaseModel):
+    """Inputs of a run of a registered workflow (nothing else: its steps are the operator's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: dict[str, Any] = Field(default_factory=dict, description="Input values over the workflow's defaults.")
+    version: int | None = Field(
+        default=None, ge=1, le=2**31 - 1, description="A version of the workflow; default: the latest."
+    )
+
+
+class CreateKey(BaseModel):
+    scopes: list[Scope] = Field(min_length=1, description="read, submit (includes read) or admin (includes all).")
+    name: str = Field(default="", max_length=200)
+    expires_in: float | None = Field(default=None, gt=0, le=10 * 365 * 86400, description="Seconds until it expires.")
+    secrets: list[str] = Field(
+        default_factory=list, description="Secrets its inline workflows' container steps may use."
+    )
+
+
+class KeyView(BaseModel):
+    id: str
+    name: str
+    scopes: list[str]
+    created_at: float
+    expires_at: float | None
+    last_used_at: float | None
+    revoked: bool
+    secrets: list[str]
+
+    @classmethod
+    def of(cls, r: ApiKeyRecord) -> "KeyView":
+        return cls.model_validate(r.model_dump(exclude={"key_hash"}))
+
+
+class CreatedKey(KeyView):
+    key: str = Field(description="The key itself: shown once, stored only hashed.")
 
 
 class Submitted(BaseModel):
@@ -84,6 +160,8 @@ class RunView(BaseModel):
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    started_by: str = Field(default="local", description="key:<id> for runs submitted over the API.")
+    workflow_ref: str | None = Field(default=None, description="name@version of a registered workflow.")
     steps: list[StepView] | None = None
 
     @classmethod
@@ -94,6 +172,8 @@ class RunView(BaseModel):
             status=r.status,
             inputs=r.inputs,
             error=r.error,
+            started_by=r.grants.principal if r.grants else "local",
+            workflow_ref=r.grants.workflow_ref if r.grants else None,
             created_at=r.created_at,
             started_at=r.started_at,
             finished_at=r.finished_at,
@@ -129,6 +209,28 @@ LIMITS = {"max_body": Settings.model_fields["api_max_body_bytes"].default}
 install_error_handlers(app, lambda: int(LIMITS["max_body"]))
 
 
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def _pydantic_detail(exc: ValueError) -> str:
+    errors: list[dict[str, Any]] = getattr(exc, "errors", lambda: [])()
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors) or str(exc)
+
+
+def _registered_view(r: RegisteredWorkflow) -> RegisteredView:
+    spec = json.loads(r.spec_json)
+    return RegisteredView(
+        name=r.name,
+        version=r.version,
+        secrets=r.secrets,
+        base_dir=r.base_dir,
+        created_at=r.created_at,
+        created_by=r.created_by,
+        inputs=spec.get("inputs") or {},
+        steps=len(spec.get("steps") or []),
+    )
+
+
 def _cursor(record: RunRecord) -> str:
     return f"{record.created_at!r}:{record.id}"
 
@@ -151,8 +253,10 @@ class FactoryAPI:
         self.store = store_for(self.settings)
         self.auth = Authorizer(self.store, self.settings, open_mode)
         self.runner = get_runner(self.settings)
+        self.supervisor = get_supervisor(self.settings)  # resumes runs whose owner died; Ray restarts it
         self.catalog = load_catalog(self.settings.agents_file) if self.settings.agents_file else None
         LIMITS["max_body"] = self.settings.api_max_body_bytes
+        self.limits = DocumentLimits.from_settings(self.settings)
         self.requests = 0
         self.started = time.time()
 
@@ -186,30 +290,147 @@ class FactoryAPI:
     )
     async def submit(self, request: Request) -> Submitted:
         """JSON: ``{"workflow": {...}, "inputs": {...}}``; or the workflow's YAML with
-        Content-Type application/yaml. The run starts at once; follow it with the events endpoint."""
-        self.auth.authorize(request, Scope.SUBMIT)
+        Content-Type application/yaml. Python steps may name only modules the operator allowed
+        (``allowed_modules``), container steps only secrets granted to the key; start a
+        registered workflow with ``POST /v1/workflows/{name}/runs`` instead. The run starts
+        at once; follow it with the events endpoint."""
+        key = self.auth.authorize(request, Scope.SUBMIT)
+        data, inputs = await self._workflow_body(request)
+        workflow = await run_in_threadpool(
+            partial(validate_data, data, None, "the submitted workflow", False, self.catalog, limits=self.limits)
+        )  # names only: the API never imports a step module
+        grants = check_inline(
+            workflow, Submitter.of_key(key), self.settings.allowed_modules, self.settings.container_executor
+        )
+        run_id = await run_in_threadpool(
+            create_run, workflow, inputs, store=self.store, settings=self.settings, grants=grants, check_imports=False
+        )
+        await run_in_threadpool(self._start, run_id, False)
+        return Submitted(run_id=run_id, status=RunStatus.PENDING, url=f"/v1/runs/{run_id}")
+
+    async def _workflow_body(self, request: Request) -> tuple[Any, dict[str, Any]]:
+        """The workflow data and the inputs of a JSON body (SubmitWorkflow) or a YAML one."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         raw = await request.body()
         try:
-            if content_type in YAML_TYPES:
-                data, inputs = yaml.safe_load(raw.decode("utf-8")), {}
-            elif content_type in ("application/json", ""):
+            if content_type in YAML_TYPES:  # bounded: aliases, depth, size, plain JSON types only
+                return parse_workflow_text(raw, limits=self.limits, source="the submitted workflow"), {}
+            if content_type in ("application/json", ""):
                 body = SubmitWorkflow.model_validate_json(raw or b"{}")
-                data, inputs = body.workflow, body.inputs
-            else:
-                raise ApiProblem(415, f"send application/json or application/yaml, not {content_type!r}")
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise WorkflowValidationError([f"malformed YAML: {exc}"]) from None
+                check_data_bounds(body.workflow, self.limits, source="the submitted workflow")
+                return body.workflow, body.inputs
+            raise ApiProblem(415, f"send application/json or application/yaml, not {content_type!r}")
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            errors: list[dict[str, Any]] = getattr(exc, "errors", lambda: [])()
-            detail = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors) or str(
-                exc
+            raise ApiProblem(
+                422, f"the body is not {{'workflow': ..., 'inputs': ...}}: {_pydantic_detail(exc)}"
+            ) from None
+
+    # -- registered workflows ---------------------------------------------------------------------
+
+    @app.put(
+        "/v1/workflows/{name}",
+        status_code=201,
+        response_model=RegisteredView,
+        summary="Register a workflow (admin): the next version of this name",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": RegisterWorkflow.model_json_schema()},
+                    "application/yaml": {"schema": {"type": "string", "description": "The workflow's YAML."}},
+                },
+            }
+        },
+    )
+    async def register(self, request: Request, name: str) -> RegisteredView:
+        """JSON: ``{"workflow": {...}, "secrets": [...], "base_dir": "/opt/steps"}``, or the YAML alone.
+        The workflow is validated without importing its modules; keys then start it by name."""
+        key = self.auth.authorize(request, Scope.ADMIN)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            if content_type in YAML_TYPES:
+                data, _ = await self._workflow_body(request)
+                body = RegisterWorkflow.model_validate({"workflow": data})
+            else:
+                body = RegisterWorkflow.model_validate_json(await request.body() or b"{}")
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise ApiProblem(422, f"the body is not a RegisterWorkflow: {_pydantic_detail(exc)}") from None
+        if not _NAME_RE.match(name):
+            raise ApiProblem(422, f"{name!r} is not a workflow name: letters, digits, '.', '_' and '-', at most 100")
+        if body.base_dir is not None and not await run_in_threadpool(Path(body.base_dir).is_dir):
+            raise ApiProblem(422, f"base_dir {body.base_dir!r} is not a folder on the API's host")
+        workflow = await run_in_threadpool(
+            partial(
+                validate_data,
+                body.workflow,
+                body.base_dir,
+                f"workflow {name!r}",
+                False,
+                self.catalog,
+                limits=self.limits,
             )
-            raise ApiProblem(422, f"the body is not {{'workflow': ..., 'inputs': ...}}: {detail}") from None
-        workflow = await run_in_threadpool(validate_data, data, None, "the submitted workflow", True, self.catalog)
-        run_id = await run_in_threadpool(create_run, workflow, inputs, store=self.store, settings=self.settings)
+        )
+        try:
+            record = await run_in_threadpool(
+                registry.register, self.store, workflow, name=name, secrets=body.secrets, created_by=f"key:{key.id}"
+            )
+        except StepInputError as exc:  # a secret name that is not one
+            raise ApiProblem(422, str(exc)) from None
+        return _registered_view(record)
+
+    @app.get("/v1/workflows", response_model=list[RegisteredView], summary="Registered workflows (latest versions)")
+    def registered(self, request: Request) -> list[RegisteredView]:
+        self.auth.authorize(request, Scope.READ)
+        return [_registered_view(r) for r in self.store.list_registered_workflows()]
+
+    @app.get("/v1/workflows/{name}", response_model=RegisteredView, summary="A registered workflow")
+    def registered_one(
+        self, request: Request, name: str, version: Annotated[int | None, Query(ge=1, le=2**31)] = None
+    ) -> RegisteredView:
+        self.auth.authorize(request, Scope.READ)
+        return _registered_view(registry.lookup(self.store, name, version))
+
+    @app.post(
+        "/v1/workflows/{name}/runs",
+        status_code=202,
+        response_model=Submitted,
+        summary="Start a run of a registered workflow",
+    )
+    async def start_registered(self, request: Request, name: str, body: StartRun) -> Submitted:
+        key = self.auth.authorize(request, Scope.SUBMIT)
+        run_id = await run_in_threadpool(
+            registry.start, self.store, self.settings, name, body.inputs, Submitter.of_key(key), body.version
+        )
         await run_in_threadpool(self._start, run_id, False)
         return Submitted(run_id=run_id, status=RunStatus.PENDING, url=f"/v1/runs/{run_id}")
+
+    # -- keys -------------------------------------------------------------------------------------
+
+    @app.post("/v1/keys", status_code=201, response_model=CreatedKey, summary="Create an API key (admin)")
+    def create_key(self, request: Request, body: CreateKey) -> CreatedKey:
+        self.auth.authorize(request, Scope.ADMIN)
+        try:
+            for secret in body.secrets:
+                check_name(secret)
+            key, record = make_key(
+                self.store, body.scopes, body.name, expires_in=body.expires_in, secrets_granted=body.secrets
+            )
+        except (ValueError, StepInputError) as exc:
+            raise ApiProblem(422, str(exc)) from None
+        return CreatedKey(key=key, **KeyView.of(record).model_dump())
+
+    @app.get("/v1/keys", response_model=list[KeyView], summary="API keys (admin; never the keys themselves)")
+    def list_keys(self, request: Request) -> list[KeyView]:
+        self.auth.authorize(request, Scope.ADMIN)
+        return [KeyView.of(r) for r in self.store.list_api_keys()]
+
+    @app.post("/v1/keys/{key_id}/revoke", response_model=KeyView, summary="Revoke an API key (admin)")
+    def revoke_key(self, request: Request, key_id: str) -> KeyView:
+        self.auth.authorize(request, Scope.ADMIN)
+        if not self.store.revoke_api_key(key_id):
+            raise ApiProblem(404, f"no API key with id {key_id!r}; GET /v1/keys lists them")
+        found = [r for r in self.store.list_api_keys() if r.id == key_id]
+        return KeyView.of(found[0])
 
     @app.get("/v1/runs", response_model=RunPage, summary="Runs, newest first, paginated")
     def list_runs(
@@ -243,12 +464,17 @@ class FactoryAPI:
     @app.post("/v1/runs/{run_id}/resume", status_code=202, response_model=Accepted, summary="Resume a run")
     def resume(self, request: Request, run_id: str) -> Accepted:
         """Finish an interrupted, failed or cancelled run; committed steps are not run again."""
-        self.auth.authorize(request, Scope.SUBMIT)
+        key = self.auth.authorize(request, Scope.SUBMIT)
         record = self.store.get_run(run_id)
         if record.status == RunStatus.SUCCEEDED:
             raise RunStateError(f"run {run_id} already succeeded; nothing to resume")
+        starter_id = record.grants.principal.removeprefix("key:") if record.grants else None
+        starter = next((k for k in self.store.list_api_keys() if k.id == starter_id), None) if starter_id else None
+        problem = resume_problem(record.grants, has_scope(key, Scope.ADMIN), starter, time.time())
+        if problem:
+            raise PermissionDeniedError(problem)
         lapsed = (record.heartbeat_at or 0) < time.time() - self.settings.lease_seconds
-        if record.owner and not lapsed:
+        if record.owner and not lapsed and not owner_is_gone(record.owner):
             raise RunStateError(f"run {run_id} is being run right now; wait for it or cancel it first")
         self._start(run_id, True)
         return Accepted(run_id=run_id, status="resuming", detail="steps that committed their output are kept")

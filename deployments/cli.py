@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from factory.cli_output import EXIT_INVALID, err, fail, out
 
@@ -38,6 +39,23 @@ def up(
         store = store_for(settings)
     except FactoryError as exc:
         raise fail(str(exc), EXIT_INVALID) from None
+    from deployments import upstate
+
+    previous = upstate.read(settings.home)
+    if previous is not None and previous.owner.alive() is not None:
+        raise fail(
+            f"factory up already runs here (pid {previous.owner.pid}, http://{previous.host}:{previous.port}); "
+            "`factory down` stops it",
+            EXIT_INVALID,
+        )
+    if previous is not None:
+        stopped = upstate.stop_processes(previous.ray)
+        upstate.forget(settings.home)
+        if stopped:
+            err.print(
+                f"stopped the Ray left behind by an earlier factory up (pid {previous.owner.pid}, "
+                f"which did not stop cleanly): {len(stopped)} process(es)"
+            )
     first_key = None
     if not open_mode and not any(not k.revoked for k in store.list_api_keys()):
         first_key, _ = create_key(store, [Scope.ADMIN], name="first admin key (factory up)")
@@ -54,11 +72,12 @@ def up(
         run_local(settings, host, port, open_mode)
     except FactoryError as exc:
         raise fail(str(exc), EXIT_INVALID) from None
+    upstate.record(settings.home, host, port)
     base = f"http://{host}:{port}"
     out.print(f"API        {base}/v1/  (docs {base}/docs, OpenAPI {base}/openapi.json)")
     out.print(f"routing    {base}{ROUTE_PREFIX}")
     out.print(f"health     {base}/healthz")
-    out.print(f"state      {mask_secrets(settings.resolved_store_url())}")
+    out.print(f"state      {escape(mask_secrets(settings.resolved_store_url()))}")
     if open_mode:
         out.print("[yellow]open mode: no API key needed (127.0.0.1 only)[/yellow]")
     elif first_key:
@@ -74,9 +93,40 @@ def up(
     except KeyboardInterrupt:
         pass
     err.print("stopping…")
-    serve.shutdown()  # type: ignore[no-untyped-call]
-    ray.shutdown()
+    try:
+        serve.shutdown()  # type: ignore[no-untyped-call]
+        ray.shutdown()
+    finally:
+        upstate.forget(settings.home)
+
+
+def down() -> None:
+    """Stop the `factory up` running on this machine (same FACTORY_HOME), or clean up the Ray
+    processes one left behind when it was killed."""
+    from deployments import upstate
+    from factory.errors import FactoryError
+    from factory.settings import get_settings
+
+    try:
+        home = get_settings().home
+    except FactoryError as exc:
+        raise fail(str(exc), EXIT_INVALID) from None
+    state = upstate.read(home)
+    if state is None:
+        out.print(f"no factory up recorded in {escape(str(home))}; nothing to stop")
+        return
+    if state.owner.alive() is not None:
+        err.print(f"stopping factory up (pid {state.owner.pid}, http://{escape(state.host)}:{state.port})…")
+        clean = upstate.stop_running(state)
+        leftover = upstate.stop_processes(state.ray)
+        upstate.forget(home)
+        out.print("stopped" + ("" if clean and not leftover else f" (killed {len(leftover)} leftover process(es))"))
+        return
+    stopped = upstate.stop_processes(state.ray)
+    upstate.forget(home)
+    out.print(f"factory up (pid {state.owner.pid}) was gone; stopped {len(stopped)} Ray process(es) it left behind")
 
 
 def register(app: typer.Typer) -> None:
     app.command("up")(up)
+    app.command("down")(down)

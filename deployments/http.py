@@ -21,9 +21,9 @@ from factory.errors import (
     CircuitOpenError,
     FactoryError,
     NoEligibleAgentError,
+    NotFoundError,
     PermissionDeniedError,
     PoolSaturated,
-    RunNotFoundError,
     RunStateError,
     WorkflowValidationError,
 )
@@ -81,8 +81,8 @@ def factory_error_status(exc: FactoryError) -> tuple[int, dict[str, str], dict[s
     if isinstance(exc, AuthenticationError):
         return 401, {"WWW-Authenticate": 'Bearer realm="factory"'}, {}
     if isinstance(exc, PermissionDeniedError):
-        return 403, {}, {}
-    if isinstance(exc, RunNotFoundError):
+        return 403, {}, ({"errors": exc.problems} if exc.problems else {})
+    if isinstance(exc, NotFoundError):
         return 404, {}, {}
     if isinstance(exc, WorkflowValidationError):
         return 422, {}, {"errors": exc.problems}
@@ -207,9 +207,14 @@ class RateLimiter:
 OPEN_MODE_KEY = ApiKeyRecord(id="open", name="open local mode", key_hash="", scopes=["admin"], created_at=0)
 
 
+LAST_USED_EVERY_SECONDS = 60.0  # a key's last-used time is written at most this often per replica
+
+
 class Authorizer:
-    """Checks bearer keys against the store, trusting a verified key for ``ttl`` seconds,
-    and applies the rate limit. In open mode (127.0.0.1 only) every request is admin."""
+    """Checks bearer keys against the store and applies the rate limit. Each request reads
+    its key (revocation and expiry act on the next request) unless ``api_key_cache_seconds``
+    lets a replica trust a verified key for a while. In open mode (127.0.0.1 only) every
+    request is admin."""
 
     def __init__(self, store: Store, settings: Settings, open_mode: bool) -> None:
         self.store = store
@@ -217,17 +222,30 @@ class Authorizer:
         self.ttl = settings.api_key_cache_seconds
         self.limiter = RateLimiter(settings.api_rate_limit, settings.api_rate_burst)
         self._cache: dict[str, tuple[float, ApiKeyRecord | None]] = {}
+        self._touched: dict[str, float] = {}
 
     def _lookup(self, digest: str) -> ApiKeyRecord | None:
         now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and now - cached[0] < self.ttl:
-            return cached[1]
+        if self.ttl > 0:
+            cached = self._cache.get(digest)
+            if cached is not None and now - cached[0] < self.ttl:
+                return cached[1]
         record = self.store.find_api_key(digest)
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[digest] = (now, record)
+        if self.ttl > 0:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[digest] = (now, record)
         return record
+
+    def _touch(self, record: ApiKeyRecord) -> None:
+        now = time.time()
+        if now - self._touched.get(record.id, 0.0) < LAST_USED_EVERY_SECONDS:
+            return
+        self._touched[record.id] = now
+        try:
+            self.store.touch_api_key(record.id, now)
+        except Exception:
+            log.warning("could not record the last use of key %s", record.id, exc_info=True)
 
     def authorize(self, request: Request, scope: Scope) -> ApiKeyRecord:
         if self.open_mode:
@@ -236,6 +254,7 @@ class Authorizer:
         scheme, _, key = header.partition(" ")
         record = check_key(key.strip() if scheme.lower() == "bearer" else None, self._lookup)
         require_scope(record, scope)
+        self._touch(record)
         wait = self.limiter.check(record.id)
         if wait > 0:
             raise ApiProblem(

@@ -13,6 +13,8 @@ from factory.catalog import Catalog, load_catalog
 from factory.dag import Graph, build_graph, load_workflow, validate_workflow
 from factory.engine import Coordinator, Progress, RunResult, new_run_id
 from factory.errors import RunStateError, WorkflowValidationError
+from factory.limits import DocumentLimits, check_inputs
+from factory.owner import owner_is_gone
 from factory.raysession import ensure_ray
 from factory.redisbus import RedisEventPublisher
 from factory.settings import Settings, get_settings
@@ -22,6 +24,7 @@ from factory.store import (
     FINAL_STEP_STATUSES,
     Change,
     RunChange,
+    RunGrants,
     RunStatus,
     StepChange,
     StepStatus,
@@ -58,9 +61,12 @@ def event_publication(settings: Settings, store: Store) -> Iterator[None]:
         publisher.stop()
 
 
-def merge_inputs(workflow: Workflow, inputs: dict[str, Any] | None) -> dict[str, Any]:
-    """The workflow's input defaults overridden by ``inputs``; unknown names are an error."""
-    given = dict(inputs or {})
+def merge_inputs(
+    workflow: Workflow, inputs: dict[str, Any] | None, limits: DocumentLimits | None = None
+) -> dict[str, Any]:
+    """The workflow's input defaults overridden by ``inputs``; unknown names are an error.
+    With ``limits``, the inputs must be JSON data within them (factory.limits.check_inputs)."""
+    given = check_inputs(inputs, limits, source=workflow.name) if limits is not None else dict(inputs or {})
     unknown = sorted(set(given) - set(workflow.inputs))
     if unknown:
         declared = ", ".join(sorted(workflow.inputs)) or "none"
@@ -77,17 +83,29 @@ def create_run(
     store: Store | None = None,
     settings: Settings | None = None,
     run_id: str | None = None,
+    grants: RunGrants | None = None,
+    check_imports: bool = True,
 ) -> str:
-    """Record a new pending run without running it; ``resume(run_id)`` (in any process) runs it."""
+    """Record a new pending run without running it; ``resume(run_id)`` (in any process) runs it.
+
+    ``grants``: what the run may use (a run submitted over the API; see factory.policy).
+    ``check_imports=False`` validates without importing step modules (the API never imports)."""
     settings = settings or get_settings()
-    workflow = validate_workflow(workflow) if isinstance(workflow, Workflow) else load_workflow(workflow)
-    merged = merge_inputs(workflow, inputs)
+    limits = DocumentLimits.from_settings(settings)
+    workflow = (
+        validate_workflow(workflow, check_imports=check_imports, limits=limits)
+        if isinstance(workflow, Workflow)
+        else load_workflow(workflow, check_imports=check_imports, limits=limits)
+    )
+    merged = merge_inputs(workflow, inputs, limits)
     graph = build_graph(workflow)
     own_store = store is None
     store = store or store_for(settings)
     try:
         run_id = run_id or new_run_id()
-        store.create_run(run_id, workflow.name, workflow.model_dump_json(by_alias=True), merged, graph.order)
+        store.create_run(
+            run_id, workflow.name, workflow.model_dump_json(by_alias=True), merged, graph.order, grants=grants
+        )
         return run_id
     finally:
         if own_store:
@@ -113,6 +131,7 @@ def _coordinator(
     on_progress: Callable[[Progress], None] | None,
     agents: Catalog | str | Path | None,
     graph: Graph | None = None,
+    grants: RunGrants | None = None,
 ) -> Iterator[Coordinator]:
     """A coordinator for the run, with its agent dispatcher (if the run has a catalogue) open meanwhile."""
     dispatcher = _agent_dispatcher(agents, workflow)
@@ -126,6 +145,7 @@ def _coordinator(
         graph,
         agent_dispatcher=dispatcher,
         cache=cache_for(settings, store),
+        grants=grants,
     )
     try:
         yield coordinator
@@ -152,12 +172,13 @@ def run(
     """
     settings = settings or get_settings()
     catalog = agents if isinstance(agents, Catalog) or agents is None else load_catalog(agents)
+    limits = DocumentLimits.from_settings(settings)
     workflow = (
-        validate_workflow(workflow, agents=catalog)
+        validate_workflow(workflow, agents=catalog, limits=limits)
         if isinstance(workflow, Workflow)
-        else load_workflow(workflow, agents=catalog)
+        else load_workflow(workflow, agents=catalog, limits=limits)
     )
-    merged = merge_inputs(workflow, inputs)
+    merged = merge_inputs(workflow, inputs, limits)
     graph = build_graph(workflow)
     own_store = store is None
     store = store or store_for(settings)
@@ -184,11 +205,13 @@ def resume(
     on_progress: Callable[[Progress], None] | None = None,
     agents: Catalog | str | Path | None = None,
     pending_only: bool = False,
+    keep_cancel: bool = False,
 ) -> RunResult:
     """Run a pending run, or finish one that was interrupted, failed or cancelled. Steps
     that committed their output are not run again; every other step runs (again).
     ``agents`` as for :func:`run`. With ``pending_only`` (a submitted run starting), a run
-    that is no longer pending (cancelled meanwhile) is left as it is."""
+    that is no longer pending (cancelled meanwhile) is left as it is. With ``keep_cancel``
+    (the supervisor adopting an orphaned run) a cancel asked earlier is not forgotten."""
     settings = settings or get_settings()
     own_store = store is None
     store = store or store_for(settings)
@@ -200,13 +223,17 @@ def resume(
             raise RunStateError(f"run {run_id} already succeeded; nothing to resume")
         workflow = Workflow.model_validate_json(record.spec_json)
         ensure_ray(settings.ray_address)
-        with _coordinator(store, workflow, run_id, record.inputs, settings, on_progress, agents) as coordinator:
-            if not store.claim_run(run_id, coordinator.owner, settings.lease_seconds):
+        with _coordinator(
+            store, workflow, run_id, record.inputs, settings, on_progress, agents, grants=record.grants
+        ) as coordinator:
+            # an owner that died on this machine holds no lease, however fresh its last heartbeat
+            dead_owner = record.owner if owner_is_gone(record.owner) else None
+            if not store.claim_run(run_id, coordinator.owner, settings.lease_seconds, dead_owner=dead_owner):
                 raise RunStateError(
                     f"run {run_id} is still being run by a live process (its lease was renewed less than "
                     f"{settings.lease_seconds:g}s ago); wait for it or `factory cancel {run_id}`"
                 )
-            if not pending_only:
+            if not pending_only and not keep_cancel:
                 store.clear_cancel(run_id)  # resuming on purpose overrides an earlier cancel
             store.reset_unfinished_steps(run_id)
             coordinator.start(resumed=record.status != RunStatus.PENDING)
@@ -229,7 +256,11 @@ def cancel(run_id: str, *, store: Store | None = None, settings: Settings | None
         if record.status in FINAL_RUN_STATUSES:
             return False
         store.request_cancel(run_id)  # stays set: a coordinator that claims the run later stops at once
-        lease_live = bool(record.owner) and (record.heartbeat_at or 0) > time.time() - settings.lease_seconds
+        lease_live = (
+            bool(record.owner)
+            and (record.heartbeat_at or 0) > time.time() - settings.lease_seconds
+            and not owner_is_gone(record.owner)
+        )
         if not lease_live:
             changes: list[Change] = [
                 StepChange(run_id, s.step_id, StepStatus.CANCELLED, "step.cancelled", data={"reason": "cancelled"})
@@ -239,6 +270,33 @@ def cancel(run_id: str, *, store: Store | None = None, settings: Settings | None
             changes.append(RunChange(run_id, RunStatus.CANCELLED, "run.cancelled", error="the run was cancelled"))
             store.record(changes)
         return True
+    finally:
+        if own_store:
+            store.close()
+
+
+def fail_unstarted(run_id: str, reason: str, *, store: Store | None = None, settings: Settings | None = None) -> bool:
+    """Mark a run that is still pending (its coordinator could not start: a bad module, a
+    missing agent, a store error) as failed with ``reason``, so it does not wait for ever.
+    Returns False when the run had moved on (another coordinator took it)."""
+    settings = settings or get_settings()
+    own_store = store is None
+    store = store or store_for(settings)
+    try:
+        record = store.get_run(run_id)
+        lease_live = bool(record.owner) and (record.heartbeat_at or 0) > time.time() - settings.lease_seconds
+        if record.status != RunStatus.PENDING or lease_live:
+            return False
+        changes: list[Change] = [
+            StepChange(run_id, s.step_id, StepStatus.SKIPPED, "step.skipped", data={"reason": "the run did not start"})
+            for s in store.get_steps(run_id)
+            if s.status not in FINAL_STEP_STATUSES
+        ]
+        changes.append(RunChange(run_id, RunStatus.FAILED, "run.failed", error=reason))
+        store.record(changes)
+        return True
+    except Exception:  # noqa: BLE001 - best effort: the supervisor tries again later
+        return False
     finally:
         if own_store:
             store.close()

@@ -10,22 +10,23 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from factory import api
 from factory.auth import Scope
-from factory.cli_output import EXIT_FAILED, EXIT_INVALID, err, out
+from factory.cli_output import API_OPTIONS, EXIT_FAILED, EXIT_INVALID, api_client, err, out
 from factory.cli_output import fail as _fail
 from factory.client import FactoryClient
 from factory.dag import load_workflow
 from factory.engine import Progress as RunProgress
 from factory.engine import RunResult
 from factory.errors import FactoryError, WorkflowValidationError
+from factory.limits import DocumentLimits, check_inputs
+from factory.safeyaml import DocumentRefused, read_input_value
 from factory.settings import get_settings, use_config_file
-from factory.store import RunRecord, RunStatus, StepRecord
+from factory.store import ApiKeyRecord, RunRecord, RunStatus, StepRecord
 
 app = typer.Typer(
     help=(
@@ -61,24 +62,11 @@ def _global_options(
             use_config_file(config)
         except FactoryError as exc:
             raise _fail(str(exc)) from None
-    _API["url"], _API["key"] = api_url, api_key
-
-
-_API: dict[str, str | None] = {"url": None, "key": None}
+    API_OPTIONS["url"], API_OPTIONS["key"] = api_url, api_key
 
 
 def _api_client() -> FactoryClient | None:
-    """A client of the HTTP API when --api (or FACTORY_API_URL) is given, else None (local state)."""
-    url, key = _API["url"], _API["key"]
-    if url is None or key is None:
-        try:
-            settings = get_settings()
-        except FactoryError as exc:
-            raise _fail(str(exc)) from None
-        url, key = url or settings.api_url, key or settings.api_key
-    if not url:
-        return None
-    return FactoryClient(url, key)
+    return api_client()
 
 
 def _record_from_api(view: dict[str, Any]) -> RunRecord:
@@ -101,7 +89,7 @@ def _run_via_api(client: FactoryClient, workflow: Path, inputs: dict[str, Any], 
     try:
         run_id = client.submit(workflow, inputs)
         if not as_json:
-            err.print(f"run [bold]{run_id}[/bold] submitted to {client.http.base_url}")
+            err.print(f"run [bold]{escape(run_id)}[/bold] submitted to {escape(str(client.http.base_url))}")
         bar = _Bar(enabled=not as_json)
         counts = RunProgress(total=0)
         with bar:
@@ -136,19 +124,32 @@ STATUS_STYLE = {
 }
 
 
-def parse_inputs(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; values are read as YAML scalars (``n=6`` is an integer)."""
+def parse_inputs(pairs: list[str], limits: DocumentLimits | None = None) -> dict[str, Any]:
+    """``key=value`` pairs; values are read as YAML scalars (``n=6`` is an integer, ``2024-01-01``
+    stays a string) and must be JSON data within ``limits`` (default: the default DocumentLimits)."""
+    limits = limits or DocumentLimits()
     inputs: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise typer.BadParameter(f"{pair!r} is not key=value", param_hint="--input")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+            value = read_input_value(raw, limits) if raw.strip() else ""
+        except DocumentRefused as exc:
+            raise typer.BadParameter(f"{key.strip()}: {exc.problem}", param_hint="--input") from None
         inputs[key.strip()] = value
-    return inputs
+    try:
+        return check_inputs(inputs, limits)
+    except WorkflowValidationError as exc:
+        raise typer.BadParameter("; ".join(exc.problems), param_hint="--input") from None
+
+
+def _document_limits() -> DocumentLimits:
+    """The bounds on workflow documents and inputs from the settings (an invalid setting: exit 2)."""
+    try:
+        return DocumentLimits.from_settings(get_settings())
+    except FactoryError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _short(value: Any, width: int = 100) -> str:
@@ -232,14 +233,15 @@ def validate(
     workflow: Annotated[Path, typer.Argument(help="Workflow YAML file.")],
 ) -> None:
     """Check a workflow: every problem at once, each naming its step and field. Exit 0 if valid, 2 if not."""
+    limits = _document_limits()
     try:
-        wf = load_workflow(workflow)
+        wf = load_workflow(workflow, limits=limits)
     except WorkflowValidationError as exc:
         err.print(f"[red]invalid workflow[/red] {escape(str(workflow))}: {len(exc.problems)} problem(s)")
         for problem in exc.problems:
             err.print(f"  - {escape(problem)}")
         raise typer.Exit(EXIT_INVALID) from None
-    out.print(f"[green]valid[/green]: {wf.name} ({len(wf.steps)} steps)")
+    out.print(f"[green]valid[/green]: {escape(wf.name)} ({len(wf.steps)} steps)")
 
 
 @app.command("run")
@@ -261,14 +263,15 @@ def run_cmd(
 ) -> None:
     """Run a workflow on Ray with a live progress bar. Exit 0 on success, 1 if the run failed."""
     client = _api_client()
+    limits = _document_limits()
     if client is not None:
-        _run_via_api(client, workflow, parse_inputs(input or []), as_json)
+        _run_via_api(client, workflow, parse_inputs(input or [], limits), as_json)
     from factory.catalog import load_catalog
 
     try:
-        inputs = parse_inputs(input or [])
+        inputs = parse_inputs(input or [], limits)
         catalog = load_catalog(agents) if agents is not None else None
-        wf = load_workflow(workflow, agents=catalog)
+        wf = load_workflow(workflow, agents=catalog, limits=limits)
     except WorkflowValidationError as exc:
         err.print(
             f"[red]invalid {'workflow' if exc.source != str(agents) else 'agent catalogue'}[/red] "
@@ -334,9 +337,9 @@ def cancel(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
     except FactoryError as exc:
         raise _fail(str(exc)) from None
     if requested:
-        out.print(f"cancel requested for run {run_id}")
+        out.print(f"cancel requested for run {escape(run_id)}")
     else:
-        out.print(f"run {run_id} has already finished; nothing to cancel")
+        out.print(f"run {escape(run_id)} has already finished; nothing to cancel")
 
 
 @app.command()
@@ -367,8 +370,8 @@ def runs(
         table.add_column(column)
     for r in records:
         table.add_row(
-            r.id,
-            r.workflow_name,
+            escape(r.id),
+            escape(r.workflow_name),
             _status_text(r),
             _when(r.created_at),
             _when(r.finished_at),
@@ -540,44 +543,96 @@ def keys_create(
         list[Scope], typer.Option("--scope", help="read, submit (includes read) or admin (includes all). Repeatable.")
     ],
     name: Annotated[str, typer.Option(help="A label to recognise the key by.")] = "",
+    expires_in: Annotated[
+        str | None, typer.Option("--expires-in", help="The key stops working after this long: 90s, 15m, 12h, 30d, 2w.")
+    ] = None,
+    secret: Annotated[
+        list[str] | None,
+        typer.Option("--secret", help="Grant a secret to the container steps of this key's workflows. Repeatable."),
+    ] = None,
 ) -> None:
-    """Create an API key and print it once."""
-    from factory.auth import create_key
+    """Create an API key and print it once (to stdout; everything else goes to stderr)."""
+    from factory.auth import create_key, parse_duration
+    from factory.sandbox.secrets import check_name
 
-    store = api.store_for()
     try:
-        key, record = create_key(store, scope, name)
-    finally:
-        store.close()
-    err.print(f"created key {record.id} ({record.name}) with scopes [{', '.join(record.scopes)}]; it is shown once:")
-    out.print(key, highlight=False)
+        seconds = parse_duration(expires_in) if expires_in else None
+        granted = [check_name(s) for s in secret or []]
+    except (ValueError, FactoryError) as exc:
+        raise _fail(str(exc)) from None
+    client = _api_client()
+    if client is not None:
+        try:
+            created = client.create_key([s.value for s in scope], name, seconds, granted)
+        except FactoryError as exc:
+            raise _fail(str(exc)) from None
+        key, record = created["key"], ApiKeyRecord(key_hash="", **{k: v for k, v in created.items() if k != "key"})
+    else:
+        store = api.store_for()
+        try:
+            key, record = create_key(store, scope, name, expires_in=seconds, secrets_granted=granted)
+        finally:
+            store.close()
+    expiry = f", expires {_when(record.expires_at)}" if record.expires_at else ""
+    grants = f", secrets {', '.join(record.secrets)}" if record.secrets else ""
+    err.print(
+        escape(f"created key {record.id} ({record.name}) with scopes [{', '.join(record.scopes)}]{expiry}{grants}")
+        + "; it is shown once:"
+    )
+    out.print(key, highlight=False, markup=False)
 
 
 @keys_app.command("list")
 def keys_list() -> None:
-    """The API keys (ids, names, scopes; never the keys)."""
-    store = api.store_for()
-    try:
-        records = store.list_api_keys()
-    finally:
-        store.close()
-    table = Table("id", "name", "scopes", "created", "revoked")
+    """The API keys: ids, names, scopes, expiry, last use, granted secrets (never the keys)."""
+    client = _api_client()
+    if client is not None:
+        try:
+            records = [ApiKeyRecord(key_hash="", **view) for view in client.list_keys()]
+        except FactoryError as exc:
+            raise _fail(str(exc)) from None
+    else:
+        store = api.store_for()
+        try:
+            records = store.list_api_keys()
+        finally:
+            store.close()
+    now = time.time()
+    table = Table("id", "name", "scopes", "created", "expires", "last used", "secrets", "state")
     for r in records:
-        table.add_row(r.id, escape(r.name), ",".join(r.scopes), _when(r.created_at), "yes" if r.revoked else "")
+        state = "revoked" if r.revoked else ("expired" if r.expired(now) else "active")
+        table.add_row(
+            escape(r.id),
+            escape(r.name),
+            escape(",".join(r.scopes)),
+            _when(r.created_at),
+            _when(r.expires_at) if r.expires_at else "never",
+            _when(r.last_used_at) if r.last_used_at else "never",
+            escape(",".join(r.secrets)),
+            state,
+        )
     out.print(table)
 
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (`factory keys list`).")]) -> None:
-    """Revoke an API key (API replicas stop accepting it within FACTORY_API_KEY_CACHE_SECONDS)."""
-    store = api.store_for()
-    try:
-        found = store.revoke_api_key(key_id)
-    finally:
-        store.close()
+    """Revoke an API key: the API refuses it from its next request on."""
+    client = _api_client()
+    if client is not None:
+        try:
+            client.revoke_key(key_id)
+        except FactoryError as exc:
+            raise _fail(str(exc)) from None
+        found = True
+    else:
+        store = api.store_for()
+        try:
+            found = store.revoke_api_key(key_id)
+        finally:
+            store.close()
     if not found:
         raise _fail(f"no API key with id {key_id!r}; `factory keys list` shows them")
-    out.print(f"revoked key {key_id}")
+    out.print(f"revoked key {escape(key_id)}")
 
 
 def main() -> None:
@@ -588,7 +643,7 @@ def _register_command_modules() -> None:
     """Commands that live beside their subsystem register themselves on ``app``."""
     import importlib
 
-    for name in ("factory.cli_agents", "factory.cli_sandbox", "deployments.cli"):
+    for name in ("factory.cli_agents", "factory.cli_sandbox", "factory.cli_workflows", "deployments.cli"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

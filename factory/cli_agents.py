@@ -109,7 +109,7 @@ def _register_route(app: typer.Typer) -> None:
         rows = [(decision.agent, decision.breakdown)] + [(c.agent, c.breakdown) for c in decision.runners_up]
         for name, b in rows:
             style = "bold" if name == decision.agent else ""
-            table.add_row(name, f"{b['semantic']:.3f}", f"{b['load']:.3f}", f"{b['total']:.3f}", style=style)
+            table.add_row(escape(name), f"{b['semantic']:.3f}", f"{b['load']:.3f}", f"{b['total']:.3f}", style=style)
         out.print(table)
         for name, why in decision.filtered_out.items():
             out.print(f"[dim]filtered out[/dim] {escape(name)}: {escape(why)}", highlight=False)

@@ -12,6 +12,7 @@ from importlib import metadata
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from factory.cli_output import out
@@ -78,10 +79,10 @@ def register(app: typer.Typer) -> None:
             try:
                 result = LocalExecutor().run(ContainerSpec(image="host", command=["true"]))
             except FactoryError as exc:
-                out.print(f"[red]the local sandbox failed:[/red] {exc}")
+                out.print(f"[red]the local sandbox failed:[/red] {escape(str(exc))}")
                 raise typer.Exit(1) from None
             out.print(f"local sandbox ran `true` in {result.duration * 1e3:.1f} ms, exit {result.exit_code}")
             for guard in result.enforced:
-                out.print(f"  - {guard}")
+                out.print(f"  - {escape(guard)}")
             if result.exit_code != 0:
                 raise typer.Exit(1)

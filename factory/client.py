@@ -5,23 +5,28 @@
         run_id = client.submit("examples/sales_stats/workflow.yaml", {"z": 3})
         run = client.wait(run_id)
 
-Errors come back as :class:`ApiError` (a FactoryError) carrying the problem+json body.
+Errors come back as :class:`ApiError` (a FactoryError) carrying the problem+json body;
+each error says with ``retryable`` whether the same request may succeed later.
 """
 
 from __future__ import annotations
 
 import json
-import time
+import queue
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
+from factory.dag import read_workflow_file
 from factory.errors import FactoryError
+from factory.limits import DocumentLimits
 
 FINAL = {"succeeded", "failed", "cancelled"}
+FINAL_EVENTS = {"run.succeeded", "run.failed", "run.cancelled"}
+MAX_RECONNECT_DELAY = 5.0
 
 
 class ApiError(FactoryError):
@@ -36,11 +41,44 @@ class ApiError(FactoryError):
             detail += ":\n" + "\n".join(f"  - {e}" for e in errors)
         super().__init__(f"HTTP {status}: {detail}")
 
+    @property
+    def retryable(self) -> bool:
+        """Rate limited, or a server or proxy that is restarting: the same request may succeed later."""
+        return self.status in (429, 502, 503, 504)
+
+
+class ApiUnreachableError(FactoryError):
+    """The API could not be reached, did not answer in time, or dropped the connection."""
+
+    retryable = True
+
+
+class WaitTimeoutError(FactoryError, TimeoutError):
+    """:meth:`FactoryClient.wait` reached its deadline before the run ended (the run goes on)."""
+
+    retryable = True
+
 
 class FactoryClient:
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 30.0) -> None:
+    """``timeout``: seconds for connecting and for each answer. ``idle_timeout``: an event
+    stream silent for this long is taken for dead and reopened (the server sends a
+    keep-alive every 15 s). ``transport``: an httpx transport to use instead of the network."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        *,
+        idle_timeout: float = 45.0,
+        reconnect_delay: float = 0.5,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.timeout = timeout
+        self.idle_timeout = idle_timeout
+        self.reconnect_delay = reconnect_delay
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
 
     def __enter__(self) -> FactoryClient:
         return self
@@ -64,7 +102,7 @@ class FactoryClient:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise FactoryError(f"cannot reach the Factory API at {self.http.base_url}: {exc}") from None
+            raise ApiUnreachableError(f"cannot reach the Factory API at {self.http.base_url}: {exc}") from None
         return self._check(response)
 
     # -- runs --------------------------------------------------------------------------------------
@@ -72,10 +110,8 @@ class FactoryClient:
     def submit(self, workflow: str | Path | dict[str, Any], inputs: dict[str, Any] | None = None) -> str:
         """Submit a workflow (a YAML file, or its mapping); returns the run id."""
         if not isinstance(workflow, dict):
-            try:
-                workflow = yaml.safe_load(Path(workflow).read_text(encoding="utf-8"))
-            except (OSError, yaml.YAMLError) as exc:
-                raise FactoryError(f"cannot read the workflow {workflow}: {exc}") from None
+            # plain JSON data within the default bounds, or WorkflowValidationError (factory.limits)
+            workflow = read_workflow_file(workflow, limits=DocumentLimits())
         body = {"workflow": workflow, "inputs": inputs or {}}
         return str(self._request("POST", "/v1/workflows", json=body)["run_id"])
 
@@ -97,45 +133,151 @@ class FactoryClient:
         return dict(self._request("POST", f"/v1/runs/{run_id}/resume"))
 
     def events(self, run_id: str, after: int = 0, follow: bool = True) -> Iterator[dict[str, Any]]:
-        """The run's events (Server-Sent Events), reconnecting with Last-Event-ID if the stream drops."""
+        """The run's events (Server-Sent Events) after event ``after``. With ``follow``, until
+        the run ends: a stream that drops, or stays silent past ``idle_timeout``, is reopened
+        with ``Last-Event-ID``, and no event is yielded twice."""
+        return self._events(run_id, after, follow, threading.Event())
+
+    def _events(self, run_id: str, after: int, follow: bool, stop: threading.Event) -> Iterator[dict[str, Any]]:
         last = after
-        while True:
+        delay = self.reconnect_delay
+        while not stop.is_set():
+            headers = {"Last-Event-ID": str(last)} if last > after else {}
             try:
                 with self.http.stream(
                     "GET",
                     f"/v1/runs/{run_id}/events",
-                    params={"after": last, "follow": follow},
-                    timeout=httpx.Timeout(30.0, read=None),
+                    params={"after": after, "follow": follow},
+                    headers=headers,
+                    timeout=httpx.Timeout(self.timeout, read=self.idle_timeout),
                 ) as response:
                     if response.status_code >= 400:
                         response.read()
                         self._check(response)
-                    data: list[str] = []
-                    for line in response.iter_lines():
-                        if line.startswith("data:"):
-                            data.append(line[5:].strip())
-                        elif line == "" and data:
-                            event = json.loads("\n".join(data))
-                            data = []
-                            last = int(event["id"])
-                            yield event
-                return
+                    for event_id, event in _server_sent_events(response.iter_lines()):
+                        if event_id <= last:
+                            continue  # already yielded (a server that ignored Last-Event-ID)
+                        last, delay = event_id, self.reconnect_delay
+                        yield event
+                        if stop.is_set():
+                            return
+                return  # the server ended the stream
             except httpx.TransportError:
                 if not follow:
                     raise
-                time.sleep(0.5)
+            except ApiError as exc:
+                if not (follow and exc.retryable):
+                    raise
+            if stop.wait(delay):
+                return
+            delay = min(delay * 2, MAX_RECONNECT_DELAY)
 
     def wait(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Follow the run's events until it ends; returns the run with its steps."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for event in self.events(run_id):
-            if event["type"] in {"run.succeeded", "run.failed", "run.cancelled"}:
-                run = self.get_run(run_id)
-                if run["status"] in FINAL:  # else it was resumed since: keep following
-                    return run
-            if deadline is not None and time.monotonic() > deadline:
-                raise FactoryError(f"run {run_id} did not finish within {timeout:g}s")
-        return self.get_run(run_id)
+        """Follow the run's events until it ends; returns the run with its steps.
+
+        With ``timeout`` (seconds), raise :class:`WaitTimeoutError` (a ``TimeoutError``) at the
+        deadline, whatever the server does meanwhile: the events are followed by a helper thread,
+        so neither an idle stream nor a server that stops answering keeps the caller waiting
+        longer. The helper stops at its next event or timeout (``idle_timeout`` at most)."""
+        if timeout is None:
+            return self._follow_to_end(run_id, threading.Event())
+        outcome: queue.Queue[tuple[dict[str, Any] | None, BaseException | None]] = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def follow() -> None:
+            try:
+                outcome.put((self._follow_to_end(run_id, stop), None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                outcome.put((None, exc))
+
+        threading.Thread(target=follow, name=f"factory-wait-{run_id}", daemon=True).start()
+        try:
+            run, error = outcome.get(timeout=timeout)
+        except queue.Empty:
+            stop.set()
+            raise WaitTimeoutError(
+                f"run {run_id} did not finish within {timeout:g}s; it goes on: wait again, or `factory cancel {run_id}`"
+            ) from None
+        if error is not None:
+            raise error
+        assert run is not None
+        return run
+
+    def _follow_to_end(self, run_id: str, stop: threading.Event) -> dict[str, Any]:
+        last = 0
+        while True:
+            for event in self._events(run_id, last, True, stop):
+                last = max(last, int(event["id"]))
+                if event["type"] in FINAL_EVENTS:
+                    run = self._get_run_retrying(run_id, stop)
+                    if run["status"] in FINAL:  # else it was resumed since: keep following
+                        return run
+            if stop.is_set():
+                raise WaitTimeoutError(f"stopped waiting for run {run_id}")
+            run = self._get_run_retrying(run_id, stop)
+            if run["status"] in FINAL:
+                return run
+            stop.wait(self.reconnect_delay)  # the stream ended before the run (a proxy closed it): follow on
+
+    def _get_run_retrying(self, run_id: str, stop: threading.Event) -> dict[str, Any]:
+        delay = self.reconnect_delay
+        while True:
+            try:
+                return self.get_run(run_id)
+            except (ApiError, ApiUnreachableError) as exc:
+                if not exc.retryable or stop.wait(delay):
+                    raise
+                delay = min(delay * 2, MAX_RECONNECT_DELAY)
+
+    # -- registered workflows and keys ----------------------------------------------------------------
+
+    def register_workflow(
+        self,
+        workflow: str | Path | dict[str, Any],
+        name: str | None = None,
+        secrets: list[str] | None = None,
+        base_dir: str | None = None,
+    ) -> dict[str, Any]:
+        """Register a workflow (admin key): its steps' modules must be importable on the cluster
+        (or under ``base_dir`` there). Returns the registered version."""
+        data = self._workflow_data(workflow)
+        name = name or str(data.get("name") or "")
+        body = {"workflow": data, "secrets": secrets or [], "base_dir": base_dir}
+        return dict(self._request("PUT", f"/v1/workflows/{name}", json=body))
+
+    def list_workflows(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/workflows"))
+
+    def start(self, name: str, inputs: dict[str, Any] | None = None, version: int | None = None) -> str:
+        """Start a run of a registered workflow; returns the run id."""
+        body = {"inputs": inputs or {}, "version": version}
+        return str(self._request("POST", f"/v1/workflows/{name}/runs", json=body)["run_id"])
+
+    def create_key(
+        self,
+        scopes: list[str],
+        name: str = "",
+        expires_in: float | None = None,
+        secrets: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """A new API key (admin key); the answer's ``key`` is shown once."""
+        body = {"scopes": scopes, "name": name, "expires_in": expires_in, "secrets": secrets or []}
+        return dict(self._request("POST", "/v1/keys", json=body))
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/keys"))
+
+    def revoke_key(self, key_id: str) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/keys/{key_id}/revoke"))
+
+    @staticmethod
+    def _workflow_data(workflow: str | Path | dict[str, Any]) -> dict[str, Any]:
+        if isinstance(workflow, dict):
+            return workflow
+        data = read_workflow_file(workflow, limits=DocumentLimits())  # or WorkflowValidationError
+        if not isinstance(data, dict):
+            raise FactoryError(f"{workflow} is not a workflow: a mapping with name, inputs and steps")
+        return data
 
     # -- routing and agents --------------------------------------------------------------------------
 
@@ -147,3 +289,19 @@ class FactoryClient:
 
     def health(self) -> dict[str, Any]:
         return dict(self._request("GET", "/healthz"))
+
+
+def _server_sent_events(lines: Iterator[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(id, event) for each event of a text/event-stream; comments (keep-alives) are skipped."""
+    data: list[str] = []
+    event_id: str | None = None
+    for line in lines:
+        if line == "":
+            if data:
+                event = json.loads("\n".join(data))
+                yield int(event_id if event_id is not None else event["id"]), event
+            data, event_id = [], None
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif line.startswith("id:"):
+            event_id = line[3:].strip()

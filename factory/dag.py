@@ -10,16 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from pydantic import ValidationError
 
 from factory.callables import check_arguments, import_callable
 from factory.errors import WorkflowValidationError
-from factory.refs import Reference, ReferenceSyntaxError, find_references
+from factory.limits import DocumentLimits, check_data_bounds, check_data_shape, format_path, setting_hint
+from factory.refs import Reference, ReferenceSyntaxError, find_references, iter_strings_at, references_in
+from factory.safeyaml import load_yaml
 from factory.spec import Step, Workflow
 
 if TYPE_CHECKING:
     from factory.catalog import Catalog
+
+MAX_REPORTED_PROBLEMS = 100  # a validation error lists at most this many problems (then how many more)
 
 
 @dataclass
@@ -41,15 +44,47 @@ class Graph:
         return seen
 
 
-def step_references(step: Step) -> list[Reference]:
-    refs = find_references(step.with_)
+def _loc(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _reference_fields(step: Step) -> list[tuple[str, Any]]:
+    """The fields of a step that may hold ${...} references, by name."""
+    fields: list[tuple[str, Any]] = [("with", step.with_)]
     if step.for_each is not None:
-        refs += find_references(step.for_each)
+        fields.append(("for_each", step.for_each))
     if step.container is not None:
-        refs += find_references(step.container.model_dump())
+        fields.append(("container", step.container.model_dump()))
     if step.route is not None:
-        refs += find_references(step.route.text)
+        fields.append(("route.text", step.route.text))
+    return fields
+
+
+def step_references(step: Step) -> list[Reference]:
+    refs: list[Reference] = []
+    for _, value in _reference_fields(step):
+        refs += find_references(value)
     return refs
+
+
+def _references_and_problems(step: Step) -> tuple[list[Reference], list[str]]:
+    """The step's references, and a problem naming the field for each malformed one."""
+    refs: list[Reference] = []
+    problems: list[str] = []
+    for name, value in _reference_fields(step):
+        for path, text in iter_strings_at(value):
+            if "${" not in text:
+                continue
+            try:
+                refs += references_in(text)
+            except ReferenceSyntaxError as exc:
+                shown = format_path(path) if path else ""
+                where = name + ("." + shown if shown[:1] not in ("", "[") else shown)
+                problems.append(f"step {step.id!r} field {where}: {exc}")
+    return refs, problems
 
 
 def step_dependencies(step: Step) -> list[str]:
@@ -60,38 +95,37 @@ def step_dependencies(step: Step) -> list[str]:
     return deps
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "(top level)"
+def _cycle_text(cycle: list[str]) -> str:
+    """``a -> b -> a``; a long cycle is shown by its ends."""
+    if len(cycle) <= 21:
+        return " -> ".join(cycle)
+    return " -> ".join(cycle[:10]) + f" -> ... ({len(cycle) - 20} steps) -> " + " -> ".join(cycle[-10:])
 
 
 def _find_cycle(deps: dict[str, list[str]]) -> list[str] | None:
-    color: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        color[node] = 1
-        stack.append(node)
-        for dep in deps.get(node, []):
-            if dep not in deps:
-                continue
-            if color.get(dep) == 1:
-                return [*stack[stack.index(dep) :], dep]
-            if dep not in color:
-                found = visit(dep)
-                if found:
-                    return found
-        stack.pop()
-        color[node] = 2
-        return None
-
-    for node in deps:
-        if node not in color:
-            found = visit(node)
-            if found:
-                return found
+    """A dependency cycle as [a, b, ..., a], or None. Iterative depth-first search: a chain of
+    any length cannot exhaust the stack."""
+    color: dict[str, int] = {}  # 1: on the current path, 2: finished
+    for start in deps:
+        if start in color:
+            continue
+        color[start] = 1
+        path = [start]
+        pending = [iter(deps.get(start, []))]
+        while pending:
+            for dep in pending[-1]:
+                if dep not in deps:
+                    continue
+                if color.get(dep) == 1:
+                    return [*path[path.index(dep) :], dep]
+                if dep not in color:
+                    color[dep] = 1
+                    path.append(dep)
+                    pending.append(iter(deps.get(dep, [])))
+                    break
+            else:
+                color[path.pop()] = 2
+                pending.pop()
     return None
 
 
@@ -114,7 +148,7 @@ def build_graph(workflow: Workflow) -> Graph:
                 queue.append(nxt)
     if len(order) != len(deps):
         cycle = _find_cycle(deps) or []
-        raise WorkflowValidationError([f"cycle: {' -> '.join(cycle)}"])
+        raise WorkflowValidationError([f"cycle: {_cycle_text(cycle)}"])
     return Graph(order=order, deps=deps, dependants=dict(dependants))
 
 
@@ -130,11 +164,19 @@ def validate_data(
     source: str | None = None,
     check_imports: bool = True,
     agents: Catalog | None = None,
+    *,
+    limits: DocumentLimits | None = None,
 ) -> Workflow:
     """Build a Workflow from parsed YAML/JSON data, collecting every problem.
 
     With ``agents`` (the agent catalogue), ``agent:`` steps must name an agent it can run.
+    With ``limits``, the data must be within them (:func:`factory.limits.check_data_bounds`);
+    without, it must still be JSON data nested no deeper than the default depth.
     """
+    if limits is not None:
+        check_data_bounds(data, limits, source=source)
+    else:
+        check_data_shape(data, source=source)
     problems: list[str] = []
     if not isinstance(data, dict):
         raise WorkflowValidationError(
@@ -180,14 +222,12 @@ def validate_data(
 
     deps: dict[str, list[str]] = {}
     for step in steps:
-        try:
-            refs = step_references(step)
-        except ReferenceSyntaxError as exc:
-            problems.append(f"step {step.id!r} field with: {exc}")
-            refs = []
+        refs, ref_problems = _references_and_problems(step)
+        problems += ref_problems
         for need in step.needs:
             if need not in known_ids:
-                problems.append(f"step {step.id!r} field needs: unknown step {need!r}")
+                hint = " (list step ids here, not ${...} references)" if "${" in need else ""
+                problems.append(f"step {step.id!r} field needs: unknown step {need[:80]!r}{hint}")
         for ref in refs:
             if ref.root == "steps" and ref.name not in known_ids:
                 problems.append(f"step {step.id!r} references unknown step {ref.name!r} in {ref}")
@@ -209,7 +249,8 @@ def validate_data(
             )
         if step.id in step.needs:
             problems.append(f"step {step.id!r} field needs: a step cannot need itself")
-        deps[step.id] = [d for d in step_dependencies(step) if d in known_ids and d != step.id]
+        step_deps = dict.fromkeys([*step.needs, *(r.name for r in refs if r.root == "steps" and r.name)])
+        deps[step.id] = [d for d in step_deps if d in known_ids and d != step.id]
         if agents is not None and step.agent is not None:
             problems.extend(_agent_problems(step.id, step.agent, agents))
         if check_imports and step.python:
@@ -226,7 +267,10 @@ def validate_data(
     if len(set(deps)) == len(deps):
         cycle = _find_cycle(deps)
         if cycle:
-            problems.append(f"cycle: {' -> '.join(cycle)} (remove one of these dependencies)")
+            problems.append(f"cycle: {_cycle_text(cycle)} (remove one of these dependencies)")
+    if len(problems) > MAX_REPORTED_PROBLEMS:
+        more = len(problems) - MAX_REPORTED_PROBLEMS
+        problems = [*problems[:MAX_REPORTED_PROBLEMS], f"... and {more} more problem(s) like these"]
     if problems:
         raise WorkflowValidationError(problems, source)
     # base_dir is where the workflow came from (its file's folder), never something its text may claim
@@ -243,24 +287,66 @@ def _agent_problems(step_id: str, name: str, agents: Catalog) -> list[str]:
     return []
 
 
-def validate_workflow(workflow: Workflow, check_imports: bool = True, agents: Catalog | None = None) -> Workflow:
+def validate_workflow(
+    workflow: Workflow,
+    check_imports: bool = True,
+    agents: Catalog | None = None,
+    *,
+    limits: DocumentLimits | None = None,
+) -> Workflow:
     """Validate a workflow built in Python the same way as one loaded from YAML."""
-    data = workflow.model_dump(by_alias=True, exclude_none=True)
-    return validate_data(data, workflow.base_dir, workflow.name, check_imports, agents)
+    # fields left at their defaults are left out: they are valid, and the size bounds count what was written
+    data = workflow.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True)
+    return validate_data(data, workflow.base_dir, workflow.name, check_imports, agents, limits=limits)
 
 
-def load_workflow(path: str | Path, check_imports: bool = True, agents: Catalog | None = None) -> Workflow:
-    """Read and validate a workflow YAML (or JSON) file."""
-    file = Path(path)
+def parse_workflow_text(text: str | bytes, *, limits: DocumentLimits, source: str | None = None) -> Any:
+    """The data of a workflow document (YAML or JSON text), safe to validate: plain JSON data
+    within ``limits`` (factory.safeyaml, factory.limits). Raises WorkflowValidationError."""
+    data = load_yaml(text, limits, source=source)
+    check_data_bounds(data, limits, source=source)
+    return data
+
+
+def workflow_from_text(
+    text: str | bytes,
+    *,
+    limits: DocumentLimits,
+    source: str | None = None,
+    base_dir: str | None = None,
+    check_imports: bool = True,
+    agents: Catalog | None = None,
+) -> Workflow:
+    """The one way from text to a validated Workflow: :func:`parse_workflow_text`, then :func:`validate_data`."""
+    data = parse_workflow_text(text, limits=limits, source=source)
+    return validate_data(data, base_dir, source, check_imports, agents, limits=limits)
+
+
+def load_workflow(
+    path: str | Path,
+    check_imports: bool = True,
+    agents: Catalog | None = None,
+    *,
+    limits: DocumentLimits | None = None,
+) -> Workflow:
+    """Read and validate a workflow YAML (or JSON) file (``limits``: default DocumentLimits())."""
+    limits = limits or DocumentLimits()
+    data = read_workflow_file(path, limits=limits)
+    base_dir = str(Path(path).resolve().parent)
+    return validate_data(data, base_dir, str(path), check_imports, agents, limits=limits)
+
+
+def read_workflow_file(path: str | Path, *, limits: DocumentLimits) -> Any:
+    """The data of a workflow file, as :func:`parse_workflow_text` reads it; at most
+    ``limits.max_bytes`` are read. Raises WorkflowValidationError."""
     try:
-        text = file.read_text(encoding="utf-8")
+        with Path(path).open("rb") as handle:
+            raw = handle.read(limits.max_bytes + 1)  # never more: the path may name a device or a huge file
     except OSError as exc:
         raise WorkflowValidationError([f"cannot read the file: {exc.strerror or exc}"], str(path)) from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise WorkflowValidationError([f"malformed YAML: {where}{problem}"], str(path)) from exc
-    return validate_data(data, str(file.resolve().parent), str(path), check_imports, agents)
+    if len(raw) > limits.max_bytes:
+        raise WorkflowValidationError(
+            [f"the file is larger than {limits.max_bytes} bytes ({setting_hint('max_bytes')}); make it smaller"],
+            str(path),
+        )
+    return parse_workflow_text(raw, limits=limits, source=str(path))

@@ -22,7 +22,6 @@ import inspect
 import json
 import os
 import random
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -36,15 +35,18 @@ from factory.cache import ResultCache
 from factory.callables import import_callable
 from factory.dag import Graph, build_graph
 from factory.errors import LeaseLostError, RunStateError, StepInputError
+from factory.owner import new_owner_id
+from factory.policy import check_python_grants, owner_namespace
 from factory.refs import Context, resolve
 from factory.retry import backoff_delay
-from factory.runtime import Outcome, StepCall, execute_item, execute_step
+from factory.runtime import Outcome, StepCall, execute_item, execute_step, limit_outcome
 from factory.settings import Settings
 from factory.spec import Step, Workflow
 from factory.store import (
     FINAL_STEP_STATUSES,
     Change,
     RunChange,
+    RunGrants,
     RunStatus,
     StepChange,
     StepStatus,
@@ -134,12 +136,21 @@ def _stop_attempt(ref: Any) -> None:
         ray.cancel(ref)
 
 
+def _current_dir() -> str | None:
+    """The process's working directory, or None when it is gone (a Ray job's removed working_dir)."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return None
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
 def _owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    """host, pid, nonce, process start time, boot id, pid namespace: see factory.owner."""
+    return str(new_owner_id())
 
 
 def _describe_ray_error(exc: BaseException, step: Step, elapsed: float) -> str:
@@ -167,8 +178,10 @@ class Coordinator:
         graph: Graph | None = None,
         agent_dispatcher: AgentDispatcher | None = None,
         cache: ResultCache | None = None,
+        grants: RunGrants | None = None,
     ) -> None:
         self.store = store
+        self.grants = grants  # what the run may use (runs submitted over the API); None: started here
         self.workflow = workflow
         self.run_id = run_id
         self.inputs = inputs
@@ -178,7 +191,9 @@ class Coordinator:
         self.agent_dispatcher = agent_dispatcher
         self.cache: ResultCache = cache or store
         self.owner = _owner_id()
-        self.search_path = tuple(p for p in (workflow.base_dir, os.getcwd()) if p)
+        # a run submitted over the API imports only from its workflow's folder and installed packages
+        here = _current_dir() if grants is None else None
+        self.search_path = tuple(p for p in (workflow.base_dir, here) if p)
         self.states: dict[str, _StepState] = {s.id: _StepState(s) for s in workflow.steps}
         self.inflight: dict[Any, tuple[str, int, int | None]] = {}
         self.retry_heap: list[tuple[float, int, str, int | None, int]] = []
@@ -236,6 +251,8 @@ class Coordinator:
             base_dir=self.workflow.base_dir if step.container is not None else None,
             store_url=self.store.url if step.container is not None else None,
             run_id=self.run_id,
+            grants=self.grants,
+            max_output_bytes=self.settings.max_output_bytes,
         )
 
     def _step_arguments(self, step: Step) -> dict[str, Any]:
@@ -258,11 +275,18 @@ class Coordinator:
         """Same action, same code, same resolved inputs -> same key."""
         code = ""
         if step.python is not None:
+            check_python_grants(self.grants, step.python)  # import nothing the run may not run
             try:
                 code = inspect.getsource(import_callable(step.python, self.search_path))
             except (OSError, TypeError):
                 code = ""
-        payload = json.dumps([step.kind, step.python, step.agent, code, arguments], sort_keys=True, default=str)
+        # a run of one key never reuses (or plants) a result that another key's run stored
+        namespace = owner_namespace(self.grants)
+        payload = json.dumps(
+            [step.kind, step.python, step.agent, code, arguments, *([namespace] if namespace else [])],
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(payload.encode()).hexdigest()
 
     # -- submission ----------------------------------------------------------------------------
@@ -302,6 +326,11 @@ class Coordinator:
                 items = resolve(step.for_each, self._context(step))
                 if not isinstance(items, list):
                     raise StepInputError(f"for_each needs a list, but {step.for_each} is a {type(items).__name__}")
+                if len(items) > self.settings.max_for_each_items:
+                    raise StepInputError(
+                        f"for_each over {len(items)} items; the limit is {self.settings.max_for_each_items} "
+                        "(FACTORY_MAX_FOR_EACH_ITEMS): split the list, or batch items into one call each"
+                    )
                 arguments = [resolve(self._step_arguments(step), self._context(step, item, True)) for item in items]
             else:
                 items = [None]
@@ -384,6 +413,11 @@ class Coordinator:
             if item.logs and item.logs != "(cached)"
         )
         state.attempts = max([state.attempts] + [item.attempts for item in state.items])
+        what = "the list of its items' outputs" if step.for_each is not None else "the step's output"
+        whole = limit_outcome(Outcome(ok=True, output_json=output_json), self.settings.max_output_bytes, what)
+        if not whole.ok:  # each item fits, all of them together do not (or a result cached before the limit)
+            self._fail_step(state, f"{whole.error} (not retried: fix the input or the code)", logs)
+            return
         self._succeed(state, output_json, logs, time.monotonic() - state.started_at, cached=all_cached)
 
     # -- completion ----------------------------------------------------------------------------
@@ -494,6 +528,8 @@ class Coordinator:
                 error=_describe_ray_error(exc, state.step, elapsed),
                 retryable=not isinstance(exc, TaskCancelledError),
             )
+        # agent steps' outputs come from their pools, not through the worker's limit
+        outcome = limit_outcome(outcome, self.settings.max_output_bytes)
         if item is not None:
             if outcome.ok:
                 item_state = state.items[item]

@@ -1,7 +1,7 @@
 """The Factory's one exception hierarchy.
 
 Every message says what went wrong and what to change. The CLI prints them as
-they are; later the HTTP API maps them onto problem+json responses.
+they are; the HTTP API maps them onto problem+json responses (deployments/http.py).
 """
 
 from __future__ import annotations
@@ -30,12 +30,33 @@ class OutputNotSerializableError(FactoryError):
     """A step returned a value that cannot be stored as JSON (not retried)."""
 
 
+class OutputTooLargeError(FactoryError):
+    """A step's output, as JSON, is larger than the ``max_output_bytes`` setting (not retried)."""
+
+    def __init__(self, size: int, limit: int, what: str = "the step's output") -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"{what} is {size} bytes as JSON, more than the limit of {limit} bytes "
+            "(setting max_output_bytes, FACTORY_MAX_OUTPUT_BYTES); write large results to a file and "
+            "return its path, or declare the file in a container step's `outputs:` to keep it as an artifact"
+        )
+
+
 class StepTimeoutError(FactoryError):
     """An attempt ran past the step's timeout and was stopped."""
 
 
-class RunNotFoundError(FactoryError):
+class NotFoundError(FactoryError):
+    """The thing named does not exist (a run, a registered workflow, a key)."""
+
+
+class RunNotFoundError(NotFoundError):
     """No run with this id exists in the store."""
+
+
+class WorkflowNotFoundError(NotFoundError):
+    """No registered workflow has this name (or version)."""
 
 
 class RunStateError(FactoryError):
@@ -60,11 +81,24 @@ VALIDATION_ERRORS: tuple[type[BaseException], ...] = (
     WorkflowValidationError,
     StepInputError,
     OutputNotSerializableError,
+    OutputTooLargeError,
 )
 
 
 class LeaseLostError(RunStateError):
     """Another coordinator took over the run: this one must stop writing to it."""
+
+
+class StoreUnavailableError(FactoryError):
+    """The store's database could not be reached, or dropped the connection in a transaction.
+
+    ``retryable`` is True when the transaction is known not to have committed, so running
+    it again is safe; False when its outcome could not be established.
+    """
+
+    def __init__(self, message: str, retryable: bool) -> None:
+        self.retryable = retryable
+        super().__init__(message)
 
 
 class PoolSaturated(FactoryError):
@@ -180,4 +214,13 @@ class AuthenticationError(FactoryError):
 
 
 class PermissionDeniedError(FactoryError):
-    """The API key is valid but lacks the scope the action needs."""
+    """The API key is valid but may not do this: it lacks the scope, or the workflow asks for
+    code or secrets the operator did not allow. ``problems`` names each step and field."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+class StepNotAllowedError(StepInputError):
+    """A run asked its worker for a module or a secret its grants do not include (not retried)."""

@@ -1,11 +1,18 @@
 """Redis Streams event bus: the store's event log (the outbox) published to Redis.
 
-Every event is appended to the global stream ``factory:events`` and to its run's
-stream ``factory:run:<run_id>:events`` under the entry id ``<event id>-0``. Event
-ids follow commit order (see the stores), so publishing in id order keeps the
-streams in order, and Redis itself refuses an entry id it already has: a
-publisher that retries after a failure, or two publishers at once, cannot
-create duplicates. The publication cursor lives in Redis beside the streams.
+Every key belongs to one store: ``factory:<store id>:...``, the store id being
+random, made once and kept in the store (``Store.store_id()``). Two stores (two
+deployments, or a fresh database) can share one Redis without mixing their events
+or their cursors: event ids start again at 1 in a new store, and under a shared
+cursor its events would all have looked published already.
+
+Every event is appended to the store's stream ``factory:<store id>:events`` and to
+its run's stream ``factory:<store id>:run:<run_id>:events`` under the entry id
+``<event id>-0``. Event ids follow commit order (see the stores), so publishing in
+id order keeps the streams in order, and Redis itself refuses an entry id not
+above the stream's last: a publisher that retries after a failure, or two
+publishers at once, cannot create duplicates. The publication cursor
+(``factory:<store id>:events:published``) lives in Redis beside the streams.
 
 If Redis is unreachable, events simply stay in the store; the publisher keeps
 trying and catches up in order when Redis returns. Runs never fail because of it.
@@ -18,6 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from factory.errors import FactoryError
@@ -25,8 +33,6 @@ from factory.store import Event, Store
 
 log = logging.getLogger(__name__)
 
-GLOBAL_STREAM = "factory:events"
-CURSOR_KEY = "factory:events:published"
 FINAL_EVENTS = {"run.succeeded", "run.failed", "run.cancelled"}
 
 # Move the cursor forward only (never back), in one round trip.
@@ -37,8 +43,36 @@ return current
 """
 
 
-def run_stream(run_id: str) -> str:
-    return f"factory:run:{run_id}:events"
+@dataclass(frozen=True)
+class StreamKeys:
+    """The Redis keys of one store's events, all under ``factory:<store id>:``."""
+
+    store_id: str
+
+    def __post_init__(self) -> None:
+        if not self.store_id or any(c in self.store_id for c in ": \t\n{}*?[]"):
+            raise FactoryError(f"{self.store_id!r} is not a store id (Store.store_id() gives it)")
+
+    @property
+    def prefix(self) -> str:
+        return f"factory:{self.store_id}"
+
+    @property
+    def events(self) -> str:
+        """Every event of the store."""
+        return f"{self.prefix}:events"
+
+    @property
+    def cursor(self) -> str:
+        """The id of the last event published (all below it are published too)."""
+        return f"{self.prefix}:events:published"
+
+    def run(self, run_id: str) -> str:
+        """The events of one run."""
+        return f"{self.prefix}:run:{run_id}:events"
+
+    def stream(self, run_id: str | None = None) -> str:
+        return self.run(run_id) if run_id else self.events
 
 
 def _client(url: str) -> Any:
@@ -83,6 +117,7 @@ class RedisEventPublisher:
     ) -> None:
         self.store = store
         self.url = url
+        self.keys = StreamKeys(store.store_id())
         self.maxlen = maxlen
         self.run_stream_ttl = run_stream_ttl
         self.batch = batch
@@ -93,7 +128,7 @@ class RedisEventPublisher:
         self._thread: threading.Thread | None = None
 
     def cursor(self) -> int:
-        return int(self.redis.get(CURSOR_KEY) or 0)
+        return int(self.redis.get(self.keys.cursor) or 0)
 
     def publish_pending(self) -> int:
         """Publish every event after the cursor; returns how many were looked at.
@@ -108,15 +143,15 @@ class RedisEventPublisher:
             for event in events:
                 entry = f"{event.id}-0"
                 fields = _fields(event)
-                pipe.xadd(GLOBAL_STREAM, fields, id=entry, **trim)
-                pipe.xadd(run_stream(event.run_id), fields, id=entry, **trim)
+                pipe.xadd(self.keys.events, fields, id=entry, **trim)
+                pipe.xadd(self.keys.run(event.run_id), fields, id=entry, **trim)
                 if event.type in FINAL_EVENTS:
-                    pipe.expire(run_stream(event.run_id), self.run_stream_ttl)
+                    pipe.expire(self.keys.run(event.run_id), self.run_stream_ttl)
             results = pipe.execute(raise_on_error=False)
             for result in results:
                 if isinstance(result, Exception) and "equal or smaller" not in str(result):
                     raise result  # anything but "already published"
-            self._advance(keys=[CURSOR_KEY], args=[events[-1].id])
+            self._advance(keys=[self.keys.cursor], args=[events[-1].id])
             total += len(events)
             if len(events) < self.batch:
                 return total
@@ -163,19 +198,27 @@ class RedisEventPublisher:
 
 
 class RedisEventBus:
-    """Reading the streams: replay, tail, and consumer groups for outside consumers."""
+    """Reading one store's streams: replay, tail, and consumer groups for outside consumers.
 
-    def __init__(self, url: str) -> None:
+    ``store_id`` names the store whose events to read (``Store.store_id()``; or use
+    :meth:`for_store`)."""
+
+    def __init__(self, url: str, store_id: str) -> None:
+        self.keys = StreamKeys(store_id)
         self.redis = _client(url)
 
+    @classmethod
+    def for_store(cls, store: Store, url: str) -> RedisEventBus:
+        return cls(url, store.store_id())
+
     def replay(self, after_id: int = 0, run_id: str | None = None, count: int = 1000) -> list[Event]:
-        stream = run_stream(run_id) if run_id else GLOBAL_STREAM
+        stream = self.keys.stream(run_id)
         entries = self.redis.xrange(stream, min=f"({after_id}-0" if after_id else "-", count=count)
         return [event_from_entry(entry_id, fields) for entry_id, fields in entries]
 
     def tail(self, after_id: int = 0, run_id: str | None = None, block_ms: int = 1000) -> Iterator[Event]:
         """Events after ``after_id``, waiting for new ones (forever; stop iterating to end)."""
-        stream = run_stream(run_id) if run_id else GLOBAL_STREAM
+        stream = self.keys.stream(run_id)
         last = f"{after_id}-0"
         while True:
             reply = self.redis.xread({stream: last}, count=500, block=block_ms)
@@ -188,7 +231,7 @@ class RedisEventBus:
         """Create a consumer group (if it does not exist) that starts after event ``start_after``."""
         import redis
 
-        stream = run_stream(run_id) if run_id else GLOBAL_STREAM
+        stream = self.keys.stream(run_id)
         try:
             self.redis.xgroup_create(stream, group, id=f"{start_after}-0", mkstream=True)
         except redis.ResponseError as exc:
@@ -199,16 +242,16 @@ class RedisEventBus:
         self, group: str, consumer: str, run_id: str | None = None, count: int = 100, block_ms: int = 1000
     ) -> list[Event]:
         """New events for this consumer of the group; acknowledge them with :meth:`ack`."""
-        stream = run_stream(run_id) if run_id else GLOBAL_STREAM
+        stream = self.keys.stream(run_id)
         reply = self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
         return [event_from_entry(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
 
     def ack(self, group: str, events: list[Event], run_id: str | None = None) -> int:
-        stream = run_stream(run_id) if run_id else GLOBAL_STREAM
+        stream = self.keys.stream(run_id)
         if not events:
             return 0
         return int(self.redis.xack(stream, group, *[f"{e.id}-0" for e in events]))
 
     def pending(self, group: str, run_id: str | None = None) -> int:
-        stream = run_stream(run_id) if run_id else GLOBAL_STREAM
+        stream = self.keys.stream(run_id)
         return int(self.redis.xpending(stream, group)["pending"])

@@ -21,6 +21,7 @@ _PATH_PART_RE = re.compile(r"\.([A-Za-z_][\w-]*)|\[(-?\d+)\]|\[\"([^\"]*)\"\]|\[
 _HEAD_RE = re.compile(r"^\s*(inputs|steps|item)\b")
 
 PathPart = str | int
+MAX_INDEX_DIGITS = 9  # [index] in a reference; no list that fits in a step's output is longer
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,11 @@ class ReferenceSyntaxError(ValueError):
     pass
 
 
+def _show(text: str) -> str:
+    """A reference as written, cut short for messages."""
+    return "${" + (text if len(text) <= 80 else text[:79] + "…") + "}"
+
+
 def _parse_path(rest: str, text: str) -> tuple[PathPart, ...]:
     parts: list[PathPart] = []
     pos = 0
@@ -47,12 +53,17 @@ def _parse_path(rest: str, text: str) -> tuple[PathPart, ...]:
         match = _PATH_PART_RE.match(rest, pos)
         if not match:
             raise ReferenceSyntaxError(
-                f"${{{text}}}: cannot read {rest[pos:]!r}; write .field or [index] after the reference"
+                f"{_show(text)}: cannot read {rest[pos:][:40]!r}; write .field or [index] after the reference"
             )
         field, index, dq, sq = match.groups()
         if field is not None:
             parts.append(field)
         elif index is not None:
+            if len(index.lstrip("-")) > MAX_INDEX_DIGITS:
+                raise ReferenceSyntaxError(
+                    f"{_show(text)}: the index [{index[:20]}{'…' if len(index) > 20 else ''}] is too large "
+                    f"(at most {MAX_INDEX_DIGITS} digits)"
+                )
             parts.append(int(index))
         else:
             parts.append(dq if dq is not None else sq)
@@ -64,14 +75,14 @@ def parse_reference(text: str) -> Reference:
     expr = text.strip()
     head = _HEAD_RE.match(expr)
     if not head:
-        raise ReferenceSyntaxError(f"${{{text}}}: a reference starts with inputs.NAME, steps.ID.output or item")
+        raise ReferenceSyntaxError(f"{_show(text)}: a reference starts with inputs.NAME, steps.ID.output or item")
     root = head.group(1)
     rest = expr[head.end() :]
     if root == "item":
         return Reference("item", None, _parse_path(rest, text), expr)
     match = re.match(r"^\.([A-Za-z_][\w-]*)", rest)
     if not match:
-        raise ReferenceSyntaxError(f"${{{text}}}: write {root}.NAME")
+        raise ReferenceSyntaxError(f"{_show(text)}: write {root}.NAME")
     name = match.group(1)
     rest = rest[match.end() :]
     if root == "inputs":
@@ -79,31 +90,70 @@ def parse_reference(text: str) -> Reference:
     out = re.match(r"^\.(output|artifacts)\b", rest)
     if not out:
         raise ReferenceSyntaxError(
-            f"${{{text}}}: a step reference reads its output: write steps.{name}.output (or .artifacts)"
+            f"{_show(text)}: a step reference reads its output: write steps.{name}.output (or .artifacts)"
         )
     # ${steps.ID.artifacts} is short for ${steps.ID.output.artifacts} (container steps' files)
     prefix: tuple[PathPart, ...] = ("artifacts",) if out.group(1) == "artifacts" else ()
     return Reference("steps", name, prefix + _parse_path(rest[out.end() :], text), expr)
 
 
+def iter_strings_at(value: Any) -> Iterator[tuple[tuple[PathPart, ...], str]]:
+    """Every string inside a nested structure of dicts and lists, with its path, in order.
+
+    Iterative: a deeply nested value cannot exhaust the stack (but each path is a copy: use
+    :func:`iter_strings` on values whose depth is not bounded yet).
+    """
+    stack: list[tuple[tuple[PathPart, ...], Any]] = [((), value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            yield path, item
+        elif isinstance(item, Mapping):
+            stack.extend(((*path, str(key)), child) for key, child in reversed(list(item.items())))
+        elif isinstance(item, list | tuple):
+            stack.extend(((*path, index), child) for index, child in reversed(list(enumerate(item))))
+
+
 def iter_strings(value: Any) -> Iterator[str]:
-    """Every string inside a nested structure of dicts and lists."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from iter_strings(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from iter_strings(item)
+    """Every string inside a nested structure of dicts and lists, in order (iteratively)."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, Mapping):
+            stack.extend(reversed(list(item.values())))
+        elif isinstance(item, list | tuple):
+            stack.extend(reversed(item))
+
+
+def references_in(text: str) -> list[Reference]:
+    """The references in one string. Raises ReferenceSyntaxError for a malformed one, including
+    a ``${`` that does not close or that holds another ``${``."""
+    refs: list[Reference] = []
+    start = text.find("${")
+    while start != -1:
+        match = _REF_RE.match(text, start)
+        if match is None:
+            # [^{}]* stopped at a "{" before any "}", or there is no "}" at all
+            shown = text[start : start + 60] + ("…" if len(text) > start + 60 else "")
+            if text.find("}", start) == -1:
+                raise ReferenceSyntaxError(
+                    f"{shown!r}: a ${{ without its closing }}; "
+                    "write ${inputs.NAME}, ${steps.ID.output} or ${item}"
+                )
+            raise ReferenceSyntaxError(f"{shown!r}: a reference cannot hold another ${{...}} or braces")
+        refs.append(parse_reference(match.group(1)))
+        start = text.find("${", match.end())
+    return refs
 
 
 def find_references(value: Any) -> list[Reference]:
     """All references inside a value. Raises ReferenceSyntaxError for a malformed one."""
     refs: list[Reference] = []
     for text in iter_strings(value):
-        for match in _REF_RE.finditer(text):
-            refs.append(parse_reference(match.group(1)))
+        if "${" in text:
+            refs.extend(references_in(text))
     return refs
 
 

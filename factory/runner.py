@@ -31,29 +31,38 @@ class RunnerActor:
         self._threads: dict[str, threading.Thread] = {}
         self._errors: dict[str, str] = {}
 
-    def start(self, run_id: str, resume: bool = False) -> bool:
+    def start(self, run_id: str, resume: bool = False, adopt: bool = False) -> bool:
         """Run a submitted run (or, with ``resume``, resume one) in the background; False if
-        this actor already runs it."""
+        this actor already runs it. ``adopt``: the supervisor resumes a run whose owner died
+        (a cancel asked meanwhile stays in force)."""
         current = self._threads.get(run_id)
         if current is not None and current.is_alive():
             return False
         self._threads = {k: t for k, t in self._threads.items() if t.is_alive()}
-        thread = threading.Thread(target=self._execute, args=(run_id, resume), name=f"run-{run_id}", daemon=True)
+        thread = threading.Thread(target=self._execute, args=(run_id, resume, adopt), name=f"run-{run_id}", daemon=True)
         self._threads[run_id] = thread
         thread.start()
         return True
 
-    def _execute(self, run_id: str, resume_run: bool) -> None:
-        from factory.api import resume
+    def _execute(self, run_id: str, resume_run: bool, adopt: bool = False) -> None:
+        from factory.api import fail_unstarted, resume
 
         try:
-            resume(run_id, settings=self.settings, agents=self.settings.agents_file, pending_only=not resume_run)
+            resume(
+                run_id,
+                settings=self.settings,
+                agents=self.settings.agents_file,
+                pending_only=not resume_run,
+                keep_cancel=adopt,
+            )
         except FactoryError as exc:
             self._errors[run_id] = str(exc)
             log.warning("run %s: %s", run_id, exc)
+            fail_unstarted(run_id, f"the run could not start: {exc}", settings=self.settings)
         except Exception as exc:  # keep the actor alive whatever a run does
             self._errors[run_id] = f"{type(exc).__name__}: {exc}"
             log.exception("run %s crashed its coordinator", run_id)
+            fail_unstarted(run_id, f"the run could not start: {type(exc).__name__}: {exc}", settings=self.settings)
 
     def active(self) -> list[str]:
         return [run_id for run_id, thread in self._threads.items() if thread.is_alive()]

@@ -29,10 +29,13 @@ from typing import Any
 import ray
 
 from factory.callables import bind_arguments, import_callable
-from factory.errors import OutputNotSerializableError, StepInputError, StepTimeoutError
+from factory.errors import OutputNotSerializableError, OutputTooLargeError, StepInputError, StepTimeoutError
+from factory.limits import DEFAULT_MAX_OUTPUT_BYTES
+from factory.policy import check_python_grants
 from factory.refs import Context, resolve
 from factory.retry import is_retryable
 from factory.spec import RetryPolicy
+from factory.store import RunGrants
 
 # After the timeout, the attempt gets an interrupt (StepTimeoutError raised in it).
 # If it is stuck in native code and ignores that, the worker process is killed
@@ -62,6 +65,8 @@ class StepCall:
     base_dir: str | None = None  # the workflow's folder: the only host files a container step may mount
     store_url: str | None = None  # container steps: where their log lines go as step.log events, live
     run_id: str | None = None
+    grants: RunGrants | None = None  # what the run may use (API runs); None: anything (started here)
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES  # the max_output_bytes setting: larger outputs fail
 
 
 @dataclass(slots=True)
@@ -88,15 +93,44 @@ def _to_jsonable(value: Any) -> Any:
     raise TypeError(f"a {type(value).__name__} cannot be stored as JSON")
 
 
-def encode_output(value: Any) -> str:
-    """JSON text of a step's output, or OutputNotSerializableError saying what to return instead."""
+def json_size(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (without encoding it when it is ASCII)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def encode_output(value: Any, max_bytes: int | None = None) -> str:
+    """JSON text of a step's output, or OutputNotSerializableError saying what to return instead;
+    OutputTooLargeError when the text is longer than ``max_bytes`` (None: no limit)."""
     try:
-        return json.dumps(value, default=_to_jsonable, allow_nan=False, ensure_ascii=False)
+        text = json.dumps(value, default=_to_jsonable, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError, RecursionError) as exc:
         raise OutputNotSerializableError(
             f"the step returned {type(value).__name__} that cannot be stored as JSON ({exc}); "
             "return dicts, lists, strings, numbers, booleans, None or pydantic models"
         ) from None
+    if max_bytes is not None and len(text) * 4 > max_bytes:  # else it fits whatever the characters
+        size = json_size(text)
+        if size > max_bytes:
+            raise OutputTooLargeError(size, max_bytes)
+    return text
+
+
+def limit_outcome(outcome: Outcome, max_bytes: int, what: str = "the step's output") -> Outcome:
+    """The outcome, or a failed one (not retried) when its output is larger than ``max_bytes``:
+    for outputs that did not pass through :func:`encode_output` with the limit (agent steps)."""
+    text = outcome.output_json
+    if not outcome.ok or text is None or len(text) * 4 <= max_bytes or json_size(text) <= max_bytes:
+        return outcome
+    exc = OutputTooLargeError(json_size(text), max_bytes, what)
+    return Outcome(
+        ok=False,
+        error=f"{type(exc).__name__}: {exc}",
+        error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+        retryable=False,
+        logs=outcome.logs,
+        duration=outcome.duration,
+        extra=outcome.extra,
+    )
 
 
 def _real_stderr() -> Any:
@@ -199,15 +233,17 @@ def run_attempt(call: StepCall, deps: tuple[Outcome, ...]) -> Outcome:
                 if live is not None:
                     live.flush_events(final=True)
         else:
+            check_python_grants(call.grants, call.target)
             try:
                 func = import_callable(call.target, call.search_path)
             except (ImportError, AttributeError, TypeError) as exc:
                 raise StepInputError(str(exc)) from exc
+            check_python_grants(call.grants, call.target, func)
             bind_arguments(func, kwargs, call.target)
             root.addHandler(handler)
             with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer), _Timeout(call.timeout):
                 value = _call(func, kwargs)
-        output_json = encode_output(value)
+        output_json = encode_output(value, call.max_output_bytes)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):  # ray.cancel() interrupts the task this way
             raise

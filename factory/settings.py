@@ -11,10 +11,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from factory import limits
 
 _config_file_override: Path | None = None
 _SECRET_URL_RE = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):(?P<password>[^@]*)@", re.I)
@@ -51,6 +59,11 @@ class Settings(BaseSettings):
     )
     cache_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1, description="How long a Redis-cached result lives.")
     postgres_pool_max: int = Field(default=4, ge=1, description="Connections per process to PostgreSQL.")
+    postgres_retry_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long a PostgreSQL store retries a transaction whose connection dropped before it gives up.",
+    )
     ray_address: str | None = Field(
         default=None,
         description="Ray cluster to join; default: RAY_ADDRESS, else a running local one, else a new local Ray.",
@@ -72,7 +85,16 @@ class Settings(BaseSettings):
     api_rate_burst: int = Field(default=400, ge=1, description="Requests a key may send at once before the limit.")
     api_max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest request body accepted.")
     api_key_cache_seconds: float = Field(
-        default=30.0, ge=0, description="How long a replica trusts a verified key (revocation takes this long)."
+        default=0.0,
+        ge=0,
+        description="How long a replica trusts a verified key; 0: every request reads it (revocation is immediate).",
+    )
+    allowed_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Module prefixes whose functions workflows sent over the API may call as python steps "
+            "(comma-separated; empty: none, only registered workflows run python code)."
+        ),
     )
     # isolated (container) steps; unset fields keep the executors' own defaults (docs/isolation.md)
     container_executor: Literal["local", "dagger"] = Field(default="local", description="For steps without executor:.")
@@ -88,6 +110,16 @@ class Settings(BaseSettings):
     sandbox_max_processes: int | None = Field(default=None, ge=4, description="pids.max and RLIMIT_NPROC.")
     sandbox_max_open_files: int | None = Field(default=None, ge=16)
     sandbox_max_file_size: int | None = Field(default=None, gt=0, description="Largest file a step may write.")
+    sandbox_network_allow: list[str] = Field(
+        default_factory=list,
+        description="Private or local destinations network: true steps may reach anyway: host:port, CIDR[:port].",
+    )
+    sandbox_network_max_connections: int | None = Field(
+        default=None, ge=1, description="Egress connections at once per network: true step."
+    )
+    sandbox_network_idle_timeout: float | None = Field(
+        default=None, gt=0, description="Seconds an egress connection of a step may stay idle."
+    )
     dagger_cli_bin: str | None = Field(default=None, description="Dagger CLI to start sessions with (no download).")
     dagger_max_concurrency: int | None = Field(default=None, ge=1, description="Dagger runs at once per machine.")
     dagger_allow_network_when_off: bool | None = Field(
@@ -96,11 +128,62 @@ class Settings(BaseSettings):
     breaker_failure_threshold: int = Field(default=5, ge=1)
     breaker_cooldown_seconds: float = Field(default=30.0, gt=0)
     heartbeat_seconds: float = Field(default=1.0, gt=0, description="How often a coordinator renews its lease.")
+    max_for_each_items: int = Field(
+        default=100_000, ge=1, description="Items one for_each step may fan out over (the step fails beyond)."
+    )
+    supervisor_interval_seconds: float = Field(
+        default=5.0, gt=0, description="How often the API's supervisor looks for runs nobody runs."
+    )
+    supervisor_pending_grace_seconds: float = Field(
+        default=15.0, gt=0, description="A pending run nobody started for this long is started by the supervisor."
+    )
+    supervisor_max_adoptions: int = Field(
+        default=3, ge=1, description="Resumes by the supervisor before an orphaned run is failed with the reason."
+    )
     lease_seconds: float = Field(
         default=10.0,
         gt=0,
         description="A run whose coordinator has not renewed its lease for this long may be resumed.",
     )
+    # bounds on workflow documents (YAML text, JSON bodies, workflows built in Python) and run inputs,
+    # checked before anything is built from them (factory.limits, factory.safeyaml), and on step outputs
+    workflow_max_bytes: int = Field(
+        default=limits.DEFAULT_MAX_BYTES, ge=1024, description="Largest workflow text; also caps its strings in all."
+    )
+    workflow_max_depth: int = Field(
+        default=limits.DEFAULT_MAX_DEPTH,
+        ge=4,
+        le=limits.MAX_DEPTH_CEILING,
+        description="Levels of nested mappings and lists in a workflow or in a run's inputs.",
+    )
+    workflow_max_aliases: int = Field(
+        default=limits.DEFAULT_MAX_ALIASES, ge=0, description="YAML aliases (*name) in one workflow document."
+    )
+    workflow_max_nodes: int = Field(
+        default=limits.DEFAULT_MAX_NODES, ge=100, description="Values in a workflow, YAML aliases expanded."
+    )
+    workflow_max_steps: int = Field(default=limits.DEFAULT_MAX_STEPS, ge=1, description="Steps in one workflow.")
+    max_output_bytes: int = Field(
+        default=limits.DEFAULT_MAX_OUTPUT_BYTES,
+        ge=1024,
+        description="Largest step output (its JSON); a bigger one fails the step: write large results to files.",
+    )
+
+    @field_validator("allowed_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",")]
+        if isinstance(value, list):
+            for item in value:
+                if (
+                    isinstance(item, str)
+                    and item
+                    and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$", item)
+                ):
+                    raise ValueError(f"{item!r} is not a module name (like mycompany.steps)")
+            return [item for item in value if item]
+        return value
 
     @field_validator("store_url", "events_url", "cache_url")
     @classmethod
@@ -113,6 +196,15 @@ class Settings(BaseSettings):
                 f"{mask_secrets(value)!r} is not a supported URL: use sqlite:///PATH, postgresql://... or redis://..."
             )
         return value
+
+    @field_validator("sandbox_network_allow")
+    @classmethod
+    def _check_network_allow(cls, entries: list[str]) -> list[str]:
+        from factory.sandbox.netpolicy import parse_allow
+
+        for entry in entries:
+            parse_allow(entry)  # the ValueError names the entry and the accepted forms
+        return entries
 
     @classmethod
     def settings_customise_sources(

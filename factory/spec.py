@@ -68,7 +68,10 @@ class RetryPolicy(_Model):
     max_attempts: int = Field(default=1, ge=1, le=100, description="Attempts in all, the first included.")
     backoff: float = Field(default=0.5, ge=0, description="Delay before the second attempt, in seconds.")
     max_backoff: float = Field(default=30.0, ge=0, description="Upper bound of any delay, in seconds.")
-    jitter: bool = Field(default=True, description="Randomise each delay (full jitter) to spread retries.")
+    jitter: bool = Field(
+        default=True,
+        description="Randomise each delay in [delay/2, delay] (equal jitter) to spread retries.",
+    )
     on: list[str] | None = Field(
         default=None,
         description=(

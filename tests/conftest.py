@@ -148,7 +148,14 @@ def api_server(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> It
 
     home = tmp_path_factory.mktemp("api-home")
     settings = Settings(
-        home=home, agents_file=FIXTURES / "api_agents.yaml", api_rate_limit=50, api_rate_burst=30, lease_seconds=3
+        home=home,
+        agents_file=FIXTURES / "api_agents.yaml",
+        api_rate_limit=50,
+        api_rate_burst=30,
+        lease_seconds=3,
+        supervisor_interval_seconds=1,
+        supervisor_pending_grace_seconds=3,
+        allowed_modules=["tests.fixtures.teststeps", "tests.fixtures.guarded"],
     )
     store = store_for(settings)
     keys = {scope.value: create_key(store, [scope], f"test {scope.value}")[0] for scope in Scope}
@@ -162,6 +169,8 @@ def api_server(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> It
     finally:
         serve.shutdown()
         from factory.runner import NAMESPACE, runner_name
+        from factory.supervisor import supervisor_name
 
-        with contextlib.suppress(ValueError):
-            ray.kill(ray.get_actor(runner_name(settings), namespace=NAMESPACE))
+        for name in (runner_name(settings), supervisor_name(settings)):
+            with contextlib.suppress(ValueError):
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE))

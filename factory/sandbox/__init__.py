@@ -7,7 +7,8 @@ streaming its lines into the step's log, stores its outputs as content-addressed
 artifacts and returns the step's output. A non-zero exit raises
 :class:`~factory.errors.ContainerStepError` (the tail of stderr in the message),
 a timeout :class:`~factory.errors.ContainerTimeoutError`. Secret values are
-replaced by ``***`` in everything returned or logged.
+replaced by ``***`` in everything returned or logged, in their common encodings
+too, and wherever text is cut (:mod:`factory.sandbox.redaction`).
 """
 
 from __future__ import annotations
@@ -17,17 +18,30 @@ import json
 import os
 import shlex
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from factory.errors import ContainerStepError, ContainerTimeoutError, ExecutorUnavailableError, StepInputError
+from factory.policy import cache_name, check_secret_grants, owner_namespace
 from factory.sandbox.artifacts import ArtifactStore, prepare_mount, store_outputs
-from factory.sandbox.base import ExecResult, Executor, Job, Stream, effective_timeout, tail_lines
+from factory.sandbox.base import (
+    STDERR_TAIL_CHARS,
+    STDOUT_TAIL_CHARS,
+    ExecResult,
+    Executor,
+    Job,
+    Stream,
+    effective_timeout,
+    tail_lines,
+)
+from factory.sandbox.redaction import LineRedactor
 from factory.sandbox.secrets import Redactor, SecretSource, default_source, resolve_secrets
 from factory.settings import Settings, get_settings
 from factory.spec import ContainerSpec
+from factory.store import RunGrants
 
 
 class ContainerCall(Protocol):
@@ -98,15 +112,37 @@ def run_spec(
     base_dir: Path | None = None,
     secret_source: SecretSource | None = None,
     logs: io.StringIO | None = None,
+    grants: RunGrants | None = None,
 ) -> dict[str, Any]:
-    """Run one container spec and return the step's output (JSON-serialisable)."""
+    """Run one container spec and return the step's output (JSON-serialisable).
+
+    With ``grants`` (a run submitted over the API): only the secrets granted to it resolve,
+    no host path is mounted, and its artifacts and caches live in its key's namespace."""
     store = ArtifactStore(home / "artifacts")
+    owner = owner_namespace(grants)
+    if grants is not None:
+        check_secret_grants(grants, spec.secrets)
+        if not grants.host_mounts:
+            base_dir = None
     secrets = resolve_secrets(spec.secrets, secret_source or default_source(home))
     redact = Redactor(secrets)
+    # Whatever the executor does, the log gets each stream through a streaming redactor of its own,
+    # so a secret split across the executor's lines or pieces is still masked.
+    streams: dict[Stream, LineRedactor] = {name: LineRedactor(redact) for name in ("stdout", "stderr", "notice")}
+    lock = threading.Lock()  # lines come from the executor's reader and, for notices, other threads
+
+    def write_lines(stream: Stream, lines: list[str]) -> None:
+        if logs is not None:
+            logs.write("".join(f"[stderr] {line}" if stream == "stderr" else line for line in lines))
 
     def on_line(stream: Stream, line: str) -> None:
-        if logs is not None:
-            logs.write(redact(line if stream == "stdout" else f"[stderr] {line}"))
+        with lock:
+            write_lines(stream, streams[stream].feed(line))
+
+    def flush_lines() -> None:
+        with lock:
+            for stream, lines in streams.items():
+                write_lines(stream, lines.flush())
 
     with tempfile.TemporaryDirectory(prefix="factory-step-") as tmp:
         os.chmod(tmp, 0o711)  # the sandbox's uid reaches the staged mounts, nothing else here
@@ -114,24 +150,30 @@ def run_spec(
         staging.mkdir(mode=0o755)
         outputs_dir.mkdir(mode=0o700)
         mounts = {
-            target: prepare_mount(store, target, value, staging, base_dir)[0] for target, value in spec.mounts.items()
+            target: prepare_mount(store, target, value, staging, base_dir, owner)[0]
+            for target, value in spec.mounts.items()
         }
         job = Job(
             step_id=step_id,
             secrets=secrets,
             mounts=mounts,
-            caches=dict(spec.caches),
+            caches={target: cache_name(name, owner) for target, name in spec.caches.items()},
             timeout=effective_timeout(spec.timeout, timeout),
             outputs_dir=outputs_dir,
             on_line=on_line,
         )
         if logs is not None:
             logs.write(redact(f"[{executor.name}] {spec.image}: {shlex.join(spec.command)}\n"))
-        result = executor.run(spec, job)
-        stdout, stderr = redact(result.stdout), redact(result.stderr)
+        try:
+            result = executor.run(spec, job)
+        finally:
+            flush_lines()
+        # The tails were cut from longer text: a fragment of a secret at the cut is masked too.
+        stdout = redact.redact_cut(result.stdout, head=len(result.stdout) >= STDOUT_TAIL_CHARS)
+        stderr = redact.redact_cut(result.stderr, head=len(result.stderr) >= STDERR_TAIL_CHARS)
         if result.timed_out or result.exit_code != 0:
             _raise_failure(result, spec, stderr)
-        artifacts = store_outputs(store, result.artifacts)
+        artifacts = store_outputs(store, result.artifacts, owner)
     return {
         "exit_code": result.exit_code,
         "stdout": stdout,
@@ -195,4 +237,5 @@ def run_container_step(call: ContainerCall, spec: dict[str, Any], logs: io.Strin
         base_dir=base_dir,
         secret_source=default_source(home, Path(secrets_dir) if secrets_dir else None),
         logs=logs,
+        grants=getattr(call, "grants", None),
     )

@@ -97,8 +97,31 @@ class ArtifactStore:
         finally:
             os.unlink(tmp.name)
 
-    def materialize(self, ref: ArtifactRef, dest: Path) -> None:
-        """Place the artifact at ``dest`` (a hard link where possible, else a copy), read-only."""
+    def _owner_mark(self, digest: str, owner: str) -> Path:
+        hexdigest = self.path(digest).parent.name + self.path(digest).name
+        namespace = hashlib.sha256(owner.encode()).hexdigest()[:32]
+        return self.root / "owners" / namespace / hexdigest
+
+    def grant(self, digest: str, owner: str | None) -> None:
+        """Record that runs of ``owner`` made (and so may read) this artifact."""
+        if owner is None:
+            return
+        mark = self._owner_mark(digest, owner)
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+
+    def readable_by(self, digest: str, owner: str | None) -> bool:
+        """Runs started on this machine (owner None) read every artifact; a key's runs only their own."""
+        return owner is None or self._owner_mark(digest, owner).exists()
+
+    def materialize(self, ref: ArtifactRef, dest: Path, owner: str | None = None) -> None:
+        """Place the artifact at ``dest`` (a hard link where possible, else a copy), read-only.
+        With ``owner``, only an artifact a run of that owner made is placed."""
+        if not self.readable_by(ref.digest, owner):
+            raise ArtifactError(
+                f"artifact {ref.digest} was not made by a run of this key, so its runs cannot mount it; "
+                "mount ${steps.ID.artifacts} of a step of this run"
+            )
         source = self.path(ref.digest)
         if not source.is_file():
             raise ArtifactError(
@@ -162,9 +185,16 @@ def _add(found: dict[str, Path], name: str, path: Path, output: str) -> None:
     found[name] = path
 
 
-def store_outputs(store: ArtifactStore, files: Mapping[str, Path]) -> dict[str, dict[str, Any]]:
-    """Store collected files; returns the JSON references a step's output carries."""
-    return {name: store.put_file(path).model_dump() for name, path in sorted(files.items())}
+def store_outputs(
+    store: ArtifactStore, files: Mapping[str, Path], owner: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """Store collected files (readable by ``owner``'s runs); returns the JSON references a step's output carries."""
+    refs: dict[str, dict[str, Any]] = {}
+    for name, path in sorted(files.items()):
+        ref = store.put_file(path)
+        store.grant(ref.digest, owner)
+        refs[name] = ref.model_dump()
+    return refs
 
 
 def _as_ref(value: Any) -> ArtifactRef | None:
@@ -179,7 +209,7 @@ def _as_ref(value: Any) -> ArtifactRef | None:
 
 
 def prepare_mount(
-    store: ArtifactStore, target: str, value: Any, staging: Path, base_dir: Path | None
+    store: ArtifactStore, target: str, value: Any, staging: Path, base_dir: Path | None, owner: str | None = None
 ) -> tuple[Path, bool]:
     """The host path to mount at ``target`` and whether it must be copied into the staging area.
 
@@ -191,7 +221,7 @@ def prepare_mount(
     ref = _as_ref(value)
     if ref is not None:
         dest = staging / f"file-{len(list(staging.glob('*')))}" / PurePosixPath(target).name
-        store.materialize(ref, dest)
+        store.materialize(ref, dest, owner)
         return dest, False
     if isinstance(value, Mapping):
         dest = staging / f"dir-{len(list(staging.glob('*')))}"
@@ -203,7 +233,7 @@ def prepare_mount(
                 raise StepInputError(
                     f"mount {target!r}: {name!r} is not an artifact; mount ${{steps.ID.artifacts}} or a host path"
                 )
-            store.materialize(item_ref, dest / rel)
+            store.materialize(item_ref, dest / rel, owner)
         return dest, False
     if isinstance(value, str) and value:
         if base_dir is None:

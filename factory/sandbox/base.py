@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from factory.spec import ContainerSpec
 
-Stream = Literal["stdout", "stderr"]
+# "notice": a line from the executor itself about the step (a refused network destination, ...).
+Stream = Literal["stdout", "stderr", "notice"]
 LineSink = Callable[[Stream, str], None]
 
 # How much of stdout / stderr a result keeps (the tail).
@@ -41,7 +42,9 @@ class Job(BaseModel):
     )
     timeout: float | None = Field(default=None, gt=0, description="Seconds; the effective timeout of the step.")
     outputs_dir: Path | None = Field(default=None, description="Where the executor puts the output files.")
-    on_line: LineSink | None = Field(default=None, exclude=True, description="Called with each line as it comes.")
+    on_line: LineSink | None = Field(
+        default=None, exclude=True, description="Called with each line as it comes, already redacted of secrets."
+    )
 
 
 class ExecResult(BaseModel):

@@ -37,6 +37,7 @@ from pydantic import BaseModel, Field
 from factory.errors import ExecutorUnavailableError
 from factory.sandbox.artifacts import collect_outputs, output_name
 from factory.sandbox.base import STDERR_TAIL_CHARS, STDOUT_TAIL_CHARS, ExecResult, Job
+from factory.sandbox.redaction import Redactor
 from factory.sandbox.slots import SlotPool
 from factory.spec import ContainerSpec
 
@@ -99,7 +100,7 @@ def build_pipeline(
             ctr = ctr.with_mounted_directory(target, client.host().directory(str(host)))
         else:
             ctr = ctr.with_mounted_file(target, client.host().file(str(host)))
-    for target, name in sorted(spec.caches.items()):
+    for target, name in sorted(job.caches.items()):  # names as run_spec resolved them (per key)
         ctr = ctr.with_mounted_cache(target, client.cache_volume(f"factory-{name}"))
     for key, value in spec.env.items():
         ctr = ctr.with_env_variable(key, value)
@@ -176,6 +177,9 @@ class DaggerExecutor:
             if mapped is not None:
                 raise mapped from exc
             raise
+        # The engine hands the whole text over at the end: redact it whole, before it is split or cut.
+        redact = Redactor(job.secrets)
+        stdout, stderr = redact(stdout), redact(stderr)
         for stream, text in (("stdout", stdout), ("stderr", stderr)):
             if job.on_line is not None:
                 for line in text.splitlines(keepends=True):

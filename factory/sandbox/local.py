@@ -10,20 +10,24 @@ One execution, in order:
 4. A launcher (``sh``) moves itself into the cgroups, ``prlimit`` sets the rlimits
    (address space, CPU time, file size, open files, processes, no core dumps),
    and ``bwrap`` builds the sandbox: new user, mount, PID, network, IPC, UTS and
-   cgroup namespaces (``--unshare-all``: only ``lo``), a read-only root made of
+   cgroup namespaces (``--unshare-all``: only ``lo``, also with ``network: true``,
+   whose one way out is a filtering egress proxy on the host, reached through a
+   unix socket: :mod:`factory.sandbox.netproxy`), a read-only root made of
    the host ``/usr`` and a few ``/etc`` files (or a rootfs configured for the
    image), a writable workdir, tmpfs ``/tmp``, secrets as files under
    ``/run/secrets`` (copied from memory, never on the host disk), an empty
    environment plus the spec's env, uid 1000 inside, no nested user namespaces,
    and death with its parent.
-5. stdout and stderr are streamed line by line; on timeout the process group is
-   killed, and every process left in the cgroups after it.
+5. stdout and stderr are streamed line by line, redacted of secrets as they come;
+   on timeout the process group is killed, and every process left in the cgroups
+   after it.
 6. Declared outputs are copied out of the workdir (symbolic links refused), then
    the private directory and the cgroups are removed.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import math
 import os
@@ -37,7 +41,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from factory.errors import ExecutorUnavailableError, StepInputError
 from factory.sandbox.artifacts import collect_outputs, output_name
@@ -50,6 +54,9 @@ from factory.sandbox.base import (
     TailBuffer,
 )
 from factory.sandbox.cgroups import SandboxCgroups
+from factory.sandbox.netpolicy import NetworkPolicy, parse_allow
+from factory.sandbox.netproxy import EgressProxy
+from factory.sandbox.redaction import LineRedactor, Redactor
 from factory.sandbox.slots import SlotPool
 from factory.spec import ContainerSpec
 
@@ -70,12 +77,21 @@ HOST_ETC = (
     "ca-certificates",
     "ca-certificates.conf",
 )
-HOST_ETC_NETWORK = ("resolv.conf", "hosts", "gai.conf", "host.conf")
+# No resolv.conf: a network: true step has no DNS of its own; the egress proxy resolves names.
+HOST_ETC_NETWORK = ("hosts", "gai.conf", "host.conf")
 HOST_ROOT_ENTRIES = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 ROOTFS_SKIP = {"proc", "dev", "sys", "tmp", "run"}
 LAUNCHER = 'for f; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done; shift; exec "$@"'
 LAUNCHER_FAILED = 125
 KILL_WAIT_SECONDS = 5.0
+MAX_LINE_CHARS = 65_536  # a longer line is passed on in pieces
+# network: true: the egress proxy's socket and the forwarder, inside the sandbox.
+PROXY_PORT = 3128
+NET_DIR = "/run/factory"
+PROXY_SOCKET = f"{NET_DIR}/egress.sock"
+FORWARDER = f"{NET_DIR}/forwarder.py"
+FORWARDER_SOURCE = Path(__file__).with_name("forwarder.py")
+PYTHON_CANDIDATES = ("usr/bin/python3", "usr/local/bin/python3", "bin/python3")
 
 
 class LocalConfig(BaseModel):
@@ -97,6 +113,20 @@ class LocalConfig(BaseModel):
     max_open_files: int = Field(default=1024, ge=16)
     max_file_size: int = Field(default=1 * GiB, gt=0, description="RLIMIT_FSIZE: largest file the step may write.")
     use_cgroups: bool = True
+    network_allow: list[str] = Field(
+        default_factory=list,
+        description="Destinations a network: true step may reach although private or local: "
+        "host:port, IP[:port], CIDR[:port], [IPv6]:port.",
+    )
+    network_max_connections: int = Field(default=64, ge=1, description="Egress connections at once per step.")
+    network_idle_timeout: float = Field(default=120.0, gt=0, description="Seconds an egress connection may idle.")
+
+    @field_validator("network_allow")
+    @classmethod
+    def _check_allow(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            parse_allow(entry)  # a ValueError names the entry and the accepted forms
+        return entries
 
 
 def _world_reachable(path: Path) -> bool:
@@ -153,12 +183,16 @@ class _Pump:
     def __init__(self, proc: subprocess.Popen[bytes], out_fd: int, err_fd: int, job: Job) -> None:
         self.proc = proc
         self.job = job
+        # Secrets are masked here, before anything keeps or passes on the text (the tails, on_line),
+        # by a streaming redactor per pipe: a secret cut by a read or a long-line cut is still found.
+        redactor = Redactor(job.secrets)
+        self.lines = {fd: LineRedactor(redactor, MAX_LINE_CHARS) for fd in (out_fd, err_fd)}
+        self.decoders = {fd: codecs.getincrementaldecoder("utf-8")("replace") for fd in (out_fd, err_fd)}
         self.buffers: dict[int, TailBuffer] = {
             out_fd: TailBuffer(STDOUT_TAIL_CHARS),
             err_fd: TailBuffer(STDERR_TAIL_CHARS),
         }
         self.streams: dict[int, Stream] = {out_fd: "stdout", err_fd: "stderr"}
-        self.partial: dict[int, bytes] = {out_fd: b"", err_fd: b""}
         self.open: set[int] = {out_fd, err_fd}
 
     @property
@@ -169,11 +203,11 @@ class _Pump:
     def stderr(self) -> str:
         return next(b for fd, b in self.buffers.items() if self.streams[fd] == "stderr").getvalue()
 
-    def _emit(self, fd: int, data: bytes) -> None:
-        text = data.decode("utf-8", errors="replace")
-        self.buffers[fd].write(text)
-        if self.job.on_line is not None:
-            self.job.on_line(self.streams[fd], text)
+    def _emit(self, fd: int, lines: list[str]) -> None:
+        for text in lines:
+            self.buffers[fd].write(text)
+            if self.job.on_line is not None:
+                self.job.on_line(self.streams[fd], text)
 
     def _read(self, fd: int) -> None:
         try:
@@ -183,18 +217,10 @@ class _Pump:
         if not chunk:
             self._close(fd)
             return
-        lines = (self.partial[fd] + chunk).split(b"\n")
-        self.partial[fd] = lines.pop()
-        for line in lines:
-            self._emit(fd, line + b"\n")
-        if len(self.partial[fd]) > 65536:  # a very long line: pass it on in pieces
-            self._emit(fd, self.partial[fd])
-            self.partial[fd] = b""
+        self._emit(fd, self.lines[fd].feed(self.decoders[fd].decode(chunk)))
 
     def _close(self, fd: int) -> None:
-        if self.partial[fd]:
-            self._emit(fd, self.partial[fd])
-            self.partial[fd] = b""
+        self._emit(fd, self.lines[fd].feed(self.decoders[fd].decode(b"", final=True)) + self.lines[fd].flush())
         self.open.discard(fd)
         os.close(fd)
 
@@ -331,6 +357,56 @@ class LocalExecutor:
             args += ["--perms", "0444", "--ro-bind-data", str(fd), f"/etc/{name}"]
         return args
 
+    def _sandbox_python(self, spec: ContainerSpec) -> str | None:
+        """A python3 the sandbox can run (for the forwarder): the host's, or the configured rootfs's."""
+        root = self.config.rootfs.get(spec.image) or Path("/")
+        for candidate in PYTHON_CANDIDATES:
+            if os.path.lexists(root / candidate):
+                return f"/{candidate}"
+        return None
+
+    def _egress(
+        self, spec: ContainerSpec, job: Job, private: Path, host_uid: int | None, fds: list[int]
+    ) -> tuple[EgressProxy, list[str], list[str], dict[str, str]]:
+        """network: true: the proxy (not started yet), its socket and the forwarder inside, the proxy variables.
+
+        Returns the proxy, the bwrap arguments, the command to run (the forwarder, then the
+        spec's command) and the environment for HTTP clients.
+        """
+        on_line = job.on_line
+
+        def notice(text: str) -> None:
+            if on_line is not None:
+                on_line("notice", text)
+
+        proxy = EgressProxy(
+            private / "egress.sock",
+            NetworkPolicy(self.config.network_allow),
+            owner=host_uid,
+            max_connections=self.config.network_max_connections,
+            idle_timeout=self.config.network_idle_timeout,
+            on_notice=notice,
+        )
+        args = ["--dir", NET_DIR, "--bind", str(proxy.path), PROXY_SOCKET]
+        env = {"FACTORY_EGRESS_SOCKET": PROXY_SOCKET}
+        python = self._sandbox_python(spec)
+        if python is None:
+            notice(
+                f"[network] the rootfs of image {spec.image!r} has no python3 to run the forwarder: nothing listens "
+                f"on 127.0.0.1:{PROXY_PORT} and no *_PROXY variable is set; HTTP clients can talk to the proxy's "
+                f"unix socket {PROXY_SOCKET} (curl --unix-socket {PROXY_SOCKET} http://host/path)\n"
+            )
+            return proxy, args, list(spec.command), env
+        fd = _memfd("forwarder", FORWARDER_SOURCE.read_bytes())
+        fds.append(fd)
+        args += ["--perms", "0444", "--ro-bind-data", str(fd), FORWARDER]
+        url = f"http://127.0.0.1:{PROXY_PORT}"
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+            env[name] = env[name.lower()] = url
+        env["NO_PROXY"] = env["no_proxy"] = ""
+        command = [python, "-I", "-S", FORWARDER, str(PROXY_PORT), PROXY_SOCKET, "--", *spec.command]
+        return proxy, args, command, env
+
     def _limits(self, spec: ContainerSpec, timeout: float) -> tuple[int, int, list[str]]:
         memory = spec.resources.memory or self.config.default_memory
         cpus = spec.resources.cpus or float(os.cpu_count() or 1)
@@ -353,15 +429,14 @@ class LocalExecutor:
             os.chown(work, host_uid, host_uid)
         fds: list[int] = []
         cgroups = SandboxCgroups(private.name)
+        proxy: EgressProxy | None = None
         enforced = [
-            "namespaces: user, mount, pid, ipc, uts, cgroup" + ("" if spec.network else ", network (only lo)"),
+            "namespaces: user, mount, pid, ipc, uts, cgroup, network (only lo)",
             "read-only root",
             f"non-root uid {SANDBOX_UID} inside" + (f" (host uid {host_uid})" if host_uid is not None else ""),
         ]
         try:
             args = [config.bwrap, "--unshare-all", "--unshare-user"]
-            if spec.network:
-                args.append("--share-net")
             args += ["--die-with-parent", "--new-session", "--disable-userns"]
             args += ["--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox"]
             args += self._root_args(spec, fds)
@@ -392,11 +467,21 @@ class LocalExecutor:
                 fd = _memfd(f"secret-{name}", secret.get_secret_value().encode())
                 fds.append(fd)
                 args += ["--perms", "0400", "--ro-bind-data", str(fd), f"/run/secrets/{name}"]
+            command = list(spec.command)
+            net_env: dict[str, str] = {}
+            if spec.network:
+                proxy, net_args, command, net_env = self._egress(spec, job, private, host_uid, fds)
+                args += net_args
+                allowed = f"; allowed: {', '.join(config.network_allow)}" if config.network_allow else ""
+                enforced.append(
+                    "network: egress only through the filtering proxy (no loopback, private, link-local "
+                    f"or this machine's addresses{allowed})"
+                )
             args += ["--remount-ro", "/", "--chdir", spec.workdir, "--clearenv"]
-            env = {"PATH": DEFAULT_PATH, "HOME": spec.workdir, **spec.env}
+            env = {"PATH": DEFAULT_PATH, "HOME": spec.workdir, **net_env, **spec.env}
             for key, value in env.items():
                 args += ["--setenv", key, value]
-            args += ["--", *spec.command]
+            args += ["--", *command]
 
             memory, cpu_seconds, rlimits = self._limits(spec, timeout)
             if host_uid is not None:
@@ -413,8 +498,12 @@ class LocalExecutor:
                 enforced += cgroups.create(memory, config.max_processes, spec.resources.cpus, host_uid)
             launcher = ["/bin/sh", "-c", LAUNCHER, "sh", *map(str, cgroups.procs_files()), "--"]
             argv = [*launcher, config.prlimit, *rlimits, "--", *args]
+            if proxy is not None:
+                proxy.start()
             return self._spawn(argv, spec, job, fds, host_uid, work, cgroups, timeout, memory, enforced)
         finally:
+            if proxy is not None:
+                proxy.close()
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)

@@ -9,7 +9,8 @@ from a :class:`SecretSource` of the Factory process, never from the workflow:
 
 The first source holding the name wins. Values reach the command as files under
 ``/run/secrets/<NAME>`` (never on the host disk for the local executor) and are
-replaced by ``***`` in everything the Factory keeps: stdout, stderr, logs, errors.
+replaced by ``***`` in everything the Factory keeps: stdout, stderr, logs, errors
+(:mod:`factory.sandbox.redaction`: also their encodings, and across cuts).
 """
 
 from __future__ import annotations
@@ -23,12 +24,24 @@ from typing import Protocol
 from pydantic import SecretStr
 
 from factory.errors import SecretNotFoundError, StepInputError
+from factory.sandbox.redaction import MIN_SECRET_CHARS, REDACTED, Redactor
+
+__all__ = [
+    "ENV_PREFIX",
+    "MIN_SECRET_CHARS",
+    "REDACTED",
+    "ChainSecretSource",
+    "DirSecretSource",
+    "EnvSecretSource",
+    "Redactor",
+    "SecretSource",
+    "check_name",
+    "default_source",
+    "resolve_secrets",
+]
 
 SECRET_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ENV_PREFIX = "FACTORY_SECRET_"
-REDACTED = "***"
-# Values shorter than this are not redacted (they would mask ordinary text); refuse them instead.
-MIN_SECRET_CHARS = 4
 
 
 class SecretSource(Protocol):
@@ -128,22 +141,3 @@ def resolve_secrets(names: Iterable[str], source: SecretSource) -> dict[str, Sec
     if problems:
         raise SecretNotFoundError("; ".join(problems))
     return values
-
-
-class Redactor:
-    """Replaces every secret value (longest first), and every line of a multi-line one, by ``***``."""
-
-    def __init__(self, secrets: Mapping[str, SecretStr]) -> None:
-        pieces: set[str] = set()
-        for secret in secrets.values():
-            value = secret.get_secret_value()
-            pieces.add(value)
-            # Logs are streamed line by line: mask each line of a multi-line secret (a PEM key) too.
-            pieces.update(line.strip() for line in value.splitlines() if len(line.strip()) >= MIN_SECRET_CHARS)
-        values = sorted(pieces, key=len, reverse=True)
-        self._pattern = re.compile("|".join(re.escape(v) for v in values)) if values else None
-
-    def __call__(self, text: str) -> str:
-        if self._pattern is None or not text:
-            return text
-        return self._pattern.sub(REDACTED, text)

@@ -10,7 +10,9 @@ from factory.store.base import (
     AttemptRecord,
     Change,
     Event,
+    RegisteredWorkflow,
     RunChange,
+    RunGrants,
     RunRecord,
     RunStatus,
     StepChange,
@@ -26,7 +28,9 @@ __all__ = [
     "AttemptRecord",
     "Change",
     "Event",
+    "RegisteredWorkflow",
     "RunChange",
+    "RunGrants",
     "RunRecord",
     "RunStatus",
     "StepChange",
@@ -47,5 +51,6 @@ def open_store(url: str) -> Store:
         from factory.settings import get_settings
         from factory.store.postgres import PostgresStore
 
-        return PostgresStore(url, pool_max=get_settings().postgres_pool_max)
+        settings = get_settings()
+        return PostgresStore(url, pool_max=settings.postgres_pool_max, retry_seconds=settings.postgres_retry_seconds)
     raise FactoryError(f"unsupported store URL {url!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class RunStatus(StrEnum):
@@ -32,6 +32,26 @@ FINAL_RUN_STATUSES = {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED
 FINAL_STEP_STATUSES = {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.CANCELLED}
 
 
+class RunGrants(BaseModel):
+    """What a run may use, decided when it was submitted and kept with it.
+
+    A run started on this machine (``factory run``) has no grants record: whoever can run
+    the CLI here can run code here. A run submitted over the API carries one, and the
+    coordinator and its workers hold the run to it.
+    """
+
+    principal: str = Field(description="Who started the run: key:<id>, or local.")
+    modules: list[str] | None = Field(
+        default=None, description="Modules (or package prefixes) python steps may import; None: any."
+    )
+    secrets: list[str] | None = Field(default=None, description="Secret names container steps may use; None: any.")
+    host_mounts: bool = Field(default=False, description="Container steps may mount files of the workflow's folder.")
+    workflow_ref: str | None = Field(default=None, description="name@version of the registered workflow, if any.")
+
+    def allows_module(self, module: str) -> bool:
+        return self.modules is None or any(module == m or module.startswith(m + ".") for m in self.modules)
+
+
 class RunRecord(BaseModel):
     id: str
     workflow_name: str
@@ -45,6 +65,7 @@ class RunRecord(BaseModel):
     owner: str | None = None
     heartbeat_at: float | None = None
     cancel_requested: bool = False
+    grants: RunGrants | None = None
 
 
 class StepRecord(BaseModel):
@@ -83,6 +104,24 @@ class ApiKeyRecord(BaseModel):
     scopes: list[str]
     created_at: float
     revoked: bool = False
+    expires_at: float | None = None
+    last_used_at: float | None = None
+    secrets: list[str] = Field(default_factory=list, description="Secrets granted to the key's inline workflows.")
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+class RegisteredWorkflow(BaseModel):
+    """A workflow an operator registered: keys start it by name; its code is the operator's."""
+
+    name: str
+    version: int = 0  # given by the store when registered
+    spec_json: str
+    base_dir: str | None = None
+    secrets: list[str] = Field(default_factory=list, description="Secrets granted to the workflow's container steps.")
+    created_at: float
+    created_by: str = ""
 
 
 class Event(BaseModel):
@@ -130,8 +169,18 @@ class Store(Protocol):
 
     url: str
 
+    def store_id(self) -> str:
+        """This store's id: random, made once and kept in the store itself (table store_meta).
+        Everything the store publishes outside (Redis keys) lives under it."""
+
     def create_run(
-        self, run_id: str, workflow_name: str, spec_json: str, inputs: dict[str, Any], step_ids: list[str]
+        self,
+        run_id: str,
+        workflow_name: str,
+        spec_json: str,
+        inputs: dict[str, Any],
+        step_ids: list[str],
+        grants: RunGrants | None = None,
     ) -> None: ...
 
     def record(self, changes: list[Change], owner: str | None = None) -> None:
@@ -141,8 +190,10 @@ class Store(Protocol):
     def append_event(self, run_id: str, step_id: str | None, type: str, data: dict[str, Any]) -> None:
         """An event that changes no state (e.g. step.log lines of a running step)."""
 
-    def claim_run(self, run_id: str, owner: str, lease_seconds: float) -> bool:
-        """Become the run's coordinator unless another owner holds a fresh lease."""
+    def claim_run(self, run_id: str, owner: str, lease_seconds: float, dead_owner: str | None = None) -> bool:
+        """Become the run's coordinator unless another owner holds a fresh lease. ``dead_owner``:
+        an owner the caller knows to be dead (factory.owner), whose lease counts as expired; the
+        claim still fails if the run has another owner by now."""
 
     def heartbeat(self, run_id: str, owner: str) -> bool:
         """Renew the lease; False when ``owner`` no longer holds it."""
@@ -184,6 +235,18 @@ class Store(Protocol):
     def list_api_keys(self) -> list[ApiKeyRecord]: ...
 
     def revoke_api_key(self, key_id: str) -> bool: ...
+
+    def touch_api_key(self, key_id: str, when: float) -> None:
+        """Record when the key was last used."""
+
+    def register_workflow(self, record: RegisteredWorkflow) -> RegisteredWorkflow:
+        """Store the workflow as the next version of its name; returns it with its version."""
+
+    def get_registered_workflow(self, name: str, version: int | None = None) -> RegisteredWorkflow | None:
+        """That version, or the latest one."""
+
+    def list_registered_workflows(self) -> list[RegisteredWorkflow]:
+        """The latest version of every registered name."""
 
     def cache_get(self, key: str) -> str | None: ...
 

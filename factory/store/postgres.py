@@ -9,21 +9,37 @@
   never both own a run, and a coordinator that lost its lease cannot write.
 - ``NOTIFY factory_events`` at each commit wakes event tailers (LISTEN), so they
   do not poll.
+- A dropped connection (a restarted server, a terminated backend, a network cut) is
+  not an error the caller sees: the pool checks connections before handing them
+  out, and every public method is retried, with backoff, for up to
+  ``retry_seconds``, when it failed on a connection error and its transaction is
+  known not to have committed. When the connection drops during COMMIT, the store
+  asks the server (``pg_xact_status``) whether that transaction committed: if it
+  did, the call succeeds as it is; it is never run a second time (a second
+  ``INSERT INTO events`` would duplicate events). Only connection-class errors are
+  retried; every other error reaches the caller at once.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from factory.errors import FactoryError
+from factory.errors import FactoryError, StoreUnavailableError
 from factory.store.sql import Cursor, SQLStore, iter_statements
 
 _MIGRATION_LOCK = 7_240_001
 _EVENTS_LOCK = 7_240_002
 CHANNEL = "factory_events"
+_CONNECTION_STATES = ("57P01", "57P02", "57P03")  # admin shutdown, crash shutdown, cannot connect now
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -98,6 +114,35 @@ MIGRATIONS: list[tuple[int, str]] = [
         )
         """,
     ),
+    (
+        3,
+        """
+        ALTER TABLE runs ADD COLUMN principal TEXT;
+        ALTER TABLE runs ADD COLUMN grants_json TEXT;
+        ALTER TABLE api_keys ADD COLUMN expires_at DOUBLE PRECISION;
+        ALTER TABLE api_keys ADD COLUMN last_used_at DOUBLE PRECISION;
+        ALTER TABLE api_keys ADD COLUMN secrets TEXT NOT NULL DEFAULT '[]';
+        CREATE TABLE registered_workflows (
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            spec_json TEXT NOT NULL,
+            base_dir TEXT,
+            secrets TEXT NOT NULL DEFAULT '[]',
+            created_at DOUBLE PRECISION NOT NULL,
+            created_by TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (name, version)
+        )
+        """,
+    ),
+    (
+        4,
+        """
+        CREATE TABLE store_meta (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )
+        """,
+    ),
 ]
 
 
@@ -121,18 +166,43 @@ def migrate(conn: Any) -> list[int]:
     return applied_now
 
 
+_NOT_RETRIED = frozenset({"close", "wait_for_events"})
+
+
+def _retry_public_methods[S: PostgresStore](cls: type[S]) -> type[S]:
+    """Wrap every public method (the Store Protocol's, whichever class defines them) in
+    :meth:`PostgresStore._retrying`. Each is one transaction, and a transaction is retried
+    only when it is known not to have committed, so any of them may run again."""
+
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def retried(self: PostgresStore, *args: Any, **kwargs: Any) -> Any:
+            return self._retrying(lambda: method(self, *args, **kwargs))
+
+        return retried
+
+    for name in dir(cls):
+        if name.startswith("_") or name in _NOT_RETRIED:
+            continue
+        if inspect.isfunction(inspect.getattr_static(cls, name)):
+            setattr(cls, name, wrap(getattr(cls, name)))
+    return cls
+
+
+@_retry_public_methods
 class PostgresStore(SQLStore):
     """Store backed by PostgreSQL."""
 
     placeholder = "%s"
 
-    def __init__(self, url: str, pool_max: int = 4) -> None:
+    def __init__(self, url: str, pool_max: int = 4, retry_seconds: float = 30.0) -> None:
         try:
             import psycopg
             from psycopg_pool import ConnectionPool
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise FactoryError("the PostgreSQL store needs psycopg: pip install 'factory[postgres]'") from exc
         self.url = url
+        self.retry_seconds = retry_seconds
         self._psycopg = psycopg
         try:
             with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
@@ -145,20 +215,122 @@ class PostgresStore(SQLStore):
                 "check FACTORY_STORE_URL and that the server is running"
             ) from None
         self._pool = ConnectionPool(
-            url, min_size=1, max_size=pool_max, kwargs={"autocommit": True}, open=True, name="factory-store"
+            url,
+            min_size=1,
+            max_size=pool_max,
+            kwargs={"autocommit": True},
+            open=True,
+            name="factory-store",
+            check=self._check_connection,  # a connection that died while idle is replaced, not used
+            timeout=min(10.0, max(retry_seconds, 1.0)),  # waiting for a connection is retried like the rest
         )
         self._listen_lock = threading.Lock()
         self._listener: Any = None
 
+    # -- connections, and what happens when one drops ----------------------------------------------
+
+    def _is_connection_error(self, exc: BaseException) -> bool:
+        """The connection or the server went away (or could not be reached): the kind of error
+        that a new connection may not meet. Errors of SQL, constraints, locks are not."""
+        if not isinstance(exc, self._psycopg.OperationalError):
+            return False
+        state = exc.sqlstate
+        return state is None or state.startswith("08") or state in _CONNECTION_STATES  # None: client-side
+
+    def _check_connection(self, conn: Any) -> None:
+        """The pool's check before it hands out a connection. When one is found dead, the
+        server probably dropped all of them: check every idle one now, rather than let the
+        pool find them one at a time (it waits a second after the second dead one)."""
+        try:
+            self._pool.check_connection(conn)
+        except Exception:
+            self._pool.check()
+            raise
+
+    def _unavailable(self, exc: BaseException, retryable: bool, what: str) -> StoreUnavailableError:
+        from factory.settings import mask_secrets
+
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return StoreUnavailableError(f"PostgreSQL at {mask_secrets(self.url)}: {what} ({reason})", retryable)
+
     @contextmanager
     def _write(self) -> Iterator[Cursor]:
-        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            yield cur
+        xid: str | None = None
+        backend_pid = 0
+        body_done = False
+        try:
+            with self._pool.connection() as conn:
+                backend_pid = conn.info.backend_pid
+                with conn.transaction(), conn.cursor() as cur:
+                    row = cur.execute("SELECT pg_current_xact_id()::text").fetchone()
+                    xid = None if row is None else str(row[0])
+                    yield cur
+                    body_done = True
+                # leaving conn.transaction() sent COMMIT
+        except self._psycopg.OperationalError as exc:
+            if not self._is_connection_error(exc):
+                raise
+            if not body_done or xid is None:  # COMMIT was never sent: the server rolls it back
+                raise self._unavailable(exc, True, "the connection dropped in a transaction") from exc
+            outcome = self._commit_outcome(xid, backend_pid)
+            if outcome == "committed":
+                log.warning("the connection dropped as transaction %s committed; it did commit, going on", xid)
+                return  # only the acknowledgement was lost: the call succeeded, do not run it again
+            if outcome == "aborted":
+                raise self._unavailable(exc, True, "the connection dropped during COMMIT, which failed") from exc
+            raise self._unavailable(
+                exc,
+                False,
+                f"the connection dropped during COMMIT and whether transaction {xid} committed could not be "
+                "established; check the run's state (`factory status`) before resuming it",
+            ) from exc
+
+    def _commit_outcome(self, xid: str, backend_pid: int) -> str | None:
+        """Whether a transaction whose COMMIT lost its answer committed: 'committed', 'aborted',
+        or None when the server cannot be asked within ``retry_seconds``."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                with self._psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+                    status = conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
+                    if status is not None and status[0] in ("committed", "aborted"):
+                        return str(status[0])
+                    # "in progress": its backend has not yet seen that the client is gone; end it
+                    conn.execute("SELECT pg_terminate_backend(%s)", (backend_pid,))
+            except self._psycopg.OperationalError as exc:
+                if not self._is_connection_error(exc):
+                    raise
+            if time.monotonic() + delay > deadline:
+                return None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     @contextmanager
     def _read(self) -> Iterator[Cursor]:
-        with self._pool.connection() as conn, conn.cursor() as cur:
-            yield cur
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                yield cur
+        except self._psycopg.OperationalError as exc:
+            if not self._is_connection_error(exc):
+                raise
+            raise self._unavailable(exc, True, "the connection dropped while reading") from exc
+
+    def _retrying[T](self, call: Callable[[], T]) -> T:
+        """Run one store call; again, with backoff, while it fails retryably and time is left."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                return call()
+            except StoreUnavailableError as exc:
+                if not exc.retryable or time.monotonic() + delay > deadline:
+                    if exc.retryable:
+                        exc.args = (f"{exc}; gave up after {self.retry_seconds:g}s of retries",)
+                    raise
+                log.warning("%s; retrying in %.2fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     def _lock_run(self, cur: Cursor, run_id: str) -> Any:
         return cur.execute("SELECT owner, heartbeat_at FROM runs WHERE id=%s FOR UPDATE", (run_id,)).fetchone()
@@ -171,14 +343,24 @@ class PostgresStore(SQLStore):
 
     def wait_for_events(self, timeout: float) -> None:
         """LISTEN for commits that appended events. The first call starts listening and
-        returns at once, so the caller looks again and misses nothing in between."""
+        returns at once, so the caller looks again and misses nothing in between. If the
+        listening connection drops, it is dropped and the next call listens anew."""
         with self._listen_lock:
-            if self._listener is None:
-                self._listener = self._psycopg.connect(self.url, autocommit=True)
-                self._listener.execute(f"LISTEN {CHANNEL}")
-                return
-            for _ in self._listener.notifies(timeout=timeout, stop_after=1):
-                pass
+            try:
+                if self._listener is None:
+                    self._listener = self._psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+                    self._listener.execute(f"LISTEN {CHANNEL}")
+                    return
+                for _ in self._listener.notifies(timeout=timeout, stop_after=1):
+                    pass
+            except self._psycopg.OperationalError as exc:
+                if not self._is_connection_error(exc):
+                    raise
+                log.warning("the LISTEN connection dropped (%s); listening again", str(exc).strip())
+                if self._listener is not None:
+                    self._listener.close()
+                    self._listener = None
+                time.sleep(min(timeout, 1.0))
 
     def close(self) -> None:
         self._pool.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -22,7 +23,9 @@ from factory.store.base import (
     AttemptRecord,
     Change,
     Event,
+    RegisteredWorkflow,
     RunChange,
+    RunGrants,
     RunRecord,
     RunStatus,
     StepChange,
@@ -89,19 +92,54 @@ class SQLStore(ABC):
         cur.executemany(self._sql("INSERT INTO events (run_id, step_id, type, data, ts) VALUES (?,?,?,?,?)"), rows)
         self._after_events(cur)
 
+    # -- identity ------------------------------------------------------------------------------
+
+    _store_id: str | None = None
+
+    def store_id(self) -> str:
+        if self._store_id is None:
+            query = self._sql("SELECT value FROM store_meta WHERE key=?")
+            with self._read() as cur:
+                row = cur.execute(query, ("store_id",)).fetchone()
+            if row is None:  # the first time: make it; of two processes racing, the first insert wins
+                with self._write() as cur:
+                    cur.execute(
+                        self._sql("INSERT INTO store_meta (key, value) VALUES (?,?) ON CONFLICT (key) DO NOTHING"),
+                        ("store_id", uuid.uuid4().hex[:16]),
+                    )
+                    row = cur.execute(query, ("store_id",)).fetchone()
+            self._store_id = str(row[0])
+        return self._store_id
+
     # -- writing -------------------------------------------------------------------------------
 
     def create_run(
-        self, run_id: str, workflow_name: str, spec_json: str, inputs: dict[str, Any], step_ids: list[str]
+        self,
+        run_id: str,
+        workflow_name: str,
+        spec_json: str,
+        inputs: dict[str, Any],
+        step_ids: list[str],
+        grants: RunGrants | None = None,
     ) -> None:
         now = time.time()
         with self._write() as cur:
             cur.execute(
                 self._sql(
-                    "INSERT INTO runs (id, workflow_name, status, spec_json, inputs_json, created_at, cancel_requested)"
-                    " VALUES (?,?,?,?,?,?,?)"
+                    "INSERT INTO runs (id, workflow_name, status, spec_json, inputs_json, created_at, cancel_requested,"
+                    " principal, grants_json) VALUES (?,?,?,?,?,?,?,?,?)"
                 ),
-                (run_id, workflow_name, RunStatus.PENDING.value, spec_json, json.dumps(inputs), now, False),
+                (
+                    run_id,
+                    workflow_name,
+                    RunStatus.PENDING.value,
+                    spec_json,
+                    json.dumps(inputs),
+                    now,
+                    False,
+                    grants.principal if grants else "local",
+                    grants.model_dump_json() if grants else None,
+                ),
             )
             cur.executemany(
                 self._sql("INSERT INTO steps (run_id, step_id, status, position) VALUES (?,?,?,?)"),
@@ -214,14 +252,15 @@ class SQLStore(ABC):
         with self._write() as cur:
             self._insert_events(cur, [(run_id, step_id, type, json.dumps(data), time.time())])
 
-    def claim_run(self, run_id: str, owner: str, lease_seconds: float) -> bool:
+    def claim_run(self, run_id: str, owner: str, lease_seconds: float, dead_owner: str | None = None) -> bool:
         now = time.time()
         with self._write() as cur:
             row = self._lock_run(cur, run_id)
             if row is None:
                 raise self._not_found(run_id)
             current, heartbeat = row[0], row[1]
-            if current and current != owner and (heartbeat or 0) > now - lease_seconds:
+            lease_fresh = (heartbeat or 0) > now - lease_seconds
+            if current and current != owner and current != dead_owner and lease_fresh:
                 return False
             cur.execute(self._sql("UPDATE runs SET owner=?, heartbeat_at=? WHERE id=?"), (owner, now, run_id))
             return True
@@ -270,7 +309,7 @@ class SQLStore(ABC):
 
     _RUN_COLUMNS = (
         "id, workflow_name, status, spec_json, inputs_json, error, created_at, started_at, finished_at,"
-        " owner, heartbeat_at, cancel_requested"
+        " owner, heartbeat_at, cancel_requested, grants_json"
     )
 
     @staticmethod
@@ -279,6 +318,8 @@ class SQLStore(ABC):
         data = dict(zip(keys, row, strict=True))
         data["inputs"] = json.loads(data.pop("inputs_json"))
         data["cancel_requested"] = bool(data["cancel_requested"])
+        grants = data.pop("grants_json")
+        data["grants"] = RunGrants.model_validate_json(grants) if grants else None
         return RunRecord.model_validate(data)
 
     def get_run(self, run_id: str) -> RunRecord:
@@ -359,13 +400,23 @@ class SQLStore(ABC):
 
     # -- API keys ------------------------------------------------------------------------------
 
+    _KEY_COLUMNS = "id, name, key_hash, scopes, created_at, revoked, expires_at, last_used_at, secrets"
+
     def create_api_key(self, record: ApiKeyRecord) -> None:
         with self._write() as cur:
             cur.execute(
-                self._sql(
-                    "INSERT INTO api_keys (id, name, key_hash, scopes, created_at, revoked) VALUES (?,?,?,?,?,?)"
+                self._sql(f"INSERT INTO api_keys ({self._KEY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)"),
+                (
+                    record.id,
+                    record.name,
+                    record.key_hash,
+                    ",".join(record.scopes),
+                    record.created_at,
+                    record.revoked,
+                    record.expires_at,
+                    record.last_used_at,
+                    json.dumps(record.secrets),
                 ),
-                (record.id, record.name, record.key_hash, ",".join(record.scopes), record.created_at, record.revoked),
             )
 
     @staticmethod
@@ -377,27 +428,86 @@ class SQLStore(ABC):
             scopes=[s for s in str(row[3]).split(",") if s],
             created_at=row[4],
             revoked=bool(row[5]),
+            expires_at=row[6],
+            last_used_at=row[7],
+            secrets=json.loads(row[8] or "[]"),
         )
 
     def find_api_key(self, key_hash: str) -> ApiKeyRecord | None:
         with self._read() as cur:
             row = cur.execute(
-                self._sql("SELECT id, name, key_hash, scopes, created_at, revoked FROM api_keys WHERE key_hash=?"),
-                (key_hash,),
+                self._sql(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE key_hash=?"), (key_hash,)
             ).fetchone()
         return None if row is None else self._api_key(row)
 
     def list_api_keys(self) -> list[ApiKeyRecord]:
         with self._read() as cur:
-            rows = cur.execute(
-                "SELECT id, name, key_hash, scopes, created_at, revoked FROM api_keys ORDER BY created_at"
-            ).fetchall()
+            rows = cur.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys ORDER BY created_at").fetchall()
         return [self._api_key(row) for row in rows]
 
     def revoke_api_key(self, key_id: str) -> bool:
         with self._write() as cur:
             cur.execute(self._sql("UPDATE api_keys SET revoked=? WHERE id=?"), (True, key_id))
             return bool(cur.rowcount)
+
+    def touch_api_key(self, key_id: str, when: float) -> None:
+        with self._write() as cur:
+            cur.execute(self._sql("UPDATE api_keys SET last_used_at=? WHERE id=?"), (when, key_id))
+
+    # -- registered workflows ------------------------------------------------------------------
+
+    _WORKFLOW_COLUMNS = "name, version, spec_json, base_dir, secrets, created_at, created_by"
+
+    @staticmethod
+    def _registered(row: Sequence[Any]) -> RegisteredWorkflow:
+        return RegisteredWorkflow(
+            name=row[0],
+            version=row[1],
+            spec_json=row[2],
+            base_dir=row[3],
+            secrets=json.loads(row[4] or "[]"),
+            created_at=row[5],
+            created_by=row[6] or "",
+        )
+
+    def register_workflow(self, record: RegisteredWorkflow) -> RegisteredWorkflow:
+        with self._write() as cur:
+            row = cur.execute(
+                self._sql("SELECT MAX(version) FROM registered_workflows WHERE name=?"), (record.name,)
+            ).fetchone()
+            stored = record.model_copy(update={"version": int(row[0] or 0) + 1})
+            cur.execute(
+                self._sql(f"INSERT INTO registered_workflows ({self._WORKFLOW_COLUMNS}) VALUES (?,?,?,?,?,?,?)"),
+                (
+                    stored.name,
+                    stored.version,
+                    stored.spec_json,
+                    stored.base_dir,
+                    json.dumps(stored.secrets),
+                    stored.created_at,
+                    stored.created_by,
+                ),
+            )
+        return stored
+
+    def get_registered_workflow(self, name: str, version: int | None = None) -> RegisteredWorkflow | None:
+        query = f"SELECT {self._WORKFLOW_COLUMNS} FROM registered_workflows WHERE name=?"
+        args: list[Any] = [name]
+        if version is not None:
+            query += " AND version=?"
+            args.append(version)
+        query += " ORDER BY version DESC LIMIT 1"
+        with self._read() as cur:
+            row = cur.execute(self._sql(query), args).fetchone()
+        return None if row is None else self._registered(row)
+
+    def list_registered_workflows(self) -> list[RegisteredWorkflow]:
+        with self._read() as cur:
+            rows = cur.execute(
+                f"SELECT {self._WORKFLOW_COLUMNS} FROM registered_workflows w WHERE version ="
+                " (SELECT MAX(version) FROM registered_workflows v WHERE v.name = w.name) ORDER BY name"
+            ).fetchall()
+        return [self._registered(row) for row in rows]
 
     # -- cache -----------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from factory.store.sql import Cursor, SQLStore, iter_statements
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -32,7 +32,9 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at REAL,
     owner TEXT,
     heartbeat_at REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    principal TEXT,
+    grants_json TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at);
 CREATE TABLE IF NOT EXISTS steps (
@@ -73,15 +75,38 @@ CREATE TABLE IF NOT EXISTS cache (
     output_json TEXT NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS store_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
     key_hash TEXT NOT NULL UNIQUE,
     scopes TEXT NOT NULL,
     created_at REAL NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0
+    revoked INTEGER NOT NULL DEFAULT 0,
+    expires_at REAL,
+    last_used_at REAL,
+    secrets TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS registered_workflows (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    spec_json TEXT NOT NULL,
+    base_dir TEXT,
+    secrets TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (name, version)
 )
 """
+
+# Columns added after version 2: an older database gets them with ALTER TABLE.
+_ADDED_COLUMNS = {
+    "runs": {"principal": "TEXT", "grants_json": "TEXT"},
+    "api_keys": {"expires_at": "REAL", "last_used_at": "REAL", "secrets": "TEXT NOT NULL DEFAULT '[]'"},
+}
 
 
 class SQLiteStore(SQLStore):
@@ -99,6 +124,11 @@ class SQLiteStore(SQLStore):
         with self._write() as cur:
             for statement in iter_statements(_SCHEMA):
                 cur.execute(statement)
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {row[1] for row in cur.execute(f"PRAGMA table_info({table})").fetchall()}
+                for name, declaration in columns.items():
+                    if name not in have:
+                        cur.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
             cur.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager

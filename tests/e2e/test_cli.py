@@ -164,3 +164,60 @@ def test_sigkill_mid_run_then_resume(cli_env: dict[str, str], tmp_path: Path, fa
         if proc.poll() is None:
             proc.kill()
         store.close()
+
+
+def test_sigkill_then_resume_at_once_without_waiting_for_the_lease(
+    cli_env: dict[str, str], tmp_path: Path, factory_home: Path
+) -> None:
+    """The killed coordinator ran on this machine: `factory resume` sees that its process is gone
+    (owner id: boot id, pid, process start time) and takes the run over while the lease is still
+    fresh, instead of refusing until it lapses."""
+    log = tmp_path / "executions.txt"
+    steps = [
+        {
+            "id": f"s{i}",
+            "python": "teststeps:slow_record",
+            **({"needs": [f"s{i - 1}"]} if i else {}),
+            "with": {"path": str(log), "value": i, "seconds": 0.4},
+        }
+        for i in range(6)
+    ]
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(yaml.safe_dump({"name": "killable", "steps": steps}))
+    (tmp_path / "teststeps.py").write_text((FIXTURES / "teststeps.py").read_text())
+    lease = 60.0  # far longer than the whole test: only the dead-owner check can let resume in
+    env = {**cli_env, "FACTORY_LEASE_SECONDS": str(lease)}
+    command = [*FACTORY, "run", str(wf)]
+    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    store = SQLiteStore(factory_home / "factory.db")
+    try:
+
+        def committed() -> set[str]:
+            runs = store.list_runs()
+            if not runs:
+                return set()
+            return {s.step_id for s in store.get_steps(runs[0].id) if s.status.value == "succeeded"}
+
+        _wait_for(lambda: len(committed()) >= 2, 90)
+        os.kill(proc.pid, signal.SIGKILL)
+        killed_at = time.time()
+        proc.wait(30)
+        run = store.list_runs()[0]
+        done_before = committed()
+        assert run.status.value == "running" and run.owner and str(proc.pid) in run.owner
+        assert (run.heartbeat_at or 0) > time.time() - lease  # the dead coordinator's lease is still fresh
+
+        resumed = factory(env, "resume", run.id, "--json")
+        assert resumed.returncode == 0, resumed.stderr
+        assert json.loads(resumed.stdout)["status"] == "succeeded"
+        took_over = next(e for e in store.events(0, run.id) if e.type == "run.resumed").ts - killed_at
+        print(f"resume took the run over {took_over:.2f}s after the SIGKILL (lease {lease:g}s)")
+        assert took_over < 20  # process start-up and joining Ray; nowhere near the lease
+        executions = [int(line) for line in log.read_text().split()]
+        for step_id in done_before:
+            assert executions.count(int(step_id[1:])) == 1, (step_id, executions)
+        assert sorted(set(executions)) == list(range(6))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        store.close()

@@ -43,7 +43,7 @@ def test_run_status_runs_over_the_api(api_server: ApiServer, tmp_path: Path) -> 
     assert data["status"] == "succeeded" and data["outputs"] == {"sum": 15, "twice": 30}
     status = factory(api_server, "status", data["run_id"], key="read")
     assert status.returncode == 0 and "twice" in status.stdout and "succeeded" in status.stdout
-    runs = factory(api_server, "runs", "--limit", "200", key="read")
-    assert data["run_id"] in runs.stdout
+    runs = factory(api_server, "runs", "--limit", "200", "--json", key="read")
+    assert data["run_id"] in {r["id"] for r in json.loads(runs.stdout)}
     denied = factory(api_server, "run", str(wf), key="read")
     assert denied.returncode == 2 and "403" in denied.stderr and "--scope submit" in denied.stderr

@@ -76,3 +76,83 @@ def test_open_mode_refuses_other_addresses(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 2 and "only allowed with --host 127.0.0.1" in result.stderr
+
+
+def _start_up(env: dict[str, str], port: int) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "factory.cli", "up", "--port", str(port)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "Ctrl-C stops everything" in line:
+            return proc, "".join(lines)
+    proc.kill()
+    raise AssertionError("factory up did not come up:\n" + "".join(lines))
+
+
+def test_up_after_a_kill_cleans_up_and_down_stops_it(tmp_path: Path) -> None:
+    import json
+
+    import psutil
+
+    home = tmp_path / "home"
+    env = {**os.environ, "FACTORY_HOME": str(home)}
+    env.pop("RAY_ADDRESS", None)
+    first, _ = _start_up(env, free_port())
+    second = None
+    try:
+        state = json.loads((home / "up.json").read_text())
+        ray_pids = [p["pid"] for p in state["ray"]]
+        assert state["owner"]["pid"] == first.pid and any(p["name"] == "raylet" for p in state["ray"])
+        os.kill(first.pid, signal.SIGKILL)  # no clean stop: the raylet's agents outlive it
+        first.wait(30)
+        time.sleep(5)  # gcs_server and the raylet die with their driver; what is left now stays
+        left = [pid for pid in ray_pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+        assert left, "every Ray process went away with its driver; nothing to test"
+
+        port = free_port()
+        second, output = _start_up(env, port)
+        assert "stopped the Ray left behind by an earlier factory up" in output, output
+        assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in ray_pids)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200
+        again = subprocess.run(
+            [sys.executable, "-m", "factory.cli", "up", "--port", str(free_port())],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert again.returncode == 2 and "factory down" in again.stderr
+
+        down = subprocess.run(
+            [sys.executable, "-m", "factory.cli", "down"],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
+        assert second.wait(60) == 0
+        assert not (home / "up.json").exists()
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+            raise AssertionError("the API still answers after factory down")
+        except httpx.TransportError:
+            pass
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(
+            [sys.executable, "-m", "factory.cli", "down"], env=env, cwd=REPO, capture_output=True, timeout=120
+        )

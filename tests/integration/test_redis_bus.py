@@ -15,10 +15,10 @@ import redis
 
 import factory
 from factory.cache import RedisResultCache
-from factory.redisbus import GLOBAL_STREAM, RedisEventBus, RedisEventPublisher, run_stream
+from factory.redisbus import RedisEventBus, RedisEventPublisher, StreamKeys, _fields, event_from_entry
 from factory.settings import Settings
 from factory.spec import Step, Workflow
-from factory.store import Event
+from factory.store import Event, Store
 from factory.store.sqlite import SQLiteStore
 
 FIXTURES = str(Path(__file__).parent.parent / "fixtures")
@@ -98,7 +98,7 @@ def test_published_in_order_with_replay_and_consumer_groups(
     result = factory.run(slow_chain(3, 0.05), store=store, settings=settings)
     assert result.ok
     stored = store.events(0, result.run_id)
-    bus = RedisEventBus(own_redis.url)
+    bus = RedisEventBus.for_store(store, own_redis.url)
     assert bus.replay(0, result.run_id) == stored
     assert bus.replay(0) == store.events(0)
     assert bus.replay(stored[3].id, result.run_id) == stored[4:]
@@ -111,7 +111,7 @@ def test_published_in_order_with_replay_and_consumer_groups(
     assert bus.pending("auditors", result.run_id) == len(stored)
     assert bus.ack("auditors", first + rest, result.run_id) == len(stored)
     assert bus.pending("auditors", result.run_id) == 0
-    assert bus.redis.ttl(run_stream(result.run_id)) > 0  # finished runs' streams expire
+    assert bus.redis.ttl(bus.keys.run(result.run_id)) > 0  # finished runs' streams expire
     store.close()
 
 
@@ -120,7 +120,7 @@ def test_redis_outage_mid_run_loses_nothing_and_duplicates_nothing(
 ) -> None:
     settings = Settings(home=factory_home, events_url=own_redis.url)
     store = SQLiteStore(factory_home / "factory.db")
-    bus = RedisEventBus(own_redis.url)
+    bus = RedisEventBus.for_store(store, own_redis.url)
     seen: list[Event] = []
     last_id = 0
 
@@ -130,14 +130,12 @@ def test_redis_outage_mid_run_loses_nothing_and_duplicates_nothing(
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                reply = bus.redis.xread({GLOBAL_STREAM: f"{last_id}-0"}, count=100, block=200)
+                reply = bus.redis.xread({bus.keys.events: f"{last_id}-0"}, count=100, block=200)
             except redis.RedisError:
                 time.sleep(0.1)
                 continue
             for _, entries in reply or []:
                 for entry_id, fields in entries:
-                    from factory.redisbus import event_from_entry
-
                     event = event_from_entry(entry_id, fields)
                     seen.append(event)
                     last_id = event.id
@@ -177,13 +175,13 @@ def test_events_written_while_redis_is_down_are_published_later(
     result = factory.run(slow_chain(2, 0.01), store=store, settings=settings)
     assert result.ok  # the run does not wait for Redis
     own_redis.start()
-    bus = RedisEventBus(url)
+    bus = RedisEventBus.for_store(store, url)
     assert bus.replay(0) == []
     publisher = RedisEventPublisher(store, url)
     assert publisher.publish_pending() == len(store.events(0))
     assert bus.replay(0) == store.events(0)
     assert publisher.publish_pending() == 0  # nothing twice
-    publisher.redis.delete("factory:events:published")  # even with the cursor lost:
+    publisher.redis.delete(publisher.keys.cursor)  # even with the cursor lost:
     publisher.publish_pending()
     assert bus.replay(0) == store.events(0)  # Redis refuses ids it already has
     store.close()
@@ -195,7 +193,7 @@ def test_trimming_keeps_streams_bounded(own_redis: RedisServer, factory_home: Pa
         store.create_run(f"r{i}", "wf", "{}", {}, [f"s{j}" for j in range(10)])
     publisher = RedisEventPublisher(store, own_redis.url, maxlen=50)
     publisher.publish_pending()
-    length = publisher.redis.xlen(GLOBAL_STREAM)
+    length = publisher.redis.xlen(publisher.keys.events)
     assert length < 330 and length >= 50  # approximate trimming: about maxlen, never below it
     store.close()
 
@@ -220,3 +218,71 @@ def test_redis_result_cache(
     cache = RedisResultCache(redis_url, 60)
     keys = [k for k in cache.redis.scan_iter("factory:cache:*") if 0 < cache.redis.ttl(k) <= 60]
     assert keys
+
+
+def _assert_streams_match(store: Store, url: str) -> None:
+    """The store's streams hold every event of the store, once each, in order: the store's
+    stream all of them, each run's stream that run's."""
+    bus = RedisEventBus.for_store(store, url)
+    assert bus.replay(0, count=100_000) == store.events(0, limit=100_000)
+    for run in store.list_runs(limit=1000):
+        assert bus.replay(0, run.id, count=100_000) == store.events(0, run.id, limit=100_000)
+
+
+def test_two_stores_share_one_redis_each_under_its_own_keys(
+    own_redis: RedisServer, postgres_url: str, factory_home: Path
+) -> None:
+    """A second store (a fresh database, another deployment) publishing to the Redis of a first
+    one: its event ids start again at 1, far below the first store's cursor. With one global
+    cursor it published nothing; each store has its own keys now."""
+    from factory.store.postgres import PostgresStore
+
+    first: Store = SQLiteStore(factory_home / "factory.db")
+    second: Store = PostgresStore(postgres_url)
+    assert first.store_id() != second.store_id()
+    reopened = SQLiteStore(factory_home / "factory.db")
+    assert reopened.store_id() == first.store_id()  # made once, kept in the store
+    reopened.close()
+
+    for i in range(12):
+        first.create_run(f"a{i}", "wf", "{}", {}, ["x", "y"])  # 36 events
+    for i in range(3):
+        second.create_run(f"b{i}", "wf", "{}", {}, ["x"])  # 6 events, ids 1..6
+    assert RedisEventPublisher(first, own_redis.url).publish_pending() == 36
+    assert RedisEventPublisher(second, own_redis.url).publish_pending() == 6
+    for store in (first, second):
+        _assert_streams_match(store, own_redis.url)
+    prefixes = tuple(f"{StreamKeys(s.store_id()).prefix}:" for s in (first, second))
+    keys = list(redis.Redis.from_url(own_redis.url, decode_responses=True).scan_iter("*"))
+    assert keys and all(key.startswith(prefixes) for key in keys), keys
+
+    for store, name in ((first, "c"), (second, "d")):
+        bus = RedisEventBus.for_store(store, own_redis.url)
+        bus.ensure_group("auditors", start_after=store.last_event_id())
+        for i in range(4):
+            store.create_run(f"{name}{i}", "wf", "{}", {}, ["x", "y"])
+        # A publisher crashes after the XADDs of its first batch, before it moves the cursor...
+        crashing = RedisEventPublisher(store, own_redis.url, batch=5)
+
+        def crash(*args: object, **kwargs: object) -> None:
+            raise redis.ConnectionError("the publisher's process died here")
+
+        crashing._advance = crash
+        with pytest.raises(redis.ConnectionError):
+            crashing.publish_pending()
+        # ...and another dies halfway through a pipeline: the next event reached the store's
+        # stream but not its run's stream.
+        cursor = crashing.cursor()
+        pending = store.events(cursor)
+        assert len(pending) == 12 and bus.replay(cursor) == pending[:5]
+        half = pending[5]
+        crashing.redis.xadd(crashing.keys.events, _fields(half), id=f"{half.id}-0")
+        # A new publisher (the next coordinator, or `factory publish-events`) starts from the cursor.
+        restarted = RedisEventPublisher(store, own_redis.url)
+        assert restarted.publish_pending() == 12
+        _assert_streams_match(store, own_redis.url)  # nothing lost, nothing twice
+        assert restarted.publish_pending() == 0
+        consumed = bus.consume("auditors", "a1", count=1000, block_ms=100)
+        assert consumed == pending  # a consumer group sees each event once
+    first.close()
+    second.close()

@@ -126,20 +126,32 @@ def test_writing_outside_the_workdir_fails_and_the_host_is_untouched(tmp_path: P
 
 def test_no_network_only_loopback_and_redis_unreachable(tmp_path: Path) -> None:
     probe = (
-        "import socket, sys\n"
+        "import os, socket, sys\n"
         "ifaces = sorted(l.split(':')[0].strip() for l in open('/proc/net/dev').readlines()[2:])\n"
         "s = socket.socket(); s.settimeout(3)\n"
         "try:\n    s.connect(('127.0.0.1', 6379)); print(ifaces, 'CONNECTED')\n"
         "except OSError as e:\n    print(ifaces, 'REFUSED', e.strerror)\n"
+        "if 'HTTP_PROXY' in os.environ:  # network: true: the one way out, a CONNECT tunnel\n"
+        "    t = socket.create_connection(('127.0.0.1', 3128), timeout=10)\n"
+        "    t.sendall(b'CONNECT 127.0.0.1:6379 HTTP/1.1\\r\\n\\r\\n')\n"
+        "    answer = t.recv(200).split(b' ')[1].decode()\n"
+        "    if answer == '200':\n"
+        "        t.sendall(b'PING\\r\\n'); answer = t.recv(100).decode().strip()\n"
+        "    print('PROXY', answer)\n"
     )
     closed = run(tmp_path, python(probe))
     assert "REFUSED" in closed["stdout"] and "['lo']" in closed["stdout"]
-    opened = run(tmp_path, python(probe), network=True)  # control: Redis listens on the host
-    if "CONNECTED" not in opened["stdout"]:
+    # network: true keeps its own namespace: Redis on the host's loopback stays out of reach, directly
+    # and through the egress proxy (tests/integration/test_sandbox_network.py attacks the rest).
+    opened = run(tmp_path, python(probe), network=True)
+    assert "['lo'] REFUSED" in opened["stdout"] and "PROXY 403" in opened["stdout"]
+    allowed = LocalConfig(scratch_root=SCRATCH[0], network_allow=["127.0.0.1:6379"])
+    control = run(tmp_path, python(probe), config=allowed, network=True)  # control: an admin allows Redis
+    if "PROXY +PONG" not in control["stdout"]:
         from tests.conftest import service_missing  # CI=true: Redis must be there, so this fails
 
-        service_missing("Redis on 127.0.0.1:6379 (the control)", ConnectionError(opened["stdout"].strip()))
-    assert "['lo']" not in opened["stdout"]
+        service_missing("Redis on 127.0.0.1:6379 (the control)", ConnectionError(control["stdout"].strip()))
+    assert "['lo'] REFUSED" in control["stdout"]
 
 
 def test_a_fork_bomb_is_stopped_at_the_process_limit(tmp_path: Path) -> None:

@@ -112,6 +112,23 @@ def test_lease_keeps_a_second_coordinator_out(db: Store) -> None:
     assert db.claim_run("r1", "three", lease_seconds=60)
 
 
+def test_a_dead_owner_holds_no_lease(db: Store) -> None:
+    """claim_run's dead_owner: the caller found that owner's process gone (factory.owner)."""
+    db.create_run("r1", "wf", "{}", {}, ["a"])
+    assert db.claim_run("r1", "dead", lease_seconds=60)
+    assert not db.claim_run("r1", "new", lease_seconds=60, dead_owner="someone-else")
+    assert db.claim_run("r1", "new", lease_seconds=60, dead_owner="dead")  # fresh lease, but its owner died
+    assert not db.claim_run("r1", "third", lease_seconds=60, dead_owner="dead")  # "new" owns it now
+
+
+def test_store_id_is_made_once_and_kept_in_the_store(db: Store) -> None:
+    store_id = db.store_id()
+    assert store_id and store_id == db.store_id()
+    again = open_store(db.url)
+    assert again.store_id() == store_id  # another process, same store: same id
+    again.close()
+
+
 def test_cancel_flag_and_unknown_runs(db: Store) -> None:
     db.create_run("r1", "wf", "{}", {}, ["a"])
     assert not db.cancel_requested("r1")
@@ -146,3 +163,77 @@ def test_cache_and_list_runs(db: Store) -> None:
     db.record([RunChange("r2", RunStatus.SUCCEEDED, "run.succeeded")])
     assert [r.id for r in db.list_runs()] == ["r2", "r1"]
     assert [r.id for r in db.list_runs(status=RunStatus.PENDING)] == ["r1"]
+
+
+def test_run_grants_round_trip(db: Store) -> None:
+    from factory.store import RunGrants
+
+    grants = RunGrants(principal="key:ab12", modules=["steps"], secrets=["TOKEN"], workflow_ref="wf@2")
+    db.create_run("g1", "wf", "{}", {}, ["a"], grants=grants)
+    db.create_run("g2", "wf", "{}", {}, ["a"])
+    assert db.get_run("g1").grants == grants
+    assert db.get_run("g2").grants is None
+    assert [r.grants for r in db.list_runs(10) if r.id == "g1"] == [grants]
+
+
+def test_keys_keep_expiry_grants_and_last_use(db: Store) -> None:
+    from factory.auth import Scope, create_key, verify_key
+    from factory.errors import AuthenticationError
+
+    key, record = create_key(db, [Scope.SUBMIT], "ci", expires_in=3600, secrets_granted=["B_TOKEN", "A_TOKEN"])
+    found = verify_key(db, key)
+    assert found.secrets == ["A_TOKEN", "B_TOKEN"] and found.expires_at == pytest.approx(time.time() + 3600, abs=5)
+    assert found.last_used_at is None
+    db.touch_api_key(record.id, 1234.5)
+    assert db.list_api_keys()[0].last_used_at == 1234.5
+    short, _ = create_key(db, [Scope.READ], expires_in=0.05)
+    time.sleep(0.1)
+    with pytest.raises(AuthenticationError, match="expired"):
+        verify_key(db, short)
+
+
+def test_registered_workflows_are_versioned(db: Store) -> None:
+    from factory.store import RegisteredWorkflow
+
+    def version(spec: str) -> RegisteredWorkflow:
+        return RegisteredWorkflow(name="report", spec_json=spec, base_dir="/opt/x", secrets=["T"], created_at=1.0)
+
+    assert db.register_workflow(version('{"v": 1}')).version == 1
+    assert db.register_workflow(version('{"v": 2}')).version == 2
+    db.register_workflow(RegisteredWorkflow(name="other", spec_json="{}", created_at=2.0))
+    latest = db.get_registered_workflow("report")
+    assert latest is not None and latest.version == 2 and latest.spec_json == '{"v": 2}' and latest.secrets == ["T"]
+    first = db.get_registered_workflow("report", 1)
+    assert first is not None and first.spec_json == '{"v": 1}'
+    assert db.get_registered_workflow("report", 3) is None and db.get_registered_workflow("nope") is None
+    assert [(w.name, w.version) for w in db.list_registered_workflows()] == [("other", 1), ("report", 2)]
+
+
+def test_a_version_2_sqlite_database_gains_the_new_columns(tmp_path: object) -> None:
+    import sqlite3
+    from pathlib import Path
+
+    from factory.store.sqlite import SQLiteStore
+
+    path = Path(str(tmp_path)) / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE runs (id TEXT PRIMARY KEY, workflow_name TEXT NOT NULL, status TEXT NOT NULL,
+            spec_json TEXT NOT NULL, inputs_json TEXT NOT NULL, error TEXT, created_at REAL NOT NULL,
+            started_at REAL, finished_at REAL, owner TEXT, heartbeat_at REAL,
+            cancel_requested INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE api_keys (id TEXT PRIMARY KEY, name TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE,
+            scopes TEXT NOT NULL, created_at REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
+        INSERT INTO runs VALUES ('old', 'wf', 'succeeded', '{}', '{}', NULL, 1.0, NULL, NULL, NULL, NULL, 0);
+        INSERT INTO api_keys VALUES ('k1', 'old key', 'hash', 'admin', 1.0, 0);
+        PRAGMA user_version=2;
+        """
+    )
+    conn.close()
+    store = SQLiteStore(path)
+    try:
+        assert store.get_run("old").grants is None
+        assert store.list_api_keys()[0].secrets == [] and store.list_api_keys()[0].expires_at is None
+    finally:
+        store.close()

@@ -59,6 +59,7 @@ def test_the_pipeline_maps_every_part_of_the_spec(tmp_path: Path) -> None:
         step_id="stats",
         secrets={"API_TOKEN": SecretStr("very-secret-value")},
         mounts={"/work/in": folder, "/etc/one.txt": single},
+        caches=dict(spec.caches),
     )
     ctr = build_pipeline(dagger.Client(), spec, job, timeout=60, grace=5)
     steps = selections(ctr)
