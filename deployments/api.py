@@ -24,12 +24,12 @@ from starlette.concurrency import run_in_threadpool
 from deployments.http import ApiProblem, Authorizer, install_error_handlers
 from factory import __version__, registry
 from factory.api import cancel as cancel_run
-from factory.api import create_run, store_for
+from factory.api import create_run, merge_inputs, run_is_stalled, store_for
 from factory.auth import Scope, has_scope
 from factory.auth import create_key as make_key
 from factory.catalog import load_catalog
 from factory.dag import parse_workflow_text, validate_data
-from factory.errors import PermissionDeniedError, RunStateError, StepInputError
+from factory.errors import PermissionDeniedError, RunStateError, StepInputError, WorkflowValidationError
 from factory.limits import DocumentLimits, check_data_bounds
 from factory.owner import owner_is_gone
 from factory.policy import Submitter, check_inline, resume_problem
@@ -39,6 +39,7 @@ from factory.settings import Settings
 from factory.store import (
     FINAL_RUN_STATUSES,
     ApiKeyRecord,
+    AttemptRecord,
     Event,
     RegisteredWorkflow,
     RunRecord,
@@ -162,12 +163,18 @@ class RunView(BaseModel):
     finished_at: float | None = None
     started_by: str = Field(default="local", description="key:<id> for runs submitted over the API.")
     workflow_ref: str | None = Field(default=None, description="name@version of a registered workflow.")
+    stalled: bool = Field(
+        default=False,
+        description="Running, but its coordinator is gone (lease lapsed or process dead): the supervisor or a resume "
+        "takes it over.",
+    )
     steps: list[StepView] | None = None
 
     @classmethod
-    def of(cls, r: RunRecord, steps: list[StepRecord] | None = None) -> "RunView":
+    def of(cls, r: RunRecord, steps: list[StepRecord] | None = None, *, lease_seconds: float = 10.0) -> "RunView":
         return cls(
             id=r.id,
+            stalled=run_is_stalled(r, lease_seconds, time.time()),
             workflow=r.workflow_name,
             status=r.status,
             inputs=r.inputs,
@@ -190,6 +197,36 @@ class Accepted(BaseModel):
     run_id: str
     status: str
     detail: str
+    after_event_id: int | None = Field(
+        default=None, description="Follow what happens next with the events endpoint from this id (?after=)."
+    )
+
+
+class AttemptView(BaseModel):
+    """A finished attempt of a step: what it printed or logged (secrets masked) and its error."""
+
+    step_id: str
+    attempt: int
+    status: str
+    error: str | None = None
+    logs: str = ""
+    duration: float | None = None
+    finished_at: float
+
+    @classmethod
+    def of(cls, a: AttemptRecord) -> "AttemptView":
+        return cls.model_validate(a.model_dump(mode="json", exclude={"run_id"}))
+
+
+class Validation(BaseModel):
+    """What ``POST /v1/workflows`` would say of this workflow, without running or storing anything."""
+
+    valid: bool
+    name: str | None = None
+    steps: list[str] = Field(default_factory=list, description="Step ids, in the workflow's order.")
+    inputs: dict[str, Any] = Field(default_factory=dict, description="Declared inputs with their defaults.")
+    problems: list[str] = Field(default_factory=list, description="Each naming its step and field.")
+    refused: bool = Field(default=False, description="Valid, but this key may not run it (the problems say why).")
 
 
 # -- the application ------------------------------------------------------------------------------
@@ -243,6 +280,19 @@ def _parse_cursor(cursor: str) -> tuple[float, str]:
         return float(created), run_id
     except ValueError:
         raise ApiProblem(422, f"cursor {cursor!r} is not one this API gave out; use next_cursor as given") from None
+
+
+def _last_event_id(header: str | None) -> int:
+    """The Last-Event-ID header of an SSE reconnect as an event id (0 when absent)."""
+    if not header:
+        return 0
+    try:
+        last_seen = int(header)
+        if not 0 <= last_seen <= MAX_EVENT_ID:
+            raise ValueError
+    except ValueError:
+        raise ApiProblem(422, f"Last-Event-ID must be an event id (0 to {MAX_EVENT_ID})") from None
+    return last_seen
 
 
 @serve.deployment(name="FactoryAPI", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100)
@@ -324,6 +374,46 @@ class FactoryAPI:
             raise ApiProblem(
                 422, f"the body is not {{'workflow': ..., 'inputs': ...}}: {_pydantic_detail(exc)}"
             ) from None
+
+    @app.post(
+        "/v1/validate",
+        response_model=Validation,
+        summary="Check a workflow (and inputs) as a submission would, without running it",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": SubmitWorkflow.model_json_schema()},
+                    "application/yaml": {"schema": {"type": "string", "description": "The workflow's YAML."}},
+                },
+            }
+        },
+    )
+    async def validate(self, request: Request) -> Validation:
+        """Every problem at once, as ``POST /v1/workflows`` would find them: the workflow's own,
+        its inputs', and what this key may not use (python modules not allowed, secrets not granted)."""
+        key = self.auth.authorize(request, Scope.READ)
+        data, inputs = await self._workflow_body(request)
+        try:
+            workflow = await run_in_threadpool(
+                partial(validate_data, data, None, "the submitted workflow", False, self.catalog, limits=self.limits)
+            )
+        except WorkflowValidationError as exc:
+            name = data.get("name") if isinstance(data, dict) and isinstance(data.get("name"), str) else None
+            return Validation(valid=False, name=name, problems=exc.problems)
+        view = Validation(
+            valid=True, name=workflow.name, steps=[s.id for s in workflow.steps], inputs=dict(workflow.inputs)
+        )
+        try:
+            merge_inputs(workflow, inputs, self.limits)
+            check_inline(
+                workflow, Submitter.of_key(key), self.settings.allowed_modules, self.settings.container_executor
+            )
+        except WorkflowValidationError as exc:
+            view.valid, view.problems = False, exc.problems
+        except PermissionDeniedError as exc:
+            view.refused, view.problems = True, exc.problems or [str(exc)]
+        return view
 
     # -- registered workflows ---------------------------------------------------------------------
 
@@ -444,14 +534,32 @@ class FactoryAPI:
         before = _parse_cursor(cursor) if cursor else None
         records = self.store.list_runs(limit + 1, status, before)
         page = records[:limit]
+        lease = self.settings.lease_seconds
         return RunPage(
-            runs=[RunView.of(r) for r in page], next_cursor=_cursor(page[-1]) if len(records) > limit else None
+            runs=[RunView.of(r, lease_seconds=lease) for r in page],
+            next_cursor=_cursor(page[-1]) if len(records) > limit else None,
         )
 
     @app.get("/v1/runs/{run_id}", response_model=RunView, summary="A run with its steps and outputs")
     def get_run(self, request: Request, run_id: str) -> RunView:
         self.auth.authorize(request, Scope.READ)
-        return RunView.of(self.store.get_run(run_id), self.store.get_steps(run_id))
+        record = self.store.get_run(run_id)
+        return RunView.of(record, self.store.get_steps(run_id), lease_seconds=self.settings.lease_seconds)
+
+    @app.get(
+        "/v1/runs/{run_id}/attempts",
+        response_model=list[AttemptView],
+        summary="A run's finished attempts: what each printed or logged, and its error",
+    )
+    def attempts(
+        self,
+        request: Request,
+        run_id: str,
+        step: Annotated[str | None, Query(max_length=200, description="Only this step's attempts.")] = None,
+    ) -> list[AttemptView]:
+        self.auth.authorize(request, Scope.READ)
+        self.store.get_run(run_id)  # 404 for an unknown run
+        return [AttemptView.of(a) for a in self.store.get_attempts(run_id, step)]
 
     @app.post("/v1/runs/{run_id}/cancel", status_code=202, response_model=Accepted, summary="Cancel a run")
     def cancel(self, request: Request, run_id: str) -> Accepted:
@@ -476,8 +584,14 @@ class FactoryAPI:
         lapsed = (record.heartbeat_at or 0) < time.time() - self.settings.lease_seconds
         if record.owner and not lapsed and not owner_is_gone(record.owner):
             raise RunStateError(f"run {run_id} is being run right now; wait for it or cancel it first")
+        after = self.store.last_event_id()
         self._start(run_id, True)
-        return Accepted(run_id=run_id, status="resuming", detail="steps that committed their output are kept")
+        return Accepted(
+            run_id=run_id,
+            status="resuming",
+            detail="steps that committed their output are kept",
+            after_event_id=after,
+        )
 
     @app.get(
         "/v1/runs/{run_id}/events",
@@ -495,20 +609,31 @@ class FactoryAPI:
     ) -> StreamingResponse:
         self.auth.authorize(request, Scope.READ)
         await run_in_threadpool(self.store.get_run, run_id)  # 404 before the stream starts
-        start = after
-        if last_event_id:
-            try:
-                last_seen = int(last_event_id)
-                if not 0 <= last_seen <= MAX_EVENT_ID:
-                    raise ValueError
-            except ValueError:
-                raise ApiProblem(422, f"Last-Event-ID must be an event id (0 to {MAX_EVENT_ID})") from None
-            start = max(start, last_seen)
+        start = max(after, _last_event_id(last_event_id))
         return StreamingResponse(
             self._sse(run_id, start, follow), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
-    async def _sse(self, run_id: str, after: int, follow: bool) -> AsyncIterator[str]:
+    @app.get(
+        "/v1/events",
+        summary="Every run's events as Server-Sent Events",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def all_events(
+        self,
+        request: Request,
+        after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Start after this event id.")] = 0,
+        last_event_id: Annotated[str | None, Header(description="Resume after this id (SSE reconnects).")] = None,
+        follow: Annotated[bool, Query(description="Keep the stream open for new events.")] = False,
+    ) -> StreamingResponse:
+        self.auth.authorize(request, Scope.READ)
+        start = max(after, _last_event_id(last_event_id))
+        return StreamingResponse(
+            self._sse(None, start, follow), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    async def _sse(self, run_id: str | None, after: int, follow: bool) -> AsyncIterator[str]:
         last, idle = after, 0.0
         while True:
             page: list[Event] = await run_in_threadpool(self.store.events, last, run_id, 500)
@@ -520,7 +645,7 @@ class FactoryAPI:
                 continue
             if not follow:
                 return
-            if not page:
+            if not page and run_id is not None:
                 record = await run_in_threadpool(self.store.get_run, run_id)
                 if record.status in FINAL_RUN_STATUSES:
                     final = await run_in_threadpool(self.store.events, last, run_id, 500)
@@ -536,7 +661,7 @@ class FactoryAPI:
     @app.get("/v1/agents", summary="Agents of the catalogue with their pools' state")
     def agents(self, request: Request) -> dict[str, Any]:
         self.auth.authorize(request, Scope.READ)
-        from deployments.agents_view import agents_view
+        from factory.agents_view import agents_view
 
         return agents_view(self.settings)
 

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from factory.cli_output import EXIT_INVALID, err, fail, out
+from factory.cli.output import EXIT_INVALID, err, fail, out
 
 
 def up(

@@ -13,9 +13,9 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from ray import serve
 
-from deployments.agents_view import live_pools
 from deployments.http import Authorizer, install_error_handlers
 from factory import __version__
+from factory.agents_view import live_pools
 from factory.api import store_for
 from factory.auth import Scope
 from factory.catalog import Catalog, load_catalog

@@ -25,6 +25,7 @@ from factory.store import (
     Change,
     RunChange,
     RunGrants,
+    RunRecord,
     RunStatus,
     StepChange,
     StepStatus,
@@ -242,6 +243,14 @@ def resume(
     finally:
         if own_store:
             store.close()
+
+
+def run_is_stalled(record: RunRecord, lease_seconds: float, now: float) -> bool:
+    """Running, but nobody runs it: its lease lapsed or its owner's process is known dead.
+    The supervisor (with the API) or ``factory resume`` takes such a run over."""
+    if record.status != RunStatus.RUNNING:
+        return False
+    return (record.heartbeat_at or 0) < now - lease_seconds or owner_is_gone(record.owner)
 
 
 def cancel(run_id: str, *, store: Store | None = None, settings: Settings | None = None) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,27 +126,40 @@ class FactoryClient:
             params["cursor"] = cursor
         return dict(self._request("GET", "/v1/runs", params=params))
 
+    def attempts(self, run_id: str, step: str | None = None) -> list[dict[str, Any]]:
+        """The run's finished attempts (of ``step`` only, if given): logs and errors."""
+        params = {"step": step} if step is not None else {}
+        return list(self._request("GET", f"/v1/runs/{run_id}/attempts", params=params))
+
+    def validate(self, workflow: str | Path | dict[str, Any], inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What a submission of this workflow would meet, without running it: ``valid``,
+        ``problems`` (each naming its step and field), ``refused`` (this key may not run it)."""
+        body = {"workflow": self._workflow_data(workflow), "inputs": inputs or {}}
+        return dict(self._request("POST", "/v1/validate", json=body))
+
     def cancel(self, run_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/runs/{run_id}/cancel"))
 
     def resume(self, run_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/runs/{run_id}/resume"))
 
-    def events(self, run_id: str, after: int = 0, follow: bool = True) -> Iterator[dict[str, Any]]:
-        """The run's events (Server-Sent Events) after event ``after``. With ``follow``, until
-        the run ends: a stream that drops, or stays silent past ``idle_timeout``, is reopened
-        with ``Last-Event-ID``, and no event is yielded twice."""
+    def events(self, run_id: str | None, after: int = 0, follow: bool = True) -> Iterator[dict[str, Any]]:
+        """The run's events (Server-Sent Events) after event ``after``; every run's with
+        ``run_id=None``. With ``follow``, until the run ends (for every run: until the caller
+        stops): a stream that drops, or stays silent past ``idle_timeout``, is reopened with
+        ``Last-Event-ID``, and no event is yielded twice."""
         return self._events(run_id, after, follow, threading.Event())
 
-    def _events(self, run_id: str, after: int, follow: bool, stop: threading.Event) -> Iterator[dict[str, Any]]:
+    def _events(self, run_id: str | None, after: int, follow: bool, stop: threading.Event) -> Iterator[dict[str, Any]]:
         last = after
         delay = self.reconnect_delay
+        path = f"/v1/runs/{run_id}/events" if run_id is not None else "/v1/events"
         while not stop.is_set():
             headers = {"Last-Event-ID": str(last)} if last > after else {}
             try:
                 with self.http.stream(
                     "GET",
-                    f"/v1/runs/{run_id}/events",
+                    path,
                     params={"after": after, "follow": follow},
                     headers=headers,
                     timeout=httpx.Timeout(self.timeout, read=self.idle_timeout),
@@ -172,21 +185,29 @@ class FactoryClient:
                 return
             delay = min(delay * 2, MAX_RECONNECT_DELAY)
 
-    def wait(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Follow the run's events until it ends; returns the run with its steps.
+    def wait(
+        self,
+        run_id: str,
+        timeout: float | None = None,
+        *,
+        after: int = 0,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Follow the run's events (after event ``after``) until it ends; returns the run with
+        its steps. ``on_event`` hears each event as it comes.
 
         With ``timeout`` (seconds), raise :class:`WaitTimeoutError` (a ``TimeoutError``) at the
         deadline, whatever the server does meanwhile: the events are followed by a helper thread,
         so neither an idle stream nor a server that stops answering keeps the caller waiting
         longer. The helper stops at its next event or timeout (``idle_timeout`` at most)."""
         if timeout is None:
-            return self._follow_to_end(run_id, threading.Event())
+            return self._follow_to_end(run_id, threading.Event(), after, on_event)
         outcome: queue.Queue[tuple[dict[str, Any] | None, BaseException | None]] = queue.Queue(maxsize=1)
         stop = threading.Event()
 
         def follow() -> None:
             try:
-                outcome.put((self._follow_to_end(run_id, stop), None))
+                outcome.put((self._follow_to_end(run_id, stop, after, on_event), None))
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
                 outcome.put((None, exc))
 
@@ -203,11 +224,19 @@ class FactoryClient:
         assert run is not None
         return run
 
-    def _follow_to_end(self, run_id: str, stop: threading.Event) -> dict[str, Any]:
-        last = 0
+    def _follow_to_end(
+        self,
+        run_id: str,
+        stop: threading.Event,
+        after: int = 0,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        last = after
         while True:
             for event in self._events(run_id, last, True, stop):
                 last = max(last, int(event["id"]))
+                if on_event is not None:
+                    on_event(event)
                 if event["type"] in FINAL_EVENTS:
                     run = self._get_run_retrying(run_id, stop)
                     if run["status"] in FINAL:  # else it was resumed since: keep following
@@ -281,8 +310,11 @@ class FactoryClient:
 
     # -- routing and agents --------------------------------------------------------------------------
 
-    def route(self, text: str, capabilities: list[str] | None = None) -> dict[str, Any]:
-        return dict(self._request("POST", "/v1/route", json={"text": text, "capabilities": capabilities or []}))
+    def route(
+        self, text: str, capabilities: list[str] | None = None, resources: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        body = {"text": text, "capabilities": capabilities or [], "resources": resources or {}}
+        return dict(self._request("POST", "/v1/route", json=body))
 
     def agents(self) -> dict[str, Any]:
         return dict(self._request("GET", "/v1/agents"))

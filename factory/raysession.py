@@ -34,3 +34,19 @@ def ensure_ray(address: str | None = None) -> None:
         except (ConnectionError, RuntimeError, ValueError):
             pass  # a stale record: that cluster is gone
     ray.init(address="local", include_dashboard=False, **options)  # type: ignore[arg-type]
+
+
+def join_running_ray(address: str | None = None) -> bool:
+    """Join the cluster ``address`` or RAY_ADDRESS names, or one `ray start` runs on this
+    machine; never start a new Ray. True when this process is connected to one."""
+    if ray.is_initialized():
+        return True
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+    target = address or os.environ.get("RAY_ADDRESS") or ("auto" if RAY_START_RECORD.exists() else None)
+    if target is None:
+        return False
+    try:
+        ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError):
+        return False
+    return True

@@ -1,5 +1,5 @@
-"""What GET /v1/agents shows: the catalogue, joined with the live pools' state when the
-agent manager runs."""
+"""The agents as ``factory agents`` and ``GET /v1/agents`` show them: the catalogue, joined
+with the live pools' state when the agent manager runs."""
 
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ def live_pools() -> dict[str, Any]:
     return {info.name: info for info in infos}
 
 
-def agents_view(settings: Settings) -> dict[str, Any]:
+def agents_view(settings: Settings, with_pools: bool = True) -> dict[str, Any]:
+    """``with_pools=False``: the catalogue alone (this process is not on a Ray cluster)."""
     catalog = load_catalog(settings.agents_file) if settings.agents_file else Catalog()
-    pools = live_pools()
+    pools = live_pools() if with_pools else {}
     agents = []
     for spec in catalog.agents:
         info = pools.get(spec.name)

@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from factory.cli_output import out
+from factory.cli.output import out
 from factory.errors import FactoryError
 
 

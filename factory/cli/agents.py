@@ -1,4 +1,4 @@
-"""CLI commands for agents and routing: ``factory route`` and ``factory models pull``.
+"""CLI commands for agents and routing: ``factory route``, ``factory agents`` and ``factory models pull``.
 
 ``factory.cli`` calls ``register(app)`` at import. Add a command group by writing a
 ``_register_*`` function and listing it in ``_REGISTRARS``.
@@ -16,8 +16,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from factory.cli_output import EXIT_FAILED, EXIT_INVALID, out
-from factory.cli_output import fail as _fail
+from factory.cli.output import EXIT_FAILED, EXIT_INVALID, out
+from factory.cli.output import fail as _fail
+from factory.cli.runs import using_backend
 from factory.errors import FactoryError
 
 
@@ -39,12 +40,21 @@ def _register_route(app: typer.Typer) -> None:
     @app.command()
     def route(
         text: Annotated[str, typer.Argument(help="The task, in plain language.")],
-        agents: Annotated[Path, typer.Option("--agents", "-a", help="The agent catalogue (agents.yaml).")] = Path(
-            "agents.yaml"
-        ),
+        agents: Annotated[
+            Path | None,
+            typer.Option(
+                "--agents",
+                "-a",
+                help="The agent catalogue (default: FACTORY_AGENTS_FILE, else ./agents.yaml; not with --api).",
+            ),
+        ] = None,
         scorer: Annotated[
             str | None,
-            typer.Option("--scorer", "-s", help="lexical, embedding or llm (default: FACTORY_ROUTER_SCORER, lexical)."),
+            typer.Option(
+                "--scorer",
+                "-s",
+                help="lexical, embedding or llm (default: FACTORY_ROUTER_SCORER, lexical; not with --api).",
+            ),
         ] = None,
         capability: Annotated[
             list[str] | None,
@@ -67,42 +77,29 @@ def _register_route(app: typer.Typer) -> None:
     ) -> None:
         """Pick the agent for a task and show why: scores, runners-up, agents filtered out.
 
+        Locally with the catalogue and scorer given here; with --api, with the server's.
         Exit 0 with a decision, 1 when no agent is eligible, 2 when the catalogue or scorer is unusable.
         """
-        from factory.catalog import load_catalog
-        from factory.errors import NoEligibleAgentError, WorkflowValidationError
-        from factory.routing import Router, RouteRequest, Scorer, make_scorer
+        from factory.cli.backend import RouteOptions
+        from factory.errors import NoEligibleAgentError
+        from factory.routing import RouteRequest
 
-        try:
-            if scorer is None:
-                from factory.settings import get_settings
-
-                scorer = get_settings().router_scorer
-            catalog = load_catalog(agents)
-            chosen: Scorer
-            if scorer == "embedding" and model_path is not None:
-                from factory.routing.embedding import EmbeddingScorer
-
-                chosen = EmbeddingScorer(catalog, model_dir=model_path)
-            else:
-                chosen = make_scorer(scorer, catalog)
-            router = Router(catalog, chosen)
-            request = RouteRequest(text=text, capabilities=capability or [], resources=_resources(resource or []))
-            decision = router.route(request)
-        except NoEligibleAgentError as exc:
-            if as_json:
-                sys.stdout.write(json.dumps({"error": str(exc), "filtered_out": exc.filtered_out}) + "\n")
-                raise typer.Exit(EXIT_FAILED) from None
-            raise _fail(str(exc), EXIT_FAILED) from None
-        except (WorkflowValidationError, FactoryError) as exc:
-            raise _fail(str(exc), EXIT_INVALID) from None
+        request = RouteRequest(text=text, capabilities=capability or [], resources=_resources(resource or []))
+        with using_backend() as backend:
+            try:
+                decision = backend.route(request, RouteOptions(agents, scorer, model_path))
+            except NoEligibleAgentError as exc:  # exit 1: the request was fine, no agent fits it
+                if as_json:
+                    sys.stdout.write(json.dumps({"error": str(exc), "filtered_out": exc.filtered_out}) + "\n")
+                    raise typer.Exit(EXIT_FAILED) from None
+                raise _fail(str(exc), EXIT_FAILED) from None
 
         if as_json:
-            sys.stdout.write(decision.model_dump_json() + "\n")
+            sys.stdout.write(decision.model_dump_json(exclude={"latency_ms"}) + "\n")
             return
         out.print(
             f"[bold green]{escape(decision.agent)}[/bold green]  score {decision.score:.3f}  "
-            f"({decision.scorer}, {decision.latency_ms:.2f} ms)"
+            f"({escape(decision.scorer)}, {decision.latency_ms:.2f} ms)"
         )
         out.print(escape(decision.reason), highlight=False)
         table = Table("agent", "semantic", "load", "total", title=None, box=None, pad_edge=False)
@@ -113,6 +110,39 @@ def _register_route(app: typer.Typer) -> None:
         out.print(table)
         for name, why in decision.filtered_out.items():
             out.print(f"[dim]filtered out[/dim] {escape(name)}: {escape(why)}", highlight=False)
+
+
+def _register_agents(app: typer.Typer) -> None:
+    @app.command("agents")
+    def agents_cmd(
+        agents: Annotated[
+            Path | None,
+            typer.Option("--agents", "-a", help="The agent catalogue (default: FACTORY_AGENTS_FILE; not with --api)."),
+        ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ) -> None:
+        """The agents of the catalogue and the state of their pools (replicas, calls in flight,
+        queue, health, breaker), when pools run on the Ray cluster this machine is on."""
+        with using_backend() as backend:
+            view = backend.agents(agents)
+        if as_json:
+            sys.stdout.write(json.dumps(view, ensure_ascii=False) + "\n")
+            return
+        table = Table("agent", "capabilities", "replicas", "in flight", "queued", "health", "breaker")
+        for agent in view["agents"]:
+            pool = agent.get("pool") or {}
+            table.add_row(
+                escape(agent["name"]),
+                escape(", ".join(agent.get("capabilities") or [])),
+                str(pool.get("replicas", "-")),
+                str(pool.get("in_flight", "-")),
+                str(pool.get("queued", "-")),
+                escape(str(pool.get("health", "no pool" if agent.get("runnable") else "not runnable"))),
+                escape(str(pool.get("breaker", "-"))),
+            )
+        out.print(table)
+        if view.get("catalogue"):
+            out.print(f"catalogue {escape(str(view['catalogue']))}", highlight=False)
 
 
 def _register_models(app: typer.Typer) -> None:
@@ -152,7 +182,7 @@ def _register_models(app: typer.Typer) -> None:
             out.print(f"use it with: export FACTORY_EMBEDDING_MODEL_PATH={escape(str(where))}", highlight=False)
 
 
-_REGISTRARS: tuple[Callable[[typer.Typer], None], ...] = (_register_route, _register_models)
+_REGISTRARS: tuple[Callable[[typer.Typer], None], ...] = (_register_route, _register_agents, _register_models)
 
 
 def register(app: typer.Typer) -> None:

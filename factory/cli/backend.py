@@ -1,0 +1,165 @@
+"""What the ``factory`` commands ask of the Factory, whether it is this machine's state or
+an HTTP API: one small interface, two implementations (:mod:`factory.cli.local`,
+:mod:`factory.cli.remote`). Commands print what a backend returns and never ask which
+one they have, so a command means the same locally and with ``--api``.
+
+Both speak the store's records (RunRecord, StepRecord, AttemptRecord, ApiKeyRecord) and
+raise :class:`factory.errors.FactoryError`; a workflow's problems are a
+WorkflowValidationError either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from factory.auth import Scope
+from factory.engine import Progress, RunResult
+from factory.errors import FactoryError
+from factory.routing.models import RouteDecision, RouteRequest
+from factory.store import ApiKeyRecord, AttemptRecord, RunRecord, RunStatus, StepRecord
+
+
+class RunWaitTimeout(FactoryError):
+    """``run``/``resume``/``start`` reached ``--timeout`` before the run ended. ``detail`` says
+    what became of the run (over the API it goes on; locally it was cancelled)."""
+
+    retryable = True
+
+    def __init__(self, run_id: str, timeout: float, detail: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"run {run_id} did not end within {timeout:g}s: {detail}")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run as a command shows it. ``stalled``: running, but no coordinator runs it any more
+    (the supervisor or ``factory resume`` takes it over). ``steps`` only from ``get_run``."""
+
+    record: RunRecord
+    stalled: bool = False
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A workflow that passed validation: its name and step ids."""
+
+    name: str
+    steps: list[str]
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    version: int
+
+
+@dataclass(frozen=True)
+class RegisteredInfo:
+    name: str
+    version: int
+    inputs: dict[str, Any]
+    secrets: list[str]
+    created_at: float
+    created_by: str
+
+
+@dataclass
+class Watch:
+    """Who hears about a run while a command waits for it, and how long it waits."""
+
+    on_start: Callable[[str], None] | None = None
+    on_progress: Callable[[Progress], None] | None = None
+    timeout: float | None = None
+
+    def started(self, run_id: str) -> None:
+        if self.on_start is not None:
+            self.on_start(run_id)
+
+    def progress(self, counts: Progress) -> None:
+        if self.on_progress is not None:
+            self.on_progress(counts)
+
+
+@dataclass(frozen=True)
+class RouteOptions:
+    """What only a local router takes: the catalogue file, the scorer, the model folder.
+    The API routes with its own; giving these with ``--api`` is an error that says so."""
+
+    agents: Path | None = None
+    scorer: str | None = None
+    model_path: Path | None = None
+
+
+class Backend(Protocol):
+    """The Factory as the CLI sees it. ``where`` names it in messages."""
+
+    where: str
+
+    def validate(self, workflow: Path, inputs: dict[str, Any], agents: Path | None) -> Checked: ...
+
+    def run(self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch) -> RunResult: ...
+
+    def resume(self, run_id: str, agents: Path | None, watch: Watch) -> RunResult: ...
+
+    def cancel(self, run_id: str) -> bool: ...
+
+    def list_runs(self, limit: int, status: RunStatus | None) -> list[RunInfo]: ...
+
+    def get_run(self, run_id: str) -> RunInfo: ...
+
+    def attempts(self, run_id: str, step: str | None) -> list[AttemptRecord]: ...
+
+    def events(self, run_id: str | None, after: int, follow: bool) -> Iterator[dict[str, Any]]: ...
+
+    def route(self, request: RouteRequest, options: RouteOptions) -> RouteDecision: ...
+
+    def agents(self, catalogue: Path | None) -> dict[str, Any]: ...
+
+    def create_key(
+        self, scopes: list[Scope], name: str, expires_in: float | None, secrets: list[str]
+    ) -> tuple[str, ApiKeyRecord]: ...
+
+    def list_keys(self) -> list[ApiKeyRecord]: ...
+
+    def revoke_key(self, key_id: str) -> bool: ...
+
+    def register_workflow(
+        self, workflow: Path, name: str | None, secrets: list[str], base_dir: str | None
+    ) -> Registered: ...
+
+    def list_workflows(self) -> list[RegisteredInfo]: ...
+
+    def start_workflow(
+        self, name: str, inputs: dict[str, Any], version: int | None, watch: Watch | None
+    ) -> tuple[str, RunResult | None]: ...
+
+    def close(self) -> None: ...
+
+
+def progress_of(events: Iterator[dict[str, Any]], counts: Progress, on_progress: Callable[[Progress], None]) -> None:
+    """Count a run's events into ``counts`` (as the coordinator counts them) until the run ends."""
+    running: set[str] = set()
+    for event in events:
+        kind, step = event.get("type", ""), event.get("step_id")
+        if kind == "step.created":
+            counts.total += 1
+        elif kind == "step.started" and step:
+            running.add(step)
+        elif kind in ("step.succeeded", "step.cached"):
+            counts.succeeded += 1
+        elif kind == "step.failed":
+            counts.failed += 1
+        elif kind == "step.skipped":
+            counts.skipped += 1
+        elif kind == "step.cancelled":
+            counts.cancelled += 1
+        if step and kind.startswith("step.") and kind not in ("step.started", "step.log", "step.retrying"):
+            running.discard(step)
+        counts.running = len(running)
+        on_progress(counts)
+        if kind in ("run.succeeded", "run.failed", "run.cancelled"):
+            return

@@ -1,0 +1,230 @@
+"""The CLI's backend on this machine's state: the store the settings name, runs executed by
+this process on Ray (:mod:`factory.api`)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from factory import api
+from factory.auth import Scope, create_key
+from factory.catalog import load_catalog
+from factory.cli.backend import (
+    Checked,
+    Registered,
+    RegisteredInfo,
+    RouteOptions,
+    RunInfo,
+    RunWaitTimeout,
+    Watch,
+)
+from factory.dag import load_workflow
+from factory.engine import RunResult
+from factory.limits import DocumentLimits
+from factory.routing.models import RouteDecision, RouteRequest
+from factory.settings import Settings
+from factory.store import ApiKeyRecord, AttemptRecord, RunStatus, Store
+
+
+class LocalBackend:
+    """Commands on the store of ``settings``, opened on first use and closed by :meth:`close`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.where = "local state"
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = api.store_for(self.settings)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def _limits(self) -> DocumentLimits:
+        return DocumentLimits.from_settings(self.settings)
+
+    def _info(self, run_id: str, with_steps: bool = False) -> RunInfo:
+        record = self.store.get_run(run_id)
+        steps = self.store.get_steps(run_id) if with_steps else []
+        return RunInfo(record, api.run_is_stalled(record, self.settings.lease_seconds, time.time()), steps)
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    def validate(self, workflow: Path, inputs: dict[str, Any], agents: Path | None) -> Checked:
+        catalog = load_catalog(agents) if agents is not None else None
+        wf = load_workflow(workflow, agents=catalog, limits=self._limits())
+        api.merge_inputs(wf, inputs, self._limits())
+        return Checked(wf.name, [s.id for s in wf.steps])
+
+    def _until_deadline(self, watch: Watch, run: Any) -> RunResult:
+        """Run ``run(on_start)``; at ``watch.timeout`` cancel the run (it lives in this process)."""
+        started: list[str] = []
+        deadline_passed = threading.Event()
+
+        def on_start(run_id: str) -> None:
+            started.append(run_id)
+            watch.started(run_id)
+
+        timer: threading.Timer | None = None
+        if watch.timeout is not None:
+
+            def at_deadline() -> None:
+                deadline_passed.set()
+                if started:
+                    api.cancel(started[0], settings=self.settings)
+
+            timer = threading.Timer(watch.timeout, at_deadline)
+            timer.daemon = True
+            timer.start()
+        try:
+            result: RunResult = run(on_start)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if deadline_passed.is_set() and result.status == RunStatus.CANCELLED:
+            assert watch.timeout is not None
+            raise RunWaitTimeout(
+                result.run_id,
+                watch.timeout,
+                f"it ran in this process and was cancelled; `factory resume {result.run_id}` finishes it",
+            )
+        return result
+
+    def run(self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch) -> RunResult:
+        catalog = load_catalog(agents) if agents is not None else None
+        wf = load_workflow(workflow, agents=catalog, limits=self._limits())
+        return self._until_deadline(
+            watch,
+            lambda on_start: api.run(
+                wf,
+                inputs,
+                store=self.store,
+                settings=self.settings,
+                on_progress=watch.on_progress,
+                on_start=on_start,
+                agents=agents,
+            ),
+        )
+
+    def resume(self, run_id: str, agents: Path | None, watch: Watch) -> RunResult:
+        def go(on_start: Any) -> RunResult:
+            on_start(run_id)
+            return api.resume(
+                run_id, store=self.store, settings=self.settings, on_progress=watch.on_progress, agents=agents
+            )
+
+        return self._until_deadline(watch, go)
+
+    def cancel(self, run_id: str) -> bool:
+        return api.cancel(run_id, store=self.store, settings=self.settings)
+
+    def list_runs(self, limit: int, status: RunStatus | None) -> list[RunInfo]:
+        now = time.time()
+        return [
+            RunInfo(r, api.run_is_stalled(r, self.settings.lease_seconds, now))
+            for r in self.store.list_runs(limit, status)
+        ]
+
+    def get_run(self, run_id: str) -> RunInfo:
+        return self._info(run_id, with_steps=True)
+
+    def attempts(self, run_id: str, step: str | None) -> list[AttemptRecord]:
+        self.store.get_run(run_id)
+        return self.store.get_attempts(run_id, step)
+
+    def events(self, run_id: str | None, after: int, follow: bool) -> Iterator[dict[str, Any]]:
+        from factory.events import tail
+
+        if run_id is not None:
+            self.store.get_run(run_id)
+        for event in tail(self.store, after, run_id, follow=follow):
+            yield event.model_dump(mode="json")
+
+    # -- agents --------------------------------------------------------------------------------
+
+    def route(self, request: RouteRequest, options: RouteOptions) -> RouteDecision:
+        from factory.routing import Router, Scorer, make_scorer
+
+        catalog = load_catalog(options.agents or self.settings.agents_file or Path("agents.yaml"))
+        scorer = options.scorer or self.settings.router_scorer
+        chosen: Scorer
+        if scorer == "embedding" and options.model_path is not None:
+            from factory.routing.embedding import EmbeddingScorer
+
+            chosen = EmbeddingScorer(catalog, model_dir=options.model_path)
+        else:
+            chosen = make_scorer(scorer, catalog)
+        return Router(catalog, chosen).route(request)
+
+    def agents(self, catalogue: Path | None) -> dict[str, Any]:
+        from factory.agents_view import agents_view
+        from factory.raysession import join_running_ray
+
+        settings = self.settings
+        if catalogue is not None:
+            settings = settings.model_copy(update={"agents_file": catalogue})
+        return agents_view(settings, with_pools=join_running_ray(settings.ray_address))
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def create_key(
+        self, scopes: list[Scope], name: str, expires_in: float | None, secrets: list[str]
+    ) -> tuple[str, ApiKeyRecord]:
+        return create_key(self.store, scopes, name, expires_in=expires_in, secrets_granted=secrets)
+
+    def list_keys(self) -> list[ApiKeyRecord]:
+        return self.store.list_api_keys()
+
+    def revoke_key(self, key_id: str) -> bool:
+        return self.store.revoke_api_key(key_id)
+
+    # -- registered workflows ------------------------------------------------------------------
+
+    def register_workflow(
+        self, workflow: Path, name: str | None, secrets: list[str], base_dir: str | None
+    ) -> Registered:
+        from factory import registry
+
+        loaded = load_workflow(workflow, limits=self._limits())  # the operator's machine: modules are checked
+        record = registry.register(self.store, loaded, name=name, secrets=secrets, created_by="local")
+        return Registered(record.name, record.version)
+
+    def list_workflows(self) -> list[RegisteredInfo]:
+        return [
+            RegisteredInfo(
+                name=r.name,
+                version=r.version,
+                inputs=json.loads(r.spec_json).get("inputs") or {},
+                secrets=r.secrets,
+                created_at=r.created_at,
+                created_by=r.created_by,
+            )
+            for r in self.store.list_registered_workflows()
+        ]
+
+    def start_workflow(
+        self, name: str, inputs: dict[str, Any], version: int | None, watch: Watch | None
+    ) -> tuple[str, RunResult | None]:
+        from factory import registry
+        from factory.policy import Submitter
+
+        run_id = registry.start(self.store, self.settings, name, inputs, Submitter(principal="local"), version)
+        if watch is None:
+            return run_id, None
+
+        def go(on_start: Any) -> RunResult:
+            on_start(run_id)
+            return api.resume(
+                run_id, store=self.store, settings=self.settings, on_progress=watch.on_progress, pending_only=True
+            )
+
+        return run_id, self._until_deadline(watch, go)

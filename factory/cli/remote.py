@@ -1,0 +1,211 @@
+"""The CLI's backend over the Factory's HTTP API (``factory --api URL``): everything goes
+through :class:`factory.client.FactoryClient`; runs run on the server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from factory.auth import Scope
+from factory.cli.backend import (
+    Checked,
+    Registered,
+    RegisteredInfo,
+    RouteOptions,
+    RunInfo,
+    RunWaitTimeout,
+    Watch,
+    progress_of,
+)
+from factory.client import ApiError, FactoryClient, WaitTimeoutError
+from factory.dag import read_workflow_file
+from factory.engine import Progress, RunResult
+from factory.errors import FactoryError, NoEligibleAgentError, WorkflowValidationError
+from factory.limits import DocumentLimits
+from factory.routing.models import RouteDecision, RouteRequest
+from factory.store import ApiKeyRecord, AttemptRecord, RunRecord, RunStatus, StepRecord
+
+LOCAL_ONLY_HINT = "with --api the server's own {what} is used; drop {option}"
+
+
+def run_info(view: dict[str, Any]) -> RunInfo:
+    """A run as the API shows it, as the store's records."""
+    record = RunRecord(
+        id=view["id"],
+        workflow_name=view["workflow"],
+        status=view["status"],
+        spec_json="",
+        inputs=view["inputs"],
+        error=view.get("error"),
+        created_at=view["created_at"],
+        started_at=view.get("started_at"),
+        finished_at=view.get("finished_at"),
+    )
+    steps = [
+        StepRecord(
+            run_id=view["id"],
+            **{k: v for k, v in s.items() if k != "output"},
+            output_json=None if s["output"] is None and s["status"] != "succeeded" else json.dumps(s["output"]),
+        )
+        for s in view.get("steps") or []
+    ]
+    return RunInfo(record, bool(view.get("stalled")), steps)
+
+
+def _result(run: dict[str, Any]) -> RunResult:
+    outputs = {s["step_id"]: s["output"] for s in run.get("steps") or [] if s["status"] == "succeeded"}
+    return RunResult(run["id"], RunStatus(run["status"]), outputs, run.get("error"))
+
+
+class ApiBackend:
+    """Commands on the HTTP API at ``client``'s base URL, with its key."""
+
+    def __init__(self, client: FactoryClient) -> None:
+        self.client = client
+        self.where = f"the API at {client.http.base_url}"
+
+    def close(self) -> None:
+        self.client.close()
+
+    @staticmethod
+    def _refuse_local(option: str, what: str, given: object) -> None:
+        if given is not None:
+            raise FactoryError(LOCAL_ONLY_HINT.format(what=what, option=option))
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    def validate(self, workflow: Path, inputs: dict[str, Any], agents: Path | None) -> Checked:
+        self._refuse_local("--agents", "agent catalogue", agents)
+        data = read_workflow_file(workflow, limits=DocumentLimits())
+        view = self.client.validate(data, inputs)
+        if not view["valid"] or view.get("refused"):
+            raise WorkflowValidationError(view["problems"], str(workflow))
+        return Checked(view["name"], list(view["steps"]))
+
+    def _follow(self, run_id: str, watch: Watch, after: int = 0) -> RunResult:
+        watch.started(run_id)
+        counts = Progress(total=0)
+        if after:  # a resumed run: its steps are known already
+            counts.total = len(self.client.get_run(run_id).get("steps") or [])
+
+        def on_event(event: dict[str, Any]) -> None:
+            progress_of(iter([event]), counts, watch.progress)
+
+        try:
+            run = self.client.wait(run_id, watch.timeout, after=after, on_event=on_event)
+        except WaitTimeoutError:
+            assert watch.timeout is not None
+            raise RunWaitTimeout(
+                run_id, watch.timeout, f"it goes on on the server; `factory --api URL status {run_id}` shows it"
+            ) from None
+        return _result(run)
+
+    def run(self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch) -> RunResult:
+        self._refuse_local("--agents", "agent catalogue", agents)
+        run_id = self.client.submit(workflow, inputs)
+        return self._follow(run_id, watch)
+
+    def resume(self, run_id: str, agents: Path | None, watch: Watch) -> RunResult:
+        self._refuse_local("--agents", "agent catalogue", agents)
+        accepted = self.client.resume(run_id)
+        return self._follow(run_id, watch, after=int(accepted.get("after_event_id") or 0))
+
+    def cancel(self, run_id: str) -> bool:
+        try:
+            self.client.cancel(run_id)
+        except ApiError as exc:
+            if exc.status == 409 and "already finished" in str(exc.problem.get("detail", "")):
+                return False
+            raise
+        return True
+
+    def list_runs(self, limit: int, status: RunStatus | None) -> list[RunInfo]:
+        infos: list[RunInfo] = []
+        cursor: str | None = None
+        while len(infos) < limit:  # the API pages at 200 runs
+            page = self.client.list_runs(status.value if status else None, min(200, limit - len(infos)), cursor)
+            infos += [run_info(view) for view in page["runs"]]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+        return infos
+
+    def get_run(self, run_id: str) -> RunInfo:
+        return run_info(self.client.get_run(run_id))
+
+    def attempts(self, run_id: str, step: str | None) -> list[AttemptRecord]:
+        return [AttemptRecord(run_id=run_id, **view) for view in self.client.attempts(run_id, step)]
+
+    def events(self, run_id: str | None, after: int, follow: bool) -> Iterator[dict[str, Any]]:
+        return self.client.events(run_id, after, follow)
+
+    # -- agents --------------------------------------------------------------------------------
+
+    def route(self, request: RouteRequest, options: RouteOptions) -> RouteDecision:
+        self._refuse_local("--agents", "agent catalogue", options.agents)
+        self._refuse_local("--scorer", "scorer (FACTORY_ROUTER_SCORER there)", options.scorer)
+        self._refuse_local("--model-path", "embedding model", options.model_path)
+        try:
+            answer = self.client.route(request.text, request.capabilities, request.resources)
+        except ApiError as exc:
+            filtered = exc.problem.get("filtered_out")
+            if exc.status == 422 and isinstance(filtered, dict):
+                raise NoEligibleAgentError(filtered, request.capabilities) from None
+            raise
+        return RouteDecision.model_validate(answer)
+
+    def agents(self, catalogue: Path | None) -> dict[str, Any]:
+        self._refuse_local("--agents", "agent catalogue", catalogue)
+        return self.client.agents()
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def create_key(
+        self, scopes: list[Scope], name: str, expires_in: float | None, secrets: list[str]
+    ) -> tuple[str, ApiKeyRecord]:
+        created = self.client.create_key([s.value for s in scopes], name, expires_in, secrets)
+        record = ApiKeyRecord(key_hash="", **{k: v for k, v in created.items() if k != "key"})
+        return created["key"], record
+
+    def list_keys(self) -> list[ApiKeyRecord]:
+        return [ApiKeyRecord(key_hash="", **view) for view in self.client.list_keys()]
+
+    def revoke_key(self, key_id: str) -> bool:
+        try:
+            self.client.revoke_key(key_id)
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    # -- registered workflows ------------------------------------------------------------------
+
+    def register_workflow(
+        self, workflow: Path, name: str | None, secrets: list[str], base_dir: str | None
+    ) -> Registered:
+        view = self.client.register_workflow(workflow, name, secrets, base_dir)
+        return Registered(view["name"], view["version"])
+
+    def list_workflows(self) -> list[RegisteredInfo]:
+        return [
+            RegisteredInfo(
+                name=v["name"],
+                version=v["version"],
+                inputs=v["inputs"],
+                secrets=v["secrets"],
+                created_at=v["created_at"],
+                created_by=v["created_by"],
+            )
+            for v in self.client.list_workflows()
+        ]
+
+    def start_workflow(
+        self, name: str, inputs: dict[str, Any], version: int | None, watch: Watch | None
+    ) -> tuple[str, RunResult | None]:
+        run_id = self.client.start(name, inputs, version)
+        if watch is None:
+            return run_id, None
+        return run_id, self._follow(run_id, watch)

@@ -1,0 +1,352 @@
+"""Run commands: ``validate``, ``run``, ``resume``, ``cancel``, ``runs``, ``status``, ``logs``,
+``events``. Each works on a :class:`~factory.cli.backend.Backend`, so each means the same on
+this machine's state and with ``--api URL``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from factory.cli.backend import Backend, RunInfo, RunWaitTimeout, Watch
+from factory.cli.output import EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, cli_settings, err, fail, open_backend, out
+from factory.engine import Progress as RunProgress
+from factory.engine import RunResult
+from factory.errors import FactoryError, WorkflowValidationError
+from factory.limits import DocumentLimits, check_inputs
+from factory.safeyaml import DocumentRefused, read_input_value
+from factory.store import RunStatus
+
+STATUS_STYLE = {
+    "succeeded": "green",
+    "running": "cyan",
+    "retrying": "yellow",
+    "failed": "red",
+    "cancelled": "magenta",
+    "skipped": "dim",
+    "pending": "dim",
+}
+
+AGENTS_OPTION = typer.Option("--agents", help="Agent catalogue (agents.yaml) serving the agent: and route: steps.")
+TIMEOUT_OPTION = typer.Option(
+    "--timeout",
+    min=0.001,
+    help="Stop waiting after this many seconds and exit 3. With --api the run goes on on the server; "
+    "locally it runs in this process and is cancelled (`factory resume` finishes it).",
+)
+
+
+@contextmanager
+def using_backend() -> Iterator[Backend]:
+    """The command's backend; its errors end the command with a message and an exit code:
+    2 for what the user can fix (a bad workflow, an unknown run, a refused key), 3 at --timeout."""
+    backend = open_backend()
+    try:
+        yield backend
+    except WorkflowValidationError as exc:
+        source = f" {exc.source}" if exc.source else ""
+        err.print(f"[red]invalid[/red]{escape(source)}: {len(exc.problems)} problem(s)")
+        for problem in exc.problems:
+            err.print(f"  - {escape(problem)}")
+        raise typer.Exit(EXIT_INVALID) from None
+    except RunWaitTimeout as exc:
+        raise fail(str(exc), EXIT_TIMEOUT) from None
+    except FactoryError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        backend.close()
+
+
+def parse_inputs(pairs: list[str], limits: DocumentLimits | None = None) -> dict[str, Any]:
+    """``key=value`` pairs; values are read as YAML scalars (``n=6`` is an integer, ``2024-01-01``
+    stays a string) and must be JSON data within ``limits`` (default: the default DocumentLimits)."""
+    limits = limits or DocumentLimits()
+    inputs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{pair!r} is not key=value", param_hint="--input")
+        try:
+            value = read_input_value(raw, limits) if raw.strip() else ""
+        except DocumentRefused as exc:
+            raise typer.BadParameter(f"{key.strip()}: {exc.problem}", param_hint="--input") from None
+        inputs[key.strip()] = value
+    try:
+        return check_inputs(inputs, limits)
+    except WorkflowValidationError as exc:
+        raise typer.BadParameter("; ".join(exc.problems), param_hint="--input") from None
+
+
+def document_limits() -> DocumentLimits:
+    """The bounds on workflow documents and inputs from the settings (an invalid setting: exit 2)."""
+    try:
+        return DocumentLimits.from_settings(cli_settings())
+    except FactoryError as exc:
+        raise fail(str(exc)) from None
+
+
+def short(value: Any, width: int = 100) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def status_text(info: RunInfo) -> str:
+    status = info.record.status.value
+    if info.stalled:
+        return f"[yellow]{status} (coordinator gone: `factory resume {escape(info.record.id)}`)[/yellow]"
+    return f"[{STATUS_STYLE.get(status, '')}]{status}[/]"
+
+
+class ProgressBar:
+    """Live progress bar on stderr: done/total, running, retrying, failed."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and err.is_terminal
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=False,
+        )
+        self.task: Any = None
+
+    def __enter__(self) -> ProgressBar:
+        if self.enabled:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+    def update(self, p: RunProgress) -> None:
+        if not self.enabled:
+            return
+        detail = f"running {p.running}  retrying {p.retrying}  failed {p.failed}"
+        if p.skipped:
+            detail += f"  skipped {p.skipped}"
+        if p.items_total:
+            detail += f"  items {p.items_done}/{p.items_total}"
+        if self.task is None:
+            self.task = self.progress.add_task("steps", total=p.total, detail=detail)
+        self.progress.update(self.task, total=max(p.total, 1), completed=p.succeeded, detail=detail)
+
+
+def watch_with(bar: ProgressBar, as_json: bool, verb: str, timeout: float | None) -> Watch:
+    def started(run_id: str) -> None:
+        err.print(f"run [bold]{escape(run_id)}[/bold] {verb}")
+
+    return Watch(on_start=None if as_json else started, on_progress=bar.update, timeout=timeout)
+
+
+def print_result(result: RunResult, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+        return
+    table = Table(title=f"outputs of run {escape(result.run_id)}", show_lines=False)
+    table.add_column("step")
+    table.add_column("output", overflow="fold")
+    for step_id, value in result.outputs.items():
+        table.add_row(escape(step_id), escape(short(value, 160)))
+    out.print(table)
+    style = STATUS_STYLE.get(result.status.value, "")
+    out.print(f"run {escape(result.run_id)}: [{style}]{result.status.value}[/]")
+    if result.error:
+        out.print(f"[red]{escape(result.error)}[/red]")
+        out.print(f"details: factory logs {escape(result.run_id)}")
+
+
+def validate(
+    workflow: Annotated[Path, typer.Argument(help="Workflow YAML file.")],
+    input: Annotated[
+        list[str] | None, typer.Option("--input", "-i", help="Check an input too: key=value. Repeatable.")
+    ] = None,
+    agents: Annotated[Path | None, AGENTS_OPTION] = None,
+) -> None:
+    """Check a workflow: every problem at once, each naming its step and field. Exit 0 if valid, 2 if not.
+
+    With --api, the server checks it as a submission of your key: python modules it does not
+    allow and secrets not granted to the key are problems too."""
+    inputs = parse_inputs(input or [], document_limits())
+    with using_backend() as backend:
+        checked = backend.validate(workflow, inputs, agents)
+    out.print(f"[green]valid[/green]: {escape(checked.name)} ({len(checked.steps)} steps)")
+
+
+def run_cmd(
+    workflow: Annotated[Path, typer.Argument(help="Workflow YAML file.")],
+    input: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--input", "-i", help="Override an input: key=value (value read as YAML: n=6 is an integer). Repeatable."
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object: run_id, status, outputs, error.")
+    ] = False,
+    agents: Annotated[Path | None, AGENTS_OPTION] = None,
+    timeout: Annotated[float | None, TIMEOUT_OPTION] = None,
+) -> None:
+    """Run a workflow with a live progress bar. Exit 0 on success, 1 if the run failed, 3 at --timeout.
+
+    Locally it runs on Ray from this process; with --api the server runs it and this command follows it."""
+    inputs = parse_inputs(input or [], document_limits())
+    bar = ProgressBar(enabled=not as_json)
+    with using_backend() as backend, bar:
+        result = backend.run(workflow, inputs, agents, watch_with(bar, as_json, "started", timeout))
+    print_result(result, as_json)
+    raise typer.Exit(0 if result.ok else EXIT_FAILED)
+
+
+def resume(
+    run_id: Annotated[str, typer.Argument(help="Run id (see `factory runs`).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    agents: Annotated[Path | None, AGENTS_OPTION] = None,
+    timeout: Annotated[float | None, TIMEOUT_OPTION] = None,
+) -> None:
+    """Finish an interrupted, failed or cancelled run and follow it to its end; steps that
+    committed their output do not run again. Exit codes as for `factory run`."""
+    bar = ProgressBar(enabled=not as_json)
+    with using_backend() as backend, bar:
+        result = backend.resume(run_id, agents, watch_with(bar, as_json, "resumed", timeout))
+    print_result(result, as_json)
+    raise typer.Exit(0 if result.ok else EXIT_FAILED)
+
+
+def cancel(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
+    """Ask a running run to stop: attempts in flight are stopped, unfinished steps are cancelled."""
+    with using_backend() as backend:
+        requested = backend.cancel(run_id)
+    if requested:
+        out.print(f"cancel requested for run {escape(run_id)}")
+    else:
+        out.print(f"run {escape(run_id)} has already finished; nothing to cancel")
+
+
+def runs(
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="How many, newest first.")] = 20,
+    status: Annotated[RunStatus | None, typer.Option(help="Only runs with this status.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List runs, newest first."""
+    with using_backend() as backend:
+        infos = backend.list_runs(limit, status)
+    if as_json:
+        rows = [{**i.record.model_dump(mode="json", exclude=_HIDDEN), "stalled": i.stalled} for i in infos]
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    table = Table()
+    for column in ("run", "workflow", "status", "created", "finished", "error"):
+        table.add_column(column)
+    for info in infos:
+        r = info.record
+        table.add_row(
+            escape(r.id),
+            escape(r.workflow_name),
+            status_text(info),
+            when(r.created_at),
+            when(r.finished_at),
+            escape((r.error or "")[:80]),
+        )
+    out.print(table)
+
+
+# store-side fields a command does not show the same way everywhere (the API does not expose them)
+_HIDDEN = {"spec_json", "owner", "heartbeat_at", "cancel_requested", "grants"}
+
+
+def status(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """A run and its steps: status, attempts, duration, error."""
+    with using_backend() as backend:
+        info = backend.get_run(run_id)
+    record, steps = info.record, info.steps
+    if as_json:
+        data = {**record.model_dump(mode="json", exclude=_HIDDEN), "stalled": info.stalled}
+        data["steps"] = [
+            {**s.model_dump(mode="json", exclude={"output_json", "run_id"}), "output": s.output} for s in steps
+        ]
+        sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+        return
+    out.print(f"run [bold]{escape(record.id)}[/bold]  workflow {escape(record.workflow_name)}  {status_text(info)}")
+    out.print(f"created {when(record.created_at)}  finished {when(record.finished_at)}")
+    if record.error:
+        out.print(f"[red]{escape(record.error)}[/red]")
+    table = Table()
+    for column in ("step", "status", "attempts", "seconds", "output / error"):
+        table.add_column(column, overflow="fold")
+    for s in steps:
+        seconds = f"{s.finished_at - s.started_at:.3f}" if s.finished_at and s.started_at else "-"
+        style = STATUS_STYLE.get(s.status.value, "")
+        label = s.status.value + (" (cached)" if s.cached else "")
+        detail = s.error if s.error else (short(s.output, 80) if s.output_json is not None else "")
+        table.add_row(escape(s.step_id), f"[{style}]{label}[/]", str(s.attempts), seconds, escape(detail or ""))
+    out.print(table)
+
+
+def logs(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    step: Annotated[str | None, typer.Argument(help="Only this step.")] = None,
+) -> None:
+    """What each attempt printed or logged, and the traceback of each failure."""
+    with using_backend() as backend:
+        attempts = backend.attempts(run_id, step)
+    if not attempts:
+        out.print("no finished attempts yet" + (f" for step {escape(step)}" if step else ""))
+        return
+    for a in attempts:
+        style = STATUS_STYLE.get(a.status.value, "")
+        duration = f"{a.duration:.3f}s" if a.duration is not None else "-"
+        out.print(f"[bold]── {escape(a.step_id)} attempt {a.attempt}[/bold] [{style}]{a.status.value}[/] {duration}")
+        if a.error:
+            out.print(f"[red]{escape(a.error)}[/red]")
+        if a.logs:
+            out.print(escape(a.logs.rstrip("\n")), highlight=False)
+
+
+def events(
+    run_id: Annotated[str | None, typer.Argument(help="Only this run's events.")] = None,
+    after: Annotated[int, typer.Option(min=0, help="Start after this event id.")] = 0,
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", "-f", help="Keep printing new events (until the run ends, if one is named)."),
+    ] = False,
+) -> None:
+    """Print events as JSON lines, from an event id on."""
+    try:
+        with using_backend() as backend:
+            for data in backend.events(run_id, after, follow):
+                sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(validate)
+    app.command("run")(run_cmd)
+    app.command()(resume)
+    app.command()(cancel)
+    app.command()(runs)
+    app.command()(status)
+    app.command()(logs)
+    app.command()(events)
