@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from factory.cli.output import EXIT_INVALID, err, fail, out
+from factory.cli.output import EXIT_INVALID, cli_settings, err, fail, out
 
 
 def up(
@@ -28,12 +28,12 @@ def up(
     from factory.auth import Scope, create_key
     from factory.errors import FactoryError
     from factory.raysession import ensure_ray
-    from factory.settings import get_settings, mask_secrets
+    from factory.settings import mask_secrets
 
     if open_mode and host != "127.0.0.1":
         raise fail("--open (no API keys) is only allowed with --host 127.0.0.1", EXIT_INVALID)
     try:
-        settings = get_settings()
+        settings = cli_settings()
         if agents is not None:
             settings = settings.model_copy(update={"agents_file": agents.resolve()})
         store = store_for(settings)
@@ -104,13 +104,8 @@ def down() -> None:
     """Stop the `factory up` running on this machine (same FACTORY_HOME), or clean up the Ray
     processes one left behind when it was killed."""
     from deployments import upstate
-    from factory.errors import FactoryError
-    from factory.settings import get_settings
 
-    try:
-        home = get_settings().home
-    except FactoryError as exc:
-        raise fail(str(exc), EXIT_INVALID) from None
+    home = cli_settings().home
     state = upstate.read(home)
     if state is None:
         out.print(f"no factory up recorded in {escape(str(home))}; nothing to stop")

@@ -20,7 +20,7 @@ from factory.api import store_for
 from factory.auth import Scope
 from factory.catalog import Catalog, load_catalog
 from factory.pools.placement import ClusterView
-from factory.routing import AgentHealth, RouteDecision, Router, RouteRequest
+from factory.routing import AgentHealth, RouteDecision, Router, RouteRequest, make_scorer
 from factory.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class RouteAPI:
         catalog = load_catalog(self.settings.agents_file) if self.settings.agents_file else Catalog()
         self.catalog = catalog
         self.cluster = ClusterView()
-        self.router = Router(catalog, scorer=self.settings.router_scorer)
+        self.router = Router(catalog, scorer=make_scorer(self.settings.router_scorer, catalog, self.settings))
         if catalog.agents:  # warm the scorer (tokeniser, model) before the first request
             self.router.route(RouteRequest(text="warm up the router"))
         self.health: dict[str, AgentHealth] = {}

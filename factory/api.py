@@ -39,7 +39,11 @@ if TYPE_CHECKING:
 
 def store_for(settings: Settings | None = None) -> Store:
     settings = settings or get_settings()
-    return open_store(settings.resolved_store_url())
+    return open_store(
+        settings.resolved_store_url(),
+        pool_max=settings.postgres_pool_max,
+        retry_seconds=settings.postgres_retry_seconds,
+    )
 
 
 def cache_for(settings: Settings, store: Store) -> ResultCache:
@@ -113,13 +117,18 @@ def create_run(
             store.close()
 
 
-def _agent_dispatcher(agents: Catalog | str | Path | None, workflow: Workflow) -> PoolDispatcher | None:
+def _agent_dispatcher(
+    agents: Catalog | str | Path | None, workflow: Workflow, settings: Settings
+) -> PoolDispatcher | None:
     """The engine's dispatcher for agent:/route: steps (pools live in the detached agent manager)."""
     if agents is None:
         return None
+    from factory.breaker import BreakerConfig
     from factory.pools import PoolDispatcher
 
-    return PoolDispatcher.from_catalog(agents, search_path=[workflow.base_dir])
+    return PoolDispatcher.from_catalog(
+        agents, search_path=[workflow.base_dir], breaker=BreakerConfig.from_settings(settings)
+    )
 
 
 @contextmanager
@@ -135,7 +144,7 @@ def _coordinator(
     grants: RunGrants | None = None,
 ) -> Iterator[Coordinator]:
     """A coordinator for the run, with its agent dispatcher (if the run has a catalogue) open meanwhile."""
-    dispatcher = _agent_dispatcher(agents, workflow)
+    dispatcher = _agent_dispatcher(agents, workflow, settings)
     coordinator = Coordinator(
         store,
         workflow,

@@ -16,11 +16,14 @@ import threading
 import time
 from collections.abc import Callable
 from enum import StrEnum
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, Field
 
 from factory.errors import CircuitOpenError
+
+if TYPE_CHECKING:
+    from factory.settings import Settings
 
 T = TypeVar("T")
 
@@ -35,6 +38,10 @@ class BreakerConfig(BaseModel):
     failure_threshold: int = Field(default=5, ge=1, description="Consecutive failures that open the breaker.")
     cooldown: float = Field(default=30.0, gt=0, description="Seconds the breaker stays open before a trial call.")
     half_open_max_calls: int = Field(default=1, ge=1, description="Trial calls let through while half-open.")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BreakerConfig:
+        return cls(failure_threshold=settings.breaker_failure_threshold, cooldown=settings.breaker_cooldown_seconds)
 
 
 class CircuitBreaker:
@@ -56,19 +63,6 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._trials = 0
-
-    @classmethod
-    def from_settings(cls, name: str) -> CircuitBreaker:
-        from factory.settings import get_settings
-
-        settings = get_settings()
-        return cls(
-            name,
-            BreakerConfig(
-                failure_threshold=settings.breaker_failure_threshold,
-                cooldown=settings.breaker_cooldown_seconds,
-            ),
-        )
 
     def _set(self, state: BreakerState) -> None:
         old, self._state = self._state, state

@@ -40,7 +40,7 @@ from factory.policy import check_python_grants, owner_namespace
 from factory.refs import Context, resolve
 from factory.retry import backoff_delay
 from factory.runtime import Outcome, StepCall, execute_item, execute_step, limit_outcome
-from factory.settings import Settings
+from factory.settings import Settings, container_settings
 from factory.spec import Step, Workflow
 from factory.store import (
     FINAL_STEP_STATUSES,
@@ -186,6 +186,7 @@ class Coordinator:
         self.run_id = run_id
         self.inputs = inputs
         self.settings = settings
+        self._container_settings = container_settings(settings)
         self.on_progress = on_progress
         self.graph = graph or build_graph(workflow)
         self.agent_dispatcher = agent_dispatcher
@@ -248,6 +249,7 @@ class Coordinator:
             action=step.kind,
             executor=step.executor,
             home=str(self.settings.home) if step.container is not None else None,
+            container_settings=self._container_settings if step.container is not None else None,
             base_dir=self.workflow.base_dir if step.container is not None else None,
             store_url=self.store.url if step.container is not None else None,
             run_id=self.run_id,

@@ -62,6 +62,7 @@ class StepCall:
     action: str = "python"  # or "container"
     executor: str | None = None  # container steps: local or dagger
     home: str | None = None  # the coordinator's FACTORY_HOME (container steps keep artifacts there)
+    container_settings: dict[str, Any] | None = None  # container steps: the coordinator's executor settings
     base_dir: str | None = None  # the workflow's folder: the only host files a container step may mount
     store_url: str | None = None  # container steps: where their log lines go as step.log events, live
     run_id: str | None = None

@@ -237,6 +237,27 @@ class Settings(BaseSettings):
         return data
 
 
+CONTAINER_FIELDS = ("home", "container_executor", "secrets_dir")
+CONTAINER_PREFIXES = ("sandbox_", "dagger_")
+
+
+def container_settings(settings: Settings) -> dict[str, Any]:
+    """What a container step's worker needs of the coordinator's settings (executor, sandbox,
+    Dagger, secrets folder), as data the coordinator hands it with each call: a worker never
+    reads its own environment for them, so --config and the API's settings reach it."""
+    return {
+        name: value
+        for name, value in settings.model_dump().items()
+        if name in CONTAINER_FIELDS or name.startswith(CONTAINER_PREFIXES)
+    }
+
+
+def settings_from(data: dict[str, Any]) -> Settings:
+    """Settings made of ``data`` and the defaults alone (no environment, no file): for values
+    another process validated and handed over."""
+    return Settings.model_construct(**data)
+
+
 def config_file_path() -> Path | None:
     """The YAML settings file in force: --config, else FACTORY_CONFIG, else none."""
     if _config_file_override is not None:

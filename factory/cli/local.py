@@ -160,9 +160,14 @@ class LocalBackend:
         if scorer == "embedding" and options.model_path is not None:
             from factory.routing.embedding import EmbeddingScorer
 
-            chosen = EmbeddingScorer(catalog, model_dir=options.model_path)
+            chosen = EmbeddingScorer(
+                catalog,
+                model_dir=options.model_path,
+                backend=self.settings.embedding_backend,
+                cache_dir=self.settings.home / "cache",
+            )
         else:
-            chosen = make_scorer(scorer, catalog)
+            chosen = make_scorer(scorer, catalog, self.settings)
         return Router(catalog, chosen).route(request)
 
     def agents(self, catalogue: Path | None) -> dict[str, Any]:

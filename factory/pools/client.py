@@ -199,7 +199,7 @@ class PoolClient:
         self.spec = snapshot.spec
         self.manager = manager
         self._relay = relay
-        self.breaker = breaker or CircuitBreaker.from_settings(f"pool:{snapshot.name}")
+        self.breaker = breaker or CircuitBreaker(f"pool:{snapshot.name}")
         self.max_attempts = max_attempts
         self.failover_wait = failover_wait
         self._rng = random.Random(seed)

@@ -66,9 +66,7 @@ class Pools:
             return self._relay
 
     def _breaker(self, name: str) -> CircuitBreaker:
-        if self.breaker_config is not None:
-            return CircuitBreaker(f"pool:{name}", self.breaker_config)
-        return CircuitBreaker.from_settings(f"pool:{name}")
+        return CircuitBreaker(f"pool:{name}", self.breaker_config)
 
     def _client(self, snapshot: Any) -> PoolClient:
         return PoolClient(

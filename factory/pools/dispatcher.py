@@ -21,7 +21,7 @@ from typing import Any
 import ray
 
 from factory.agent import load_agent_class
-from factory.breaker import BreakerState
+from factory.breaker import BreakerConfig, BreakerState
 from factory.catalog import Catalog, load_catalog
 from factory.errors import (
     AgentError,
@@ -96,11 +96,13 @@ class PoolDispatcher:
         router: Any = None,
         scorer: str = "lexical",
         search_path: Sequence[str] = (),
+        breaker: BreakerConfig | None = None,
     ) -> None:
+        """``breaker``: the pools' circuit breakers (default: BreakerConfig's defaults)."""
         self.search_path = tuple(p for p in search_path if p)
         self.catalog = complete_catalog(catalog, self.search_path)
         self._own_pools = pools is None
-        self.pools = pools if pools is not None else Pools()
+        self.pools = pools if pools is not None else Pools(breaker=breaker)
         self._router = router
         self.scorer = scorer
         self.cluster = ClusterView()

@@ -67,13 +67,16 @@ class EmbeddingScorer:
         lexical_weight: float = LEXICAL_WEIGHT,
         whiten: bool = True,
         backend: str | None = None,
+        cache_dir: Path | None = None,
     ) -> None:
+        """``cache_dir``: where the intent whitening is kept when the model's folder is read-only
+        (default $FACTORY_HOME/cache)."""
         import numpy as np
 
         from factory.models.minilm import load_encoder
 
         self.encoder = load_encoder(model_dir, backend)
-        self._transform = intent_whitening(self.encoder) if whiten else None
+        self._transform = intent_whitening(self.encoder, cache_dir) if whiten else None
         self.lexical_weight = lexical_weight
         self.lexical = LexicalScorer(catalog) if lexical_weight else None
         self.agents = [a.name for a in catalog.agents]

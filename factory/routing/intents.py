@@ -89,11 +89,13 @@ def _key(encoder: MiniLMEncoder) -> str:
     return digest.hexdigest()[:16]
 
 
-def _places(encoder: MiniLMEncoder, key: str) -> list[Path]:
-    from factory.settings import get_settings
+def _places(encoder: MiniLMEncoder, key: str, cache_dir: Path | None = None) -> list[Path]:
+    if cache_dir is None:
+        from factory.settings import get_settings
 
+        cache_dir = get_settings().home / "cache"
     name = f"intent-whitening-{key}.npy"
-    return [encoder.model_dir / name, get_settings().home / "cache" / name]
+    return [encoder.model_dir / name, cache_dir / name]
 
 
 def _save(path: Path, matrix: Matrix) -> bool:
@@ -109,13 +111,14 @@ def _save(path: Path, matrix: Matrix) -> bool:
         return False
 
 
-def intent_whitening(encoder: MiniLMEncoder) -> Matrix:
-    """The whitening for ``encoder``'s model: from memory, from disk, or computed (and kept)."""
+def intent_whitening(encoder: MiniLMEncoder, cache_dir: Path | None = None) -> Matrix:
+    """The whitening for ``encoder``'s model: from memory, from disk (beside the model, or in
+    ``cache_dir``, default $FACTORY_HOME/cache), or computed (and kept there)."""
     key = _key(encoder)
     with _lock:
         if key in _cache:
             return _cache[key]
-        places = _places(encoder, key)
+        places = _places(encoder, key, cache_dir)
         for path in places:
             if path.is_file():
                 try:

@@ -8,10 +8,13 @@ of one scorer are comparable across agents; the router adds load on top.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from factory.catalog import Catalog
 from factory.errors import RouterConfigError
+
+if TYPE_CHECKING:
+    from factory.settings import Settings
 
 
 @runtime_checkable
@@ -25,16 +28,16 @@ class Scorer(Protocol):
         ...
 
 
-ScorerFactory = Callable[[Catalog], Scorer]
+ScorerFactory = Callable[[Catalog, "Settings | None"], Scorer]
 
 
-def _lexical(catalog: Catalog) -> Scorer:
+def _lexical(catalog: Catalog, settings: Settings | None) -> Scorer:
     from factory.routing.lexical import LexicalScorer
 
     return LexicalScorer(catalog)
 
 
-def _embedding(catalog: Catalog) -> Scorer:
+def _embedding(catalog: Catalog, settings: Settings | None) -> Scorer:
     try:
         import numpy  # noqa: F401
         import safetensors  # noqa: F401
@@ -46,23 +49,34 @@ def _embedding(catalog: Catalog) -> Scorer:
         ) from None
     from factory.routing.embedding import EmbeddingScorer
 
-    return EmbeddingScorer(catalog)
+    if settings is None:
+        return EmbeddingScorer(catalog)
+    from factory.models.files import MODEL_NAME
+
+    return EmbeddingScorer(
+        catalog,
+        settings.embedding_model_path or settings.home / "models" / MODEL_NAME,
+        backend=settings.embedding_backend,
+        cache_dir=settings.home / "cache",
+    )
 
 
-def _llm(catalog: Catalog) -> Scorer:
+def _llm(catalog: Catalog, settings: Settings | None) -> Scorer:
     from factory.routing.llm import LLMScorer
 
-    return LLMScorer(catalog)
+    return LLMScorer(catalog, model=settings.router_llm_model if settings is not None else None)
 
 
 SCORERS: dict[str, ScorerFactory] = {"lexical": _lexical, "embedding": _embedding, "llm": _llm}
 
 
-def make_scorer(name: str, catalog: Catalog) -> Scorer:
-    """Prepare the scorer called ``name`` for ``catalog``."""
+def make_scorer(name: str, catalog: Catalog, settings: Settings | None = None) -> Scorer:
+    """Prepare the scorer called ``name`` for ``catalog``. ``settings`` give the model's folder,
+    backend and cache, and the llm scorer's model (services pass theirs; without them the
+    defaults and the environment are used)."""
     try:
         factory = SCORERS[name]
     except KeyError:
         known = ", ".join(sorted(SCORERS))
         raise RouterConfigError(f"unknown scorer {name!r}; choose one of: {known}") from None
-    return factory(catalog)
+    return factory(catalog, settings)

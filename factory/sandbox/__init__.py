@@ -39,7 +39,7 @@ from factory.sandbox.base import (
 )
 from factory.sandbox.redaction import LineRedactor
 from factory.sandbox.secrets import Redactor, SecretSource, default_source, resolve_secrets
-from factory.settings import Settings, get_settings
+from factory.settings import Settings, settings_from
 from factory.spec import ContainerSpec
 from factory.store import RunGrants
 
@@ -55,6 +55,8 @@ class ContainerCall(Protocol):
     def timeout(self) -> float | None: ...
     @property
     def search_path(self) -> tuple[str, ...]: ...
+    @property
+    def container_settings(self) -> dict[str, Any] | None: ...
 
 
 __all__ = [
@@ -223,7 +225,9 @@ def run_container_step(call: ContainerCall, spec: dict[str, Any], logs: io.Strin
         container = ContainerSpec.model_validate(_argv_as_text(spec))
     except ValidationError as exc:
         raise StepInputError(f"step {call.step_id!r}: invalid container spec: {exc}") from None
-    settings = get_settings()
+    if call.container_settings is None:
+        raise StepInputError(f"step {call.step_id!r}: the coordinator sent no executor settings with the call")
+    settings = settings_from(call.container_settings)  # the coordinator's, not this worker's environment
     home = Path(getattr(call, "home", None) or settings.home)
     workflow_dir = getattr(call, "base_dir", None)  # the workflow's own folder, if it came from a file
     base_dir = Path(workflow_dir) if workflow_dir else None

@@ -41,16 +41,17 @@ __all__ = [
 ]
 
 
-def open_store(url: str) -> Store:
-    """Open the store a URL names: ``sqlite:///path/to/file.db`` or ``postgresql://...``."""
+def open_store(url: str, *, pool_max: int = 4, retry_seconds: float = 30.0) -> Store:
+    """Open the store a URL names: ``sqlite:///path/to/file.db`` or ``postgresql://...``.
+    ``pool_max`` and ``retry_seconds``: PostgreSQL's connections per process and how long a
+    dropped connection's transaction is retried (the settings postgres_pool_max and
+    postgres_retry_seconds; ``factory.api.store_for`` passes them)."""
     if url.startswith("sqlite:///"):
         from factory.store.sqlite import SQLiteStore
 
         return SQLiteStore(url[len("sqlite:///") :])
     if url.startswith(("postgresql://", "postgres://")):
-        from factory.settings import get_settings
         from factory.store.postgres import PostgresStore
 
-        settings = get_settings()
-        return PostgresStore(url, pool_max=settings.postgres_pool_max, retry_seconds=settings.postgres_retry_seconds)
+        return PostgresStore(url, pool_max=pool_max, retry_seconds=retry_seconds)
     raise FactoryError(f"unsupported store URL {url!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB")

@@ -21,6 +21,7 @@ import pytest
 from factory.redisbus import RedisEventPublisher
 from factory.runtime import Outcome, StepCall, run_attempt
 from factory.sandbox.redaction import MIN_FRAGMENT_CHARS, REDACTED, secret_forms
+from factory.settings import Settings, container_settings
 from factory.spec import RetryPolicy
 from factory.store.sqlite import SQLiteStore
 
@@ -92,6 +93,7 @@ def attempt(store_url: str, run_id: str, home: Path, variant: str) -> Outcome:
         action="container",
         executor="local",
         home=str(home),
+        container_settings=container_settings(Settings(home=home)),
         store_url=store_url,
         run_id=run_id,
     )

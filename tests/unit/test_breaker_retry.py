@@ -73,11 +73,13 @@ def test_breaker_call_refuses_while_open() -> None:
         breaker.call(lambda: 1)
 
 
-def test_breaker_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FACTORY_BREAKER_FAILURE_THRESHOLD", "7")
-    monkeypatch.setenv("FACTORY_BREAKER_COOLDOWN_SECONDS", "2.5")
-    breaker = CircuitBreaker.from_settings("exec")
-    assert breaker.config.failure_threshold == 7 and breaker.config.cooldown == 2.5
+def test_breaker_config_from_settings() -> None:
+    from factory.breaker import BreakerConfig
+    from factory.settings import Settings
+
+    config = BreakerConfig.from_settings(Settings(breaker_failure_threshold=7, breaker_cooldown_seconds=2.5))
+    assert config.failure_threshold == 7 and config.cooldown == 2.5
+    assert CircuitBreaker("exec", config).config is config
 
 
 def test_backoff_grows_exponentially_and_is_capped() -> None:
