@@ -87,6 +87,20 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def private_postgres() -> Iterator[Any]:
+    """A PostgreSQL server of the test's own, which it may stop and start (tests.fixtures.private_postgres)."""
+    from tests.fixtures.private_postgres import PrivatePostgres
+
+    server = PrivatePostgres()
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
 def redis_url() -> str:
     import redis
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from tests.fixtures.ports import free_port
+from tests.fixtures.up_process import start_up
 
 REPO = Path(__file__).parent.parent.parent
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -78,30 +79,6 @@ def test_open_mode_refuses_other_addresses(tmp_path: Path) -> None:
     assert result.returncode == 2 and "only allowed with --host 127.0.0.1" in result.stderr
 
 
-def _start_up(env: dict[str, str], port: int) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "factory.cli", "up", "--port", str(port)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "Ctrl-C stops everything" in line:
-            return proc, "".join(lines)
-    proc.kill()
-    raise AssertionError("factory up did not come up:\n" + "".join(lines))
-
-
 def test_up_after_a_kill_cleans_up_and_down_stops_it(tmp_path: Path) -> None:
     import json
 
@@ -110,7 +87,7 @@ def test_up_after_a_kill_cleans_up_and_down_stops_it(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = {**os.environ, "FACTORY_HOME": str(home)}
     env.pop("RAY_ADDRESS", None)
-    first, _ = _start_up(env, free_port())
+    first, _ = start_up(env, free_port())
     second = None
     try:
         state = json.loads((home / "up.json").read_text())
@@ -123,7 +100,7 @@ def test_up_after_a_kill_cleans_up_and_down_stops_it(tmp_path: Path) -> None:
         assert left, "every Ray process went away with its driver; nothing to test"
 
         port = free_port()
-        second, output = _start_up(env, port)
+        second, output = start_up(env, port)
         assert "stopped the Ray left behind by an earlier factory up" in output, output
         assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in ray_pids)
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200

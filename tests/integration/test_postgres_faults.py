@@ -10,17 +10,11 @@ never the shared one.
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +29,8 @@ from factory.spec import Step, Workflow
 from factory.store import RunChange, RunStatus, StepChange, StepStatus
 from factory.store.postgres import PostgresStore
 from factory.store.sql import Cursor
-from tests.conftest import POSTGRES_URL, service_missing
-from tests.fixtures.ports import free_port
+from tests.conftest import POSTGRES_URL
+from tests.fixtures.private_postgres import PrivatePostgres
 
 FIXTURES = str(Path(__file__).parent.parent / "fixtures")
 
@@ -221,59 +215,6 @@ def test_a_lost_commit_acknowledgement_is_not_applied_twice(
 
 
 # -- a server restart, on a private PostgreSQL ---------------------------------------------------
-
-
-class PrivatePostgres:
-    """A PostgreSQL server of our own (initdb in a temporary folder) that a test may restart."""
-
-    def __init__(self) -> None:
-        candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-        if not candidates:
-            service_missing("initdb (PostgreSQL server binaries)", FileNotFoundError("initdb"))
-        self.bindir = Path(candidates[-1]).parent
-        self.dir = Path(tempfile.mkdtemp(prefix="factory-pg-"))
-        self.data = self.dir / "data"
-        self.port = free_port()
-        self.as_root = os.geteuid() == 0
-        if self.as_root:  # the server refuses to run as root: it runs as postgres
-            shutil.chown(self.dir, "postgres", "postgres")
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _run(self, *args: str) -> None:
-        command = [str(self.bindir / args[0]), *args[1:]]
-        if self.as_root:
-            command = ["runuser", "-u", "postgres", "--", *command]
-        subprocess.run(command, check=True, capture_output=True, timeout=120)
-
-    def init(self) -> None:
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-
-    def start(self) -> None:
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=30"
-        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"), "-w", "start")
-
-    def stop(self, mode: str = "fast") -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
-
-    def cleanup(self) -> None:
-        if (self.data / "postmaster.pid").exists():
-            with contextlib.suppress(subprocess.SubprocessError):
-                self.stop("immediate")
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@pytest.fixture
-def private_postgres() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres()
-    try:
-        server.init()
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
 
 
 def test_a_server_restart_mid_run(

@@ -97,3 +97,59 @@ def test_a_run_that_cannot_start_fails_with_the_reason(api_server: ApiServer, ap
     record = api_store.get_run("cannot-start")
     assert record.error is not None and "could not start" in record.error
     assert [s.status.value for s in api_store.get_steps("cannot-start")] == ["skipped"]
+
+
+def test_killing_the_api_replica_loses_nothing(api_server: ApiServer, api_store: Store, tmp_path: Path) -> None:
+    """Runs do not live in API replicas: Serve replaces a killed replica, the run goes on in
+    the runner, and a client following it reconnects to the new replica and sees the end."""
+    import threading
+
+    import httpx
+
+    gate = tmp_path / "gate"
+    workflow = {
+        "name": "survives-api-replica-death",
+        "steps": [
+            {
+                "id": "wait",
+                "python": "tests.fixtures.teststeps:wait_for_file",
+                "with": {"path": str(gate), "seconds": 120},
+            },
+            {"id": "after", "python": "tests.fixtures.teststeps:add", "with": {"a": 1, "b": 2}, "needs": ["wait"]},
+        ],
+    }
+    client = FactoryClient(api_server.base_url, api_server.keys["submit"], reconnect_delay=0.2)
+    run_id = client.submit(workflow)
+    followed: list[Any] = []
+    follower = threading.Thread(target=lambda: followed.append(client.wait(run_id, timeout=120)), daemon=True)
+    follower.start()
+    wait_for(
+        lambda: any(e.type == "step.started" and e.step_id == "wait" for e in events(api_store, run_id)),
+        60,
+        "the first step to start",
+    )
+    replicas = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "serve" and "FactoryAPI" in a["name"] and "REPLICA" in a["name"].upper()
+    ]
+    assert len(replicas) == 1, replicas
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=True)
+    killed = time.monotonic()
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{api_server.base_url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    time.sleep(0.2)
+    wait_for(healthy, 90, "Serve to replace the API replica")
+    back = time.monotonic() - killed
+    gate.touch()
+    follower.join(120)
+    assert followed and followed[0]["status"] == "succeeded", followed
+    assert api_store.get_run(run_id).status == RunStatus.SUCCEEDED
+    assert not [e for e in events(api_store, run_id) if e.type == "run.adopted"]  # its owner never died
+    print(f"\nAPI replica killed -> a new replica answered after {back:.1f}s; the run and its follower went on")
+    client.close()
