@@ -115,6 +115,9 @@ def test_published_in_order_with_replay_and_consumer_groups(
     store.close()
 
 
+REDIS_OUTAGE_SECONDS = 30.0
+
+
 def test_redis_outage_mid_run_loses_nothing_and_duplicates_nothing(
     ray_cluster: str, own_redis: RedisServer, factory_home: Path
 ) -> None:
@@ -127,7 +130,7 @@ def test_redis_outage_mid_run_loses_nothing_and_duplicates_nothing(
     def consume() -> None:
         """A consumer that tracks the last id it saw and reconnects after errors."""
         nonlocal last_id
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 60 + REDIS_OUTAGE_SECONDS
         while time.monotonic() < deadline:
             try:
                 reply = bus.redis.xread({bus.keys.events: f"{last_id}-0"}, count=100, block=200)
@@ -146,17 +149,18 @@ def test_redis_outage_mid_run_loses_nothing_and_duplicates_nothing(
     consumer.start()
     outcome: list[factory.RunResult] = []
     runner = threading.Thread(
-        target=lambda: outcome.append(factory.run(slow_chain(8, 0.4), store=store, settings=settings))
+        # 8 steps of 5 s: the run goes on through the whole outage and ends after it
+        target=lambda: outcome.append(factory.run(slow_chain(8, 5.0), store=store, settings=settings))
     )
     runner.start()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not any(e.type == "step.succeeded" for e in seen):
         time.sleep(0.05)
     assert seen, "nothing was published before the outage"
-    own_redis.stop()  # Redis goes away mid-run
-    time.sleep(1.5)
+    own_redis.stop()  # Redis goes away mid-run, for 30 s (the run does not wait for it)
+    time.sleep(REDIS_OUTAGE_SECONDS)
     own_redis.start()  # and comes back with what it had
-    runner.join(60)
+    runner.join(90)
     consumer.join(60)
     assert outcome and outcome[0].ok  # the outage never failed the run
     stored = store.events(0)
