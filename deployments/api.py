@@ -564,7 +564,7 @@ class FactoryAPI:
     @app.post("/v1/runs/{run_id}/cancel", status_code=202, response_model=Accepted, summary="Cancel a run")
     def cancel(self, request: Request, run_id: str) -> Accepted:
         self.auth.authorize(request, Scope.SUBMIT)
-        if not cancel_run(run_id, store=self.store):
+        if not cancel_run(run_id, store=self.store, settings=self.settings):
             status = self.store.get_run(run_id).status.value
             raise RunStateError(f"run {run_id} has already finished ({status}); nothing to cancel")
         return Accepted(run_id=run_id, status="cancelling", detail="attempts in flight are being stopped")

@@ -81,12 +81,47 @@ class RetryPolicy(_Model):
     )
 
 
+MAX_CUSTOM_RESOURCES = 16
+_RESOURCE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,99}$")
+_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+
+
 class Resources(_Model):
-    """Ray resources one attempt needs."""
+    """Ray resources one attempt needs: ``num_cpus``, ``num_gpus``, ``memory``, and any custom
+    resource of the cluster's nodes by name (``resources: {node_a: 1}`` places the step on a
+    node started with ``--resources '{"node_a": 1}'``)."""
 
     num_cpus: float | None = Field(default=None, ge=0)
     num_gpus: float | None = Field(default=None, ge=0)
     memory: ByteSize | None = Field(default=None, description="Bytes, or a string like 500MB.")
+    custom: dict[str, float] = Field(
+        default_factory=dict, description="Custom resources by name (written beside num_cpus in YAML)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_custom(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        known = {"num_cpus", "num_gpus", "memory", "custom"}
+        extra = {k: v for k, v in data.items() if k not in known}
+        if not extra:
+            return data
+        return {**{k: v for k, v in data.items() if k in known}, "custom": {**data.get("custom", {}), **extra}}
+
+    @field_validator("custom")
+    @classmethod
+    def _check_custom(cls, custom: dict[str, float]) -> dict[str, float]:
+        if len(custom) > MAX_CUSTOM_RESOURCES:
+            raise ValueError(f"at most {MAX_CUSTOM_RESOURCES} custom resources")
+        for name, amount in custom.items():
+            if name in _BUILTIN_RESOURCES:
+                raise ValueError(f"{name!r}: write num_cpus, num_gpus or memory for Ray's own resources")
+            if not _RESOURCE_NAME.match(name):
+                raise ValueError(f"{name!r} is not a resource name (letters, digits, _ . : / -)")
+            if not 0 <= amount <= 1e12:
+                raise ValueError(f"{name!r}: the amount must be between 0 and 1e12")
+        return custom
 
     def ray_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {}
@@ -96,6 +131,8 @@ class Resources(_Model):
             options["num_gpus"] = self.num_gpus
         if self.memory is not None:
             options["memory"] = self.memory
+        if self.custom:
+            options["resources"] = dict(self.custom)
         return options
 
 

@@ -96,6 +96,7 @@ COMMAND_MODULES = (
     "factory.cli.workflows",
     "factory.cli.agents",
     "factory.cli.sandbox",
+    "factory.cli.jobs",
     "deployments.cli",  # `factory up` / `factory down`, when the deployments package is installed
 )
 

@@ -74,6 +74,7 @@ class Watch:
     on_start: Callable[[str], None] | None = None
     on_progress: Callable[[Progress], None] | None = None
     timeout: float | None = None
+    run_id: str | None = None  # `factory run --run-id` (a Ray job started by `factory submit`): use this id
 
     def started(self, run_id: str) -> None:
         if self.on_start is not None:

@@ -73,6 +73,8 @@ class LocalBackend:
         def on_start(run_id: str) -> None:
             started.append(run_id)
             watch.started(run_id)
+            if deadline_passed.is_set():  # the deadline came while Ray was starting
+                api.cancel(run_id, settings=self.settings)
 
         timer: threading.Timer | None = None
         if watch.timeout is not None:
@@ -111,6 +113,7 @@ class LocalBackend:
                 settings=self.settings,
                 on_progress=watch.on_progress,
                 on_start=on_start,
+                run_id=watch.run_id,
                 agents=agents,
             ),
         )

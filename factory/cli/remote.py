@@ -104,6 +104,8 @@ class ApiBackend:
 
     def run(self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch) -> RunResult:
         self._refuse_local("--agents", "agent catalogue", agents)
+        if watch.run_id is not None:
+            raise FactoryError("with --api the server chooses the run id; drop --run-id")
         run_id = self.client.submit(workflow, inputs)
         return self._follow(run_id, watch)
 

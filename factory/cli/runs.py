@@ -5,6 +5,7 @@ this machine's state and with ``--api URL``."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from factory.limits import DocumentLimits, check_inputs
 from factory.safeyaml import DocumentRefused, read_input_value
 from factory.store import RunStatus
 
+RUN_ID = re.compile(r"^[0-9a-f]{12}$")
 STATUS_STYLE = {
     "succeeded": "green",
     "running": "cyan",
@@ -203,14 +205,24 @@ def run_cmd(
     ] = False,
     agents: Annotated[Path | None, AGENTS_OPTION] = None,
     timeout: Annotated[float | None, TIMEOUT_OPTION] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            "--run-id", help="Give the run this id (12 hex digits; `factory submit` does, to follow its job's run)."
+        ),
+    ] = None,
 ) -> None:
     """Run a workflow with a live progress bar. Exit 0 on success, 1 if the run failed, 3 at --timeout.
 
     Locally it runs on Ray from this process; with --api the server runs it and this command follows it."""
     inputs = parse_inputs(input or [], document_limits())
+    if run_id is not None and not RUN_ID.match(run_id):
+        raise fail(f"--run-id {run_id!r}: a run id is 12 lowercase hex digits")
     bar = ProgressBar(enabled=not as_json)
+    watch = watch_with(bar, as_json, "started", timeout)
+    watch.run_id = run_id
     with using_backend() as backend, bar:
-        result = backend.run(workflow, inputs, agents, watch_with(bar, as_json, "started", timeout))
+        result = backend.run(workflow, inputs, agents, watch)
     print_result(result, as_json)
     raise typer.Exit(0 if result.ok else EXIT_FAILED)
 

@@ -1,0 +1,178 @@
+"""The Factory on a Ray cluster of three nodes on this machine (`ray start` head and two
+workers, token authentication on, ports of their own): `factory submit` runs a workflow as a
+Ray job whose steps go to the nodes they ask for, `factory jobs` lists it, a client without
+the token gets a clear error, and a worker node killed mid-run costs no run.
+
+The workflow's own module (steps.py) travels to the cluster in the job's working_dir."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.fixtures.ray_nodes import LocalRayCluster
+
+REPO = Path(__file__).parent.parent.parent
+FACTORY = [sys.executable, "-m", "factory.cli"]
+
+STEPS_MODULE = textwrap.dedent(
+    """
+    import os
+    import time
+
+    import ray
+
+
+    def where(label: str) -> dict:
+        return {"label": label, "node": ray.get_runtime_context().get_node_id()}
+
+
+    def record(path: str, value: str, seconds: float) -> str:
+        with open(path, "a") as fh:
+            fh.write(value + "\\n")
+        time.sleep(seconds)
+        return value
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalRayCluster]:
+    nodes = LocalRayCluster()
+    try:
+        nodes.start_head(num_cpus=1)
+        nodes.add_worker("a", num_cpus=1, resources={"node_a": 1})
+        nodes.add_worker("b", num_cpus=1, resources={"node_b": 1})
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+def factory(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*FACTORY, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+
+
+def workflow_folder(tmp_path: Path, doc: dict[str, Any]) -> Path:
+    folder = tmp_path / "wf"
+    folder.mkdir()
+    (folder / "steps.py").write_text(STEPS_MODULE)
+    (folder / "workflow.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return folder / "workflow.yaml"
+
+
+@pytest.fixture
+def client_env(cluster: LocalRayCluster, postgres_url: str, tmp_path: Path) -> dict[str, str]:
+    return {**cluster.env, "FACTORY_HOME": str(tmp_path / "client-home"), "FACTORY_STORE_URL": postgres_url}
+
+
+def test_submit_runs_steps_on_the_nodes_they_ask_for(
+    cluster: LocalRayCluster, client_env: dict[str, str], tmp_path: Path
+) -> None:
+    workflow = workflow_folder(
+        tmp_path,
+        {
+            "name": "placed",
+            "inputs": {"tag": "x"},
+            "steps": [
+                {"id": "on_a", "python": "steps:where", "with": {"label": "${inputs.tag}"}, "resources": {"node_a": 1}},
+                {"id": "on_b", "python": "steps:where", "with": {"label": "b"}, "resources": {"node_b": 1}},
+            ],
+        },
+    )
+    started = time.monotonic()
+    done = factory(
+        client_env, "submit", str(workflow), "--address", cluster.jobs_address, "--follow", "--json", "-i", "tag=t1"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr + cluster.logs("head")
+    result = json.loads(done.stdout)
+    print(f"\nfactory submit --follow: {time.monotonic() - started:.1f}s for a two-step workflow as a Ray job")
+    assert result["status"] == "succeeded" and result["job_id"] == f"factory-{result['run_id']}"
+    on_a, on_b = result["outputs"]["on_a"], result["outputs"]["on_b"]
+    assert on_a["label"] == "t1" and on_b["label"] == "b"  # the input reached the job as given
+    assert on_a["node"] != on_b["node"]  # each on the node holding its resource
+
+    jobs = factory(client_env, "jobs", "--address", cluster.jobs_address, "--json")
+    assert jobs.returncode == 0, jobs.stderr
+    listed = {row["run_id"]: row for row in json.loads(jobs.stdout)}
+    assert listed[result["run_id"]]["run_status"] == "succeeded"
+    assert listed[result["run_id"]]["job_status"] == "SUCCEEDED"
+    status = factory(client_env, "status", result["run_id"], "--json")
+    assert json.loads(status.stdout)["status"] == "succeeded"  # the run is in the shared store
+
+
+def test_a_client_without_the_token_is_told_what_to_set(cluster: LocalRayCluster, client_env: dict[str, str]) -> None:
+    env = {k: v for k, v in client_env.items() if k != "RAY_AUTH_TOKEN"}
+    env["RAY_AUTH_TOKEN"] = "not-the-token"
+    done = factory(env, "jobs", "--address", cluster.jobs_address, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "RAY_AUTH_MODE=token" in done.stderr and "RAY_AUTH_TOKEN" in done.stderr
+
+
+def test_a_remote_cluster_with_an_embedded_store_is_refused(tmp_path: Path) -> None:
+    workflow = workflow_folder(tmp_path, {"name": "x", "steps": [{"id": "a", "python": "steps:where"}]})
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("FACTORY_STORE")}
+    env["FACTORY_HOME"] = str(tmp_path / "home")
+    done = factory(env, "submit", str(workflow), "--address", "http://10.9.8.7:8265", timeout=60)
+    assert done.returncode == 2 and "FACTORY_STORE_URL=postgresql://" in done.stderr, done.stderr
+
+
+def test_a_worker_node_killed_mid_run_costs_no_run(
+    cluster: LocalRayCluster, client_env: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGKILL of worker b's raylet while a fan-out runs on all three nodes: Ray retries its
+    items elsewhere, the run succeeds, the step committed before the kill ran once."""
+    log = tmp_path / "executions.txt"
+    workflow = workflow_folder(
+        tmp_path,
+        {
+            "name": "fan-out",
+            "steps": [
+                {"id": "first", "python": "steps:record", "with": {"path": str(log), "value": "first", "seconds": 0}},
+                {
+                    "id": "items",
+                    "python": "steps:record",
+                    "needs": ["first"],
+                    "for_each": [f"item{i}" for i in range(12)],
+                    "with": {"path": str(log), "value": "${item}", "seconds": 1.5},
+                },
+            ],
+        },
+    )
+    submitted = factory(client_env, "submit", str(workflow), "--address", cluster.jobs_address, "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = json.loads(submitted.stdout)["run_id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and sum(1 for line in _lines(log) if line.startswith("item")) < 4:
+        time.sleep(0.1)
+    assert sum(1 for line in _lines(log) if line.startswith("item")) >= 4, "the fan-out did not start"
+    victim = next(n for n in cluster.nodes if n.name == "b")
+    victim.kill_raylet()
+    killed = time.monotonic()
+    status: dict[str, Any] = {}
+    while time.monotonic() < killed + 180:
+        status = json.loads(factory(client_env, "status", run_id, "--json").stdout)
+        if status["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(1)
+    ended = time.monotonic()
+    assert status.get("status") == "succeeded", status
+    lines = _lines(log)
+    assert lines.count("first") == 1  # committed before the kill: never again
+    assert {line for line in lines if line.startswith("item")} == {f"item{i}" for i in range(12)}
+    repeats = len([line for line in lines if line.startswith("item")]) - 12
+    print(f"\nworker node killed mid-fan-out: run succeeded {ended - killed:.1f}s later; {repeats} item(s) ran twice")
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []

@@ -1,0 +1,54 @@
+"""factory submit's pure parts: the job's entrypoint, environment, address and store checks."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+import typer
+
+from factory.cli.jobs import check_store_reachable, entrypoint, job_env, jobs_address
+from factory.cli.runs import parse_inputs
+from factory.errors import FactoryError
+from factory.settings import Settings
+
+
+def test_the_entrypoint_gives_the_job_the_inputs_back_as_they_were() -> None:
+    inputs = {"n": 3, "name": 'it\'s a "test"; rm -rf /', "date": "2024-01-01", "items": [1, {"a": None}], "flag": True}
+    command = entrypoint(Path("/x/y/workflow.yaml"), "0123456789ab", inputs, "agents.yaml")
+    argv = shlex.split(command)
+    assert argv[:6] == ["factory", "run", "workflow.yaml", "--run-id", "0123456789ab", "--json"]
+    assert argv[-2:] == ["--agents", "agents.yaml"]
+    pairs = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--input"]
+    assert parse_inputs(pairs) == inputs  # what `factory run` on the cluster reads
+
+
+def test_urls_with_a_password_are_not_put_in_the_job(tmp_path: Path) -> None:
+    settings = Settings(
+        home=tmp_path,
+        store_url="postgresql://factory:hunter2@db:5432/factory",
+        events_url="redis://cache:6379/0",
+    )
+    env, withheld = job_env(settings)
+    assert env == {"FACTORY_EVENTS_URL": "redis://cache:6379/0"}
+    assert withheld == ["FACTORY_STORE_URL"]
+    assert "hunter2" not in repr(env)
+
+
+def test_an_embedded_store_is_refused_for_a_remote_cluster_only(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    check_store_reachable(settings, "http://127.0.0.1:8265")  # the same machine: its nodes see the file
+    with pytest.raises(FactoryError, match="FACTORY_STORE_URL=postgresql"):
+        check_store_reachable(settings, "http://ray-head.example:8265")
+    check_store_reachable(Settings(home=tmp_path, store_url="postgresql://db/f"), "http://ray-head.example:8265")
+
+
+def test_the_jobs_address_comes_from_the_option_then_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a GCS address is not the Jobs API's
+    with pytest.raises(typer.Exit):
+        jobs_address(None)
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://head:8265/")
+    assert jobs_address(None) == "http://head:8265"
+    assert jobs_address("https://other:443") == "https://other:443"
