@@ -36,17 +36,9 @@ def load_serve_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
         raise RenderError(f"{path} is not a Serve config (a mapping with applications:)")
-    ServeDeploySchema.model_validate(data)  # raises pydantic's ValidationError naming the field
-    for app in data.get("applications", []):
-        runtime_env = app.get("runtime_env") or {}
-        for key in ("working_dir", "py_modules"):
-            values = runtime_env.get(key)
-            for value in values if isinstance(values, list) else [values]:
-                if isinstance(value, str) and "://" not in value:
-                    raise RenderError(
-                        f"application {app.get('name')!r}: runtime_env.{key} {value!r} is a local path, which "
-                        "pods cannot see; bake the code into the image or use a remote URI"
-                    )
+    # pydantic's ValidationError names the field; Ray's schema also refuses a runtime_env whose
+    # working_dir or py_modules is a local path, which pods could not see
+    ServeDeploySchema.model_validate(data)
     return data
 
 
