@@ -116,9 +116,9 @@ def test_serve_config_v2_is_a_fresh_render_of_deployments_serve_yaml() -> None:
 
 
 def test_generator_keeps_the_rest_of_the_manifest_and_refuses_what_ray_refuses(tmp_path: Path) -> None:
-    manifest = "a: 1\nspec:\n  serveConfigV2: |\n    old: true\n\n    more: 2\n  after: 3\n"
+    manifest = "a: 1\nspec:\n  serveConfigV2: |\n    old: true\n\n    more: 2\n\n  after: 3\n"
     out = render.render_manifest(manifest, {"applications": []})
-    assert out == "a: 1\nspec:\n  serveConfigV2: |\n    applications: []\n  after: 3\n"
+    assert out == "a: 1\nspec:\n  serveConfigV2: |\n    applications: []\n\n  after: 3\n"
     assert render.render_manifest(out, {"applications": []}) == out
     bad = tmp_path / "serve.yaml"
     bad.write_text("applications:\n- name: a\n  import_path: m:app\n  runtime_env:\n    working_dir: ./here\n")
@@ -203,6 +203,8 @@ def test_entrypoints_name_commands_that_exist() -> None:
     assert "factory" in pyproject["project"]["scripts"]
     words = shlex.split(kuberay("rayjob.yaml")["spec"]["entrypoint"])
     assert words[0] == "factory" and words[1] in commands, f"rayjob entrypoint {words}: not a factory command"
+    assert words[1] == "run", f"rayjob entrypoint {words}: the example runs a workflow"
+    commands[words[1]].make_context(words[1], words[2:])  # the arguments parse (nothing runs)
     workflow = Path(words[2])
     assert workflow.is_absolute() and workflow.is_relative_to(workdir), f"{workflow} is not under {workdir}"
     in_repo = REPO / workflow.relative_to(workdir)
