@@ -141,15 +141,20 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def progress_of(events: Iterator[dict[str, Any]], counts: Progress, on_progress: Callable[[Progress], None]) -> None:
-    """Count a run's events into ``counts`` (as the coordinator counts them) until the run ends."""
-    running: set[str] = set()
-    for event in events:
-        kind, step = event.get("type", ""), event.get("step_id")
+class ProgressCounter:
+    """Counts a run's events into a :class:`Progress` (as the coordinator counts them), one
+    event at a time, for commands that follow a run from outside its coordinator."""
+
+    def __init__(self, counts: Progress | None = None) -> None:
+        self.counts = counts or Progress(total=0)
+        self._running: set[str] = set()
+
+    def add(self, kind: str, step: str | None) -> Progress:
+        counts = self.counts
         if kind == "step.created":
             counts.total += 1
         elif kind == "step.started" and step:
-            running.add(step)
+            self._running.add(step)
         elif kind in ("step.succeeded", "step.cached"):
             counts.succeeded += 1
         elif kind == "step.failed":
@@ -159,8 +164,6 @@ def progress_of(events: Iterator[dict[str, Any]], counts: Progress, on_progress:
         elif kind == "step.cancelled":
             counts.cancelled += 1
         if step and kind.startswith("step.") and kind not in ("step.started", "step.log", "step.retrying"):
-            running.discard(step)
-        counts.running = len(running)
-        on_progress(counts)
-        if kind in ("run.succeeded", "run.failed", "run.cancelled"):
-            return
+            self._running.discard(step)
+        counts.running = len(self._running)
+        return counts

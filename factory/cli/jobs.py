@@ -20,6 +20,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from factory.cli.backend import ProgressCounter
 from factory.cli.output import EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, cli_settings, err, fail, out
 from factory.cli.runs import (
     AGENTS_OPTION,
@@ -30,7 +31,7 @@ from factory.cli.runs import (
     print_result,
     when,
 )
-from factory.engine import Progress, RunResult, new_run_id
+from factory.engine import RunResult, new_run_id
 from factory.errors import FactoryError, NotFoundError, WorkflowValidationError
 from factory.settings import Settings
 from factory.store import FINAL_RUN_STATUSES, Store
@@ -229,7 +230,7 @@ def follow_job(
     store = store_for(settings)
     try:
         with ProgressBar(enabled=show) as bar:
-            counts = Progress(total=0)
+            counter = ProgressCounter()
             last = 0
             while True:
                 if deadline is not None and time.monotonic() > deadline:
@@ -238,8 +239,8 @@ def follow_job(
                 if record is not None:
                     for event in store.events(last, run_id, 1000):
                         last = event.id
-                        _count(counts, event.type, event.step_id)
-                    bar.update(counts)
+                        counter.add(event.type, event.step_id)
+                    bar.update(counter.counts)
                     if record.status in FINAL_RUN_STATUSES:
                         steps = store.get_steps(run_id)
                         outputs = {s.step_id: s.output for s in steps if s.status.value == "succeeded"}
@@ -261,17 +262,6 @@ def _run_or_none(store: Store, run_id: str) -> Any:
         return store.get_run(run_id)
     except NotFoundError:
         return None
-
-
-def _count(counts: Progress, kind: str, step: str | None) -> None:
-    if kind == "step.created":
-        counts.total += 1
-    elif kind in ("step.succeeded", "step.cached"):
-        counts.succeeded += 1
-    elif kind == "step.failed":
-        counts.failed += 1
-    elif kind == "step.skipped":
-        counts.skipped += 1
 
 
 def jobs(

@@ -11,17 +11,17 @@ from typing import Any
 from factory.auth import Scope
 from factory.cli.backend import (
     Checked,
+    ProgressCounter,
     Registered,
     RegisteredInfo,
     RouteOptions,
     RunInfo,
     RunWaitTimeout,
     Watch,
-    progress_of,
 )
 from factory.client import ApiError, FactoryClient, WaitTimeoutError
 from factory.dag import read_workflow_file
-from factory.engine import Progress, RunResult
+from factory.engine import RunResult
 from factory.errors import FactoryError, NoEligibleAgentError, WorkflowValidationError
 from factory.limits import DocumentLimits
 from factory.routing.models import RouteDecision, RouteRequest
@@ -86,12 +86,12 @@ class ApiBackend:
 
     def _follow(self, run_id: str, watch: Watch, after: int = 0) -> RunResult:
         watch.started(run_id)
-        counts = Progress(total=0)
+        counter = ProgressCounter()
         if after:  # a resumed run: its steps are known already
-            counts.total = len(self.client.get_run(run_id).get("steps") or [])
+            counter.counts.total = len(self.client.get_run(run_id).get("steps") or [])
 
         def on_event(event: dict[str, Any]) -> None:
-            progress_of(iter([event]), counts, watch.progress)
+            watch.progress(counter.add(event.get("type", ""), event.get("step_id")))
 
         try:
             run = self.client.wait(run_id, watch.timeout, after=after, on_event=on_event)
