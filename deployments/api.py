@@ -42,6 +42,7 @@ from factory.store import (
     AttemptRecord,
     Event,
     RegisteredWorkflow,
+    RunChange,
     RunRecord,
     RunStatus,
     StepRecord,
@@ -49,6 +50,8 @@ from factory.store import (
 from factory.supervisor import get_supervisor
 
 MAX_EVENT_ID = 2**53  # event ids are 64-bit integers in the store; JSON clients handle up to 2**53
+MAX_EVENTS_PAGE = 10_000  # events a stream that does not follow sends before it ends (ask again from the last id)
+MAX_ATTEMPTS_PAGE = 1_000  # attempts per GET /v1/runs/{id}/attempts
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 
 
@@ -309,6 +312,7 @@ class FactoryAPI:
         self.limits = DocumentLimits.from_settings(self.settings)
         self.requests = 0
         self.started = time.time()
+        self._streams: dict[str, int] = {}  # open event streams per key id
 
     def _start(self, run_id: str, resume: bool) -> None:
         """Hand the run to the runner actor; fetch the actor again if it died."""
@@ -392,7 +396,7 @@ class FactoryAPI:
     async def validate(self, request: Request) -> Validation:
         """Every problem at once, as ``POST /v1/workflows`` would find them: the workflow's own,
         its inputs', and what this key may not use (python modules not allowed, secrets not granted)."""
-        key = self.auth.authorize(request, Scope.READ)
+        key = self.auth.authorize(request, Scope.SUBMIT)  # what this key may run: a question for who may run
         data, inputs = await self._workflow_body(request)
         try:
             workflow = await run_in_threadpool(
@@ -404,15 +408,17 @@ class FactoryAPI:
         view = Validation(
             valid=True, name=workflow.name, steps=[s.id for s in workflow.steps], inputs=dict(workflow.inputs)
         )
-        try:
+        try:  # the inputs' problems and the key's, all of them
             merge_inputs(workflow, inputs, self.limits)
+        except WorkflowValidationError as exc:
+            view.valid, view.problems = False, list(exc.problems)
+        try:
             check_inline(
                 workflow, Submitter.of_key(key), self.settings.allowed_modules, self.settings.container_executor
             )
-        except WorkflowValidationError as exc:
-            view.valid, view.problems = False, exc.problems
         except PermissionDeniedError as exc:
-            view.refused, view.problems = True, exc.problems or [str(exc)]
+            view.refused = True
+            view.problems += exc.problems or [str(exc)]
         return view
 
     # -- registered workflows ---------------------------------------------------------------------
@@ -556,17 +562,20 @@ class FactoryAPI:
         request: Request,
         run_id: str,
         step: Annotated[str | None, Query(max_length=200, description="Only this step's attempts.")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_ATTEMPTS_PAGE, description="At most this many, the newest.")] = 200,
     ) -> list[AttemptView]:
+        """Oldest first; the newest ``limit`` of them. Each attempt's logs were bounded when it
+        ran (``max_log_bytes``), so a page is at most ``limit`` times that."""
         self.auth.authorize(request, Scope.READ)
         self.store.get_run(run_id)  # 404 for an unknown run
-        return [AttemptView.of(a) for a in self.store.get_attempts(run_id, step)]
+        return [AttemptView.of(a) for a in self.store.get_attempts(run_id, step)[-limit:]]
 
     @app.post("/v1/runs/{run_id}/cancel", status_code=202, response_model=Accepted, summary="Cancel a run")
     def cancel(self, request: Request, run_id: str) -> Accepted:
         self.auth.authorize(request, Scope.SUBMIT)
         if not cancel_run(run_id, store=self.store, settings=self.settings):
             status = self.store.get_run(run_id).status.value
-            raise RunStateError(f"run {run_id} has already finished ({status}); nothing to cancel")
+            raise ApiProblem(409, f"run {run_id} has already finished ({status}); nothing to cancel", run_status=status)
         return Accepted(run_id=run_id, status="cancelling", detail="attempts in flight are being stopped")
 
     @app.post("/v1/runs/{run_id}/resume", status_code=202, response_model=Accepted, summary="Resume a run")
@@ -585,7 +594,12 @@ class FactoryAPI:
         if record.owner and not lapsed and not owner_is_gone(record.owner):
             raise RunStateError(f"run {run_id} is being run right now; wait for it or cancel it first")
         after = self.store.last_event_id()
-        self._start(run_id, True)
+        # pending at once, with its event: a client that waits from `after_event_id` never sees
+        # the run's old final status; the runner then starts it as any pending run (a cancel
+        # asked from now on is kept, an earlier one is cleared: resuming overrides it)
+        self.store.clear_cancel(run_id)
+        self.store.record([RunChange(run_id, RunStatus.PENDING, "run.resume_requested", data={"by": f"key:{key.id}"})])
+        self._start(run_id, False)
         return Accepted(
             run_id=run_id,
             status="resuming",
@@ -606,13 +620,14 @@ class FactoryAPI:
         after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Start after this event id.")] = 0,
         last_event_id: Annotated[str | None, Header(description="Resume after this id (SSE reconnects).")] = None,
         follow: Annotated[bool, Query(description="Keep the stream open until the run ends.")] = True,
+        limit: Annotated[
+            int | None, Query(ge=1, le=MAX_EVENTS_PAGE, description="Without follow: at most this many events.")
+        ] = None,
     ) -> StreamingResponse:
-        self.auth.authorize(request, Scope.READ)
+        key = self.auth.authorize(request, Scope.READ)
         await run_in_threadpool(self.store.get_run, run_id)  # 404 before the stream starts
         start = max(after, _last_event_id(last_event_id))
-        return StreamingResponse(
-            self._sse(run_id, start, follow), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        return self._stream(key.id, run_id, start, follow, limit)
 
     @app.get(
         "/v1/events",
@@ -626,24 +641,63 @@ class FactoryAPI:
         after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Start after this event id.")] = 0,
         last_event_id: Annotated[str | None, Header(description="Resume after this id (SSE reconnects).")] = None,
         follow: Annotated[bool, Query(description="Keep the stream open for new events.")] = False,
+        limit: Annotated[
+            int | None, Query(ge=1, le=MAX_EVENTS_PAGE, description="Without follow: at most this many events.")
+        ] = None,
     ) -> StreamingResponse:
-        self.auth.authorize(request, Scope.READ)
+        key = self.auth.authorize(request, Scope.READ)
         start = max(after, _last_event_id(last_event_id))
-        return StreamingResponse(
-            self._sse(None, start, follow), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        return self._stream(key.id, None, start, follow, limit)
 
-    async def _sse(self, run_id: str | None, after: int, follow: bool) -> AsyncIterator[str]:
-        last, idle = after, 0.0
+    def _stream(
+        self, key_id: str, run_id: str | None, after: int, follow: bool, limit: int | None
+    ) -> StreamingResponse:
+        """An SSE response, counted against the key's open streams (429 past the limit). A
+        followed stream ends after ``api_stream_max_seconds`` (the client reconnects with
+        Last-Event-ID); one that does not follow sends at most ``limit`` events (default
+        MAX_EVENTS_PAGE) and ends: ask again from the last id for more."""
+        open_now = self._streams.get(key_id, 0)
+        if open_now >= self.settings.api_max_streams_per_key:
+            raise ApiProblem(
+                429,
+                f"this key holds {open_now} event streams open already (the limit is "
+                f"{self.settings.api_max_streams_per_key}); close one, or follow GET /v1/events for all runs",
+                headers={"Retry-After": "5"},
+            )
+        self._streams[key_id] = open_now + 1
+        count = limit if (limit is not None and not follow) else (None if follow else MAX_EVENTS_PAGE)
+        lifetime = time.monotonic() + self.settings.api_stream_max_seconds
+
+        async def counted() -> AsyncIterator[str]:
+            try:
+                async for chunk in self._sse(run_id, after, follow, count, lifetime):
+                    yield chunk
+            finally:
+                left = self._streams.get(key_id, 1) - 1
+                if left > 0:
+                    self._streams[key_id] = left
+                else:
+                    self._streams.pop(key_id, None)
+
+        return StreamingResponse(counted(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _sse(
+        self, run_id: str | None, after: int, follow: bool, count: int | None, deadline: float
+    ) -> AsyncIterator[str]:
+        last, idle, sent = after, 0.0, 0
         while True:
-            page: list[Event] = await run_in_threadpool(self.store.events, last, run_id, 500)
+            want = 500 if count is None else min(500, count - sent)
+            page: list[Event] = await run_in_threadpool(self.store.events, last, run_id, want)
             for event in page:
                 last = event.id
                 payload = json.dumps(event.model_dump(mode="json"))
                 yield f"id: {event.id}\nevent: {event.type}\ndata: {payload}\n\n"
-            if len(page) == 500:
+            sent += len(page)
+            if count is not None and sent >= count:
+                return
+            if len(page) == want:
                 continue
-            if not follow:
+            if not follow or time.monotonic() > deadline:
                 return
             if not page and run_id is not None:
                 record = await run_in_threadpool(self.store.get_run, run_id)

@@ -127,7 +127,7 @@ def _agent_dispatcher(
     from factory.pools import PoolDispatcher
 
     return PoolDispatcher.from_catalog(
-        agents, search_path=[workflow.base_dir], breaker=BreakerConfig.from_settings(settings)
+        agents, search_path=[workflow.base_dir], breaker=BreakerConfig.from_settings(settings), settings=settings
     )
 
 
@@ -216,12 +216,15 @@ def resume(
     agents: Catalog | str | Path | None = None,
     pending_only: bool = False,
     keep_cancel: bool = False,
+    on_start: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Run a pending run, or finish one that was interrupted, failed or cancelled. Steps
     that committed their output are not run again; every other step runs (again).
     ``agents`` as for :func:`run`. With ``pending_only`` (a submitted run starting), a run
     that is no longer pending (cancelled meanwhile) is left as it is. With ``keep_cancel``
-    (the supervisor adopting an orphaned run) a cancel asked earlier is not forgotten."""
+    (the supervisor adopting an orphaned run) a cancel asked earlier is not forgotten.
+    ``on_start(run_id)`` is called once this process runs it (an earlier cancel cleared, the
+    run ``running``): a cancel from then on stops the run."""
     settings = settings or get_settings()
     own_store = store is None
     store = store or store_for(settings)
@@ -246,7 +249,11 @@ def resume(
             if not pending_only and not keep_cancel:
                 store.clear_cancel(run_id)  # resuming on purpose overrides an earlier cancel
             store.reset_unfinished_steps(run_id)
-            coordinator.start(resumed=record.status != RunStatus.PENDING)
+            # a run that once started keeps its committed steps, even if it waits as pending again
+            # (a resume asked over the API marks it pending at once, see deployments/api.py)
+            coordinator.start(resumed=record.status != RunStatus.PENDING or record.started_at is not None)
+            if on_start is not None:
+                on_start(run_id)
             with event_publication(settings, store):
                 return coordinator.execute()
     finally:

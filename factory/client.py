@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -27,6 +28,12 @@ from factory.limits import DocumentLimits
 FINAL = {"succeeded", "failed", "cancelled"}
 FINAL_EVENTS = {"run.succeeded", "run.failed", "run.cancelled"}
 MAX_RECONNECT_DELAY = 5.0
+
+
+def _seg(value: str) -> str:
+    """``value`` as one path segment: a run id, name or key id with '/', '?', '#' or '..' in it
+    cannot reach another endpoint."""
+    return quote(str(value), safe="") if value not in (".", "..") else quote(value).replace(".", "%2E")
 
 
 class ApiError(FactoryError):
@@ -116,7 +123,7 @@ class FactoryClient:
         return str(self._request("POST", "/v1/workflows", json=body)["run_id"])
 
     def get_run(self, run_id: str) -> dict[str, Any]:
-        return dict(self._request("GET", f"/v1/runs/{run_id}"))
+        return dict(self._request("GET", f"/v1/runs/{_seg(run_id)}"))
 
     def list_runs(self, status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
@@ -128,8 +135,10 @@ class FactoryClient:
 
     def attempts(self, run_id: str, step: str | None = None) -> list[dict[str, Any]]:
         """The run's finished attempts (of ``step`` only, if given): logs and errors."""
-        params = {"step": step} if step is not None else {}
-        return list(self._request("GET", f"/v1/runs/{run_id}/attempts", params=params))
+        params: dict[str, Any] = {"limit": 1000}
+        if step is not None:
+            params["step"] = step
+        return list(self._request("GET", f"/v1/runs/{_seg(run_id)}/attempts", params=params))
 
     def validate(self, workflow: str | Path | dict[str, Any], inputs: dict[str, Any] | None = None) -> dict[str, Any]:
         """What a submission of this workflow would meet, without running it: ``valid``,
@@ -138,10 +147,10 @@ class FactoryClient:
         return dict(self._request("POST", "/v1/validate", json=body))
 
     def cancel(self, run_id: str) -> dict[str, Any]:
-        return dict(self._request("POST", f"/v1/runs/{run_id}/cancel"))
+        return dict(self._request("POST", f"/v1/runs/{_seg(run_id)}/cancel"))
 
     def resume(self, run_id: str) -> dict[str, Any]:
-        return dict(self._request("POST", f"/v1/runs/{run_id}/resume"))
+        return dict(self._request("POST", f"/v1/runs/{_seg(run_id)}/resume"))
 
     def events(self, run_id: str | None, after: int = 0, follow: bool = True) -> Iterator[dict[str, Any]]:
         """The run's events (Server-Sent Events) after event ``after``; every run's with
@@ -153,14 +162,15 @@ class FactoryClient:
     def _events(self, run_id: str | None, after: int, follow: bool, stop: threading.Event) -> Iterator[dict[str, Any]]:
         last = after
         delay = self.reconnect_delay
-        path = f"/v1/runs/{run_id}/events" if run_id is not None else "/v1/events"
+        path = f"/v1/runs/{_seg(run_id)}/events" if run_id is not None else "/v1/events"
         while not stop.is_set():
             headers = {"Last-Event-ID": str(last)} if last > after else {}
+            got, final = 0, False
             try:
                 with self.http.stream(
                     "GET",
                     path,
-                    params={"after": after, "follow": follow},
+                    params={"after": last, "follow": follow},
                     headers=headers,
                     timeout=httpx.Timeout(self.timeout, read=self.idle_timeout),
                 ) as response:
@@ -171,10 +181,16 @@ class FactoryClient:
                         if event_id <= last:
                             continue  # already yielded (a server that ignored Last-Event-ID)
                         last, delay = event_id, self.reconnect_delay
+                        got, final = got + 1, event.get("type") in FINAL_EVENTS
                         yield event
                         if stop.is_set():
                             return
-                return  # the server ended the stream
+                # the server ended the stream: a page of a stream that does not follow (ask for
+                # the next until one is empty), or a followed stream that reached its run's end
+                # (it sent nothing more), or its lifetime (reconnect from the last id)
+                if got == 0 or (run_id is not None and follow and final):
+                    return
+                continue
             except httpx.TransportError:
                 if not follow:
                     raise
@@ -272,7 +288,7 @@ class FactoryClient:
         data = self._workflow_data(workflow)
         name = name or str(data.get("name") or "")
         body = {"workflow": data, "secrets": secrets or [], "base_dir": base_dir}
-        return dict(self._request("PUT", f"/v1/workflows/{name}", json=body))
+        return dict(self._request("PUT", f"/v1/workflows/{_seg(name)}", json=body))
 
     def list_workflows(self) -> list[dict[str, Any]]:
         return list(self._request("GET", "/v1/workflows"))
@@ -280,7 +296,7 @@ class FactoryClient:
     def start(self, name: str, inputs: dict[str, Any] | None = None, version: int | None = None) -> str:
         """Start a run of a registered workflow; returns the run id."""
         body = {"inputs": inputs or {}, "version": version}
-        return str(self._request("POST", f"/v1/workflows/{name}/runs", json=body)["run_id"])
+        return str(self._request("POST", f"/v1/workflows/{_seg(name)}/runs", json=body)["run_id"])
 
     def create_key(
         self,
@@ -297,7 +313,7 @@ class FactoryClient:
         return list(self._request("GET", "/v1/keys"))
 
     def revoke_key(self, key_id: str) -> dict[str, Any]:
-        return dict(self._request("POST", f"/v1/keys/{key_id}/revoke"))
+        return dict(self._request("POST", f"/v1/keys/{_seg(key_id)}/revoke"))
 
     @staticmethod
     def _workflow_data(workflow: str | Path | dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -84,6 +84,14 @@ class Settings(BaseSettings):
     api_rate_limit: float = Field(default=200.0, gt=0, description="Requests per second per API key and replica.")
     api_rate_burst: int = Field(default=400, ge=1, description="Requests a key may send at once before the limit.")
     api_max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest request body accepted.")
+    api_max_streams_per_key: int = Field(
+        default=16, ge=1, le=10_000, description="Event streams (SSE) one API key may hold open at once, per replica."
+    )
+    api_stream_max_seconds: float = Field(
+        default=3600.0,
+        ge=10,
+        description="An event stream ends after this long; clients reconnect with Last-Event-ID and miss nothing.",
+    )
     api_key_cache_seconds: float = Field(
         default=0.0,
         ge=0,
@@ -241,21 +249,31 @@ CONTAINER_FIELDS = ("home", "container_executor", "secrets_dir")
 CONTAINER_PREFIXES = ("sandbox_", "dagger_")
 
 
+def _is_container_field(name: str) -> bool:
+    return name in CONTAINER_FIELDS or name.startswith(CONTAINER_PREFIXES)
+
+
+# The container fields of Settings as a plain model: validates what a worker is handed (types,
+# bounds, field validators) without reading the worker's environment or files.
+ContainerSettings: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    "ContainerSettings",
+    __config__=ConfigDict(extra="forbid"),
+    **{name: (field.annotation, field) for name, field in Settings.model_fields.items() if _is_container_field(name)},
+)
+
+
 def container_settings(settings: Settings) -> dict[str, Any]:
     """What a container step's worker needs of the coordinator's settings (executor, sandbox,
     Dagger, secrets folder), as data the coordinator hands it with each call: a worker never
     reads its own environment for them, so --config and the API's settings reach it."""
-    return {
-        name: value
-        for name, value in settings.model_dump().items()
-        if name in CONTAINER_FIELDS or name.startswith(CONTAINER_PREFIXES)
-    }
+    return {name: value for name, value in settings.model_dump().items() if _is_container_field(name)}
 
 
 def settings_from(data: dict[str, Any]) -> Settings:
-    """Settings made of ``data`` and the defaults alone (no environment, no file): for values
-    another process validated and handed over."""
-    return Settings.model_construct(**data)
+    """Settings made of the container settings ``data`` (validated: an unknown field or a bad
+    value raises ValidationError) and the defaults alone: no environment, no file."""
+    checked = ContainerSettings.model_validate(data)
+    return Settings.model_construct(**checked.model_dump())
 
 
 def config_file_path() -> Path | None:

@@ -143,18 +143,25 @@ class Backend(Protocol):
 
 class ProgressCounter:
     """Counts a run's events into a :class:`Progress` (as the coordinator counts them), one
-    event at a time, for commands that follow a run from outside its coordinator."""
+    event at a time, for commands that follow a run from outside its coordinator: steps
+    created, running, waiting to retry, and finished by status; a resumed run's steps that
+    had committed (``run.resumed``'s ``already_done``) count as succeeded. Items of a
+    ``for_each`` have no events of their own, so the bar shows the step, not its items."""
 
     def __init__(self, counts: Progress | None = None) -> None:
         self.counts = counts or Progress(total=0)
         self._running: set[str] = set()
+        self._retrying: set[str] = set()
 
-    def add(self, kind: str, step: str | None) -> Progress:
+    def add(self, kind: str, step: str | None, data: dict[str, Any] | None = None) -> Progress:
         counts = self.counts
         if kind == "step.created":
             counts.total += 1
-        elif kind == "step.started" and step:
-            self._running.add(step)
+        elif kind == "run.resumed":
+            done = (data or {}).get("already_done")
+            if isinstance(done, int) and 0 <= done <= max(counts.total, done):
+                counts.succeeded = done
+                counts.failed = counts.skipped = counts.cancelled = 0
         elif kind in ("step.succeeded", "step.cached"):
             counts.succeeded += 1
         elif kind == "step.failed":
@@ -163,7 +170,21 @@ class ProgressCounter:
             counts.skipped += 1
         elif kind == "step.cancelled":
             counts.cancelled += 1
-        if step and kind.startswith("step.") and kind not in ("step.started", "step.log", "step.retrying"):
-            self._running.discard(step)
-        counts.running = len(self._running)
-        return counts
+        if step and kind.startswith("step."):
+            if kind == "step.started":
+                self._running.add(step)
+                self._retrying.discard(step)
+            elif kind == "step.retrying":
+                if "item" in (data or {}):  # one item waits to retry; the step runs on
+                    return self._tally()
+                self._running.discard(step)
+                self._retrying.add(step)
+            elif kind != "step.log":
+                self._running.discard(step)
+                self._retrying.discard(step)
+        return self._tally()
+
+    def _tally(self) -> Progress:
+        self.counts.running = len(self._running)
+        self.counts.retrying = len(self._retrying)
+        return self.counts

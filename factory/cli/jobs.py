@@ -239,7 +239,7 @@ def follow_job(
                 if record is not None:
                     for event in store.events(last, run_id, 1000):
                         last = event.id
-                        counter.add(event.type, event.step_id)
+                        counter.add(event.type, event.step_id, event.data)
                     bar.update(counter.counts)
                     if record.status in FINAL_RUN_STATUSES:
                         steps = store.get_steps(run_id)

@@ -22,8 +22,9 @@ from factory.cli.backend import (
     RunWaitTimeout,
     Watch,
 )
-from factory.dag import load_workflow
+from factory.dag import load_workflow, read_workflow_file, validate_data
 from factory.engine import RunResult
+from factory.errors import FactoryError
 from factory.limits import DocumentLimits
 from factory.routing.models import RouteDecision, RouteRequest
 from factory.settings import Settings
@@ -120,9 +121,15 @@ class LocalBackend:
 
     def resume(self, run_id: str, agents: Path | None, watch: Watch) -> RunResult:
         def go(on_start: Any) -> RunResult:
-            on_start(run_id)
+            # on_start once the run is ours and an earlier cancel cleared: a --timeout that
+            # passes while Ray starts then still cancels it
             return api.resume(
-                run_id, store=self.store, settings=self.settings, on_progress=watch.on_progress, agents=agents
+                run_id,
+                store=self.store,
+                settings=self.settings,
+                on_progress=watch.on_progress,
+                agents=agents,
+                on_start=on_start,
             )
 
         return self._until_deadline(watch, go)
@@ -202,7 +209,13 @@ class LocalBackend:
     ) -> Registered:
         from factory import registry
 
-        loaded = load_workflow(workflow, limits=self._limits())  # the operator's machine: modules are checked
+        if base_dir is None:  # the operator's machine: modules are checked, from the YAML's folder
+            loaded = load_workflow(workflow, limits=self._limits())
+        else:
+            if not Path(base_dir).is_dir():
+                raise FactoryError(f"--base-dir {base_dir} is not a folder")
+            data = read_workflow_file(workflow, limits=self._limits())
+            loaded = validate_data(data, str(Path(base_dir).resolve()), str(workflow), True, limits=self._limits())
         record = registry.register(self.store, loaded, name=name, secrets=secrets, created_by="local")
         return Registered(record.name, record.version)
 
@@ -225,9 +238,12 @@ class LocalBackend:
         from factory import registry
         from factory.policy import Submitter
 
+        if watch is None:  # refused before a run exists that nothing would ever start
+            raise FactoryError(
+                "--no-wait needs a Factory service to run the run: add --api URL (see `factory up`); "
+                "here the run lives in this process, so follow it (leave out --no-wait)"
+            )
         run_id = registry.start(self.store, self.settings, name, inputs, Submitter(principal="local"), version)
-        if watch is None:
-            return run_id, None
 
         def go(on_start: Any) -> RunResult:
             on_start(run_id)

@@ -25,7 +25,7 @@ from factory.engine import RunResult
 from factory.errors import FactoryError, NoEligibleAgentError, WorkflowValidationError
 from factory.limits import DocumentLimits
 from factory.routing.models import RouteDecision, RouteRequest
-from factory.store import ApiKeyRecord, AttemptRecord, RunRecord, RunStatus, StepRecord
+from factory.store import FINAL_RUN_STATUSES, ApiKeyRecord, AttemptRecord, RunRecord, RunStatus, StepRecord
 
 LOCAL_ONLY_HINT = "with --api the server's own {what} is used; drop {option}"
 
@@ -91,7 +91,7 @@ class ApiBackend:
             counter.counts.total = len(self.client.get_run(run_id).get("steps") or [])
 
         def on_event(event: dict[str, Any]) -> None:
-            watch.progress(counter.add(event.get("type", ""), event.get("step_id")))
+            watch.progress(counter.add(event.get("type", ""), event.get("step_id"), event.get("data")))
 
         try:
             run = self.client.wait(run_id, watch.timeout, after=after, on_event=on_event)
@@ -118,8 +118,8 @@ class ApiBackend:
         try:
             self.client.cancel(run_id)
         except ApiError as exc:
-            if exc.status == 409 and "already finished" in str(exc.problem.get("detail", "")):
-                return False
+            if exc.status == 409 and exc.problem.get("run_status") in {s.value for s in FINAL_RUN_STATUSES}:
+                return False  # the problem names the run's final status
             raise
         return True
 

@@ -25,8 +25,9 @@ def _register(
         str | None,
         typer.Option(
             "--base-dir",
-            help="With --api: the folder on the cluster its modules are imported from (default: none, "
-            "the modules must be installed there). Locally the YAML's own folder is used.",
+            help="The folder its python steps' modules are imported from: with --api a folder on the "
+            "API's host (default: none, the modules must be installed there); locally a folder here "
+            "(default: the YAML's own folder).",
         ),
     ] = None,
 ) -> None:
@@ -63,7 +64,10 @@ def _start(
         list[str] | None, typer.Option("--input", "-i", help="key=value (a YAML scalar). Repeatable.")
     ] = None,
     version: Annotated[int | None, typer.Option(help="A version (default: the latest).")] = None,
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the run to its end.")] = True,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait/--no-wait", help="Follow the run to its end; --no-wait (with --api) prints its id only."),
+    ] = True,
     timeout: Annotated[float | None, TIMEOUT_OPTION] = None,
 ) -> None:
     """Start a run of a registered workflow and (by default) follow it; exits 1 if it fails, 3 at --timeout."""

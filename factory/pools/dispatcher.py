@@ -36,6 +36,7 @@ from factory.pools.connection import Pools
 from factory.pools.placement import ClusterView
 from factory.refs import find_references
 from factory.runtime import Outcome
+from factory.settings import Settings
 from factory.spec import Step
 
 TRANSIENT: tuple[type[BaseException], ...] = (PoolSaturated, CircuitOpenError)
@@ -94,17 +95,21 @@ class PoolDispatcher:
         *,
         pools: Pools | None = None,
         router: Any = None,
-        scorer: str = "lexical",
+        scorer: str | None = None,
         search_path: Sequence[str] = (),
         breaker: BreakerConfig | None = None,
+        settings: Settings | None = None,
     ) -> None:
-        """``breaker``: the pools' circuit breakers (default: BreakerConfig's defaults)."""
+        """``breaker``: the pools' circuit breakers (default: BreakerConfig's defaults).
+        ``scorer`` of ``route:`` steps: default ``settings.router_scorer`` (lexical without
+        settings); ``settings`` also tell the scorer where its model and cache are."""
         self.search_path = tuple(p for p in search_path if p)
         self.catalog = complete_catalog(catalog, self.search_path)
         self._own_pools = pools is None
         self.pools = pools if pools is not None else Pools(breaker=breaker)
         self._router = router
-        self.scorer = scorer
+        self.settings = settings
+        self.scorer = scorer or (settings.router_scorer if settings is not None else "lexical")
         self.cluster = ClusterView()
 
     @classmethod
@@ -129,7 +134,9 @@ class PoolDispatcher:
                 raise AgentError(
                     f"route steps need the router (factory.routing), which failed to import: {exc}"
                 ) from None
-            self._router = Router(self.catalog, scorer=self.scorer)
+            from factory.routing import make_scorer
+
+            self._router = Router(self.catalog, scorer=make_scorer(self.scorer, self.catalog, self.settings))
         return self._router
 
     # -- routing -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,19 @@ def _session(way: Way) -> dict[str, Any]:
 
     timed_out = way("run", str(wf["slow"]), "--timeout", "2")
     seen["timeout"] = timed_out.returncode
+    slow_id = json.loads(way("runs", "--limit", "1", "--json").stdout)[0]["id"]
+    if way.name != "local":  # the server runs it on after the client's --timeout: cancel it first
+        way("cancel", slow_id)
+        deadline = time.monotonic() + 60
+        while json.loads(way("status", slow_id, "--json").stdout)["status"] != "cancelled":
+            assert time.monotonic() < deadline, "the slow run was not cancelled"
+            time.sleep(0.5)
+    again = way("resume", slow_id, "--timeout", "1")
+    seen["resume timeout"] = again.returncode
+    if way.name == "local":  # it ran in this process: the deadline cancelled it, even while Ray started
+        assert json.loads(way("status", slow_id, "--json").stdout)["status"] == "cancelled"
+    else:  # the server runs it on: stop it
+        way("cancel", slow_id)
     missing = way("status", "000000000000")
     seen["unknown run"] = (missing.returncode, _plain(missing.stderr, ids))
 
@@ -195,7 +209,7 @@ def test_the_same_session_locally_and_over_the_api(
     assert "already finished" in mine["cancel finished"][1]
     assert mine["run failing"] == (1, "failed", {})
     assert mine["resume"][0] == 0 and "succeeded" in mine["resume"][1]
-    assert mine["timeout"] == 3
+    assert mine["timeout"] == 3 and mine["resume timeout"] == 3
     assert mine["unknown run"][0] == 2
     assert mine["keys list has it"] and mine["keys revoke"][0] == 0 and mine["keys revoke unknown"] == 2
     assert mine["route"][0] == "translator"

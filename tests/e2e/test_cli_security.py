@@ -69,6 +69,27 @@ def test_register_then_start_by_name_locally(cli_env: dict[str, str], tmp_path: 
     refused = factory(cli_env, "workflows", "register", str(evil))
     assert refused.returncode == 2 and "never callable" in refused.stderr
 
+    # locally nothing would start a run left behind: --no-wait is refused before a run exists
+    runs_before = factory(cli_env, "runs", "--json").stdout
+    no_wait = factory(cli_env, "workflows", "start", "adder", "--no-wait")
+    assert no_wait.returncode == 2 and "--no-wait needs a Factory service" in no_wait.stderr
+    assert factory(cli_env, "runs", "--json").stdout == runs_before
+
+    # --base-dir: the modules come from that folder, not the YAML's
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libsteps.py").write_text("def triple(a: int) -> int:\n    return 3 * a\n")
+    (tmp_path / "wf2").mkdir()
+    elsewhere = tmp_path / "wf2" / "wf.yaml"
+    elsewhere.write_text(
+        yaml.safe_dump({"name": "tripler", "steps": [{"id": "t", "python": "libsteps:triple", "with": {"a": 5}}]})
+    )
+    missing = factory(cli_env, "workflows", "register", str(elsewhere))
+    assert missing.returncode == 2 and "libsteps" in missing.stderr
+    found = factory(cli_env, "workflows", "register", str(elsewhere), "--base-dir", str(tmp_path / "lib"))
+    assert found.returncode == 0, found.stderr
+    tripled = factory(cli_env, "workflows", "start", "tripler")
+    assert tripled.returncode == 0 and "succeeded" in tripled.stdout, tripled.stderr + tripled.stdout
+
 
 def test_keys_and_workflows_over_the_api(api_server: ApiServer) -> None:
     admin = ["--api", api_server.base_url, "--api-key", api_server.keys["admin"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -146,6 +147,8 @@ def test_cancel_and_resume(client: FactoryClient, http: httpx.Client, api_server
     assert "already finished" in conflict["detail"]
     # resume the cancelled run: the committed step is kept, the cancelled one runs again (shortly: cancel it again)
     assert client.resume(run_id)["status"] == "resuming"
+    # at once no longer cancelled: a client that waits now cannot mistake the old end for the new one
+    assert client.get_run(run_id)["status"] in ("pending", "running")
     while client.get_run(run_id)["status"] != "running" and time.monotonic() < deadline + 30:
         time.sleep(0.1)
     client.cancel(run_id)
@@ -237,3 +240,53 @@ def test_event_ids_out_of_range_are_422_not_a_broken_stream(
     is_problem(http.get(f"/v1/runs/{run_id}/events", params={"after": 2**63}, headers=read), 422)
     is_problem(http.get(f"/v1/runs/{run_id}/events", headers={**read, "Last-Event-ID": str(2**63)}), 422)
     is_problem(http.get(f"/v1/runs/{run_id}/events", headers={**read, "Last-Event-ID": "soon"}), 422)
+
+
+def test_validate_needs_submit_and_lists_every_problem(http: httpx.Client, api_server: ApiServer) -> None:
+    doc = workflow(1)
+    doc["steps"].append({"id": "b", "python": "os:system", "with": {"command": "true"}})
+    body = {"workflow": doc, "inputs": {"nope": 1}}
+    is_problem(http.post("/v1/validate", json=body, headers=api_server.headers("read")), 403)
+    seen = http.post("/v1/validate", json=body, headers=api_server.headers("submit")).json()
+    assert seen["valid"] is False and seen["refused"] is True
+    assert any("nope" in p for p in seen["problems"]), seen  # the inputs' problem ...
+    assert any("os" in p and "b" in p for p in seen["problems"]), seen  # ... and the key's, both
+    fine = http.post("/v1/validate", json={"workflow": workflow(1)}, headers=api_server.headers("submit")).json()
+    assert fine == {**fine, "valid": True, "refused": False, "problems": [], "steps": ["a"]}
+
+
+def test_event_streams_are_bounded(client: FactoryClient, http: httpx.Client, api_server: ApiServer) -> None:
+    run_id = client.submit(workflow(1, seconds=0.1))
+    client.wait(run_id, timeout=60)
+    read = api_server.headers("read")
+    three = http.get("/v1/events", params={"limit": 3}, headers=read)
+    assert sum(line.startswith("id: ") for line in three.text.splitlines()) == 3
+    is_problem(http.get("/v1/events", params={"limit": 10**9}, headers=read), 422)
+    all_of_run = [e["id"] for e in client.events(run_id, follow=False)]
+    assert all_of_run == sorted(set(all_of_run)) and len(all_of_run) >= 5
+    assert len(client.attempts(run_id)) == 2
+    assert len(http.get(f"/v1/runs/{run_id}/attempts", params={"limit": 1}, headers=read).json()) == 1
+
+    # a key holds at most api_max_streams_per_key streams open; a closed one frees its place
+    admin = FactoryClient(api_server.base_url, api_server.keys["admin"])
+    key = admin.create_key(["read"], "streams")["key"]
+    mine = {"Authorization": f"Bearer {key}"}
+    limit = api_server.settings.api_max_streams_per_key
+    with contextlib.ExitStack() as stack:
+        streams = [
+            stack.enter_context(
+                httpx.stream("GET", f"{api_server.base_url}/v1/events", params={"follow": True}, headers=mine)
+            )
+            for _ in range(limit)
+        ]
+        assert all(s.status_code == 200 for s in streams)
+        refused = is_problem(http.get("/v1/events", params={"follow": True}, headers=mine), 429)
+        assert f"(the limit is {limit})" in refused["detail"]
+        assert http.get("/v1/events", params={"limit": 1}, headers=read).status_code == 200  # other keys unaffected
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        again = http.get("/v1/events", params={"limit": 1}, headers=mine)
+        if again.status_code == 200:
+            break
+        time.sleep(0.5)
+    assert again.status_code == 200, "closed streams must give their places back"

@@ -166,3 +166,20 @@ def test_a_pool_of_one_waits_for_the_replacement(pools: Pools) -> None:
     assert outcome.ok, outcome.error  # served by the replica the manager started in the dead one's place
     assert outcome.extra["dead"] == [victim] and outcome.extra["replica"] != victim
     assert json.loads(outcome.output_json or "null")["echo"] == "again"
+
+
+def test_route_steps_score_with_the_settings_they_are_given(tmp_path: Path) -> None:
+    """A run's route: steps use the run's settings (scorer, model folder), not the defaults."""
+    from factory.catalog import load_catalog
+    from factory.errors import FactoryError
+    from factory.pools import PoolDispatcher
+    from factory.settings import Settings
+
+    catalog = load_catalog(Path(__file__).parent.parent.parent / "examples" / "agents_triage" / "agents.yaml")
+    assert type(PoolDispatcher(catalog).router.scorer).__name__ == "LexicalScorer"
+    elsewhere = tmp_path / "no-model-here"
+    settings = Settings(home=tmp_path, router_scorer="embedding", embedding_model_path=elsewhere)
+    dispatcher = PoolDispatcher(catalog, settings=settings)
+    assert dispatcher.scorer == "embedding"
+    with pytest.raises(FactoryError, match=str(elsewhere)):
+        dispatcher.router  # noqa: B018 - building the router loads the settings' model

@@ -118,10 +118,23 @@ def test_killing_the_api_replica_loses_nothing(api_server: ApiServer, api_store:
             {"id": "after", "python": "tests.fixtures.teststeps:add", "with": {"a": 1, "b": 2}, "needs": ["wait"]},
         ],
     }
-    client = FactoryClient(api_server.base_url, api_server.keys["submit"], reconnect_delay=0.2)
+    streams: list[str | None] = []  # the Last-Event-ID of each events request the client makes
+
+    class Recording(httpx.HTTPTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path.endswith("/events"):
+                streams.append(request.headers.get("last-event-id"))
+            return super().handle_request(request)
+
+    client = FactoryClient(api_server.base_url, api_server.keys["submit"], reconnect_delay=0.2, transport=Recording())
     run_id = client.submit(workflow)
     followed: list[Any] = []
-    follower = threading.Thread(target=lambda: followed.append(client.wait(run_id, timeout=120)), daemon=True)
+    heard: list[int] = []
+
+    def follow() -> None:
+        followed.append(client.wait(run_id, timeout=120, on_event=lambda e: heard.append(int(e["id"]))))
+
+    follower = threading.Thread(target=follow, daemon=True)
     follower.start()
     wait_for(
         lambda: any(e.type == "step.started" and e.step_id == "wait" for e in events(api_store, run_id)),
@@ -150,6 +163,11 @@ def test_killing_the_api_replica_loses_nothing(api_server: ApiServer, api_store:
     follower.join(120)
     assert followed and followed[0]["status"] == "succeeded", followed
     assert api_store.get_run(run_id).status == RunStatus.SUCCEEDED
+    # the follower's stream died with the replica; it reopened one from the last event it had
+    assert len(streams) >= 2 and streams[0] is None, streams
+    assert any(last is not None and int(last) > 0 for last in streams[1:]), streams
+    assert heard == sorted(set(heard)), "no event twice, none out of order"
+    assert heard == [e.id for e in events(api_store, run_id)], "and none missed"
     assert not [e for e in events(api_store, run_id) if e.type == "run.adopted"]  # its owner never died
     print(f"\nAPI replica killed -> a new replica answered after {back:.1f}s; the run and its follower went on")
     client.close()

@@ -178,3 +178,54 @@ def test_an_unreachable_server_is_a_retryable_error() -> None:
     with pytest.raises(ApiUnreachableError, match="cannot reach the Factory API") as caught:
         client_for(handler).get_run("r1")
     assert caught.value.retryable
+
+
+def test_path_segments_are_quoted_so_an_id_cannot_reach_another_endpoint() -> None:
+    paths: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.raw_path.decode())
+        return httpx.Response(200, json={"id": "x", "status": "running", "steps": []})
+
+    client = client_for(handler)
+    client.get_run("../keys")
+    client.cancel("r1/../../keys?x=1#y")
+    client.revoke_key("..")
+    assert paths == [
+        "/v1/runs/..%2Fkeys",
+        "/v1/runs/r1%2F..%2F..%2Fkeys%3Fx%3D1%23y/cancel",
+        "/v1/keys/%2E%2E/revoke",
+    ]
+
+
+def test_events_that_do_not_follow_are_read_page_by_page() -> None:
+    """The server ends a stream that does not follow after a page; the client asks again from
+    the last id until a page is empty, and yields each event once."""
+    asked: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        after = int(request.url.params["after"])
+        asked.append(request.url.params["after"])
+        page = [event(i) for i in range(after + 1, min(after + 3, 6) + 1)]  # pages of 3, 6 events in all
+        return stream(iter([sse(*page)]))
+
+    assert [e["id"] for e in client_for(handler).events(None, follow=False)] == [1, 2, 3, 4, 5, 6]
+    assert asked == ["0", "3", "6"]
+
+
+def test_a_followed_stream_of_every_run_is_reopened_when_the_server_ends_it() -> None:
+    """The API ends a followed stream after its lifetime; following every run goes on."""
+    opened = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal opened
+        opened += 1
+        last = int(request.headers.get("last-event-id") or 0)
+        return stream(iter([sse(event(last + 1, "run.succeeded"))]))
+
+    seen = []
+    for e in client_for(handler).events(None, follow=True):
+        seen.append(e["id"])
+        if len(seen) == 3:
+            break
+    assert seen == [1, 2, 3] and opened == 3

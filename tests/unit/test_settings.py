@@ -60,3 +60,21 @@ def test_cli_config_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("FACTORY_LEASE_SECONDS", "soon")
     bad = CliRunner().invoke(app, ["config"])
     assert bad.exit_code == 2 and "FACTORY_LEASE_SECONDS" in bad.output
+
+
+def test_container_settings_handed_to_a_worker_are_validated_and_ignore_its_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pydantic import ValidationError
+
+    from factory.settings import Settings, container_settings, settings_from
+
+    handed = container_settings(Settings(container_executor="local", sandbox_max_processes=77))
+    monkeypatch.setenv("FACTORY_CONTAINER_EXECUTOR", "dagger")  # the worker's own environment
+    monkeypatch.setenv("FACTORY_SANDBOX_MAX_PROCESSES", "5")
+    got = settings_from(handed)
+    assert (got.container_executor, got.sandbox_max_processes) == ("local", 77)
+    with pytest.raises(ValidationError, match="container_executor"):
+        settings_from({**handed, "container_executor": "docker"})
+    with pytest.raises(ValidationError, match="store_url"):
+        settings_from({**handed, "store_url": "postgresql://elsewhere/db"})  # not a container setting
