@@ -1,6 +1,11 @@
 """Routing benchmark: top-1 accuracy and decision latency of each scorer on a labelled task list.
 
     python -m benchmarks.routing --agents agents.yaml --tasks tasks.tsv [--scorer NAME] [--only] [--ablation]
+    python -m benchmarks.routing --all [--scorer NAME --only]
+
+``--all`` measures every catalogue of ``benchmarks/data/routing-sets.yaml`` and prints the
+macro average of the development sets (they chose parameters) apart from that of the
+reporting sets (they chose nothing: the headline).
 
 ``tasks.tsv`` has a header with the columns ``expected`` (the right agent) and
 ``description`` (the task text). Every scorer that can run here is measured
@@ -27,6 +32,7 @@ from factory.catalog import Catalog, load_catalog
 from factory.errors import FactoryError
 from factory.routing import SCORERS, Router, RouteRequest, Scorer, make_scorer
 
+SETS = Path(__file__).parent / "data" / "routing-sets.yaml"
 # Decisions made before timing starts (caches, allocator arenas, CPU frequency settle).
 WARM_UP_DECISIONS = 100
 
@@ -97,10 +103,72 @@ def measure(name: str, catalog: Catalog, tasks: list[Task], build: Callable[[], 
     )
 
 
+@dataclass(frozen=True)
+class TaskSet:
+    """A catalogue with its labelled tasks, and what it was used for (benchmarks/data/routing-sets.yaml)."""
+
+    name: str
+    agents: Path
+    tasks: Path
+    role: str  # "development" (it chose something) or "reporting" (it chose nothing)
+    chose: str
+
+
+def task_sets(manifest: Path = SETS) -> list[TaskSet]:
+    import yaml
+
+    data = yaml.safe_load(manifest.read_text(encoding="utf-8"))
+    base = manifest.parent
+    return [
+        TaskSet(s["name"], (base / s["agents"]).resolve(), (base / s["tasks"]).resolve(), s["role"], s.get("chose", ""))
+        for s in data["sets"]
+    ]
+
+
+def run_all(scorers: list[str], show_misses: bool = False) -> int:
+    """Every set of the manifest with each scorer; the macro average over the development sets
+    and, apart, over the reporting sets (the headline: they chose nothing)."""
+    sets = [s for s in task_sets() if s.agents.is_file() and s.tasks.is_file()]
+    table: dict[str, dict[str, Result]] = {}
+    print(f"{'set':<10} {'role':<12} {'agents':>6} {'tasks':>6}  " + "  ".join(f"{n:>13}" for n in scorers))
+    for task_set in sets:
+        catalog = load_catalog(task_set.agents)
+        tasks = read_tasks(task_set.tasks)
+        row: dict[str, Result] = {}
+        for name in scorers:
+            try:
+                row[name] = measure(name, catalog, tasks)
+            except FactoryError as exc:
+                print(f"{task_set.name}: {name} skipped: {str(exc).splitlines()[0]}", file=sys.stderr)
+        table[task_set.name] = row
+        cells = "  ".join(
+            f"{row[n].accuracy:>6.3f} {row[n].p50_ms:>4.1f}ms" if n in row else f"{'-':>13}" for n in scorers
+        )
+        print(f"{task_set.name:<10} {task_set.role:<12} {len(catalog.agents):>6} {len(tasks):>6}  {cells}")
+        if show_misses:
+            for name, result in row.items():
+                for task, got in result.misses:
+                    print(f"    {name} miss: expected {task.expected}, got {got}: {task.text}")
+    for role in ("development", "reporting"):
+        names = [s.name for s in sets if s.role == role]
+        if not names:
+            continue
+        averages = []
+        for scorer in scorers:
+            values = [table[n][scorer].accuracy for n in names if scorer in table[n]]
+            averages.append(f"{sum(values) / len(values):>13.3f}" if values else f"{'-':>13}")
+        print(f"{'macro':<10} {role:<12} {'':>6} {'':>6}  " + "  ".join(averages) + f"   ({', '.join(names)})")
+    print("development sets chose parameters (routing-sets.yaml says which); reporting sets chose nothing")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.routing", description=__doc__.split("\n")[0])
-    parser.add_argument("--agents", required=True, type=Path, help="agent catalogue (agents.yaml)")
-    parser.add_argument("--tasks", required=True, type=Path, help="TSV with columns expected, description")
+    parser.add_argument(
+        "--all", action="store_true", help="every set of benchmarks/data/routing-sets.yaml, with the macro averages"
+    )
+    parser.add_argument("--agents", type=Path, help="agent catalogue (agents.yaml)")
+    parser.add_argument("--tasks", type=Path, help="TSV with columns expected, description")
     parser.add_argument("--scorer", default="lexical", choices=sorted(SCORERS), help="scorer of the last line")
     parser.add_argument("--only", action="store_true", help="measure only --scorer")
     parser.add_argument("--show-misses", action="store_true", help="list the misrouted tasks")
@@ -108,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         "--ablation", action="store_true", help="also the embedding scorer without each of its parts, and on numpy"
     )
     args = parser.parse_args(argv)
+    if args.all:
+        return run_all([args.scorer] if args.only else ["lexical", "embedding"], args.show_misses)
+    if args.agents is None or args.tasks is None:
+        parser.error("give --agents and --tasks, or --all")
 
     catalog = load_catalog(args.agents)
     tasks = read_tasks(args.tasks)

@@ -1,7 +1,7 @@
 """Within-intent whitening: which directions of the embedding space say what a task is *about*.
 
 A sentence embedding mixes what a task asks for with its topic: "summarise our
-SQL style guide" lands near SQL work. ``data/intents.tsv`` holds 1,000 requests
+SQL style guide" lands near SQL work. ``data/intents.tsv`` holds 978 requests
 in 40 intents (summarise, translate, write SQL, triage an incident, ...), each
 intent written over many unrelated topics, a third of them on purpose with
 another intent's vocabulary. Within one intent, the requests differ only in

@@ -217,3 +217,16 @@ def test_intent_whitening_is_kept_on_disk_and_reused(minilm_dir: Path, tmp_path:
     monkeypatch.setattr(intents, "_cache", {})
     monkeypatch.setattr(intents, "read_corpus", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
     assert np.allclose(intents.intent_whitening(encoder), first)
+
+
+def test_no_shipped_text_is_an_embedding_near_copy_of_an_evaluation_task(minilm_dir: Path) -> None:
+    """benchmarks/leakage.py with the model: cosine >= 0.92 between anything the router ships
+    (the intent corpus, example catalogues, built-in agents' examples) and any evaluation task."""
+    from benchmarks.leakage import Text, embedding_near_copies, evaluation_tasks, shipped_texts
+
+    tasks = evaluation_tasks()
+    planted = Text("planted", "Is it true that goldfish have a three second memory? Give me sources.")
+    caught = embedding_near_copies([planted], tasks, minilm_dir)
+    assert caught and caught[0].task.source.endswith("routing-heldout.tsv:117")  # the check can fail
+    found = embedding_near_copies(shipped_texts(), tasks, minilm_dir)
+    assert not found, "\n".join(f"{n.how}: {n.shipped.source} ~ {n.task.source}: {n.task.text}" for n in found)
