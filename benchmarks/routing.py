@@ -125,10 +125,12 @@ def task_sets(manifest: Path = SETS) -> list[TaskSet]:
     ]
 
 
-def run_all(scorers: list[str], show_misses: bool = False) -> int:
-    """Every set of the manifest with each scorer; the macro average over the development sets
-    and, apart, over the reporting sets (the headline: they chose nothing)."""
+def run_all(scorers: list[str], show_misses: bool = False, only_sets: list[str] | None = None) -> int:
+    """Every set of the manifest (or ``only_sets``) with each scorer; the macro average over the
+    development sets and, apart, over the reporting sets (the headline: they chose nothing)."""
     sets = [s for s in task_sets() if s.agents.is_file() and s.tasks.is_file()]
+    if only_sets:
+        sets = [s for s in sets if s.name in only_sets]
     table: dict[str, dict[str, Result]] = {}
     print(f"{'set':<10} {'role':<12} {'agents':>6} {'tasks':>6}  " + "  ".join(f"{n:>13}" for n in scorers))
     for task_set in sets:
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--all", action="store_true", help="every set of benchmarks/data/routing-sets.yaml, with the macro averages"
     )
+    parser.add_argument("--sets", help="with --all: only these sets (comma-separated names)")
     parser.add_argument("--agents", type=Path, help="agent catalogue (agents.yaml)")
     parser.add_argument("--tasks", type=Path, help="TSV with columns expected, description")
     parser.add_argument("--scorer", default="lexical", choices=sorted(SCORERS), help="scorer of the last line")
@@ -177,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.all:
-        return run_all([args.scorer] if args.only else ["lexical", "embedding"], args.show_misses)
+        scorers = [args.scorer] if args.only else ["lexical", "embedding"]
+        return run_all(scorers, args.show_misses, args.sets.split(",") if args.sets else None)
     if args.agents is None or args.tasks is None:
         parser.error("give --agents and --tasks, or --all")
 

@@ -44,7 +44,7 @@ def factory(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
 
 
 def test_route_prints_the_decision(env: dict[str, str], agents: Path) -> None:
-    result = factory(env, "route", "Please give me a recap of these notes", "--agents", str(agents))
+    result = factory(env, "route", "Please summarise these long reports", "--agents", str(agents))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("summarizer") and "lexical" in lines[0]

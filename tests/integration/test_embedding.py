@@ -14,16 +14,17 @@ from tests.fixtures.routing_support import DEV_SET, REPO, catalog, dev_tasks, mo
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
-# Regression floors, a little below what was measured on the dev set (lexical 0.85, embedding 0.97).
-LEXICAL_FLOOR = 0.80
-EMBEDDING_FLOOR = 0.93
+# Regression floors, a little below what was measured (2026-12-06, after the dev-tuned thesaurus
+# was removed): dev lexical 0.767, embedding 0.917; held-out lexical 0.64, embedding 0.825;
+# operations lexical 0.81, embedding 0.88. All these sets chose parameters: they are not the
+# headline (docs/routing.md). A floor guards against a regression; it is not a target.
+LEXICAL_FLOOR = 0.73
+EMBEDDING_FLOOR = 0.88
 HELDOUT = REPO / "benchmarks" / "data"
-# Floors on the held-out sets (written without reading the dev tasks), below what was measured:
-# routing-heldout.tsv lexical 0.78, embedding 0.865; routing-ops-tasks.tsv lexical 0.72, embedding 0.88.
 HELDOUT_FLOORS = {
-    ("routing-heldout.tsv", "lexical"): 0.74,
-    ("routing-heldout.tsv", "embedding"): 0.82,
-    ("routing-ops-tasks.tsv", "lexical"): 0.68,
+    ("routing-heldout.tsv", "lexical"): 0.60,
+    ("routing-heldout.tsv", "embedding"): 0.79,
+    ("routing-ops-tasks.tsv", "lexical"): 0.77,
     ("routing-ops-tasks.tsv", "embedding"): 0.85,
 }
 

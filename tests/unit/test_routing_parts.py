@@ -1,4 +1,4 @@
-"""Routing's parts: text normalisation and stemming, the concept lexicon, the llm scorer, model files."""
+"""Routing's parts: text normalisation and stemming, the llm scorer, model files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 from factory.errors import ModelNotFoundError, NoEligibleAgentError, RouterConfigError, ScorerError
 from factory.models import files
 from factory.routing import Router, RouteRequest
-from factory.routing.lexicon import CONCEPTS, concept_table, concepts_of
 from factory.routing.llm import ENV_MODEL, LLMScorer, parse_scores
 from factory.routing.text import char_ngrams, stem, words
 from tests.fixtures.routing_support import catalog
@@ -56,23 +55,6 @@ def test_words_tokenise_code_names_files_and_accents() -> None:
     assert words("Résumé naïve café") == ["resume", "naive", "cafe"]
     assert char_ngrams("sql") == ["#sql", "sql#"]
     assert char_ngrams("go") == ["#go#"]
-
-
-def test_concepts_join_synonyms_and_phrases() -> None:
-    def concepts(text: str) -> list[str]:
-        return concepts_of([stem(w) for w in words(text)])
-
-    assert "summary" in concepts("give me a recap")
-    assert "summary" in concepts("what are the key points")
-    assert concepts("the key") == []
-    assert "translate" in concepts("say it in Portuguese")
-    assert "database" in concepts("add a foreign key")
-    single, multi = concept_table()
-    assert all(k for k in single) and all(len(k) > 1 for k in multi)
-    # Every listed phrase is reachable after normalisation.
-    for concept, phrases in CONCEPTS.items():
-        for phrase in phrases.split(","):
-            assert concept in concepts(phrase), (concept, phrase)
 
 
 def test_llm_scorer_without_a_model_says_how_to_configure_it(monkeypatch: pytest.MonkeyPatch) -> None:
