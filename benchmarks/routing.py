@@ -1,7 +1,7 @@
 """Routing benchmark: top-1 accuracy and decision latency of each scorer on a labelled task list.
 
     python -m benchmarks.routing --agents agents.yaml --tasks tasks.tsv [--scorer NAME] [--only] [--ablation]
-    python -m benchmarks.routing --all [--scorer NAME --only]
+    python -m benchmarks.routing --all [--scorer NAME --only] [--learning]
 
 ``--all`` measures every catalogue of ``benchmarks/data/routing-sets.yaml`` and prints the
 macro average of the development sets (they chose parameters) apart from that of the
@@ -164,12 +164,57 @@ def run_all(scorers: list[str], show_misses: bool = False, only_sets: list[str] 
     return 0
 
 
+LEARNING_STEPS = (0, 1, 3, 5)
+LEARNING_SEEDS = 3
+
+
+def learning_curve(scorer: str, only_sets: list[str] | None = None) -> int:
+    """Accuracy after 0, 1, 3 and 5 corrections per agent (``Router.learn``), on each set's tasks
+    that were never used as corrections (the same held-back tasks at every step), averaged over
+    LEARNING_SEEDS random draws of the corrections."""
+    import random
+
+    sets = [s for s in task_sets() if s.agents.is_file() and s.tasks.is_file()]
+    if only_sets:
+        sets = [s for s in sets if s.name in only_sets]
+    print(f"learning curve ({scorer}): accuracy on the tasks not used as corrections, mean of {LEARNING_SEEDS} draws")
+    print(f"{'set':<10} {'role':<12} " + " ".join(f"{f'{k}/agent':>9}" for k in LEARNING_STEPS))
+    for task_set in sets:
+        catalog = load_catalog(task_set.agents)
+        tasks = read_tasks(task_set.tasks)
+        sums = dict.fromkeys(LEARNING_STEPS, 0.0)
+        for seed in range(LEARNING_SEEDS):
+            rng = random.Random(seed)
+            by_agent: dict[str, list[Task]] = {}
+            for task in tasks:
+                by_agent.setdefault(task.expected, []).append(task)
+            for group in by_agent.values():
+                rng.shuffle(group)
+            used = {id(t) for group in by_agent.values() for t in group[: max(LEARNING_STEPS)]}
+            held_back = [t for t in tasks if id(t) not in used]
+            router = Router(catalog, make_scorer(scorer, catalog))
+            taught = 0
+            for k in LEARNING_STEPS:
+                for group in by_agent.values():
+                    for task in group[taught:k]:
+                        router.learn(task.expected, task.text)
+                taught = k
+                hits = sum(router.route(RouteRequest(text=t.text)).agent == t.expected for t in held_back)
+                sums[k] += hits / len(held_back)
+        cells = " ".join(f"{sums[k] / LEARNING_SEEDS:>9.3f}" for k in LEARNING_STEPS)
+        print(f"{task_set.name:<10} {task_set.role:<12} {cells}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.routing", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--all", action="store_true", help="every set of benchmarks/data/routing-sets.yaml, with the macro averages"
     )
     parser.add_argument("--sets", help="with --all: only these sets (comma-separated names)")
+    parser.add_argument(
+        "--learning", action="store_true", help="with --all: the learning curve over 0, 1, 3, 5 corrections per agent"
+    )
     parser.add_argument("--agents", type=Path, help="agent catalogue (agents.yaml)")
     parser.add_argument("--tasks", type=Path, help="TSV with columns expected, description")
     parser.add_argument("--scorer", default="lexical", choices=sorted(SCORERS), help="scorer of the last line")
@@ -179,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         "--ablation", action="store_true", help="also the embedding scorer without each of its parts, and on numpy"
     )
     args = parser.parse_args(argv)
+    if args.all and args.learning:
+        return learning_curve(args.scorer, args.sets.split(",") if args.sets else None)
     if args.all:
         scorers = [args.scorer] if args.only else ["lexical", "embedding"]
         return run_all(scorers, args.show_misses, args.sets.split(",") if args.sets else None)

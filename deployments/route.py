@@ -8,12 +8,14 @@ in-replica cache). Autoscaling settings are in deployments/serve.yaml.
 
 import logging
 import threading
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from deployments.http import Authorizer, install_error_handlers
+from deployments.http import ApiProblem, Authorizer, install_error_handlers
 from factory import __version__
 from factory.agents_view import live_pools
 from factory.api import store_for
@@ -21,10 +23,35 @@ from factory.auth import Scope
 from factory.catalog import Catalog, load_catalog
 from factory.pools.placement import ClusterView
 from factory.routing import AgentHealth, RouteDecision, Router, RouteRequest, make_scorer
+from factory.routing.corrections import MAX_CORRECTION_CHARS
 from factory.settings import Settings
+from factory.store import RouteCorrection, Store
 
 log = logging.getLogger(__name__)
 REFRESH_SECONDS = 1.0
+# How often a replica reads the corrections other replicas stored: a correction reaches every
+# replica within this (plus a store read).
+CORRECTIONS_SYNC_SECONDS = 0.5
+
+
+class RouteFeedback(BaseModel):
+    """A correction: the request's text should have gone to ``agent``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=MAX_CORRECTION_CHARS, description="The routed request's text.")
+    agent: str = Field(min_length=1, max_length=200, description="The agent that should have taken it.")
+    decision_id: str | None = Field(default=None, max_length=64, description="The decision being corrected.")
+
+
+class CorrectionView(BaseModel):
+    id: int
+    text: str
+    agent: str
+    decision_id: str | None
+    who: str
+    created_at: float
+
 
 route_app = FastAPI(
     title="The Factory routing API",
@@ -73,6 +100,16 @@ def health_from_pools(
     return health
 
 
+def learn_stored_corrections(router: Router, store: Store, after_id: int = 0) -> int:
+    """Teach ``router`` the corrections stored after ``after_id``; returns the last id seen. A
+    replica calls it at start (so corrections survive restarts) and every
+    CORRECTIONS_SYNC_SECONDS (so one replica's correction reaches the others)."""
+    for correction in store.route_corrections(after_id):
+        router.learn(correction.agent, correction.text)
+        after_id = correction.id
+    return after_id
+
+
 @serve.deployment(
     name="Router",
     ray_actor_options={"num_cpus": 0},
@@ -84,16 +121,33 @@ class RouteAPI:
     def __init__(self, settings: dict[str, Any], open_mode: bool = False) -> None:
         self.settings = Settings.model_validate(settings)
         LIMITS["max_body"] = self.settings.api_max_body_bytes
-        self.auth = Authorizer(store_for(self.settings), self.settings, open_mode)
+        self.store = store_for(self.settings)
+        self.auth = Authorizer(self.store, self.settings, open_mode)
         catalog = load_catalog(self.settings.agents_file) if self.settings.agents_file else Catalog()
         self.catalog = catalog
         self.cluster = ClusterView()
         self.router = Router(catalog, scorer=make_scorer(self.settings.router_scorer, catalog, self.settings))
+        self._corrections_seen = 0
+        self._corrections_lock = threading.Lock()
+        self._sync_corrections()  # every correction stored so far: they survive restarts
         if catalog.agents:  # warm the scorer (tokeniser, model) before the first request
             self.router.route(RouteRequest(text="warm up the router"))
         self.health: dict[str, AgentHealth] = {}
         self._stop = threading.Event()
         threading.Thread(target=self._refresh_loop, name="pool-load", daemon=True).start()
+        threading.Thread(target=self._corrections_loop, name="corrections", daemon=True).start()
+
+    def _sync_corrections(self) -> None:
+        """Learn the corrections stored since the last look (by this replica or another)."""
+        with self._corrections_lock:
+            self._corrections_seen = learn_stored_corrections(self.router, self.store, self._corrections_seen)
+
+    def _corrections_loop(self) -> None:
+        while not self._stop.wait(CORRECTIONS_SYNC_SECONDS):
+            try:
+                self._sync_corrections()
+            except Exception as exc:  # noqa: BLE001 - the store may be restarting: next turn
+                log.debug("cannot read routing corrections: %s", exc)
 
     def _refresh_loop(self) -> None:
         pools: dict[str, Any] = {}
@@ -116,6 +170,34 @@ class RouteAPI:
         self.auth.authorize(request, Scope.READ)
         decision = self.router.route(body, self.health)
         return Response(decision.model_dump_json(), media_type="application/json")
+
+    @route_app.post(
+        "/feedback", status_code=201, response_model=CorrectionView, summary="Correct a decision (submit scope)"
+    )
+    def feedback(self, request: Request, body: RouteFeedback) -> CorrectionView:
+        """The text becomes a labelled example of ``agent`` for every router replica (within
+        about a second) and stays one across restarts. Who sent it is the key, recorded."""
+        key = self.auth.authorize(request, Scope.SUBMIT)
+        if body.agent not in {a.name for a in self.catalog.agents}:
+            raise ApiProblem(422, f"no agent {body.agent!r} in the catalogue; GET /v1/agents lists them")
+        stored = self.store.add_route_correction(
+            RouteCorrection(
+                text=body.text,
+                agent=body.agent,
+                decision_id=body.decision_id,
+                who=f"key:{key.id}",
+                created_at=time.time(),
+            )
+        )
+        self._sync_corrections()  # this replica at once
+        return CorrectionView(**stored.model_dump())
+
+    @route_app.get("/corrections", response_model=list[CorrectionView], summary="Stored corrections, newest last")
+    def corrections(self, request: Request, after: int = 0, limit: int = 200) -> list[CorrectionView]:
+        self.auth.authorize(request, Scope.READ)
+        if not (0 <= after <= 2**53 and 1 <= limit <= 1000):
+            raise ApiProblem(422, "after must be 0 to 2**53 and limit 1 to 1000")
+        return [CorrectionView(**c.model_dump()) for c in self.store.route_corrections(after, limit)]
 
     def __del__(self) -> None:
         self._stop.set()

@@ -332,6 +332,16 @@ class FactoryClient:
         body = {"text": text, "capabilities": capabilities or [], "resources": resources or {}}
         return dict(self._request("POST", "/v1/route", json=body))
 
+    def route_feedback(self, text: str, agent: str, decision_id: str | None = None) -> dict[str, Any]:
+        """Correct a routing decision: ``text`` should have gone to ``agent`` (submit scope).
+        Every router replica learns it within about a second; it is kept across restarts."""
+        body = {"text": text, "agent": agent, "decision_id": decision_id}
+        return dict(self._request("POST", "/v1/route/feedback", json=body))
+
+    def route_corrections(self, after: int = 0, limit: int = 200) -> list[dict[str, Any]]:
+        """Stored routing corrections with an id above ``after``, oldest first."""
+        return list(self._request("GET", "/v1/route/corrections", params={"after": after, "limit": limit}))
+
     def agents(self) -> dict[str, Any]:
         return dict(self._request("GET", "/v1/agents"))
 

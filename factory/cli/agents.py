@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from factory.cli.output import EXIT_FAILED, EXIT_INVALID, out
+from factory.cli.output import EXIT_FAILED, EXIT_INVALID, err, out
 from factory.cli.output import fail as _fail
 from factory.cli.runs import using_backend
 from factory.errors import FactoryError
@@ -74,11 +74,23 @@ def _register_route(app: typer.Typer) -> None:
             typer.Option("--model-path", help="Folder of the embedding model (else FACTORY_EMBEDDING_MODEL_PATH)."),
         ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the decision as one JSON object.")] = False,
+        correct: Annotated[
+            str | None,
+            typer.Option(
+                "--correct",
+                help="AGENT: this task should go to AGENT. Kept as a labelled example that every router "
+                "learns (locally the store's, with --api the server's replicas, within a second).",
+            ),
+        ] = None,
+        explain: Annotated[
+            bool, typer.Option("--explain", help="Also show the earlier corrections that weighed in.")
+        ] = False,
     ) -> None:
         """Pick the agent for a task and show why: scores, runners-up, agents filtered out.
 
         Locally with the catalogue and scorer given here; with --api, with the server's.
-        Exit 0 with a decision, 1 when no agent is eligible, 2 when the catalogue or scorer is unusable.
+        Exit 0 with a decision, 1 when no agent is eligible, 2 when the catalogue or scorer is unusable
+        or --correct names no agent of the catalogue.
         """
         from factory.cli.backend import RouteOptions
         from factory.errors import NoEligibleAgentError
@@ -93,6 +105,12 @@ def _register_route(app: typer.Typer) -> None:
                     sys.stdout.write(json.dumps({"error": str(exc), "filtered_out": exc.filtered_out}) + "\n")
                     raise typer.Exit(EXIT_FAILED) from None
                 raise _fail(str(exc), EXIT_FAILED) from None
+            if correct is not None:
+                kept = backend.correct_route(text, correct, decision.decision_id)
+                err.print(
+                    f"correction {kept} kept: tasks like this one go to {escape(correct)} from now on"
+                    + (f" (the router had chosen {escape(decision.agent)})" if decision.agent != correct else "")
+                )
 
         if as_json:
             sys.stdout.write(decision.model_dump_json(exclude={"latency_ms"}) + "\n")
@@ -110,6 +128,15 @@ def _register_route(app: typer.Typer) -> None:
         out.print(table)
         for name, why in decision.filtered_out.items():
             out.print(f"[dim]filtered out[/dim] {escape(name)}: {escape(why)}", highlight=False)
+        if explain:
+            if not decision.recalled:
+                out.print("[dim]no earlier correction is close to this task[/dim]")
+            for recalled in decision.recalled:
+                out.print(
+                    f"[dim]correction[/dim] {escape(recalled.agent)} (similarity {recalled.similarity:.2f}): "
+                    f"{escape(recalled.text)}",
+                    highlight=False,
+                )
 
 
 def _register_agents(app: typer.Typer) -> None:

@@ -118,6 +118,10 @@ class Backend(Protocol):
 
     def route(self, request: RouteRequest, options: RouteOptions) -> RouteDecision: ...
 
+    def correct_route(self, text: str, agent: str, decision_id: str | None) -> int:
+        """Keep a correction (``text`` goes to ``agent``); returns its id."""
+        ...
+
     def agents(self, catalogue: Path | None) -> dict[str, Any]: ...
 
     def create_key(

@@ -12,7 +12,7 @@ from typing import Any
 
 from factory import api
 from factory.auth import Scope, create_key
-from factory.catalog import load_catalog
+from factory.catalog import Catalog, load_catalog
 from factory.cli.backend import (
     Checked,
     Registered,
@@ -38,6 +38,7 @@ class LocalBackend:
         self.settings = settings
         self.where = "local state"
         self._store: Store | None = None
+        self._route_catalog: Catalog | None = None  # the catalogue of the last route: --correct checks against it
 
     @property
     def store(self) -> Store:
@@ -178,7 +179,23 @@ class LocalBackend:
             )
         else:
             chosen = make_scorer(scorer, catalog, self.settings)
-        return Router(catalog, chosen).route(request)
+        router = Router(catalog, chosen)
+        self._route_catalog = catalog  # what --correct checks its agent against
+        for correction in self.store.route_corrections():  # what people corrected before
+            router.learn(correction.agent, correction.text)
+        return router.route(request)
+
+    def correct_route(self, text: str, agent: str, decision_id: str | None) -> int:
+        from factory.routing.corrections import MAX_CORRECTION_CHARS
+        from factory.store import RouteCorrection
+
+        catalog = self._route_catalog or load_catalog(self.settings.agents_file or Path("agents.yaml"))
+        if agent not in {a.name for a in catalog.agents}:
+            raise FactoryError(f"--correct {agent}: the catalogue has no such agent; `factory agents` lists them")
+        if len(text) > MAX_CORRECTION_CHARS:
+            raise FactoryError(f"a corrected task is at most {MAX_CORRECTION_CHARS} characters")
+        record = RouteCorrection(text=text, agent=agent, decision_id=decision_id, who="local", created_at=time.time())
+        return self.store.add_route_correction(record).id
 
     def agents(self, catalogue: Path | None) -> dict[str, Any]:
         from factory.agents_view import agents_view

@@ -158,6 +158,14 @@ class ApiBackend:
             raise
         return RouteDecision.model_validate(answer)
 
+    def correct_route(self, text: str, agent: str, decision_id: str | None) -> int:
+        try:
+            return int(self.client.route_feedback(text, agent, decision_id)["id"])
+        except ApiError as exc:
+            if exc.status == 422:
+                raise FactoryError(str(exc.problem.get("detail") or exc)) from None
+            raise
+
     def agents(self, catalogue: Path | None) -> dict[str, Any]:
         self._refuse_local("--agents", "agent catalogue", catalogue)
         return self.client.agents()

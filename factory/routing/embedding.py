@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from factory.catalog import AgentSpec, Catalog
+from factory.routing.corrections import MAX_CORRECTIONS, MEMORY_FLOOR, Recalled, memory_bonus
 from factory.routing.intents import intent_whitening
 from factory.routing.lexical import LexicalScorer
 
@@ -91,6 +92,40 @@ class EmbeddingScorer:
         np.add.at(centroids, np.asarray(owner, dtype=np.int64), vectors)
         norms = np.linalg.norm(centroids, axis=1, keepdims=True)
         self._centroids = centroids / np.maximum(norms, 1e-12)
+        # corrections (factory.routing.corrections): agent index, text, and the vectors as one matrix
+        self._memory: tuple[list[int], list[str], npt.NDArray[np.float32]] = (
+            [],
+            [],
+            np.zeros((0, self.encoder.hidden), dtype=np.float32),
+        )
+
+    def remember(self, agent: str, text: str) -> bool:
+        """A correction: ``text`` is an example of ``agent``. Replaced whole, so a decision
+        running meanwhile sees the memory before or after, never half of it."""
+        if agent not in self.agents:
+            return False
+        import numpy as np
+
+        owners, texts, vectors = self._memory
+        keep = MAX_CORRECTIONS - 1
+        self._memory = (
+            [*owners[-keep:], self.agents.index(agent)],
+            [*texts[-keep:], text],
+            np.vstack([vectors[-keep:], self.embed(text)[None, :]]),
+        )
+        return True
+
+    def recall(self, text: str, limit: int = 3) -> list[Recalled]:
+        owners, texts, vectors = self._memory
+        if not owners:
+            return []
+        sims = vectors @ self.embed(text)
+        order = sims.argsort()[::-1][:limit]
+        return [
+            Recalled(agent=self.agents[owners[i]], text=texts[i], similarity=round(float(sims[i]), 6))
+            for i in order
+            if sims[i] > MEMORY_FLOOR
+        ]
 
     def _project(self, vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Whitened and L2-normalised again (unchanged without whitening)."""
@@ -114,7 +149,16 @@ class EmbeddingScorer:
         """``fit`` for several texts at once: one batched forward pass, much faster than a loop."""
         if not self.agents or not texts:
             return [{} for _ in texts]
-        scores = self._project(self.encoder.encode(texts)) @ self._centroids.T
+        queries = self._project(self.encoder.encode(texts))
+        scores = queries @ self._centroids.T
+        owners, _, memory = self._memory
+        if owners:
+            import numpy as np
+
+            sims = queries @ memory.T
+            for agent in sorted(set(owners)):
+                closest = sims[:, np.asarray(owners) == agent].max(axis=1)
+                scores[:, agent] += [memory_bonus(float(s)) for s in closest]
         fits = [{name: float(s) for name, s in zip(self.agents, row, strict=True)} for row in scores]
         if self.lexical is not None:
             for text, fit in zip(texts, fits, strict=True):

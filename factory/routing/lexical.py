@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from factory.catalog import AgentSpec, Catalog
+from factory.routing.corrections import MAX_CORRECTIONS, MEMORY_FLOOR, Recalled, memory_bonus
 from factory.routing.text import STOP_WORDS, char_ngrams, stem, words
 
 Vector = dict[str, float]
@@ -57,6 +58,16 @@ def features(text: str) -> _Features:
         if token not in STOP_WORDS and len(token) > 2:
             chars.update(char_ngrams(token))
     return _Features(Counter(content), chars)
+
+
+def _plain(feats: _Features) -> dict[str, Vector]:
+    """Sublinear TF vectors, L2-normalised, of every term (corrections bring words the catalogue lacks)."""
+    vectors: dict[str, Vector] = {}
+    for fam in FAMILY_WEIGHTS:
+        vec = {t: 1.0 + math.log(c) for t, c in feats.family(fam).items() if c > 0}
+        norm = math.sqrt(sum(v * v for v in vec.values()))
+        vectors[fam] = {t: v / norm for t, v in vec.items()} if norm else {}
+    return vectors
 
 
 def _scaled(counts: Counter[str], weight: float) -> Counter[str]:
@@ -102,6 +113,22 @@ class LexicalScorer:
         self._examples = [
             [{fam: self._vector(ex.family(fam), fam) for fam in FAMILY_WEIGHTS} for ex in exs] for exs in example_feats
         ]
+        self._memory: list[tuple[str, str, dict[str, Vector]]] = []  # (agent, text, vectors) of corrections
+
+    def remember(self, agent: str, text: str) -> bool:
+        """A correction: ``text`` is an example of ``agent`` (see factory.routing.corrections)."""
+        if agent not in self.agents:
+            return False
+        self._memory = [*self._memory[-(MAX_CORRECTIONS - 1) :], (agent, text, _plain(features(text)))]
+        return True
+
+    def recall(self, text: str, limit: int = 3) -> list[Recalled]:
+        query = _plain(features(text))
+        found = [Recalled(agent=a, text=t, similarity=round(self._similarity(query, v), 6)) for a, t, v in self._memory]
+        return sorted((r for r in found if r.similarity > MEMORY_FLOOR), key=lambda r: -r.similarity)[:limit]
+
+    def _query(self, feats: _Features) -> dict[str, Vector]:
+        return {fam: self._vector(feats.family(fam), fam) for fam in FAMILY_WEIGHTS}
 
     def _vector(self, counts: Counter[str], family: str) -> Vector:
         """Sublinear TF times IDF, L2-normalised; terms no agent has are dropped (they cannot match)."""
@@ -120,11 +147,16 @@ class LexicalScorer:
         return sum(w * self._cosine(query[fam], target[fam]) for fam, w in FAMILY_WEIGHTS.items())
 
     def fit(self, text: str) -> dict[str, float]:
-        feats = features(text)
-        query = {fam: self._vector(feats.family(fam), fam) for fam in FAMILY_WEIGHTS}
+        query = self._query(features(text))
         scores: dict[str, float] = {}
         for name, doc, examples in zip(self.agents, self._docs, self._examples, strict=True):
             whole = self._similarity(query, doc)
             best_example = max((self._similarity(query, ex) for ex in examples), default=whole)
             scores[name] = DOCUMENT_WEIGHT * whole + (1.0 - DOCUMENT_WEIGHT) * best_example
+        closest: dict[str, float] = {}
+        plain = _plain(features(text)) if self._memory else {}
+        for agent, _, vectors in self._memory:
+            closest[agent] = max(closest.get(agent, 0.0), self._similarity(plain, vectors))
+        for agent, similarity in closest.items():
+            scores[agent] += memory_bonus(similarity)
         return scores

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from factory.catalog import check_resource_amounts
+from factory.routing.corrections import Recalled
 
 
 class RouteRequest(BaseModel):
@@ -67,4 +70,10 @@ class RouteDecision(BaseModel):
     reason: str = Field(description="One sentence on why this agent won.")
     runners_up: list[Candidate] = Field(default_factory=list, description="The next best eligible agents, best first.")
     filtered_out: dict[str, str] = Field(default_factory=dict, description="Agent -> why a hard filter removed it.")
+    recalled: list[Recalled] = Field(
+        default_factory=list, description="Corrections close to this task that weighed in (closest first)."
+    )
+    decision_id: str = Field(
+        default_factory=lambda: uuid.uuid4().hex[:16], description="Quote it when correcting the decision."
+    )
     latency_ms: float

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from factory.catalog import AgentSpec, Catalog, describe_amount
 from factory.errors import NoEligibleAgentError
+from factory.routing.corrections import LearningScorer
 from factory.routing.models import AgentHealth, Candidate, RouteDecision, RouteRequest
 from factory.routing.scorers import Scorer, make_scorer
 
@@ -97,6 +98,7 @@ class Router:
         # Best total first; ties go to the better semantic fit, then to catalogue order.
         candidates.sort(key=lambda c: (-c.score, -c.breakdown["semantic"], self._order[c.agent]))
         best, rest = candidates[0], candidates[1:]
+        recalled = self.scorer.recall(request.text) if isinstance(self.scorer, LearningScorer) else []
         return RouteDecision(
             agent=best.agent,
             scorer=self.scorer.name,
@@ -105,8 +107,14 @@ class Router:
             reason=self._reason(best, rest, filtered),
             runners_up=rest[: self.max_runners_up],
             filtered_out=filtered,
+            recalled=recalled,
             latency_ms=(time.perf_counter() - start) * 1000.0,
         )
+
+    def learn(self, agent: str, text: str) -> bool:
+        """A correction: ``text`` belongs to ``agent``. False when the scorer does not learn or
+        the catalogue has no such agent."""
+        return isinstance(self.scorer, LearningScorer) and self.scorer.remember(agent, text)
 
     def _reason(self, best: Candidate, rest: list[Candidate], filtered: dict[str, str]) -> str:
         sem = best.breakdown["semantic"]

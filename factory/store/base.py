@@ -124,6 +124,18 @@ class RegisteredWorkflow(BaseModel):
     created_by: str = ""
 
 
+class RouteCorrection(BaseModel):
+    """A person's correction of a routing decision: ``text`` should have gone to ``agent``.
+    Routers use it as a labelled example of that agent (factory.routing)."""
+
+    id: int = 0  # given by the store
+    text: str
+    agent: str
+    decision_id: str | None = None
+    who: str = ""
+    created_at: float
+
+
 class Event(BaseModel):
     id: int
     run_id: str
@@ -247,6 +259,12 @@ class Store(Protocol):
 
     def list_registered_workflows(self) -> list[RegisteredWorkflow]:
         """The latest version of every registered name."""
+
+    def add_route_correction(self, record: RouteCorrection) -> RouteCorrection:
+        """Store a correction; returns it with its id (ids grow with time)."""
+
+    def route_corrections(self, after_id: int = 0, limit: int = 10_000) -> list[RouteCorrection]:
+        """Corrections with an id above ``after_id``, oldest first."""
 
     def cache_get(self, key: str) -> str | None: ...
 

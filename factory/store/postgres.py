@@ -143,6 +143,19 @@ MIGRATIONS: list[tuple[int, str]] = [
         )
         """,
     ),
+    (
+        5,
+        """
+        CREATE TABLE route_corrections (
+            id BIGSERIAL PRIMARY KEY,
+            text TEXT NOT NULL,
+            agent TEXT NOT NULL,
+            decision_id TEXT,
+            who TEXT NOT NULL DEFAULT '',
+            created_at DOUBLE PRECISION NOT NULL
+        )
+        """,
+    ),
 ]
 
 

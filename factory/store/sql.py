@@ -24,6 +24,7 @@ from factory.store.base import (
     Change,
     Event,
     RegisteredWorkflow,
+    RouteCorrection,
     RunChange,
     RunGrants,
     RunRecord,
@@ -508,6 +509,32 @@ class SQLStore(ABC):
                 " (SELECT MAX(version) FROM registered_workflows v WHERE v.name = w.name) ORDER BY name"
             ).fetchall()
         return [self._registered(row) for row in rows]
+
+    # -- routing corrections ---------------------------------------------------------------------
+
+    _CORRECTION_COLUMNS = "id, text, agent, decision_id, who, created_at"
+
+    def add_route_correction(self, record: RouteCorrection) -> RouteCorrection:
+        with self._write() as cur:
+            row = cur.execute(
+                self._sql(
+                    "INSERT INTO route_corrections (text, agent, decision_id, who, created_at)"
+                    " VALUES (?,?,?,?,?) RETURNING id"
+                ),
+                (record.text, record.agent, record.decision_id, record.who, record.created_at),
+            ).fetchone()
+        return record.model_copy(update={"id": int(row[0])})
+
+    def route_corrections(self, after_id: int = 0, limit: int = 10_000) -> list[RouteCorrection]:
+        with self._read() as cur:
+            rows = cur.execute(
+                self._sql(f"SELECT {self._CORRECTION_COLUMNS} FROM route_corrections WHERE id > ? ORDER BY id LIMIT ?"),
+                (after_id, limit),
+            ).fetchall()
+        return [
+            RouteCorrection(id=r[0], text=r[1], agent=r[2], decision_id=r[3], who=r[4] or "", created_at=r[5])
+            for r in rows
+        ]
 
     # -- cache -----------------------------------------------------------------------------------
 

@@ -99,6 +99,14 @@ CREATE TABLE IF NOT EXISTS registered_workflows (
     created_at REAL NOT NULL,
     created_by TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS route_corrections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    text TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    decision_id TEXT,
+    who TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL
 )
 """
 

@@ -112,3 +112,17 @@ def test_embedding_route_and_models_pull(env: dict[str, str], agents: Path, mini
     by_setting = factory(env, "route", "Fix the crash in my Python script", "--agents", str(agents), "--json")
     assert by_setting.returncode == 0, by_setting.stderr
     assert json.loads(by_setting.stdout)["scorer"] == "embedding"
+
+
+def test_route_correct_then_explain(env: dict[str, str], agents: Path) -> None:
+    text = "Please tidy up the wording of our onboarding handbook"
+    first = json.loads(factory(env, "route", text, "--agents", str(agents), "--json").stdout)
+    right = "translator" if first["agent"] != "translator" else "sql"
+    bad = factory(env, "route", text, "--agents", str(agents), "--correct", "astronaut")
+    assert bad.returncode == 2 and "no such agent" in bad.stderr
+    corrected = factory(env, "route", text, "--agents", str(agents), "--correct", right)
+    assert corrected.returncode == 0, corrected.stderr
+    assert f"go to {right} from now on" in corrected.stderr
+    explained = factory(env, "route", text, "--agents", str(agents), "--explain")
+    assert explained.stdout.startswith(right), explained.stdout
+    assert f"correction {right} (similarity 1.00): {text}" in explained.stdout

@@ -13,6 +13,7 @@ import pytest
 from deployments.app import _settings
 from factory.client import ApiError, FactoryClient
 from factory.errors import FactoryError
+from factory.routing import RouteRequest
 from tests.conftest import ApiServer
 
 PROBLEM = "application/problem+json"
@@ -290,3 +291,45 @@ def test_event_streams_are_bounded(client: FactoryClient, http: httpx.Client, ap
             break
         time.sleep(0.5)
     assert again.status_code == 200, "closed streams must give their places back"
+
+
+def test_routing_corrections_are_learnt_kept_and_reach_a_new_replica(
+    http: httpx.Client, client: FactoryClient, api_server: ApiServer
+) -> None:
+    from deployments.route import learn_stored_corrections
+    from factory.api import store_for
+    from factory.catalog import load_catalog
+    from factory.routing import Router, make_scorer
+
+    text = "Sort out the seating plan for the board dinner next Thursday"
+    first = client.route(text)
+    right = "coder" if first["agent"] != "coder" else "summarizer"
+    feedback = {"text": text, "agent": right, "decision_id": first["decision_id"]}
+    is_problem(http.post("/v1/route/feedback", json=feedback, headers=api_server.headers("read")), 403)
+    unknown = is_problem(
+        http.post("/v1/route/feedback", json={**feedback, "agent": "astronaut"}, headers=api_server.headers("submit")),
+        422,
+    )
+    assert "astronaut" in unknown["detail"]
+    is_problem(
+        http.post("/v1/route/feedback", json={**feedback, "text": "x" * 10_001}, headers=api_server.headers("submit")),
+        422,
+    )
+    kept = client.route_feedback(text, right, first["decision_id"])
+    assert kept["who"].startswith("key:") and kept["decision_id"] == first["decision_id"]
+    again = client.route(text)
+    assert again["agent"] == right
+    assert again["recalled"] and again["recalled"][0]["text"] == text
+    listed = client.route_corrections(after=kept["id"] - 1)
+    assert [(c["text"], c["agent"]) for c in listed] == [(text, right)]
+    # a replica started later (another replica, or after a restart) learns every stored correction
+    settings = api_server.settings
+    catalog = load_catalog(settings.agents_file)
+    fresh = Router(catalog, make_scorer(settings.router_scorer, catalog, settings))
+    assert fresh.route(RouteRequest(text=text)).agent == first["agent"]
+    store = store_for(settings)
+    try:
+        assert learn_stored_corrections(fresh, store) >= kept["id"]
+    finally:
+        store.close()
+    assert fresh.route(RouteRequest(text=text)).agent == right

@@ -231,3 +231,17 @@ def test_no_shipped_text_is_an_embedding_near_copy_of_an_evaluation_task(minilm_
     assert caught and caught[0].task.source.endswith("routing-heldout.tsv:117")  # the check can fail
     found = embedding_near_copies(shipped_texts(), tasks, minilm_dir)
     assert not found, "\n".join(f"{n.how}: {n.shipped.source} ~ {n.task.source}: {n.task.text}" for n in found)
+
+
+def test_the_embedding_scorer_learns_from_a_correction(minilm_dir: Path) -> None:
+    from factory.routing.embedding import EmbeddingScorer
+
+    router = Router(catalog(), EmbeddingScorer(catalog(), model_dir=minilm_dir))
+    text = "Please tidy up the wording of our onboarding handbook"
+    wrong = router.route(RouteRequest(text=text)).agent
+    right = "sql" if wrong != "sql" else "translator"
+    assert router.learn(right, text)
+    decision = router.route(RouteRequest(text=text))
+    assert decision.agent == right and decision.recalled[0].similarity > 0.99
+    assert router.route(RouteRequest(text="Could you tidy the wording of the onboarding handbook?")).agent == right
+    assert router.route(RouteRequest(text="Could you put this email into Italian?")).agent == "translator"

@@ -237,3 +237,21 @@ def test_a_version_2_sqlite_database_gains_the_new_columns(tmp_path: object) -> 
         assert store.list_api_keys()[0].secrets == [] and store.list_api_keys()[0].expires_at is None
     finally:
         store.close()
+
+
+def test_route_corrections_are_kept_in_order(db: Store) -> None:
+    from factory.store import RouteCorrection
+
+    before = db.route_corrections()
+    first = db.add_route_correction(RouteCorrection(text="a task", agent="sql", who="key:k1", created_at=time.time()))
+    second = db.add_route_correction(
+        RouteCorrection(text="another one", agent="coder", decision_id="d-1", created_at=time.time())
+    )
+    assert 0 < first.id < second.id
+    seen = db.route_corrections(after_id=before[-1].id if before else 0)
+    assert [(c.text, c.agent, c.decision_id, c.who) for c in seen] == [
+        ("a task", "sql", None, "key:k1"),
+        ("another one", "coder", "d-1", ""),
+    ]
+    assert db.route_corrections(after_id=first.id) == [second]
+    assert db.route_corrections(after_id=0, limit=1)[0].id <= first.id

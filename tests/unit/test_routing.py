@@ -271,3 +271,29 @@ def test_placement_reasons_name_the_missing_resource() -> None:
         "no single node has all of GPU 1, memory 3.73 GiB at once"
     )
     assert unplaceable_reason({"CPU": 1}, []) == "the cluster has no alive node"
+
+
+def test_a_correction_sends_the_same_request_and_close_rewordings_to_the_corrected_agent() -> None:
+    router = Router(catalog())
+    text = "Please tidy up the wording of our onboarding handbook"
+    before = router.route(RouteRequest(text=text))
+    assert before.agent != "translator" and before.recalled == []
+    assert not router.learn("astronaut", text)  # no such agent: nothing learnt
+    assert router.learn("translator", text)
+    after = router.route(RouteRequest(text=text))
+    assert after.agent == "translator"
+    assert [(r.agent, r.text) for r in after.recalled] == [("translator", text)]
+    assert after.decision_id != before.decision_id
+    reworded = router.route(RouteRequest(text="tidy up the wording of the onboarding handbook, please"))
+    assert reworded.agent == "translator"
+    # a task that is not close to the correction is decided as before
+    assert router.route(RouteRequest(text="Fix the failing unit test in this module.")).agent == "coder"
+    assert router.route(RouteRequest(text="Fix the failing unit test in this module.")).recalled == []
+
+
+def test_a_correction_obeys_the_hard_filters() -> None:
+    router = Router(catalog())
+    text = "Please tidy up the wording of our onboarding handbook"
+    router.learn("translator", text)
+    decision = router.route(RouteRequest(text=text, capabilities=["code"]))
+    assert decision.agent in ("coder", "sql") and "translator" in decision.filtered_out
