@@ -1,0 +1,202 @@
+"""fast-agent agents in pools of Ray actor replicas, on a real local Ray, with no hosted model.
+
+The models are fast-agent's own offline ones (``passthrough`` answers with the message it got,
+or with what follows ``***FIXED_RESPONSE``; ``slow`` is passthrough after 3 s) and its ``generic``
+OpenAI-compatible provider pointed at ``ChatStandIn`` (tests/fixtures/chat_standin.py), a local
+stand-in for a paid provider that also plays the provider's failures: a rate limit, a malformed
+answer and a hang. Not tested here: a real hosted model (no key, no network).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+import factory
+from factory.catalog import AgentSpec
+from factory.pools import DEFAULT_MANAGER_NAME, ManagerConfig, PoolClient, Pools, stop_manager
+from factory.runtime import Outcome
+from factory.store.sqlite import SQLiteStore
+from tests.fixtures.chat_standin import COMPLETION_TOKENS, PROMPT_TOKENS, ChatStandIn
+
+if importlib.util.find_spec("fast_agent") is None:
+    pytest.skip("fast-agent is not installed (pip install -e '.[fast-agent]')", allow_module_level=True)
+
+REPO = Path(__file__).parent.parent.parent
+FIXTURES = str(Path(__file__).parent.parent / "fixtures")
+CHAIN = REPO / "examples" / "fast_agent_chain"
+FIXED = "***FIXED_RESPONSE"
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.fixture(scope="module")
+def pools(ray_cluster: str) -> Iterator[Pools]:
+    name = f"test-fa-{uuid.uuid4().hex[:8]}"
+    connection = Pools(name, config=ManagerConfig(check_interval=0.5, drain_grace=0.1, drain_timeout=2))
+    try:
+        yield connection
+    finally:
+        connection.close()
+        stop_manager(name, drain_timeout=0)
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[ChatStandIn]:
+    server = ChatStandIn().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def fast_pool(pools: Pools, name: str, config: dict[str, Any], **pool: Any) -> PoolClient:
+    spec = AgentSpec.model_validate(
+        {
+            "name": name,
+            "class": "factory.fastagent:FastAgent",
+            "pool": {"num_cpus": 0.1, "max_concurrency": 4, **pool},
+            "config": config,
+        }
+    )
+    return pools.ensure(spec, search_path=[FIXTURES])
+
+
+def result(outcome: Outcome) -> Any:
+    assert outcome.ok, outcome.error
+    return json.loads(outcome.output_json or "null")
+
+
+def test_a_passthrough_agent_serves_concurrent_jobs_with_structured_output(pools: Pools) -> None:
+    client = fast_pool(pools, "fa-pass", {"model": "passthrough", "outputs": {"invoice": "fa_outputs:Invoice"}})
+    texts = [f"job number {i} {uuid.uuid4().hex[:6]}" for i in range(8)]
+    outcomes: list[Outcome] = ray.get([client.submit({"text": t}) for t in texts], timeout=120)
+    assert [result(o)["text"] for o in outcomes] == texts
+    assert all(result(o)["usage"] is None for o in outcomes)  # passthrough reports no tokens
+
+    answer = json.dumps({"number": "INV-7", "total": 12.5})
+    data = client.ask({"text": f"{FIXED} {answer}", "output": "invoice"}, timeout=60)
+    assert data["data"] == {"number": "INV-7", "total": 12.5}
+
+    bad: Outcome = ray.get(client.submit({"text": f"{FIXED} not an invoice", "output": "invoice"}), timeout=60)
+    assert not bad.ok and bad.retryable
+    assert bad.error_type == "factory.errors.ModelOutputError" and "Invoice" in (bad.error or "")
+
+    unknown: Outcome = ray.get(client.submit({"text": "x", "output": "receipt"}), timeout=60)
+    assert not unknown.ok and not unknown.retryable and "invoice" in (unknown.error or "")
+
+
+def test_jobs_on_one_replica_never_share_a_conversation_and_usage_is_per_job(
+    pools: Pools, standin: ChatStandIn
+) -> None:
+    standin.mode = "ok"
+    standin.requests.clear()
+    config = {"model": "generic.tiny-local", "base_url": standin.url, "instruction": "Be brief.", "use_history": True}
+    client = fast_pool(pools, "fa-generic", config, max_replicas=1)
+    texts = [f"question {i}" for i in range(5)]
+    outcomes: list[Outcome] = ray.get([client.submit({"text": t}) for t in texts], timeout=120)
+    for outcome in outcomes:
+        out = result(outcome)
+        assert out["text"] == standin.reply
+        usage = out["usage"]
+        assert (usage["input_tokens"], usage["output_tokens"], usage["requests"]) == (
+            PROMPT_TOKENS,
+            COMPLETION_TOKENS,
+            1,
+        )
+        assert usage["models"]["tiny-local"]["input_tokens"] == PROMPT_TOKENS
+    # Every request the provider saw is one system message and this job's message: no other job's turns.
+    asked = sorted(r["messages"][-1]["content"] for r in standin.requests[-5:])
+    assert sorted(texts) == [a if isinstance(a, str) else a[0]["text"] for a in asked]
+    assert all([m["role"] for m in r["messages"]] == ["system", "user"] for r in standin.requests[-5:])
+    assert {r["model"] for r in standin.requests} == {"tiny-local"}
+
+
+@pytest.mark.parametrize(
+    ("mode", "error_type"),
+    [
+        ("rate_limit", "factory.errors.ModelRateLimitError"),
+        ("malformed", "factory.errors.ModelProviderError"),
+        ("hang", "factory.errors.ModelTimeoutError"),
+    ],
+)
+def test_provider_failures_become_retryable_factory_errors_and_the_replica_lives(
+    pools: Pools, standin: ChatStandIn, mode: str, error_type: str
+) -> None:
+    config = {"model": "generic.tiny-local", "base_url": standin.url, "timeout_seconds": 2}
+    client = fast_pool(pools, "fa-failing", config, max_replicas=1)
+    (replica,) = client.handles().values()
+    pid = ray.get(replica.ready.remote())
+    standin.mode = mode  # type: ignore[assignment]
+    standin.hang_seconds = 5
+    try:
+        outcome: Outcome = ray.get(client.submit({"text": "anything"}), timeout=60)
+    finally:
+        standin.mode = "ok"
+    assert not outcome.ok and outcome.retryable
+    assert outcome.error_type == error_type, outcome.error
+    assert "tiny-local" in (outcome.error or "")
+    # The same replica (same process) still serves, and says it is healthy.
+    assert ray.get(replica.ready.remote()) == pid
+    assert result(ray.get(client.submit({"text": "again"}), timeout=60))["text"] == standin.reply
+    assert ray.get(replica.health.remote()).healthy
+
+
+def test_the_slow_model_past_the_timeout_is_a_retryable_timeout(pools: Pools) -> None:
+    client = fast_pool(pools, "fa-slow", {"model": "slow", "timeout_seconds": 0.5})
+    started = time.monotonic()
+    outcome: Outcome = ray.get(client.submit({"text": "hello"}), timeout=60)
+    assert time.monotonic() - started < 3
+    assert not outcome.ok and outcome.retryable and outcome.error_type == "factory.errors.ModelTimeoutError"
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ({"model": "nosuchprovider.some-model"}, "not a fast-agent model"),
+        ({"model": "passthrough", "servers": {"tools": {"command": "/nonexistent/mcp-server"}}}, "MCP server"),
+    ],
+)
+def test_a_replica_whose_fast_agent_cannot_start_is_unhealthy_with_the_reason(
+    pools: Pools, config: dict[str, Any], reason: str
+) -> None:
+    name = f"fa-broken-{uuid.uuid4().hex[:4]}"
+    client = fast_pool(pools, name, config, max_replicas=1)
+    outcome: Outcome = ray.get(client.submit({"text": "hello"}), timeout=60)
+    assert not outcome.ok and reason in (outcome.error or "")
+    expected_retry = "servers" in config  # a bad model never gets better; a server may come back
+    assert outcome.retryable is expected_retry
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        (info,) = pools.discover(name, refresh=True)
+        details = [r.detail for r in info.replica_details if not r.healthy]
+        if details:
+            break
+        time.sleep(0.2)
+    assert info.health in ("down", "degraded") and reason in details[0] and "cannot start" in details[0]
+    pools.unregister(name, drain_timeout=0)
+
+
+def test_the_fast_agent_chain_example_runs_offline(factory_home: Path, settings: Any) -> None:
+    store = SQLiteStore(factory_home / "factory.db")
+    try:
+        run = factory.run(CHAIN / "workflow.yaml", store=store, settings=settings, agents=CHAIN / "agents.yaml")
+        assert run.ok, run.error
+        out = run.outputs
+        topic = "the release notes of version 1.2"
+        outline = out["outline"]["result"]["text"]
+        assert outline == f"Write an outline of {topic}, in at most 3 points."
+        assert out["draft"]["result"]["text"] == f"Write an outline of {outline}, in at most 3 points."
+        assert out["facts"]["result"]["data"] == {"title": topic, "points": 3}
+        assert out["facts"]["agent"] == "facts" and out["draft"]["replica"].startswith("writer-")
+    finally:
+        store.close()
+        stop_manager(DEFAULT_MANAGER_NAME, drain_timeout=0)
