@@ -19,11 +19,15 @@ from typing import Any
 
 import pytest
 import ray
+from typer.testing import CliRunner
 
 import factory
-from factory.catalog import AgentSpec
+from factory.agents_view import pool_view
+from factory.catalog import AgentSpec, Catalog
+from factory.cli import app
 from factory.pools import DEFAULT_MANAGER_NAME, ManagerConfig, PoolClient, Pools, stop_manager
 from factory.runtime import Outcome
+from factory.spec import RetryPolicy, Step, Workflow
 from factory.store.sqlite import SQLiteStore
 from tests.fixtures.chat_standin import COMPLETION_TOKENS, PROMPT_TOKENS, ChatStandIn
 
@@ -182,6 +186,7 @@ def test_a_replica_whose_fast_agent_cannot_start_is_unhealthy_with_the_reason(
             break
         time.sleep(0.2)
     assert info.health in ("down", "degraded") and reason in details[0] and "cannot start" in details[0]
+    assert any(reason in p for p in pool_view(info)["problems"])  # what `factory agents` and GET /v1/agents show
     pools.unregister(name, drain_timeout=0)
 
 
@@ -200,3 +205,36 @@ def test_the_fast_agent_chain_example_runs_offline(factory_home: Path, settings:
     finally:
         store.close()
         stop_manager(DEFAULT_MANAGER_NAME, drain_timeout=0)
+
+
+def test_a_workflow_step_retries_a_rate_limit_and_status_shows_its_tokens(
+    factory_home: Path, settings: Any, standin: ChatStandIn
+) -> None:
+    """The first attempt meets a 429 from the stand-in provider, the retry succeeds; usage is durable."""
+    config = {"model": "generic.tiny-local", "base_url": standin.url}
+    spec = AgentSpec.model_validate(
+        {"name": "fa-step", "class": "factory.fastagent:FastAgent", "pool": {"num_cpus": 0.1}, "config": config}
+    )
+    standin.mode = "ok"
+    standin.limit_next = 3  # the first attempt's request and the SDK's own two retries
+    flow = Workflow(
+        name="fa-retry",
+        steps=[Step(id="ask", agent="fa-step", with_={"text": "hello"}, retry=RetryPolicy(max_attempts=3, backoff=0))],
+    )
+    store = SQLiteStore(factory_home / "factory.db")
+    try:
+        run = factory.run(flow, store=store, settings=settings, agents=Catalog(agents=[spec]))
+        assert run.ok, run.error
+        assert run.outputs["ask"]["result"]["usage"]["input_tokens"] == PROMPT_TOKENS
+        events = [(e.type, e.data) for e in store.events(run_id=run.run_id)]
+        retried = [data for kind, data in events if kind == "step.retrying"]
+        assert len(retried) == 1 and "ModelRateLimitError" in retried[0]["error"]
+        assert [data["attempt"] for kind, data in events if kind == "step.succeeded"] == [2]
+    finally:
+        store.close()
+        stop_manager(DEFAULT_MANAGER_NAME, drain_timeout=0)
+        standin.limit_next = 0
+    shown = CliRunner().invoke(app, ["status", run.run_id], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert f"{PROMPT_TOKENS} in / {COMPLETION_TOKENS} out" in shown.output
+    assert f"tokens: {PROMPT_TOKENS} in / {COMPLETION_TOKENS} out" in shown.output
