@@ -98,6 +98,44 @@ def test_a_passthrough_agent_serves_concurrent_jobs_with_structured_output(pools
     assert not unknown.ok and not unknown.retryable and "invoice" in (unknown.error or "")
 
 
+def test_playback_shows_each_job_has_an_agent_of_its_own(pools: Pools) -> None:
+    """fast-agent's playback model loads the first message list it sees and answers with its size, then
+    plays it back: on an agent shared between jobs, every job after the first would get a played-back turn."""
+    client = fast_pool(pools, "fa-playback", {"model": "playback"}, max_concurrency=6)
+    sizes = [1, 2, 3, 4, 5, 6]
+    outcomes: list[Outcome] = ray.get(
+        [client.submit({"messages": [f"m{i}" for i in range(n)]}) for n in sizes], timeout=120
+    )
+    assert [result(o)["text"] for o in outcomes] == [f"HISTORY LOADED ({n}) messages" for n in sizes]
+
+
+def test_fast_agents_systemexit_is_a_config_error_and_the_process_lives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fast-agent reports some configuration errors with SystemExit; in this process (as in a replica) it
+    becomes a ModelConfigError (not retried) and an unhealthy report, and fast-agent's loop keeps running."""
+    import asyncio
+
+    from fast_agent.llm.model_factory import ModelFactory
+
+    from factory.errors import ModelConfigError
+    from factory.fastagent import FastAgent
+    from factory.fastagent.runtime import FastAgentRuntime
+
+    def exits(*args: Any, **kwargs: Any) -> Any:
+        raise SystemExit(1)
+
+    monkeypatch.setattr(ModelFactory, "create_factory", staticmethod(exits))
+    agent = FastAgent({"model": "passthrough", "instruction": "exit test"})
+    health = agent.health()
+    assert not isinstance(health, bool) and not health.healthy and "exit code 1" in health.detail
+    with pytest.raises(ModelConfigError, match="exit code 1") as caught:
+        asyncio.run(agent.handle(agent.prepare_task({"text": "hi"})))
+    assert caught.value.retryable is False
+    monkeypatch.undo()
+    assert FastAgentRuntime.get().thread.is_alive()
+    again = FastAgent({"model": "passthrough", "instruction": "after the exit"})
+    assert asyncio.run(again.handle(again.prepare_task({"text": "still here"})))["text"] == "still here"
+
+
 def test_jobs_on_one_replica_never_share_a_conversation_and_usage_is_per_job(
     pools: Pools, standin: ChatStandIn
 ) -> None:
