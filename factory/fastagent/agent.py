@@ -224,6 +224,7 @@ class FastAgent(Agent):
         self._runtime = FastAgentRuntime.get()
         self._factory: Any = None
         self._context: Any = None
+        self._tool_host: Any = None
         self._outputs: dict[str, type[BaseModel]] = {}
         try:
             self._outputs = self._load_outputs()
@@ -274,10 +275,13 @@ class FastAgent(Agent):
         key = f"{self.settings_key}-{hashlib.sha256(config_json.encode()).hexdigest()[:12]}"
         self._context = await self._runtime.context(key, self._settings)
         self._factory = ModelFactory.create_factory(self.model)
-        probe = await self._new_agent()  # checks the credentials and, with servers, that they answer
-        await self._close(probe)
+        if self.config.servers:
+            # The replica's MCP connections: opened once here, shared by every job's agent.
+            self._tool_host = await self._new_agent(host=True)
+        await self._new_agent()  # checks the model and its credentials now rather than at the first job
 
-    async def _new_agent(self) -> Any:
+    async def _new_agent(self, host: bool = False) -> Any:
+        """A job's agent; with ``host``, the replica's one agent that owns the MCP connections."""
         from fast_agent.agents.agent_types import AgentConfig
         from fast_agent.llm.fastagent_llm import FastAgentLLM
         from fast_agent.types import RequestParams
@@ -296,10 +300,16 @@ class FastAgent(Agent):
             from fast_agent import McpAgent
 
             agent: Any = McpAgent(config, context=self._context)
+            if not host:
+                # fast-agent gives each McpAgent an aggregator of its own (its own server processes and
+                # sessions); a job's agent uses the host's, already connected, instead.
+                agent._aggregator = self._tool_host._aggregator
             try:
                 await agent.initialize()
             except BaseException as exc:
-                await self._close(agent)
+                if host:
+                    with contextlib.suppress(Exception):
+                        await agent.shutdown()
                 if isinstance(exc, Exception | SystemExit):
                     raise McpServerError(f"an MCP server of the agent is not available: {one_line(exc)}") from None
                 raise
@@ -311,11 +321,6 @@ class FastAgent(Agent):
         if isinstance(agent.llm, FastAgentLLM):
             agent.llm.validate_provider_credentials()
         return agent
-
-    async def _close(self, agent: Any) -> None:
-        if self.config.servers:
-            with contextlib.suppress(Exception):  # closing a job's MCP connections must not fail the job
-                await agent.shutdown()
 
     def message(self, task: FastAgentTask) -> str | list[str]:
         """The agent's message(s) for a job."""
@@ -374,40 +379,37 @@ class FastAgent(Agent):
         from fast_agent.constants import FAST_AGENT_ERROR_CHANNEL
         from fast_agent.types import LlmStopReason
 
-        agent = await self._new_agent()
+        agent = await self._new_agent()  # nothing to close afterwards: its MCP connections are the replica's
+        parsed: BaseModel | None = None
         try:
-            parsed: BaseModel | None = None
-            try:
-                if output_model is not None:
-                    parsed, reply = await agent.structured(messages, output_model)
-                else:
-                    reply = await agent.generate(messages)
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a Factory error
-                error = classify_exception(exc, self.model)
-                error.usage = _usage(agent)
-                raise error from None
-            usage = _usage(agent)
-            channels = reply.channels or {}
-            if reply.stop_reason == LlmStopReason.ERROR or FAST_AGENT_ERROR_CHANNEL in channels:
-                blocks = channels.get(FAST_AGENT_ERROR_CHANNEL) or []
-                detail = " ".join(getattr(b, "text", "") for b in blocks) or reply.last_text() or "no detail"
-                raise classify_failure(detail, self.model, usage)
-            text: str = reply.last_text() or ""
-            result: dict[str, Any] = {"text": text, "usage": usage}
             if output_model is not None:
-                if parsed is None:
-                    try:
-                        parsed = output_model.model_validate_json(text)
-                    except ValidationError as exc:
-                        raise ModelOutputError(
-                            f"model {self.model!r} did not answer the structured output {output_model.__name__} "
-                            f"({exc.error_count()} problem(s)): {one_line(text, 200)!r}",
-                            usage=usage,
-                        ) from None
-                result["data"] = parsed.model_dump(mode="json")
-            return result
-        finally:
-            await self._close(agent)
+                parsed, reply = await agent.structured(messages, output_model)
+            else:
+                reply = await agent.generate(messages)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a Factory error
+            error = classify_exception(exc, self.model)
+            error.usage = _usage(agent)
+            raise error from None
+        usage = _usage(agent)
+        channels = reply.channels or {}
+        if reply.stop_reason == LlmStopReason.ERROR or FAST_AGENT_ERROR_CHANNEL in channels:
+            blocks = channels.get(FAST_AGENT_ERROR_CHANNEL) or []
+            detail = " ".join(getattr(b, "text", "") for b in blocks) or reply.last_text() or "no detail"
+            raise classify_failure(detail, self.model, usage)
+        text: str = reply.last_text() or ""
+        result: dict[str, Any] = {"text": text, "usage": usage}
+        if output_model is not None:
+            if parsed is None:
+                try:
+                    parsed = output_model.model_validate_json(text)
+                except ValidationError as exc:
+                    raise ModelOutputError(
+                        f"model {self.model!r} did not answer the structured output {output_model.__name__} "
+                        f"({exc.error_count()} problem(s)): {one_line(text, 200)!r}",
+                        usage=usage,
+                    ) from None
+            result["data"] = parsed.model_dump(mode="json")
+        return result
 
     def health(self) -> bool | HealthReport:
         if self.problem is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -190,6 +191,20 @@ def test_provider_failures_become_retryable_factory_errors_and_the_replica_lives
     assert ray.get(replica.ready.remote()) == pid
     assert result(ray.get(client.submit({"text": "again"}), timeout=60))["text"] == standin.reply
     assert ray.get(replica.health.remote()).healthy
+
+
+def test_a_replicas_mcp_server_is_started_once_and_serves_every_job(pools: Pools) -> None:
+    """The replica opens its MCP servers once; concurrent jobs' agents call tools through them."""
+    server = {"command": sys.executable, "args": [str(Path(FIXTURES) / "mcp_pid_server.py")]}
+    client = fast_pool(pools, "fa-tools", {"model": "passthrough", "servers": {"tools": server}}, max_concurrency=4)
+    batches = []
+    for _ in range(2):
+        refs = [client.submit({"text": "***CALL_TOOL tools__whoami {}"}) for _ in range(4)]
+        batches.append([result(o)["text"] for o in ray.get(refs, timeout=120)])
+    pids = {pid for batch in batches for pid in batch}
+    assert len(pids) == 1 and pids.pop().isdigit()  # one server process for all eight jobs
+    call = "***CALL_TOOL tools__echo " + json.dumps({"text": "through MCP"})
+    assert result(ray.get(client.submit({"text": call}), timeout=60))["text"] == "echo: through MCP"
 
 
 def test_the_slow_model_past_the_timeout_is_a_retryable_timeout(pools: Pools) -> None:

@@ -189,3 +189,53 @@ def test_over_http_every_request_brings_its_own_key(mcp_http: str, api_server: A
         assert "403" in refused
 
     anyio.run(scenario)
+
+
+def test_a_fast_agent_agent_in_a_pool_calls_the_factorys_tools(api_server: ApiServer) -> None:
+    """A FastAgent replica (a Ray actor) with `factory mcp` as its MCP server, on the passthrough model,
+    which turns `***CALL_TOOL name {args}` into a real tool call and answers with the tool's result."""
+    import uuid
+
+    import ray
+
+    from factory.catalog import AgentSpec
+    from factory.pools import ManagerConfig, Pools, stop_manager
+    from factory.runtime import Outcome
+
+    if importlib.util.find_spec("fast_agent") is None:
+        pytest.skip("fast-agent is not installed")
+    server = {
+        "command": sys.executable,
+        "args": ["-m", "factory.cli", "--api", api_server.base_url, "--api-key", api_server.keys["submit"], "mcp"],
+        "env": {"PYTHONPATH": str(REPO), "FACTORY_HOME": str(api_server.settings.home)},
+        "cwd": str(REPO),
+    }
+    spec = AgentSpec.model_validate(
+        {
+            "name": "fa-caller",
+            "class": "factory.fastagent:FastAgent",
+            "pool": {"num_cpus": 0.1, "max_concurrency": 2},
+            "config": {"model": "passthrough", "servers": {"factory": server}, "start_timeout_seconds": 90},
+        }
+    )
+    name = f"test-fa-mcp-{uuid.uuid4().hex[:8]}"
+    pools = Pools(name, config=ManagerConfig(check_interval=0.5, drain_grace=0.1, start_timeout=120))
+    try:
+        client = pools.ensure(spec)
+        listed: Outcome = ray.get(client.submit({"text": "***CALL_TOOL factory__list_agents {}"}), timeout=180)
+        assert listed.ok, listed.error
+        agents = json.loads(json.loads(listed.output_json or "null")["text"])
+        assert {"summarizer", "translator"} <= {a["name"] for a in agents["agents"]}
+
+        call = "***CALL_TOOL factory__submit_workflow " + json.dumps({"workflow": workflow(9)})
+        submitted: Outcome = ray.get(client.submit({"text": call}), timeout=180)
+        assert submitted.ok, submitted.error
+        run_id = json.loads(json.loads(submitted.output_json or "null")["text"])["run_id"]
+        from factory.client import FactoryClient
+
+        with FactoryClient(api_server.base_url, api_server.keys["read"]) as api:
+            run = api.wait(run_id, timeout=90)
+        assert run["status"] == "succeeded" and run["steps"][0]["output"] == 10
+    finally:
+        pools.close()
+        stop_manager(name, drain_timeout=0)
