@@ -59,6 +59,7 @@ from factory.errors import (
 from factory.fastagent.runtime import FastAgentExit, FastAgentRuntime, quiet_settings
 
 MAX_TEXT = 1_000_000
+HEALTH_SECONDS = 2.0
 _SECRETISH = re.compile(r"(?i)\b(sk-[A-Za-z0-9_-]{6,}|bearer\s+[A-Za-z0-9._~+/-]{6,}|(?:api[_-]?key)[=:]\s*\S+)")
 
 
@@ -411,7 +412,35 @@ class FastAgent(Agent):
             result["data"] = parsed.model_dump(mode="json")
         return result
 
-    def health(self) -> bool | HealthReport:
+    async def health(self) -> bool | HealthReport:
+        """Unhealthy when fast-agent could not start here, or when one of the replica's MCP servers no
+        longer answers a ping (fast-agent does not restart a dead server by itself: the agent manager
+        replaces the replica, and a new replica starts new servers). The reason is the detail."""
         if self.problem is not None:
             return HealthReport(healthy=False, detail=self.problem)
+        if self._tool_host is None:
+            return True
+        try:
+            down = await asyncio.wait_for(self._runtime.arun(self._servers_down()), HEALTH_SECONDS + 1)
+        except TimeoutError:
+            down = ["(status check timed out)"]
+        if down:
+            return HealthReport(healthy=False, detail=f"MCP server(s) not answering: {', '.join(down)}")
         return True
+
+    async def _servers_down(self) -> list[str]:
+        """The replica's MCP servers that are not connected or do not answer a ping (on fast-agent's loop)."""
+        manager = getattr(self._tool_host._aggregator, "_persistent_connection_manager", None)
+        running = getattr(manager, "running_servers", {}) if manager is not None else {}
+        down: list[str] = []
+        for name in self.config.servers:
+            connection = running.get(name)
+            client = getattr(connection, "client", None)
+            if connection is None or client is None or not connection.is_healthy():
+                down.append(name)
+                continue
+            try:
+                await asyncio.wait_for(client.ping(), HEALTH_SECONDS)
+            except Exception:  # noqa: BLE001 - any failure to answer is a server down
+                down.append(name)
+        return down

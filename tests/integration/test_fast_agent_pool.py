@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import sys
 import time
 import uuid
@@ -126,7 +128,7 @@ def test_fast_agents_systemexit_is_a_config_error_and_the_process_lives(monkeypa
 
     monkeypatch.setattr(ModelFactory, "create_factory", staticmethod(exits))
     agent = FastAgent({"model": "passthrough", "instruction": "exit test"})
-    health = agent.health()
+    health = asyncio.run(agent.health())
     assert not isinstance(health, bool) and not health.healthy and "exit code 1" in health.detail
     with pytest.raises(ModelConfigError, match="exit code 1") as caught:
         asyncio.run(agent.handle(agent.prepare_task({"text": "hi"})))
@@ -202,9 +204,31 @@ def test_a_replicas_mcp_server_is_started_once_and_serves_every_job(pools: Pools
         refs = [client.submit({"text": "***CALL_TOOL tools__whoami {}"}) for _ in range(4)]
         batches.append([result(o)["text"] for o in ray.get(refs, timeout=120)])
     pids = {pid for batch in batches for pid in batch}
-    assert len(pids) == 1 and pids.pop().isdigit()  # one server process for all eight jobs
+    assert len(pids) == 1 and next(iter(pids)).isdigit()  # one server process for all eight jobs
     call = "***CALL_TOOL tools__echo " + json.dumps({"text": "through MCP"})
-    assert result(ray.get(client.submit({"text": call}), timeout=60))["text"] == "echo: through MCP"
+    echoed: Outcome = ray.get(client.submit({"text": call}), timeout=60)
+    assert result(echoed)["text"] == "echo: through MCP"
+    replica_id = echoed.extra["replica"]
+
+    # The server process dies: the replica reports it unhealthy, the manager replaces the replica, and
+    # the new replica's server answers. (Meanwhile fast-agent gives the model the failed tool call as text.)
+    (before,) = pids
+    os.kill(int(before), signal.SIGKILL)
+    seen: list[str] = []
+    deadline = time.monotonic() + 60
+    answers: list[str | None] = []
+    while time.monotonic() < deadline:
+        outcome: Outcome = ray.get(client.submit({"text": "***CALL_TOOL tools__whoami {}"}), timeout=60)
+        answers.append(result(outcome)["text"] if outcome.ok else outcome.error)
+        for info in pools.discover("fa-tools", refresh=True):
+            seen += [r.detail for r in info.replica_details if not r.healthy]
+        if outcome.ok and answers[-1] != before and str(answers[-1]).isdigit():
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"no new MCP server process served after the old one died: {answers}")
+    assert outcome.extra["replica"] != replica_id
+    assert "MCP server(s) not answering: tools" in seen
 
 
 def test_the_slow_model_past_the_timeout_is_a_retryable_timeout(pools: Pools) -> None:
