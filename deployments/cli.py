@@ -122,6 +122,34 @@ def down() -> None:
     out.print(f"factory up (pid {state.owner.pid}) was gone; stopped {len(stopped)} Ray process(es) it left behind")
 
 
+def mcp(
+    http: Annotated[bool, typer.Option("--http", help="Serve streamable HTTP (at /mcp) instead of stdio.")] = False,
+    host: Annotated[str, typer.Option(help="With --http: address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="With --http: port.", min=1, max=65535)] = 8765,
+) -> None:
+    """Serve the Factory over MCP: tools to submit, follow, cancel and resume runs, route tasks, list agents.
+
+    Talks to the Factory API named by --api (or FACTORY_API_URL). Over stdio with the key of
+    --api-key (or FACTORY_API_KEY); over --http every request brings its own key as
+    `Authorization: Bearer`, and the API checks its scope."""
+    from factory.cli.output import OPTIONS
+
+    settings = cli_settings()
+    api_url = OPTIONS.api_url or settings.api_url
+    if not api_url:
+        raise fail("factory mcp needs the Factory API's URL: --api URL or FACTORY_API_URL", EXIT_INVALID)
+    try:
+        from deployments import mcp_server
+    except ModuleNotFoundError as exc:
+        raise fail(f"factory mcp needs the `mcp` package (the fast-agent extra): {exc}", EXIT_INVALID) from None
+    if http:
+        err.print(f"MCP over streamable HTTP at http://{host}:{port}/mcp -> {api_url}")
+        mcp_server.serve_http(api_url, host, port)
+    else:
+        mcp_server.serve_stdio(api_url, OPTIONS.api_key or settings.api_key)
+
+
 def register(app: typer.Typer) -> None:
     app.command("up")(up)
     app.command("down")(down)
+    app.command("mcp")(mcp)

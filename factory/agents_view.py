@@ -25,6 +25,17 @@ def live_pools() -> dict[str, Any]:
     return {info.name: info for info in infos}
 
 
+MAX_PROBLEMS = 5
+
+
+def pool_view(info: Any) -> dict[str, Any]:
+    """A pool's state for people: its counters, and why its unhealthy replicas are unhealthy."""
+    view: dict[str, Any] = info.model_dump(mode="json", exclude={"replica_details"})
+    problems = sorted({r.detail for r in info.replica_details if not r.healthy and r.detail})
+    view["problems"] = [p[:500] for p in problems[:MAX_PROBLEMS]]
+    return view
+
+
 def agents_view(settings: Settings, with_pools: bool = True) -> dict[str, Any]:
     """``with_pools=False``: the catalogue alone (this process is not on a Ray cluster)."""
     catalog = load_catalog(settings.agents_file) if settings.agents_file else Catalog()
@@ -38,7 +49,7 @@ def agents_view(settings: Settings, with_pools: bool = True) -> dict[str, Any]:
                 "capabilities": spec.capabilities,
                 "description": spec.description,
                 "runnable": spec.class_ is not None,
-                "pool": info.model_dump(mode="json", exclude={"replica_details"}) if info is not None else None,
+                "pool": pool_view(info) if info is not None else None,
             }
         )
     for name, info in pools.items():
@@ -49,7 +60,7 @@ def agents_view(settings: Settings, with_pools: bool = True) -> dict[str, Any]:
                     "capabilities": info.capabilities,
                     "description": info.description,
                     "runnable": True,
-                    "pool": info.model_dump(mode="json", exclude={"replica_details"}),
+                    "pool": pool_view(info),
                 }
             )
     return {"agents": agents, "catalogue": str(settings.agents_file) if settings.agents_file else None}

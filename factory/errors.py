@@ -120,6 +120,49 @@ class AgentError(FactoryError):
     """An agent cannot be loaded, started or reached (wrong class path, bad config, no live replica)."""
 
 
+class ModelCallError(AgentError):
+    """A fast-agent agent's call to its model (or its MCP servers) failed.
+
+    ``retryable`` is data on the error (the step's retry policy reads it): whether another
+    attempt, perhaps on another replica, may succeed. Each subclass has its default;
+    ``usage`` holds the tokens the failed attempt spent, when the provider reported them.
+    """
+
+    default_retryable = True
+
+    def __init__(self, message: str, *, retryable: bool | None = None, usage: dict[str, object] | None = None) -> None:
+        self.retryable = self.default_retryable if retryable is None else retryable
+        self.usage = usage
+        super().__init__(message)
+
+
+class ModelConfigError(ModelCallError):
+    """The agent's model or settings are wrong (unknown model, missing API key, fast-agent's SystemExit):
+    fix the catalogue or the environment; not retried."""
+
+    default_retryable = False
+
+
+class ModelRateLimitError(ModelCallError):
+    """The provider refused the request for its rate limit (HTTP 429): retried after the back-off."""
+
+
+class ModelTimeoutError(ModelCallError, StepTimeoutError):
+    """The model did not answer within the agent's ``timeout_seconds``: retried."""
+
+
+class ModelProviderError(ModelCallError):
+    """The provider answered with an error, or with something that is not a valid answer: retried."""
+
+
+class ModelOutputError(ModelCallError):
+    """The model's answer does not fit the structured output the step asked for: retried (models vary)."""
+
+
+class McpServerError(ModelCallError):
+    """An MCP server the agent uses could not be started or reached: retried (another replica may reach it)."""
+
+
 class NoEligibleAgentError(FactoryError):
     """The router found no agent that passes the hard filters (capabilities, resources, placement,
     health, breakers).

@@ -24,9 +24,13 @@ def error_matches(exc: BaseException, names: list[str]) -> bool:
 
 
 def is_retryable(exc: BaseException, policy: RetryPolicy) -> bool:
-    """Default: every error but validation errors. A policy's ``on`` list replaces the default."""
+    """Default: what the error says of itself (a bool ``retryable`` attribute), else every error but
+    validation errors. A policy's ``on`` list replaces the default."""
     if policy.on is not None:
         return error_matches(exc, policy.on)
+    flag = getattr(exc, "retryable", None)
+    if isinstance(flag, bool):
+        return flag
     return not _is_validation_error(exc)
 
 

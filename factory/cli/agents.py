@@ -168,6 +168,9 @@ def _register_agents(app: typer.Typer) -> None:
                 escape(str(pool.get("breaker", "-"))),
             )
         out.print(table)
+        for agent in view["agents"]:
+            for problem in (agent.get("pool") or {}).get("problems") or []:
+                out.print(f"[red]{escape(agent['name'])}: {escape(problem)}[/red]", highlight=False)
         if view.get("catalogue"):
             out.print(f"catalogue {escape(str(view['catalogue']))}", highlight=False)
 

@@ -284,6 +284,19 @@ def runs(
 _HIDDEN = {"spec_json", "owner", "heartbeat_at", "cancel_requested", "grants"}
 
 
+def step_usage(output: Any) -> dict[str, Any] | None:
+    """Token usage of an agent step's output (``result.usage``, as fast-agent agents report it), if any."""
+    result = output.get("result") if isinstance(output, dict) else None
+    usage = result.get("usage") if isinstance(result, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+def tokens_text(usage: dict[str, Any] | None) -> str:
+    if usage is None:
+        return ""
+    return f"{usage.get('input_tokens', 0)} in / {usage.get('output_tokens', 0)} out"
+
+
 def status(
     run_id: Annotated[str, typer.Argument(help="Run id.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -303,16 +316,26 @@ def status(
     out.print(f"created {when(record.created_at)}  finished {when(record.finished_at)}")
     if record.error:
         out.print(f"[red]{escape(record.error)}[/red]")
+    usages = [step_usage(s.output) if s.output_json is not None else None for s in steps]
+    with_tokens = any(u is not None for u in usages)
     table = Table()
-    for column in ("step", "status", "attempts", "seconds", "output / error"):
+    columns = ("step", "status", "attempts", "seconds", *(("tokens",) if with_tokens else ()), "output / error")
+    for column in columns:
         table.add_column(column, overflow="fold")
-    for s in steps:
+    for s, usage in zip(steps, usages, strict=True):
         seconds = f"{s.finished_at - s.started_at:.3f}" if s.finished_at and s.started_at else "-"
         style = STATUS_STYLE.get(s.status.value, "")
         label = s.status.value + (" (cached)" if s.cached else "")
         detail = s.error if s.error else (short(s.output, 80) if s.output_json is not None else "")
-        table.add_row(escape(s.step_id), f"[{style}]{label}[/]", str(s.attempts), seconds, escape(detail or ""))
+        tokens = (tokens_text(usage),) if with_tokens else ()
+        table.add_row(
+            escape(s.step_id), f"[{style}]{label}[/]", str(s.attempts), seconds, *tokens, escape(detail or "")
+        )
     out.print(table)
+    if with_tokens:
+        total_in = sum(int(u.get("input_tokens") or 0) for u in usages if u is not None)
+        total_out = sum(int(u.get("output_tokens") or 0) for u in usages if u is not None)
+        out.print(f"tokens: {total_in} in / {total_out} out (steps that succeeded)", highlight=False)
 
 
 def logs(

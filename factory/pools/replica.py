@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
 import threading
 import time
@@ -71,6 +72,9 @@ class ReplicaCore:
             self.in_flight -= 1
             self.failed += 1
         tail = "".join(traceback.format_exception(exc)[-6:])
+        usage = getattr(exc, "usage", None)
+        if isinstance(usage, dict):  # tokens a failed model call spent: kept with the attempt's logs
+            tail += f"usage: {json.dumps(usage, default=str)[:2000]}\n"
         return Outcome(
             ok=False,
             error=f"{type(exc).__name__}: {exc}",

@@ -12,17 +12,15 @@ servers or history, and returns its text reply. fast-agent is optional (the
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import importlib.util
 import json
-import os
 import re
-import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from factory.catalog import Catalog
 from factory.errors import RouterConfigError, ScorerError
+from factory.fastagent.runtime import FastAgentExit, FastAgentRuntime, quiet_settings
 
 Complete = Callable[[str], str]
 
@@ -88,64 +86,26 @@ def _fast_agent_completion(model: str, timeout: float = TIMEOUT_SECONDS) -> Comp
 
 
 class _FastAgentRuntime:
-    """fast-agent's Core on a private event loop in a daemon thread, one per process.
+    """The process's fast-agent loop (see :mod:`factory.fastagent.runtime`), with the scorer's errors."""
 
-    fast-agent keeps process-wide state (its context, logger and event bus are bound to the
-    loop that started them), so every model of the process shares this loop and this Core;
-    each model gets its own agent. ``fit()`` is synchronous and may run inside someone
-    else's event loop (a Ray Serve replica), so it never touches the caller's loop.
-    """
-
-    _lock = threading.Lock()
-    _current: _FastAgentRuntime | None = None
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="factory-fast-agent", daemon=True)
-        self.thread.start()
-        self._core: Any = None
-        self._core_lock = asyncio.Lock()
+    def __init__(self, runtime: FastAgentRuntime) -> None:
+        self._runtime = runtime
+        self.loop = runtime.loop
+        self.thread = runtime.thread
 
     @classmethod
     def get(cls) -> _FastAgentRuntime:
-        with cls._lock:
-            if cls._current is None or cls._current.pid != os.getpid():  # a forked child has no loop thread
-                cls._current = cls()
-            return cls._current
+        return cls(FastAgentRuntime.get())
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float, what: str) -> T:
-        future = asyncio.run_coroutine_threadsafe(_no_exit(coro, what), self.loop)
         try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise ScorerError(f"{what} did not finish within {timeout:g} s") from None
+            return self._runtime.run(coro, timeout, lambda: ScorerError(f"{what} did not finish within {timeout:g} s"))
+        except FastAgentExit as exc:
+            raise ScorerError(f"{what} stopped with a fast-agent configuration error (exit code {exc.code})") from None
 
     async def context(self) -> Any:
-        """fast-agent's context, set up once: settings from code only (no fast-agent.yaml), nothing recorded."""
-        async with self._core_lock:
-            if self._core is None:
-                from fast_agent import Core
-                from fast_agent.config import LoggerSettings, Settings, apply_isolation
-
-                logger = LoggerSettings(type="none", progress_display=False, show_chat=False, show_tools=False)
-                # One attempt per task: the router would rather fail fast than wait through back-offs.
-                settings = Settings(logger=logger, session_history=False, llm_retries=0)
-                apply_isolation(settings)
-                core = Core(name="factory-router", settings=settings)
-                await core.initialize()
-                self._core = core
-            return self._core.context
-
-
-async def _no_exit[R](coro: Coroutine[Any, Any, R], what: str) -> R:
-    """``coro``, with the SystemExit that fast-agent raises for configuration errors turned into a ScorerError
-    (a SystemExit would stop the private loop's thread, or a Ray actor that called us)."""
-    try:
-        return await coro
-    except SystemExit as exc:
-        raise ScorerError(f"{what} stopped with a fast-agent configuration error (exit code {exc.code})") from None
+        """fast-agent's context for the router: no MCP servers, one attempt per task (fail fast, no back-offs)."""
+        return await self._runtime.context("router", lambda: quiet_settings(llm_retries=0))
 
 
 class _FastAgentCompletion:

@@ -104,3 +104,15 @@ def test_which_errors_are_retried() -> None:
     assert is_retryable(ConnectionResetError(), named)  # a subclass matches
     assert is_retryable(KeyError("k"), named)
     assert not is_retryable(ValueError(), named)
+
+
+def test_an_error_that_says_whether_it_is_retryable_is_believed() -> None:
+    from factory.errors import ModelConfigError, ModelProviderError, ModelRateLimitError
+
+    default = RetryPolicy()
+    assert is_retryable(ModelRateLimitError("429"), default)
+    assert not is_retryable(ModelConfigError("no key"), default)
+    assert not is_retryable(ModelProviderError("bad request", retryable=False), default)
+    # A policy's `on` list still decides alone.
+    assert is_retryable(ModelConfigError("no key"), RetryPolicy(on=["ModelConfigError"]))
+    assert not is_retryable(ModelRateLimitError("429"), RetryPolicy(on=["ConnectionError"]))
