@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import statistics
 import sys
 import time
@@ -52,6 +53,7 @@ class Result:
     p99_ms: float
     prepare_s: float
     misses: list[tuple[Task, str]]
+    sure: list[tuple[float, bool]] = dataclasses.field(default_factory=list)  # (confidence, right) per task
 
     @property
     def accuracy(self) -> float:
@@ -86,10 +88,12 @@ def measure(name: str, catalog: Catalog, tasks: list[Task], build: Callable[[], 
         router.route(RouteRequest(text=warm_up[i % len(warm_up)]))
     latencies: list[float] = []
     misses: list[tuple[Task, str]] = []
+    sure: list[tuple[float, bool]] = []
     for task in tasks:
         t0 = time.perf_counter()
         decision = router.route(RouteRequest(text=task.text))
         latencies.append((time.perf_counter() - t0) * 1000.0)
+        sure.append((decision.confidence, decision.agent == task.expected))
         if decision.agent != task.expected:
             misses.append((task, decision.agent))
     return Result(
@@ -100,6 +104,7 @@ def measure(name: str, catalog: Catalog, tasks: list[Task], build: Callable[[], 
         p99_ms=percentile(latencies, 0.99),
         prepare_s=prepare_s,
         misses=misses,
+        sure=sure,
     )
 
 
@@ -161,9 +166,24 @@ def run_all(scorers: list[str], show_misses: bool = False, only_sets: list[str] 
             averages.append(f"{sum(values) / len(values):>13.3f}" if values else f"{'-':>13}")
         print(f"{'macro':<10} {role:<12} {'':>6} {'':>6}  " + "  ".join(averages) + f"   ({', '.join(names)})")
     print("development sets chose parameters (routing-sets.yaml says which); reporting sets chose nothing")
+    print("\ncoverage: at each min_confidence, the share of decisions the router is sure of, and their accuracy")
+    for scorer in scorers:
+        print(f"{scorer:<10} " + " ".join(f"{f'>= {c:.1f}':>15}" for c in COVERAGE_LEVELS))
+        for task_set in sets:
+            measured = table[task_set.name].get(scorer)
+            if measured is None:
+                continue
+            shown: list[str] = []
+            for level in COVERAGE_LEVELS:
+                kept = [right for confidence, right in measured.sure if confidence >= level]
+                share = len(kept) / len(measured.sure) if measured.sure else 0.0
+                accuracy = sum(kept) / len(kept) if kept else 0.0
+                shown.append(f"{share:>6.2f} / {accuracy:>5.3f}")
+            print(f"  {task_set.name:<8} " + " ".join(f"{c:>15}" for c in shown))
     return 0
 
 
+COVERAGE_LEVELS = (0.0, 0.3, 0.5, 0.7, 0.9)
 LEARNING_STEPS = (0, 1, 3, 5)
 LEARNING_SEEDS = 3
 

@@ -22,7 +22,7 @@ from factory.api import store_for
 from factory.auth import Scope
 from factory.catalog import Catalog, load_catalog
 from factory.pools.placement import ClusterView
-from factory.routing import AgentHealth, RouteDecision, Router, RouteRequest, make_scorer
+from factory.routing import AgentHealth, RouteDecision, Router, RouteRequest, fallback_for, make_scorer
 from factory.routing.corrections import MAX_CORRECTION_CHARS
 from factory.settings import Settings
 from factory.store import RouteCorrection, Store
@@ -126,7 +126,11 @@ class RouteAPI:
         catalog = load_catalog(self.settings.agents_file) if self.settings.agents_file else Catalog()
         self.catalog = catalog
         self.cluster = ClusterView()
-        self.router = Router(catalog, scorer=make_scorer(self.settings.router_scorer, catalog, self.settings))
+        self.router = Router(
+            catalog,
+            scorer=make_scorer(self.settings.router_scorer, catalog, self.settings),
+            fallback=fallback_for(catalog, self.settings),
+        )
         self._corrections_seen = 0
         self._corrections_lock = threading.Lock()
         self._sync_corrections()  # every correction stored so far: they survive restarts

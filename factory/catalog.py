@@ -15,7 +15,7 @@ Read from ``agents.yaml``::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -88,12 +88,28 @@ class AgentSpec(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
+class RoutingPolicy(BaseModel):
+    """How sure the router must be, and what happens when it is not (docs/routing.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_confidence: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Below this confidence a decision is uncertain (0: never)."
+    )
+    when_uncertain: Literal["best", "llm", "fail"] = Field(
+        default="best",
+        description="best: take the best agent anyway (flagged uncertain); llm: ask the llm scorer to decide "
+        "(router_llm_model); fail: a route step fails with the two best candidates, for a person to choose.",
+    )
+
+
 class Catalog(BaseModel):
     """All agents, by name."""
 
     model_config = ConfigDict(extra="forbid")
 
     agents: list[AgentSpec] = Field(default_factory=list)
+    routing: RoutingPolicy = Field(default_factory=RoutingPolicy)
 
     @model_validator(mode="after")
     def _unique_names(self) -> Catalog:

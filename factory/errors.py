@@ -163,6 +163,22 @@ class McpServerError(ModelCallError):
     """An MCP server the agent uses could not be started or reached: retried (another replica may reach it)."""
 
 
+class UncertainRouteError(FactoryError):
+    """The router is not sure enough (below the catalogue's ``routing.min_confidence``) and the
+    catalogue says a person decides (``when_uncertain: fail``). Not retried: the same text would
+    get the same doubt; name the agent with ``agent:`` or correct the router."""
+
+    retryable = False
+
+    def __init__(self, text: str, candidates: list[str], confidence: float) -> None:
+        self.candidates = list(candidates)
+        self.confidence = confidence
+        super().__init__(
+            f"the router is unsure ({confidence:.2f}) whether {' or '.join(candidates)} should take this task: "
+            "choose one with `agent:` in the step, or teach the router with `factory route TEXT --correct AGENT`"
+        )
+
+
 class NoEligibleAgentError(FactoryError):
     """The router found no agent that passes the hard filters (capabilities, resources, placement,
     health, breakers).

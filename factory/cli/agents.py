@@ -117,6 +117,7 @@ def _register_route(app: typer.Typer) -> None:
             return
         out.print(
             f"[bold green]{escape(decision.agent)}[/bold green]  score {decision.score:.3f}  "
+            f"confidence {decision.confidence:.2f}{'  [yellow]uncertain[/yellow]' if decision.uncertain else ''}  "
             f"({escape(decision.scorer)}, {decision.latency_ms:.2f} ms)"
         )
         out.print(escape(decision.reason), highlight=False)

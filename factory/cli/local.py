@@ -163,7 +163,7 @@ class LocalBackend:
     # -- agents --------------------------------------------------------------------------------
 
     def route(self, request: RouteRequest, options: RouteOptions) -> RouteDecision:
-        from factory.routing import Router, Scorer, make_scorer
+        from factory.routing import Router, Scorer, fallback_for, make_scorer
 
         catalog = load_catalog(options.agents or self.settings.agents_file or Path("agents.yaml"))
         scorer = options.scorer or self.settings.router_scorer
@@ -179,7 +179,7 @@ class LocalBackend:
             )
         else:
             chosen = make_scorer(scorer, catalog, self.settings)
-        router = Router(catalog, chosen)
+        router = Router(catalog, chosen, fallback=fallback_for(catalog, self.settings))
         self._route_catalog = catalog  # what --correct checks its agent against
         for correction in self.store.route_corrections():  # what people corrected before
             router.learn(correction.agent, correction.text)

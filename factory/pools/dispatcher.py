@@ -30,6 +30,7 @@ from factory.errors import (
     NoEligibleAgentError,
     PoolSaturated,
     StepInputError,
+    UncertainRouteError,
 )
 from factory.pools.client import PoolClient
 from factory.pools.connection import Pools
@@ -83,7 +84,7 @@ def complete_catalog(catalog: Catalog, search_path: Sequence[str] = ()) -> Catal
                 }
             )
         agents.append(spec)
-    return Catalog(agents=agents)
+    return catalog.model_copy(update={"agents": agents})
 
 
 class PoolDispatcher:
@@ -134,9 +135,13 @@ class PoolDispatcher:
                 raise AgentError(
                     f"route steps need the router (factory.routing), which failed to import: {exc}"
                 ) from None
-            from factory.routing import make_scorer
+            from factory.routing import fallback_for, make_scorer
 
-            self._router = Router(self.catalog, scorer=make_scorer(self.scorer, self.catalog, self.settings))
+            self._router = Router(
+                self.catalog,
+                scorer=make_scorer(self.scorer, self.catalog, self.settings),
+                fallback=fallback_for(self.catalog, self.settings),
+            )
         return self._router
 
     # -- routing -------------------------------------------------------------------------------
@@ -198,7 +203,11 @@ class PoolDispatcher:
         try:
             decision: Any = None
             if step.route is not None:
-                decision = self.route(self._route_text(step, route_text), step.route.capabilities, step.route.resources)
+                text = self._route_text(step, route_text)
+                decision = self.route(text, step.route.capabilities, step.route.resources)
+                if decision.uncertain and self.catalog.routing.when_uncertain == "fail":
+                    best = [decision.agent, *(c.agent for c in decision.runners_up[:1])]
+                    raise UncertainRouteError(text, best, decision.confidence)
                 name = str(decision.agent)
             elif step.agent is not None:
                 name = step.agent

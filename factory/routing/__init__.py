@@ -10,7 +10,7 @@ of the text to each remaining agent, breaks near ties on load, and returns a
 from factory.errors import NoEligibleAgentError
 from factory.routing.models import AgentHealth, Candidate, RouteDecision, RouteRequest
 from factory.routing.router import Router
-from factory.routing.scorers import SCORERS, Scorer, make_scorer
+from factory.routing.scorers import SCORERS, Scorer, fallback_for, make_scorer
 
 __all__ = [
     "SCORERS",
@@ -21,5 +21,6 @@ __all__ = [
     "RouteRequest",
     "Router",
     "Scorer",
+    "fallback_for",
     "make_scorer",
 ]

@@ -59,6 +59,9 @@ class EmbeddingScorer:
     0 gives the cosine alone)."""
 
     name = "embedding"
+    # softmax temperature of the decision's confidence: fitted (least log loss) on the
+    # development task sets (benchmarks/data/routing-sets.yaml); docs/routing.md has its calibration
+    temperature = 0.05
 
     def __init__(
         self,

@@ -84,6 +84,9 @@ class LexicalScorer:
     """TF-IDF fit of a text to each agent's name, capabilities, description and examples."""
 
     name = "lexical"
+    # softmax temperature of the decision's confidence: fitted (least log loss) on the
+    # development task sets (benchmarks/data/routing-sets.yaml); docs/routing.md has its calibration
+    temperature = 0.06
 
     def __init__(self, catalog: Catalog) -> None:
         self.agents = [a.name for a in catalog.agents]

@@ -70,6 +70,14 @@ class RouteDecision(BaseModel):
     reason: str = Field(description="One sentence on why this agent won.")
     runners_up: list[Candidate] = Field(default_factory=list, description="The next best eligible agents, best first.")
     filtered_out: dict[str, str] = Field(default_factory=dict, description="Agent -> why a hard filter removed it.")
+    confidence: float = Field(
+        default=1.0,
+        description="How likely the chosen agent is the right one: a softmax of the eligible agents' scores at "
+        "the scorer's temperature, fitted on the development task sets (docs/routing.md).",
+    )
+    uncertain: bool = Field(
+        default=False, description="The confidence is below the catalogue's routing.min_confidence."
+    )
     recalled: list[Recalled] = Field(
         default_factory=list, description="Corrections close to this task that weighed in (closest first)."
     )

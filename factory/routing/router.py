@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 
@@ -45,12 +46,16 @@ class Router:
         load_weight: float = 0.02,
         max_utilisation: float = 2.0,
         max_runners_up: int = 5,
+        fallback: Scorer | None = None,
     ) -> None:
+        """``fallback``: the scorer that decides when the first is unsure and the catalogue's
+        ``routing.when_uncertain`` is ``llm`` (a cascade)."""
         self.catalog = catalog
         self.scorer: Scorer = make_scorer(scorer, catalog) if isinstance(scorer, str) else scorer
         self.load_weight = load_weight
         self.max_utilisation = max_utilisation
         self.max_runners_up = max_runners_up
+        self.fallback = fallback
         self._order = {agent.name: i for i, agent in enumerate(catalog.agents)}
 
     def _filter(
@@ -86,7 +91,40 @@ class Router:
         if not eligible:
             raise NoEligibleAgentError(filtered, request.capabilities)
 
-        fit = self.scorer.fit(request.text)
+        scorer = self.scorer
+        candidates = self._candidates(scorer, request.text, eligible, health)
+        confidence = _confidence(candidates, _temperature(scorer))
+        policy = self.catalog.routing
+        uncertain = len(candidates) > 1 and confidence < policy.min_confidence
+        if uncertain and policy.when_uncertain == "llm" and self.fallback is not None:
+            scorer = self.fallback  # the cascade: the fallback decides, and its confidence counts
+            candidates = self._candidates(scorer, request.text, eligible, health)
+            confidence = _confidence(candidates, _temperature(scorer))
+            uncertain = confidence < policy.min_confidence
+        best, rest = candidates[0], candidates[1:]
+        recalled = self.scorer.recall(request.text) if isinstance(self.scorer, LearningScorer) else []
+        reason = self._reason(best, rest, filtered, scorer.name)
+        if uncertain:
+            second = f" or {rest[0].agent}" if rest else ""
+            reason = f"uncertain ({confidence:.2f} < {policy.min_confidence:.2f}): {best.agent}{second}; " + reason
+        return RouteDecision(
+            agent=best.agent,
+            scorer=scorer.name if scorer is self.scorer else f"{self.scorer.name}+{scorer.name}",
+            score=best.score,
+            breakdown=best.breakdown,
+            reason=reason,
+            confidence=round(confidence, 4),
+            uncertain=uncertain,
+            runners_up=rest[: self.max_runners_up],
+            filtered_out=filtered,
+            recalled=recalled,
+            latency_ms=(time.perf_counter() - start) * 1000.0,
+        )
+
+    def _candidates(
+        self, scorer: Scorer, text: str, eligible: list[AgentSpec], health: Mapping[str, AgentHealth]
+    ) -> list[Candidate]:
+        fit = scorer.fit(text)
         candidates: list[Candidate] = []
         for agent in eligible:
             semantic = float(fit.get(agent.name, 0.0))
@@ -97,26 +135,14 @@ class Router:
             candidates.append(Candidate(agent=agent.name, score=round(total, 6), breakdown=breakdown))
         # Best total first; ties go to the better semantic fit, then to catalogue order.
         candidates.sort(key=lambda c: (-c.score, -c.breakdown["semantic"], self._order[c.agent]))
-        best, rest = candidates[0], candidates[1:]
-        recalled = self.scorer.recall(request.text) if isinstance(self.scorer, LearningScorer) else []
-        return RouteDecision(
-            agent=best.agent,
-            scorer=self.scorer.name,
-            score=best.score,
-            breakdown=best.breakdown,
-            reason=self._reason(best, rest, filtered),
-            runners_up=rest[: self.max_runners_up],
-            filtered_out=filtered,
-            recalled=recalled,
-            latency_ms=(time.perf_counter() - start) * 1000.0,
-        )
+        return candidates
 
     def learn(self, agent: str, text: str) -> bool:
         """A correction: ``text`` belongs to ``agent``. False when the scorer does not learn or
         the catalogue has no such agent."""
         return isinstance(self.scorer, LearningScorer) and self.scorer.remember(agent, text)
 
-    def _reason(self, best: Candidate, rest: list[Candidate], filtered: dict[str, str]) -> str:
+    def _reason(self, best: Candidate, rest: list[Candidate], filtered: dict[str, str], scorer: str) -> str:
         sem = best.breakdown["semantic"]
         if not rest:
             why = f"{best.agent} is the only eligible agent (fit {sem:.3f})"
@@ -124,10 +150,7 @@ class Router:
             second = rest[0]
             sem2 = second.breakdown["semantic"]
             if sem > sem2:
-                why = (
-                    f"{best.agent} fits the task best "
-                    f"({self.scorer.name} fit {sem:.3f} vs {sem2:.3f} for {second.agent})"
-                )
+                why = f"{best.agent} fits the task best ({scorer} fit {sem:.3f} vs {sem2:.3f} for {second.agent})"
                 if best.breakdown["load"] > 0 and second.breakdown["load"] < best.breakdown["load"]:
                     why += ", ahead despite more load"
             elif sem == sem2 and best.breakdown["load"] < second.breakdown["load"]:
@@ -144,3 +167,21 @@ class Router:
         elif filtered:
             why += f"; {len(filtered)} agents filtered out"
         return why + "."
+
+
+# Softmax temperature of a scorer without its own (``temperature`` attribute).
+DEFAULT_TEMPERATURE = 0.05
+
+
+def _temperature(scorer: Scorer) -> float:
+    value = getattr(scorer, "temperature", DEFAULT_TEMPERATURE)
+    return float(value) if isinstance(value, int | float) and value > 0 else DEFAULT_TEMPERATURE
+
+
+def _confidence(candidates: list[Candidate], temperature: float) -> float:
+    """The softmax probability of the best candidate over the eligible ones."""
+    if len(candidates) <= 1:
+        return 1.0
+    top = candidates[0].score
+    weights = [math.exp((c.score - top) / temperature) for c in candidates]
+    return weights[0] / sum(weights)

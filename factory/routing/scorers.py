@@ -80,3 +80,11 @@ def make_scorer(name: str, catalog: Catalog, settings: Settings | None = None) -
         known = ", ".join(sorted(SCORERS))
         raise RouterConfigError(f"unknown scorer {name!r}; choose one of: {known}") from None
     return factory(catalog, settings)
+
+
+def fallback_for(catalog: Catalog, settings: Settings | None = None) -> Scorer | None:
+    """The scorer a router asks when unsure: the llm scorer when the catalogue's
+    ``routing.when_uncertain`` is ``llm`` (it needs router_llm_model), else none."""
+    if catalog.routing.when_uncertain != "llm":
+        return None
+    return make_scorer("llm", catalog, settings)

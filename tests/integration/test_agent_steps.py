@@ -304,3 +304,24 @@ def test_cancel_stops_an_agent_step_in_flight(store: SQLiteStore, settings: Sett
     assert time.monotonic() - begun < 15  # not the 30 s the agent would have slept
     steps = {s.step_id: s.status.value for s in store.get_steps(started[0])}
     assert steps == {"slow": "cancelled", "after": "cancelled"}
+
+
+def test_an_uncertain_route_step_fails_for_a_person_to_choose(store: SQLiteStore, settings: Settings) -> None:
+    """routing: {min_confidence, when_uncertain: fail}: the step fails, naming the two best agents,
+    and is not retried (the same text would meet the same doubt)."""
+    from factory.catalog import RoutingPolicy
+
+    agents = [
+        {"name": name, "class": "tests.fixtures.agent_fixtures:Sleeper", "capabilities": ["work"], "description": text}
+        for name, text in (("left", "Handle paperwork for the office."), ("right", "Handle paperwork, the office's."))
+    ]
+    unsure = Catalog.model_validate({"agents": agents})
+    unsure.routing = RoutingPolicy(min_confidence=1.0, when_uncertain="fail")  # two agents: always in doubt
+    routed = Workflow(
+        name="unsure",
+        steps=[Step(id="a", route=RouteSpec(text="Handle this paperwork."), retry=RetryPolicy(max_attempts=3))],
+    )
+    result = factory.run(routed, store=store, settings=settings, agents=unsure)
+    assert not result.ok
+    assert "UncertainRouteError" in (result.error or "") and "left or right" in (result.error or "")
+    assert store.get_steps(result.run_id)[0].attempts == 1

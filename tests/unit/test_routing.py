@@ -297,3 +297,41 @@ def test_a_correction_obeys_the_hard_filters() -> None:
     router.learn("translator", text)
     decision = router.route(RouteRequest(text=text, capabilities=["code"]))
     assert decision.agent in ("coder", "sql") and "translator" in decision.filtered_out
+
+
+def test_confidence_and_the_uncertain_flag() -> None:
+    from factory.catalog import RoutingPolicy
+
+    sure = Router(catalog()).route(RouteRequest(text="Translate this letter into German."))
+    assert sure.agent == "translator" and 0.5 < sure.confidence <= 1.0 and not sure.uncertain
+    strict = catalog().model_copy(update={"routing": RoutingPolicy(min_confidence=0.999)})
+    doubt = Router(strict).route(RouteRequest(text="Look at this for me"))
+    assert doubt.uncertain and doubt.reason.startswith("uncertain (")
+    assert doubt.confidence < 0.999
+    only = Router(strict).route(RouteRequest(text="Translate", capabilities=["translate"]))
+    assert only.confidence == 1.0 and not only.uncertain  # one eligible agent: nothing to doubt
+
+
+def test_an_unsure_router_asks_its_fallback_when_the_catalogue_says_llm() -> None:
+    """The llm scorer with a stand-in for a paid model (a function that answers JSON scores)."""
+    import json
+
+    from factory.catalog import RoutingPolicy
+    from factory.routing.llm import LLMScorer
+
+    asked: list[str] = []
+
+    def stand_in_model(prompt: str) -> str:
+        asked.append(prompt)
+        return json.dumps({"summarizer": 0.05, "translator": 0.05, "coder": 0.05, "sql": 0.95})
+
+    strict = catalog().model_copy(update={"routing": RoutingPolicy(min_confidence=0.999, when_uncertain="llm")})
+    router = Router(strict, fallback=LLMScorer(strict, complete=stand_in_model))
+    decision = router.route(RouteRequest(text="Look at this for me"))
+    assert asked and decision.agent == "sql" and decision.scorer == "lexical+llm"
+    assert (
+        Router(catalog(), fallback=LLMScorer(strict, complete=stand_in_model))
+        .route(RouteRequest(text="Look at this for me"))
+        .scorer
+        == "lexical"
+    )  # without the policy the fallback is not asked
