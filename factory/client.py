@@ -126,6 +126,29 @@ class FactoryClient:
             params["cursor"] = cursor
         return dict(self._request("GET", "/v1/runs", params=params))
 
+    def run_summaries(
+        self,
+        status: str | None = None,
+        workflow: str | None = None,
+        text: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """Runs as a list shows them (steps done / total), newest first: ``runs`` and ``next_cursor``."""
+        params: dict[str, Any] = {"limit": limit}
+        for name, value in (("status", status), ("workflow", workflow), ("q", text), ("cursor", cursor)):
+            if value:
+                params[name] = value
+        return dict(self._request("GET", "/v1/run-summaries", params=params))
+
+    def run_graph(self, run_id: str) -> dict[str, Any]:
+        """The run's DAG: ``nodes`` (status, attempts, for_each items), ``edges``, ``order``."""
+        return dict(self._request("GET", f"/v1/runs/{run_id}/graph"))
+
+    def system(self, window: float = 900, buckets: int = 60) -> dict[str, Any]:
+        """Steps/s, latency p50/p99, failures and retries over time; runs by status; queues; Ray nodes."""
+        return dict(self._request("GET", "/v1/system", params={"window": window, "buckets": buckets}))
+
     def attempts(self, run_id: str, step: str | None = None) -> list[dict[str, Any]]:
         """The run's finished attempts (of ``step`` only, if given): logs and errors."""
         params = {"step": step} if step is not None else {}
