@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import ray
 from fastapi import FastAPI, Header, Query, Request
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
@@ -319,6 +319,13 @@ class FactoryAPI:
             self.runner = get_runner(self.settings)
             ray.get(self.runner.start.remote(run_id, resume), timeout=30)
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon(self) -> Response:
+        """Browsers ask for it at the root, also on the dashboard (/ui): an icon, not a 404."""
+        from ui.server import favicon
+
+        return favicon()
+
     @app.get("/healthz", summary="Liveness: the API and its store answer")
     def healthz(self) -> dict[str, Any]:
         self.store.list_runs(limit=1)
@@ -510,6 +517,11 @@ class FactoryAPI:
             raise ApiProblem(422, str(exc)) from None
         return CreatedKey(key=key, **KeyView.of(record).model_dump())
 
+    @app.get("/v1/whoami", response_model=views.WhoAmI, summary="The calling key: its id, name and scopes")
+    def whoami(self, request: Request) -> views.WhoAmI:
+        key = self.auth.authorize(request, Scope.READ)
+        return views.who_am_i(key)
+
     @app.get("/v1/keys", response_model=list[KeyView], summary="API keys (admin; never the keys themselves)")
     def list_keys(self, request: Request) -> list[KeyView]:
         self.auth.authorize(request, Scope.ADMIN)
@@ -559,8 +571,9 @@ class FactoryAPI:
     ) -> views.SummaryPage:
         self.auth.authorize(request, Scope.READ)
         before = _parse_cursor(cursor) if cursor else None
+        last_event = self.store.last_event_id()  # before the query: following from here misses nothing
         records = self.store.run_summaries(limit + 1, status, workflow or None, q or None, before)
-        return views.summary_page(records, limit)
+        return views.summary_page(records, limit, last_event)
 
     @app.get(
         "/v1/runs/{run_id}/graph",

@@ -10,17 +10,39 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from factory.auth import Scope, has_scope
 from factory.dag import build_graph
 from factory.spec import Workflow
-from factory.store import AttemptRecord, RunRecord, RunStatus, RunSummary, StepRecord, StepStatus
+from factory.store import ApiKeyRecord, AttemptRecord, RunRecord, RunStatus, RunSummary, StepRecord, StepStatus
 
 SYSTEM_WINDOW_MAX = 24 * 3600.0
 SYSTEM_BUCKETS_MAX = 240
 
 
+class WhoAmI(BaseModel):
+    id: str
+    name: str
+    scopes: list[str]
+    can_submit: bool = Field(description="May submit, cancel and resume runs.")
+    can_admin: bool
+
+
+def who_am_i(key: ApiKeyRecord) -> WhoAmI:
+    return WhoAmI(
+        id=key.id,
+        name=key.name,
+        scopes=key.scopes,
+        can_submit=has_scope(key, Scope.SUBMIT),
+        can_admin=has_scope(key, Scope.ADMIN),
+    )
+
+
 class SummaryPage(BaseModel):
     runs: list[RunSummary]
     next_cursor: str | None = Field(description="Pass as ?cursor= for the next (older) page; null at the end.")
+    last_event_id: int = Field(
+        default=0, description="The newest event before this page was read: follow GET /v1/events?after= from it."
+    )
 
 
 class GraphNode(BaseModel):
@@ -51,6 +73,8 @@ class RunGraph(BaseModel):
     edges: list[GraphEdge]
     order: list[str] = Field(description="Step ids in a topological order.")
     counts: dict[str, int] = Field(description="Steps by status.")
+    workflow_ref: str | None = Field(default=None, description="name@version of a registered workflow.")
+    spec: dict[str, Any] = Field(description="The workflow as submitted (to run it again).")
 
 
 class SystemPoint(BaseModel):
@@ -87,10 +111,14 @@ def summary_cursor(summary: RunSummary) -> str:
     return f"{summary.created_at!r}:{summary.id}"
 
 
-def summary_page(records: list[RunSummary], limit: int) -> SummaryPage:
+def summary_page(records: list[RunSummary], limit: int, last_event_id: int = 0) -> SummaryPage:
     """A page from ``limit + 1`` records: the extra one only says there is a next page."""
     page = records[:limit]
-    return SummaryPage(runs=page, next_cursor=summary_cursor(page[-1]) if len(records) > limit else None)
+    return SummaryPage(
+        runs=page,
+        next_cursor=summary_cursor(page[-1]) if len(records) > limit else None,
+        last_event_id=last_event_id,
+    )
 
 
 def run_graph(record: RunRecord, steps: list[StepRecord], now: float) -> RunGraph:
@@ -125,6 +153,8 @@ def run_graph(record: RunRecord, steps: list[StepRecord], now: float) -> RunGrap
         edges=edges,
         order=graph.order,
         counts=counts,
+        workflow_ref=record.grants.workflow_ref if record.grants else None,
+        spec=workflow.model_dump(mode="json", by_alias=True, exclude_defaults=True),
     )
 
 

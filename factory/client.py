@@ -141,6 +141,10 @@ class FactoryClient:
                 params[name] = value
         return dict(self._request("GET", "/v1/run-summaries", params=params))
 
+    def whoami(self) -> dict[str, Any]:
+        """This key: ``id``, ``name``, ``scopes``, ``can_submit``, ``can_admin``."""
+        return dict(self._request("GET", "/v1/whoami"))
+
     def run_graph(self, run_id: str) -> dict[str, Any]:
         """The run's DAG: ``nodes`` (status, attempts, for_each items), ``edges``, ``order``."""
         return dict(self._request("GET", f"/v1/runs/{run_id}/graph"))
@@ -166,12 +170,14 @@ class FactoryClient:
     def resume(self, run_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/runs/{run_id}/resume"))
 
-    def events(self, run_id: str | None, after: int = 0, follow: bool = True) -> Iterator[dict[str, Any]]:
+    def events(
+        self, run_id: str | None, after: int = 0, follow: bool = True, *, stop: threading.Event | None = None
+    ) -> Iterator[dict[str, Any]]:
         """The run's events (Server-Sent Events) after event ``after``; every run's with
         ``run_id=None``. With ``follow``, until the run ends (for every run: until the caller
-        stops): a stream that drops, or stays silent past ``idle_timeout``, is reopened with
-        ``Last-Event-ID``, and no event is yielded twice."""
-        return self._events(run_id, after, follow, threading.Event())
+        stops, or ``stop`` is set): a stream that drops, or stays silent past ``idle_timeout``,
+        is reopened with ``Last-Event-ID``, and no event is yielded twice."""
+        return self._events(run_id, after, follow, stop or threading.Event())
 
     def _events(self, run_id: str | None, after: int, follow: bool, stop: threading.Event) -> Iterator[dict[str, Any]]:
         last = after

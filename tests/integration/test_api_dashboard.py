@@ -59,3 +59,10 @@ def test_system(client: FactoryClient, api_server: ApiServer) -> None:
     http = httpx.Client(base_url=api_server.base_url, timeout=30)
     is_problem(http.get("/v1/system"), 401)
     is_problem(http.get("/v1/system", params={"buckets": 10_000}, headers=api_server.headers("read")), 422)
+
+
+def test_whoami(api_server: ApiServer) -> None:
+    for scope, can_submit in (("read", False), ("submit", True), ("admin", True)):
+        me = FactoryClient(api_server.base_url, api_server.keys[scope]).whoami()
+        assert me["scopes"] == [scope] and me["can_submit"] is can_submit and me["can_admin"] is (scope == "admin")
+    is_problem(httpx.Client(base_url=api_server.base_url).get("/v1/whoami"), 401)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from deployments.dashboard_views import percentile, pool_queues, ray_nodes, run_graph, summary_page, system_series
+from factory.spec import Workflow
 from factory.store import AttemptRecord, RunRecord, RunStatus, RunSummary, StepRecord, StepStatus
 
 SPEC = {
@@ -54,6 +55,8 @@ def test_graph_has_a_node_per_step_and_the_dependencies_as_edges() -> None:
     assert nodes["join"].status == StepStatus.PENDING and not nodes["join"].for_each
     assert graph.order.index("load") < graph.order.index("each") < graph.order.index("join")
     assert graph.counts == {"succeeded": 2, "running": 1, "pending": 1}
+    # the spec comes back as a workflow that validates to the same one (for "run again")
+    assert Workflow.model_validate(graph.spec) == Workflow.model_validate(SPEC)
 
 
 def test_percentile_nearest_rank() -> None:
