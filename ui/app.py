@@ -241,7 +241,11 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                         status_plot = gr.BarPlot(x="status", y="runs", title="runs by status")
                         queue_plot = gr.BarPlot(x="agent", y="queued", title="agent queue depth")
                     nodes_table = gr.Dataframe(
-                        headers=render.NODE_COLUMNS, datatype="str", interactive=False, label="Ray nodes"
+                        headers=render.NODE_COLUMNS,
+                        datatype="str",
+                        interactive=False,
+                        label="Ray nodes",
+                        elem_id="nodes-table",
                     )
                     system_msg = gr.HTML("", elem_id="system-msg")
 

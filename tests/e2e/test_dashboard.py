@@ -87,8 +87,15 @@ def box(pg: Any, elem_id: str) -> Any:
     return pg.locator(f"#{elem_id} textarea, #{elem_id} input").first
 
 
-def cell(pg: Any, table: str, text: str) -> Any:
-    return pg.locator(f"#{table} [role=gridcell]").filter(has_text=re.compile(rf"^\s*{re.escape(text)}\s*$"))
+def cell(pg: Any, table: str, text: str | re.Pattern[str]) -> Any:
+    """A visible cell of a Gradio Dataframe whose whole text is ``text`` (or matches the pattern)."""
+    pattern = text if isinstance(text, re.Pattern) else re.compile(rf"^\s*{re.escape(text)}\s*$")
+    return pg.locator(f"#{table} [role=gridcell]").filter(has_text=pattern)
+
+
+def pick(pg: Any, dropdown: str, option: str) -> None:
+    pg.locator(f"#{dropdown} input").click()
+    pg.get_by_role("option", name=option, exact=True).click()
 
 
 def open_run(pg: Any, run_id: str) -> None:
@@ -211,14 +218,13 @@ def test_step_logs_and_markup_shown_as_text(page: tuple[Any, Problems], api_serv
     status_is(pg, "succeeded")
     assert pg.locator("#run-workflow").inner_text() == XSS_NAME  # the characters, not an image
     assert pg.locator("#run-header img").count() == 0
-    pg.locator("#log-step").click()
-    pg.get_by_role("option", name="calm").click()
+    pick(pg, "log-step", "calm")
     logs = pg.locator("#step-logs textarea")
     pg.wait_for_function("() => document.querySelector('#step-logs textarea').value.includes('printing 3')")
-    pg.locator("#log-step").click()
-    pg.get_by_role("option", name="shout").click()
+    pick(pg, "log-step", "shout")
     pg.wait_for_function("(s) => document.querySelector('#step-logs textarea').value.includes(s)", arg=XSS_LOG)
     assert XSS_LOG in logs.input_value()
+    shot(pg, "logs")
     # the runs list shows the name as text too
     pg.get_by_role("tab", name="Runs").click()
     box(pg, "f-q").fill(run_id)
@@ -226,7 +232,7 @@ def test_step_logs_and_markup_shown_as_text(page: tuple[Any, Problems], api_serv
     assert pg.locator("#runs-table img").count() == 0
     time.sleep(0.5)
     assert not [p for p in problems.seen if p.startswith("dialog")]
-    shot(pg, "logs")
+    shot(pg, "xss")
 
 
 def test_read_key_sees_but_cannot_act(page: tuple[Any, Problems], api_server: ApiServer) -> None:
@@ -289,5 +295,5 @@ def test_system_plots(page: tuple[Any, Problems], api_server: ApiServer) -> None
     pg.get_by_role("tab", name="System").click()
     pg.get_by_text("steps finished per second").first.wait_for(timeout=WAIT_MS)
     pg.locator("canvas, svg.marks").first.wait_for(timeout=WAIT_MS)
-    pg.get_by_text(re.compile(r"\d+ / \d+(\.\d+)? GB")).first.wait_for(timeout=WAIT_MS)
+    cell(pg, "nodes-table", re.compile(r"^\s*\d+(\.\d+)? / \d+(\.\d+)? GB\s*$")).first.wait_for(timeout=WAIT_MS)
     shot(pg, "system")
