@@ -297,3 +297,50 @@ def test_system_plots(page: tuple[Any, Problems], api_server: ApiServer) -> None
     pg.locator("canvas, svg.marks").first.wait_for(timeout=WAIT_MS)
     cell(pg, "nodes-table", re.compile(r"^\s*\d+(\.\d+)? / \d+(\.\d+)? GB\s*$")).first.wait_for(timeout=WAIT_MS)
     shot(pg, "system")
+
+
+def test_factory_ui_runs_on_its_own(page: tuple[Any, Problems], api_server: ApiServer) -> None:
+    """`factory ui --api URL`: the same dashboard in its own process, against the API's URL."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.fixtures.ports import free_port
+
+    pg, _ = page
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "factory.cli", "ui", "--api", api_server.base_url, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{base}/ui/", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "factory ui did not come up"
+            time.sleep(0.5)
+        assert httpx.get(f"{base}/favicon.ico").status_code == 200
+        assert httpx.get(base, follow_redirects=False).headers["location"] == "/ui/"
+        pg.goto(f"{base}/ui/")
+        box(pg, "login-key").fill("fk_not_a_key")
+        pg.locator("#login-btn").click()
+        pg.locator("#login-status").get_by_text("HTTP 401").wait_for(timeout=WAIT_MS)
+        box(pg, "login-key").fill(api_server.keys["read"])
+        pg.locator("#login-btn").click()
+        pg.locator("#whoami").get_by_text("(read)").wait_for(timeout=WAIT_MS)
+    finally:
+        pg.close()  # before the server goes: its open streams would log connection errors
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
