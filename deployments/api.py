@@ -46,6 +46,7 @@ from factory.store import (
     RunRecord,
     RunStatus,
     StepRecord,
+    StepStatus,
 )
 from factory.supervisor import get_supervisor
 
@@ -583,7 +584,11 @@ class FactoryAPI:
     def run_graph(self, request: Request, run_id: str) -> views.RunGraph:
         self.auth.authorize(request, Scope.READ)
         record = self.store.get_run(run_id)
-        return views.run_graph(record, self.store.get_steps(run_id), time.time())
+        steps = self.store.get_steps(run_id)
+        progress = None
+        if any(s.status in (StepStatus.RUNNING, StepStatus.RETRYING) for s in steps):  # for_each items done
+            progress = views.item_progress(self.store.latest_events(run_id, "step.items", 1000))
+        return views.run_graph(record, steps, time.time(), progress)
 
     @app.get("/v1/system", response_model=views.SystemView, summary="Throughput, latency, failures over time; nodes")
     def system(

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from factory.auth import Scope, has_scope
 from factory.dag import build_graph
 from factory.spec import Workflow
-from factory.store import ApiKeyRecord, AttemptRecord, RunRecord, RunStatus, RunSummary, StepRecord, StepStatus
+from factory.store import ApiKeyRecord, AttemptRecord, Event, RunRecord, RunStatus, RunSummary, StepRecord, StepStatus
 
 SYSTEM_WINDOW_MAX = 24 * 3600.0
 SYSTEM_BUCKETS_MAX = 240
@@ -121,8 +121,12 @@ def summary_page(records: list[RunSummary], limit: int, last_event_id: int = 0) 
     )
 
 
-def run_graph(record: RunRecord, steps: list[StepRecord], now: float) -> RunGraph:
-    """The run's DAG: one node per step (a for_each step stays one node, its items counted)."""
+def run_graph(
+    record: RunRecord, steps: list[StepRecord], now: float, item_progress: dict[str, dict[str, Any]] | None = None
+) -> RunGraph:
+    """The run's DAG: one node per step (a for_each step stays one node, its items counted:
+    from its output once it succeeded, else from ``item_progress``, the newest ``step.items``
+    event's data of each step)."""
     workflow = Workflow.model_validate_json(record.spec_json)
     graph = build_graph(workflow)
     by_id = {s.step_id: s for s in steps}
@@ -141,8 +145,11 @@ def run_graph(record: RunRecord, steps: list[StepRecord], now: float) -> RunGrap
                 node.duration = (state.finished_at or now) - state.started_at
             if node.for_each:
                 output = state.output if state.status == StepStatus.SUCCEEDED else None
+                progress = (item_progress or {}).get(step.id)
                 if isinstance(output, list):
                     node.items_total = node.items_done = len(output)
+                elif progress is not None:
+                    node.items_done, node.items_total = int(progress["done"]), int(progress["total"])
         nodes.append(node)
     edges = [GraphEdge(source=dep, target=step_id) for step_id, deps in graph.deps.items() for dep in deps]
     return RunGraph(
@@ -156,6 +163,15 @@ def run_graph(record: RunRecord, steps: list[StepRecord], now: float) -> RunGrap
         workflow_ref=record.grants.workflow_ref if record.grants else None,
         spec=workflow.model_dump(mode="json", by_alias=True, exclude_defaults=True),
     )
+
+
+def item_progress(events: list[Event]) -> dict[str, dict[str, Any]]:
+    """The newest ``step.items`` data of each step, from events newest first."""
+    progress: dict[str, dict[str, Any]] = {}
+    for event in events:
+        if event.step_id and event.step_id not in progress and {"done", "total"} <= event.data.keys():
+            progress[event.step_id] = event.data
+    return progress
 
 
 def percentile(values: list[float], q: float) -> float | None:

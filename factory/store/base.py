@@ -260,6 +260,9 @@ class Store(Protocol):
 
     def events(self, after_id: int = 0, run_id: str | None = None, limit: int = 1000) -> list[Event]: ...
 
+    def latest_events(self, run_id: str, type: str, limit: int = 1000) -> list[Event]:
+        """The run's newest events of this type, newest first."""
+
     def last_event_id(self) -> int: ...
 
     def wait_for_events(self, timeout: float) -> None:

@@ -485,6 +485,20 @@ class SQLStore(ABC):
             for row in rows
         ]
 
+    def latest_events(self, run_id: str, type: str, limit: int = 1000) -> list[Event]:
+        with self._read() as cur:
+            rows = cur.execute(
+                self._sql(
+                    "SELECT id, run_id, step_id, type, data, ts FROM events WHERE run_id=? AND type=?"
+                    " ORDER BY id DESC LIMIT ?"
+                ),
+                (run_id, type, limit),
+            ).fetchall()
+        return [
+            Event(id=row[0], run_id=row[1], step_id=row[2], type=row[3], data=json.loads(row[4]), ts=row[5])
+            for row in rows
+        ]
+
     def last_event_id(self) -> int:
         with self._read() as cur:
             row = cur.execute("SELECT MAX(id) FROM events").fetchone()

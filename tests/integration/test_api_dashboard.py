@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
 import uuid
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -66,3 +69,39 @@ def test_whoami(api_server: ApiServer) -> None:
         me = FactoryClient(api_server.base_url, api_server.keys[scope]).whoami()
         assert me["scopes"] == [scope] and me["can_submit"] is can_submit and me["can_admin"] is (scope == "admin")
     is_problem(httpx.Client(base_url=api_server.base_url).get("/v1/whoami"), 401)
+
+
+def test_graph_counts_the_items_of_a_running_for_each_step(client: FactoryClient, tmp_path: Path) -> None:
+    """Items done / total while the step runs (step.items events), not one node per item."""
+    gate, open_ = tmp_path / "go", tmp_path / "open"
+    open_.write_text("open")
+    items = [{"path": str(open_), "seconds": 5}, {"path": str(open_), "seconds": 5}, {"path": str(gate), "seconds": 60}]
+    wf = {
+        "name": "fan-out",
+        "inputs": {"items": items},
+        "steps": [
+            {
+                "id": "each",
+                "python": "tests.fixtures.teststeps:wait_for_file",
+                "for_each": "${inputs.items}",
+                "with": {"path": "${item.path}", "seconds": "${item.seconds}"},
+                "retry": {"max_attempts": 1},
+            }
+        ],
+    }
+    run_id = client.submit(wf)
+    deadline = time.monotonic() + 60
+    node: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        node = client.run_graph(run_id)["nodes"][0]
+        if node["status"] == "running" and node.get("items_done") == 2:
+            break
+        time.sleep(0.3)
+    assert node["for_each"] and (node["items_done"], node["items_total"]) == (2, 3), node
+    gate.write_text("go")
+    done = client.wait(run_id, timeout=60)
+    graph = client.run_graph(run_id)
+    assert len(graph["nodes"]) == 1 and (graph["nodes"][0]["items_done"], graph["nodes"][0]["items_total"]) == (3, 3)
+    assert done["status"] == "succeeded"
+    events = [e["data"] for e in client.events(run_id, follow=False) if e["type"] == "step.items"]
+    assert events[0] == {"done": 0, "total": 3} and {"done": 2, "total": 3} in events

@@ -62,3 +62,13 @@ def test_status_counts_and_activity(store: Any) -> None:
     assert [t for _, t in store.event_times(since, ["step.retrying"])] == ["step.retrying"]
     assert len(store.event_times(since, ["step.failed"])) == 4
     assert store.event_times(time.time() + 10, ["step.failed"]) == []
+
+
+def test_latest_events_of_a_type(store: Any) -> None:
+    make_runs(store)
+    for done in range(3):
+        store.append_event("run-01", "a", "step.items", {"done": done, "total": 3})
+    store.append_event("run-02", "a", "step.items", {"done": 9, "total": 9})
+    latest = store.latest_events("run-01", "step.items", 2)
+    assert [e.data["done"] for e in latest] == [2, 1] and all(e.run_id == "run-01" for e in latest)
+    assert store.latest_events("run-03", "step.items") == []

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import json
 
-from deployments.dashboard_views import percentile, pool_queues, ray_nodes, run_graph, summary_page, system_series
+from deployments.dashboard_views import (
+    item_progress,
+    percentile,
+    pool_queues,
+    ray_nodes,
+    run_graph,
+    summary_page,
+    system_series,
+)
 from factory.spec import Workflow
-from factory.store import AttemptRecord, RunRecord, RunStatus, RunSummary, StepRecord, StepStatus
+from factory.store import AttemptRecord, Event, RunRecord, RunStatus, RunSummary, StepRecord, StepStatus
 
 SPEC = {
     "name": "g",
@@ -102,3 +110,15 @@ def test_queues_and_nodes() -> None:
         {"n1": {"CPU": 1.0, "memory": 6e9}},
     )
     assert nodes[0].cpu_used == 3.0 and nodes[0].memory_used == 2e9 and nodes[0].alive
+
+
+def test_a_running_for_each_step_counts_its_items_from_its_newest_progress_event() -> None:
+    events = [  # newest first
+        Event(id=9, run_id="r1", step_id="each", type="step.items", data={"done": 2, "total": 3}, ts=2),
+        Event(id=5, run_id="r1", step_id="each", type="step.items", data={"done": 0, "total": 3}, ts=1),
+    ]
+    progress = item_progress(events)
+    assert progress == {"each": {"done": 2, "total": 3}}
+    steps = [StepRecord(run_id="r1", step_id="each", status=StepStatus.RUNNING, attempts=1, started_at=1)]
+    node = next(n for n in run_graph(record(), steps, now=5.0, item_progress=progress).nodes if n.id == "each")
+    assert (node.items_done, node.items_total) == (2, 3)
