@@ -250,7 +250,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                     system_msg = gr.HTML("", elem_id="system-msg")
 
         list_timer = gr.Timer(1.0)
-        run_timer = gr.Timer(1.0)
+        run_timer = gr.Timer(0.5)
         slow_timer = gr.Timer(5.0)
 
         # -- login / logout -----------------------------------------------------------------------
