@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from html import escape
 from typing import Any
@@ -24,6 +25,7 @@ from factory.limits import DocumentLimits
 from ui import render
 from ui.live import EventFollower
 
+FETCHERS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ui-fetch")
 RUN_STATUSES = ["any", "pending", "running", "succeeded", "failed", "cancelled"]
 PAGE_SIZE = 25
 READ_ONLY_NOTE = "your key can read only: cancel, resume, run again and submit need a key with the submit scope"
@@ -353,6 +355,8 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
             if not isinstance(s, Session) or s.tab != "runs":
                 return [gr.skip()] * 3
             follower = s.list_follower
+            if follower is not None:
+                follower.touch()
             if follower is not None and follower.version == s.list_seen and not follower.ended:
                 return [gr.skip()] * 3
             return load_runs(s, *args)
@@ -388,10 +392,12 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
 
         def render_run(s: Session, step: str | None, fetch: bool = True) -> list[Any]:
             assert s.run_id is not None
-            if fetch:
-                s.graph = s.client.run_graph(s.run_id)
-                s.run = s.client.get_run(s.run_id)
-                s.attempts = s.client.attempts(s.run_id)
+            if fetch:  # the three answers at once: the page waits for the slowest, not their sum
+                run_id = s.run_id
+                graph_f = FETCHERS.submit(s.client.run_graph, run_id)
+                run_f = FETCHERS.submit(s.client.get_run, run_id)
+                attempts_f = FETCHERS.submit(s.client.attempts, run_id)
+                s.graph, s.run, s.attempts = graph_f.result(), run_f.result(), attempts_f.result()
             graph, run = s.graph, s.run
             assert graph is not None and run is not None
             now = time.time()
@@ -467,7 +473,13 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
             """Apply what the run's event stream delivered since the last tick."""
             if not isinstance(s, Session) or s.run_id is None or s.run_follower is None:
                 return [gr.skip()] * len(run_outputs)
+            s.run_follower.touch()
             version = s.run_follower.version
+            if s.run_follower.ended and s.run_follower.error is None and s.run_follower.idle_stop > 0:
+                run = s.run or {}
+                if run.get("status") not in render.FINAL_RUN and not s.run_follower.alive:
+                    # stopped while the tab was elsewhere: follow again from where it was
+                    s.run_follower = EventFollower(s.client, s.run_id, s.run_follower.last_id, carry=s.run_follower)
             if version == s.run_seen:
                 return [gr.skip()] * len(run_outputs)
             try:
