@@ -344,3 +344,47 @@ def test_factory_ui_runs_on_its_own(page: tuple[Any, Problems], api_server: ApiS
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
+
+
+def test_run_again_with_edited_inputs_and_resume(page: tuple[Any, Problems], api_server: ApiServer) -> None:
+    pg, _ = page
+    cl = client(api_server)
+    wf = {
+        "name": "again",
+        "inputs": {"x": 1},
+        "steps": [{"id": "a", "python": "tests.fixtures.teststeps:add", "with": {"a": "${inputs.x}", "b": 1}}],
+    }
+    first = cl.submit(wf)
+    cl.wait(first, timeout=60)
+    login(pg, api_server)
+    open_run(pg, first)
+    status_is(pg, "succeeded")
+    assert pg.locator("#resume-btn").is_disabled()  # nothing to resume in a run that succeeded
+    pg.locator("#rerun-btn").click()
+    pg.locator("#rerun-inputs .cm-content").fill('{"x": 41}')
+    pg.locator("#confirm-no").click()
+    pg.locator("#action-result").get_by_text("nothing done").wait_for(timeout=WAIT_MS)
+    pg.locator("#rerun-btn").click()
+    pg.locator("#rerun-inputs .cm-content").fill('{"x": 41}')
+    pg.locator("#confirm-yes").click()
+    pg.locator("#action-result").get_by_text("started run").wait_for(timeout=WAIT_MS)
+    second = pg.locator("#run-id").inner_text().strip()
+    assert second != first
+    status_is(pg, "succeeded")
+    assert {s["step_id"]: s["output"] for s in cl.get_run(second)["steps"]} == {"a": 42}
+    # a cancelled run resumes from the page
+    slow = cl.submit(
+        {
+            "name": "resume-me",
+            "steps": [{"id": "nap", "python": "tests.fixtures.teststeps:sleepy", "with": {"seconds": 60}}],
+        }
+    )
+    cl.cancel(slow)
+    cl.wait(slow, timeout=60)
+    open_run(pg, slow)
+    status_is(pg, "cancelled")
+    pg.locator("#resume-btn").click()
+    pg.locator("#confirm-yes").click()
+    pg.locator("#action-result").get_by_text(f"resuming run {slow}").wait_for(timeout=WAIT_MS)
+    status_is(pg, "running")  # the page follows the resumed run
+    cl.cancel(slow)
