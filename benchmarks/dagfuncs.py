@@ -21,3 +21,11 @@ def total(values: list[int]) -> int:
 
 def add(a: int, b: int) -> int:
     return a + b
+
+
+def nap(seconds: float, after: object = None) -> float:
+    """Sleeps, so that steps finish one by one (the dashboard benchmark)."""
+    import time
+
+    time.sleep(seconds)
+    return seconds

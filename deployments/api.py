@@ -15,12 +15,13 @@ from typing import Annotated, Any
 
 import ray
 from fastapi import FastAPI, Header, Query, Request
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
 from starlette.concurrency import run_in_threadpool
 
+from deployments import dashboard_views as views
 from deployments.http import ApiProblem, Authorizer, install_error_handlers
 from factory import __version__, registry
 from factory.api import cancel as cancel_run
@@ -46,6 +47,7 @@ from factory.store import (
     RunRecord,
     RunStatus,
     StepRecord,
+    StepStatus,
 )
 from factory.supervisor import get_supervisor
 
@@ -322,6 +324,13 @@ class FactoryAPI:
             self.runner = get_runner(self.settings)
             ray.get(self.runner.start.remote(run_id, resume), timeout=30)
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon(self) -> Response:
+        """Browsers ask for it at the root, also on the dashboard (/ui): an icon, not a 404."""
+        from ui.server import favicon
+
+        return favicon()
+
     @app.get("/healthz", summary="Liveness: the API and its store answer")
     def healthz(self) -> dict[str, Any]:
         self.store.list_runs(limit=1)
@@ -515,6 +524,11 @@ class FactoryAPI:
             raise ApiProblem(422, str(exc)) from None
         return CreatedKey(key=key, **KeyView.of(record).model_dump())
 
+    @app.get("/v1/whoami", response_model=views.WhoAmI, summary="The calling key: its id, name and scopes")
+    def whoami(self, request: Request) -> views.WhoAmI:
+        key = self.auth.authorize(request, Scope.READ)
+        return views.who_am_i(key)
+
     @app.get("/v1/keys", response_model=list[KeyView], summary="API keys (admin; never the keys themselves)")
     def list_keys(self, request: Request) -> list[KeyView]:
         self.auth.authorize(request, Scope.ADMIN)
@@ -544,6 +558,80 @@ class FactoryAPI:
         return RunPage(
             runs=[RunView.of(r, lease_seconds=lease) for r in page],
             next_cursor=_cursor(page[-1]) if len(records) > limit else None,
+        )
+
+    @app.get(
+        "/v1/run-summaries",
+        response_model=views.SummaryPage,
+        summary="Runs as a list shows them (steps counted, no inputs), newest first, filtered and paginated",
+    )
+    def run_summaries(
+        self,
+        request: Request,
+        status: Annotated[RunStatus | None, Query(description="Only runs with this status.")] = None,
+        workflow: Annotated[str | None, Query(max_length=200, description="Only runs of this workflow.")] = None,
+        q: Annotated[
+            str | None, Query(max_length=200, description="Text in the run's id, workflow name or error.")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page.")] = None,
+    ) -> views.SummaryPage:
+        self.auth.authorize(request, Scope.READ)
+        before = _parse_cursor(cursor) if cursor else None
+        last_event = self.store.last_event_id()  # before the query: following from here misses nothing
+        records = self.store.run_summaries(limit + 1, status, workflow or None, q or None, before)
+        return views.summary_page(records, limit, last_event)
+
+    @app.get(
+        "/v1/runs/{run_id}/graph",
+        response_model=views.RunGraph,
+        summary="The run's DAG: steps with their status, dependencies; a for_each step as one node",
+    )
+    def run_graph(self, request: Request, run_id: str) -> views.RunGraph:
+        self.auth.authorize(request, Scope.READ)
+        record = self.store.get_run(run_id)
+        steps = self.store.get_steps(run_id)
+        progress = None
+        if any(s.status in (StepStatus.RUNNING, StepStatus.RETRYING) for s in steps):  # for_each items done
+            progress = views.item_progress(self.store.latest_events(run_id, "step.items", 1000))
+        return views.run_graph(record, steps, time.time(), progress)
+
+    @app.get("/v1/system", response_model=views.SystemView, summary="Throughput, latency, failures over time; nodes")
+    def system(
+        self,
+        request: Request,
+        window: Annotated[float, Query(ge=10, le=views.SYSTEM_WINDOW_MAX, description="Seconds back.")] = 900,
+        buckets: Annotated[int, Query(ge=1, le=views.SYSTEM_BUCKETS_MAX)] = 60,
+    ) -> views.SystemView:
+        self.auth.authorize(request, Scope.READ)
+        now = time.time()
+        bucket = window / buckets
+        since = now - buckets * bucket
+        attempts = self.store.attempts_since(since)
+        retries = [ts for ts, _ in self.store.event_times(since, ["step.retrying"])]
+        counts = self.store.run_status_counts()
+        from factory.agents_view import agents_view
+
+        try:
+            queues = views.pool_queues(agents_view(self.settings))
+        except Exception:  # noqa: BLE001 - the agent manager may be starting or gone: no queues then
+            queues = {}
+        try:
+            from ray._private.state import available_resources_per_node
+
+            listed = ray.nodes()  # type: ignore[no-untyped-call]
+            free = available_resources_per_node()  # type: ignore[no-untyped-call]
+            nodes = views.ray_nodes(listed, free)
+        except Exception:  # noqa: BLE001 - Ray's internal state API: the nodes are optional
+            nodes = []
+        return views.SystemView(
+            now=now,
+            window=window,
+            bucket=bucket,
+            series=views.system_series(attempts, retries, now, window, bucket),
+            runs_by_status={s.value: n for s, n in counts.items()},
+            queues=queues,
+            nodes=nodes,
         )
 
     @app.get("/v1/runs/{run_id}", response_model=RunView, summary="A run with its steps and outputs")

@@ -39,11 +39,27 @@ def route_app(args: dict[str, Any]) -> Application:
     return RouteAPI.bind(settings, open_mode)  # type: ignore[attr-defined,no-any-return]
 
 
-def run_local(settings: Settings, host: str, port: int, open_mode: bool) -> None:
-    """Start Serve's proxy on host:port and deploy both applications (Ray must be initialised)."""
+def ui_available() -> bool:
+    """The dashboard's extra (gradio) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("gradio") is not None and importlib.util.find_spec("ui") is not None
+
+
+def run_local(settings: Settings, host: str, port: int, open_mode: bool, ui: bool = True) -> bool:
+    """Start Serve's proxy on host:port and deploy the applications (Ray must be initialised):
+    the API, routing, and the dashboard at /ui when ``ui`` and the ui extra is installed.
+    Returns whether the dashboard was deployed."""
     from ray import serve
 
     args = {"settings": settings.model_dump(mode="json"), "open_mode": open_mode, "host": host}
     serve.start(http_options={"host": host, "port": port})
     serve.run(route_app(args), name="factory-route", route_prefix=ROUTE_PREFIX)
+    with_ui = ui and ui_available()
+    if with_ui:
+        from deployments.ui import UI_PREFIX, ui_deployment
+
+        api_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        serve.run(ui_deployment(f"http://{api_host}:{port}"), name="factory-ui", route_prefix=UI_PREFIX)
     serve.run(api_app(args), name="factory-api", route_prefix="/")
+    return with_ui

@@ -1,4 +1,4 @@
-"""``factory up``: Ray, the HTTP API and the routing API on this machine, until Ctrl-C."""
+"""``factory up``: Ray, the HTTP API, the routing API and the dashboard on this machine, until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -69,13 +69,17 @@ def up(
     ensure_ray(settings.ray_address)
     err.print("starting the API on Ray Serve…")
     try:
-        run_local(settings, host, port, open_mode)
+        with_ui = run_local(settings, host, port, open_mode)
     except FactoryError as exc:
         raise fail(str(exc), EXIT_INVALID) from None
     upstate.record(settings.home, host, port)
     base = f"http://{host}:{port}"
     out.print(f"API        {base}/v1/  (docs {base}/docs, OpenAPI {base}/openapi.json)")
     out.print(f"routing    {base}{ROUTE_PREFIX}")
+    if with_ui:
+        out.print(f"dashboard  {base}/ui/  (log in with an API key)")
+    else:
+        out.print("dashboard  not installed (pip install 'factory[ui]')")
     out.print(f"health     {base}/healthz")
     out.print(f"state      {escape(mask_secrets(settings.resolved_store_url()))}")
     if open_mode:

@@ -133,6 +133,33 @@ class FactoryClient:
             params["cursor"] = cursor
         return dict(self._request("GET", "/v1/runs", params=params))
 
+    def run_summaries(
+        self,
+        status: str | None = None,
+        workflow: str | None = None,
+        text: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """Runs as a list shows them (steps done / total), newest first: ``runs`` and ``next_cursor``."""
+        params: dict[str, Any] = {"limit": limit}
+        for name, value in (("status", status), ("workflow", workflow), ("q", text), ("cursor", cursor)):
+            if value:
+                params[name] = value
+        return dict(self._request("GET", "/v1/run-summaries", params=params))
+
+    def whoami(self) -> dict[str, Any]:
+        """This key: ``id``, ``name``, ``scopes``, ``can_submit``, ``can_admin``."""
+        return dict(self._request("GET", "/v1/whoami"))
+
+    def run_graph(self, run_id: str) -> dict[str, Any]:
+        """The run's DAG: ``nodes`` (status, attempts, for_each items), ``edges``, ``order``."""
+        return dict(self._request("GET", f"/v1/runs/{run_id}/graph"))
+
+    def system(self, window: float = 900, buckets: int = 60) -> dict[str, Any]:
+        """Steps/s, latency p50/p99, failures and retries over time; runs by status; queues; Ray nodes."""
+        return dict(self._request("GET", "/v1/system", params={"window": window, "buckets": buckets}))
+
     def attempts(self, run_id: str, step: str | None = None) -> list[dict[str, Any]]:
         """The run's finished attempts (of ``step`` only, if given): logs and errors."""
         params: dict[str, Any] = {"limit": 1000}
@@ -152,12 +179,14 @@ class FactoryClient:
     def resume(self, run_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/runs/{_seg(run_id)}/resume"))
 
-    def events(self, run_id: str | None, after: int = 0, follow: bool = True) -> Iterator[dict[str, Any]]:
+    def events(
+        self, run_id: str | None, after: int = 0, follow: bool = True, *, stop: threading.Event | None = None
+    ) -> Iterator[dict[str, Any]]:
         """The run's events (Server-Sent Events) after event ``after``; every run's with
         ``run_id=None``. With ``follow``, until the run ends (for every run: until the caller
-        stops): a stream that drops, or stays silent past ``idle_timeout``, is reopened with
-        ``Last-Event-ID``, and no event is yielded twice."""
-        return self._events(run_id, after, follow, threading.Event())
+        stops, or ``stop`` is set): a stream that drops, or stays silent past ``idle_timeout``,
+        is reopened with ``Last-Event-ID``, and no event is yielded twice."""
+        return self._events(run_id, after, follow, stop or threading.Event())
 
     def _events(self, run_id: str | None, after: int, follow: bool, stop: threading.Event) -> Iterator[dict[str, Any]]:
         last = after

@@ -67,6 +67,8 @@ class AgentDispatcher(Protocol):
 
 
 MAX_WAIT_SECONDS = 0.1
+ITEM_PROGRESS_SECONDS = 0.5  # a running for_each step says how many items are done at most this often
+_ACTIVE = (StepStatus.RUNNING, StepStatus.RETRYING)
 
 
 @dataclass
@@ -125,6 +127,8 @@ class _StepState:
     items_left: int = 0
     cache_keys: list[str | None] = field(default_factory=list)
     started_at: float = 0.0
+    progress_at: float = 0.0  # when a step.items event last told how many items are done
+    progress_done: int = -1  # and what it told
 
 
 def _stop_attempt(ref: Any) -> None:
@@ -358,6 +362,22 @@ class Coordinator:
             self._submit_item(state, index)
         if state.items_left == 0:
             self._finish_items(state)
+        else:
+            self._item_progress(state, force=True)
+
+    def _item_progress(self, state: _StepState, force: bool = False) -> None:
+        """A ``step.items`` event (done, total) for a running for_each step, at most every
+        ITEM_PROGRESS_SECONDS: how far it is, for those who watch (the dashboard)."""
+        if state.step.for_each is None or not state.items or state.status not in _ACTIVE:
+            return
+        now = time.monotonic()
+        total = len(state.items)
+        done = total - state.items_left
+        if done == state.progress_done or (not force and now - state.progress_at < ITEM_PROGRESS_SECONDS):
+            return
+        state.progress_at, state.progress_done = now, done
+        self._flush()  # after the step's own events
+        self.store.append_event(self.run_id, state.step.id, "step.items", {"done": done, "total": total})
 
     def _submit_item(self, state: _StepState, index: int) -> None:
         step = state.step
@@ -543,6 +563,8 @@ class Coordinator:
                 state.items_left -= 1
                 if state.items_left == 0:
                     self._finish_items(state)
+                else:
+                    self._item_progress(state)
             else:
                 self._on_failure(state, outcome, item)
             return
@@ -673,6 +695,8 @@ class Coordinator:
                         break
                     if self.on_progress is not None:
                         self.on_progress(self.progress())
+                    for state in self.states.values():  # items done since the last step.items event
+                        self._item_progress(state)
                 if now - last_beat >= self.settings.heartbeat_seconds:
                     last_beat = now
                     if not self.store.heartbeat(self.run_id, self.owner):

@@ -97,6 +97,7 @@ COMMAND_MODULES = (
     "factory.cli.agents",
     "factory.cli.sandbox",
     "factory.cli.jobs",
+    "factory.cli.ui",
     "deployments.cli",  # `factory up` / `factory down`, when the deployments package is installed
 )
 

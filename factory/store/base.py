@@ -112,6 +112,23 @@ class ApiKeyRecord(BaseModel):
         return self.expires_at is not None and now >= self.expires_at
 
 
+class RunSummary(BaseModel):
+    """A run as a list of runs shows it: no inputs or spec, its steps counted."""
+
+    id: str
+    workflow_name: str
+    status: RunStatus
+    error: str | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    started_by: str = "local"
+    steps_total: int = 0
+    steps_done: int = Field(default=0, description="Succeeded or skipped.")
+    steps_failed: int = 0
+    steps_running: int = Field(default=0, description="Running or waiting to retry.")
+
+
 class RegisteredWorkflow(BaseModel):
     """A workflow an operator registered: keys start it by name; its code is the operator's."""
 
@@ -231,9 +248,32 @@ class Store(Protocol):
 
     def get_steps(self, run_id: str) -> list[StepRecord]: ...
 
+    def run_summaries(
+        self,
+        limit: int = 50,
+        status: RunStatus | None = None,
+        workflow: str | None = None,
+        text: str | None = None,
+        before: tuple[float, str] | None = None,
+    ) -> list[RunSummary]:
+        """Newest first, with their steps counted in the query (fast for a page of a large store).
+        ``text``: a case-insensitive substring of the id, workflow name or error."""
+
+    def run_status_counts(self) -> dict[RunStatus, int]:
+        """How many runs have each status."""
+
+    def attempts_since(self, since: float, limit: int = 50_000) -> list[AttemptRecord]:
+        """Attempts finished at or after ``since`` (newest first, without their logs)."""
+
+    def event_times(self, since: float, types: list[str], scan: int = 200_000) -> list[tuple[float, str]]:
+        """(ts, type) of the events of these types since ``since``, among the newest ``scan`` events."""
+
     def get_attempts(self, run_id: str, step_id: str | None = None) -> list[AttemptRecord]: ...
 
     def events(self, after_id: int = 0, run_id: str | None = None, limit: int = 1000) -> list[Event]: ...
+
+    def latest_events(self, run_id: str, type: str, limit: int = 1000) -> list[Event]:
+        """The run's newest events of this type, newest first."""
 
     def last_event_id(self) -> int: ...
 

@@ -29,6 +29,7 @@ from factory.store.base import (
     RunGrants,
     RunRecord,
     RunStatus,
+    RunSummary,
     StepChange,
     StepRecord,
     StepStatus,
@@ -347,6 +348,101 @@ class SQLStore(ABC):
             rows = cur.execute(self._sql(query), args).fetchall()
         return [self._run(row) for row in rows]
 
+    def run_summaries(
+        self,
+        limit: int = 50,
+        status: RunStatus | None = None,
+        workflow: str | None = None,
+        text: str | None = None,
+        before: tuple[float, str] | None = None,
+    ) -> list[RunSummary]:
+        query = (
+            "SELECT r.id, r.workflow_name, r.status, r.error, r.created_at, r.started_at, r.finished_at, r.principal,"
+            " (SELECT COUNT(*) FROM steps s WHERE s.run_id = r.id),"
+            " (SELECT COUNT(*) FROM steps s WHERE s.run_id = r.id AND s.status IN (?, ?)),"
+            " (SELECT COUNT(*) FROM steps s WHERE s.run_id = r.id AND s.status = ?),"
+            " (SELECT COUNT(*) FROM steps s WHERE s.run_id = r.id AND s.status IN (?, ?))"
+            " FROM runs r WHERE 1=1"
+        )
+        args: list[Any] = [
+            StepStatus.SUCCEEDED.value,
+            StepStatus.SKIPPED.value,
+            StepStatus.FAILED.value,
+            StepStatus.RUNNING.value,
+            StepStatus.RETRYING.value,
+        ]
+        if status is not None:
+            query += " AND r.status=?"
+            args.append(status.value)
+        if workflow:
+            query += " AND r.workflow_name=?"
+            args.append(workflow)
+        if text:
+            pattern = "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            query += (
+                " AND (LOWER(r.id) LIKE ? ESCAPE '\\' OR LOWER(r.workflow_name) LIKE ? ESCAPE '\\'"
+                " OR LOWER(COALESCE(r.error, '')) LIKE ? ESCAPE '\\')"
+            )
+            args += [pattern, pattern, pattern]
+        if before is not None:
+            query += " AND (r.created_at < ? OR (r.created_at = ? AND r.id < ?))"
+            args += [before[0], before[0], before[1]]
+        query += " ORDER BY r.created_at DESC, r.id DESC LIMIT ?"
+        args.append(limit)
+        with self._read() as cur:
+            rows = cur.execute(self._sql(query), args).fetchall()
+        return [
+            RunSummary(
+                id=row[0],
+                workflow_name=row[1],
+                status=RunStatus(row[2]),
+                error=row[3],
+                created_at=row[4],
+                started_at=row[5],
+                finished_at=row[6],
+                started_by=row[7] or "local",
+                steps_total=int(row[8]),
+                steps_done=int(row[9]),
+                steps_failed=int(row[10]),
+                steps_running=int(row[11]),
+            )
+            for row in rows
+        ]
+
+    def run_status_counts(self) -> dict[RunStatus, int]:
+        with self._read() as cur:
+            rows = cur.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall()
+        counts = dict.fromkeys(RunStatus, 0)
+        for row in rows:
+            counts[RunStatus(row[0])] = int(row[1])
+        return counts
+
+    def attempts_since(self, since: float, limit: int = 50_000) -> list[AttemptRecord]:
+        with self._read() as cur:
+            rows = cur.execute(
+                self._sql(
+                    "SELECT run_id, step_id, attempt, status, error, duration, finished_at FROM attempts"
+                    " WHERE finished_at >= ? ORDER BY finished_at DESC LIMIT ?"
+                ),
+                (since, limit),
+            ).fetchall()
+        keys = ("run_id", "step_id", "attempt", "status", "error", "duration", "finished_at")
+        return [AttemptRecord.model_validate(dict(zip(keys, row, strict=True))) for row in rows]
+
+    def event_times(self, since: float, types: list[str], scan: int = 200_000) -> list[tuple[float, str]]:
+        if not types:
+            return []
+        marks = ",".join("?" for _ in types)
+        with self._read() as cur:
+            rows = cur.execute(
+                self._sql(  # the newest events only, by the primary key: no scan of the whole log
+                    f"SELECT ts, type FROM (SELECT ts, type FROM events ORDER BY id DESC LIMIT ?) recent"
+                    f" WHERE ts >= ? AND type IN ({marks})"
+                ),
+                (scan, since, *types),
+            ).fetchall()
+        return [(float(row[0]), str(row[1])) for row in rows]
+
     def get_steps(self, run_id: str) -> list[StepRecord]:
         with self._read() as cur:
             rows = cur.execute(
@@ -385,6 +481,20 @@ class SQLStore(ABC):
         args.append(limit)
         with self._read() as cur:
             rows = cur.execute(self._sql(query), args).fetchall()
+        return [
+            Event(id=row[0], run_id=row[1], step_id=row[2], type=row[3], data=json.loads(row[4]), ts=row[5])
+            for row in rows
+        ]
+
+    def latest_events(self, run_id: str, type: str, limit: int = 1000) -> list[Event]:
+        with self._read() as cur:
+            rows = cur.execute(
+                self._sql(
+                    "SELECT id, run_id, step_id, type, data, ts FROM events WHERE run_id=? AND type=?"
+                    " ORDER BY id DESC LIMIT ?"
+                ),
+                (run_id, type, limit),
+            ).fetchall()
         return [
             Event(id=row[0], run_id=row[1], step_id=row[2], type=row[3], data=json.loads(row[4]), ts=row[5])
             for row in rows

@@ -55,6 +55,10 @@ def test_up_serves_then_stops_on_ctrl_c(tmp_path: Path) -> None:
             timeout=30,
         )
         assert decision.status_code == 200 and decision.json()["agent"] == "translator"
+        assert f"dashboard  {base}/ui/" in output, output
+        page = httpx.get(f"{base}/ui/", timeout=30)
+        assert page.status_code == 200 and "gradio" in page.text.lower()
+        assert httpx.get(f"{base}/favicon.ico", timeout=30).status_code == 200
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(120) == 0
         try:

@@ -1,0 +1,151 @@
+"""What the dashboard draws (ui.render): layout by networkx, escaping, tables, form values."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+
+import pytest
+
+pytest.importorskip("networkx")
+
+from ui import render
+
+XSS = "<img src=x onerror=alert(1)>"
+
+
+def graph(n_layers: int = 3, width: int = 2) -> dict[str, object]:
+    nodes, edges = [], []
+    for layer in range(n_layers):
+        for i in range(width):
+            nodes.append({"id": f"s{layer}_{i}", "status": "succeeded" if layer == 0 else "pending", "attempts": 1})
+            if layer:
+                edges.append({"source": f"s{layer - 1}_{i}", "target": f"s{layer}_{i}"})
+    return {"nodes": nodes, "edges": edges}
+
+
+def test_layout_puts_each_step_right_of_its_dependencies() -> None:
+    g = graph()
+    pos = render.dag_layout(g)
+    assert len(pos) == 6
+    for edge in g["edges"]:  # type: ignore[attr-defined]
+        assert pos[edge["source"]][0] < pos[edge["target"]][0]
+    assert len(set(pos.values())) == 6  # no two boxes on top of each other
+
+
+def test_dag_svg_is_valid_svg_with_text_escaped() -> None:
+    g = {
+        "nodes": [
+            {"id": "a", "status": "failed", "attempts": 3, "error": XSS},
+            {"id": "b", "status": "running", "for_each": True, "items_done": 2, "items_total": 5},
+        ],
+        "edges": [{"source": "a", "target": "b"}],
+    }
+    html = render.dag_svg(g)
+    svg = re.search(r"<svg.*</svg>", html, re.S)
+    assert svg is not None
+    root = ET.fromstring(svg.group(0))  # well-formed: every text escaped
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert "failed · 3 attempts" in texts and "running · 2/5 items" in texts
+    assert XSS not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert 'data-status="failed"' in html
+
+
+def test_gantt_shows_every_attempt_and_the_running_one() -> None:
+    nodes = [
+        {"id": "a", "status": "succeeded", "attempts": 2},
+        {"id": "b", "status": "running", "attempts": 1, "started_at": 14.0},
+    ]
+    attempts = [
+        {"step_id": "a", "attempt": 1, "status": "failed", "duration": 1.0, "finished_at": 11.0, "error": XSS},
+        {"step_id": "a", "attempt": 2, "status": "succeeded", "duration": 2.0, "finished_at": 14.0},
+    ]
+    html = render.gantt_svg(nodes, attempts, now=20.0)
+    assert html.count("<rect") == 3 and XSS not in html
+    assert "a attempt 1: failed" in html and "b attempt 1: running" in html
+    assert "10.00s" in html  # the axis spans 10 s to 20 s
+
+
+def test_tables_and_logs() -> None:
+    runs = [
+        {
+            "id": "r1",
+            "status": "running",
+            "workflow_name": XSS,
+            "created_at": 0.0,
+            "started_at": 100.0,
+            "finished_at": None,
+            "steps_done": 1,
+            "steps_total": 3,
+            "steps_failed": 1,
+            "error": None,
+        }
+    ]
+    row = render.run_rows(runs, now=190.0)[0]
+    assert row[2] == XSS  # a table cell shows text as it is (the browser test checks it stays text)
+    assert row[4] == "1m30s" and row[5] == "1 / 3 (1 failed)"
+    logs = render.step_logs(
+        "a",
+        [{"step_id": "a", "attempt": 1, "status": "failed", "duration": 0.5, "logs": "hello\n", "error": "boom"}],
+        ["live 1"],
+    )
+    assert logs.splitlines() == ["--- attempt 1: failed (0.50s)", "boom", "hello", "--- live", "live 1"]
+    events = [
+        {"id": i, "ts": 0.0, "type": "step.log", "step_id": "a", "data": {"lines": ["x" * 500]}} for i in range(300)
+    ]
+    rows = render.event_rows(events)
+    assert len(rows) == 200 and rows[0][0] == "299" and len(rows[0][4]) <= 160
+
+
+def test_pools_and_route_rows() -> None:
+    agents = {
+        "agents": [
+            {
+                "name": "s",
+                "capabilities": ["wait"],
+                "runnable": True,
+                "pool": {
+                    "replicas": 2,
+                    "min_replicas": 1,
+                    "max_replicas": 3,
+                    "in_flight": 4,
+                    "queued": 1,
+                    "health": "healthy",
+                    "breaker": "closed",
+                },
+            },
+            {"name": "t", "capabilities": [], "runnable": False, "pool": None},
+        ]
+    }
+    assert render.pool_rows(agents) == [
+        ["s", "wait", "2 (1-3)", "4", "1", "healthy", "closed"],
+        ["t", "", "0", "0", "0", "catalogue only (routing)", ""],
+    ]
+    decision = {
+        "agent": "s",
+        "score": 0.9,
+        "breakdown": {"semantic": 0.95, "load": 0.05},
+        "runners_up": [{"agent": "u", "score": 0.4, "breakdown": {"semantic": 0.4}}],
+        "filtered_out": {"t": "lacks capability wait"},
+    }
+    rows = render.route_rows(decision)
+    assert [r[-1] for r in rows] == ["chosen", "runner-up", "filtered out: lacks capability wait"]
+    assert rows[0][1:4] == ["0.900", "0.950", "0.050"]
+
+
+def test_inputs_form_types() -> None:
+    assert [render.input_kind(v) for v in (True, 3, 1.5, "x", [1], {"a": 1}, None)] == [
+        "bool",
+        "int",
+        "float",
+        "text",
+        "json",
+        "json",
+        "json",
+    ]
+    assert render.parse_input("int", 9.0) == 9 and render.parse_input("float", 2) == 2.0
+    assert render.parse_input("json", '{"a": [1]}') == {"a": [1]}
+    with pytest.raises(ValueError, match="whole number"):
+        render.parse_input("int", 2.5)
+    with pytest.raises(ValueError, match="not JSON"):
+        render.parse_input("json", "{nope")

@@ -1,0 +1,800 @@
+"""The dashboard's Gradio Blocks: Runs, Run, Submit, Agents, System.
+
+It talks to the Factory only through :class:`factory.client.FactoryClient` (the HTTP API)
+with the API key of the person logged in; the key lives in the session on the server, never
+in a URL. Live parts follow the events API (:mod:`ui.live`); a timer applies what the
+streams delivered. User-provided text is escaped (:mod:`ui.render`) or shown in text
+components (tables, text boxes, JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from html import escape
+from typing import Any
+
+import gradio as gr
+
+from factory.client import ApiError, FactoryClient
+from factory.dag import parse_workflow_text
+from factory.errors import FactoryError
+from factory.limits import DocumentLimits
+from ui import render
+from ui.live import EventFollower
+
+FETCHERS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ui-fetch")
+RUN_STATUSES = ["any", "pending", "running", "succeeded", "failed", "cancelled"]
+PAGE_SIZE = 25
+READ_ONLY_NOTE = "your key can read only: cancel, resume, run again and submit need a key with the submit scope"
+MAX_YAML_CHARS = 1_000_000
+
+EXAMPLE_YAML = """\
+name: hello
+inputs:
+  who: world
+  times: 2
+steps:
+  - id: greet
+    python: examples.hello:greet
+    with: {who: "${inputs.who}"}
+"""
+
+CSS = """
+.factory-badge {display:inline-block;padding:2px 10px;border-radius:10px;color:white;font-weight:bold}
+.factory-empty {color:#6b7280;padding:8px}
+.factory-problems li {font-family:monospace;white-space:pre-wrap}
+"""
+
+
+@dataclass
+class Session:
+    """One logged-in person: their client, what their key may do, what their pages follow."""
+
+    client: FactoryClient
+    me: dict[str, Any]
+    tab: str = "runs"
+    # runs list
+    cursors: list[str | None] = field(default_factory=lambda: [None])
+    next_cursor: str | None = None
+    list_follower: EventFollower | None = None
+    list_seen: int = -1
+    # run page
+    run_id: str | None = None
+    run_follower: EventFollower | None = None
+    run_seen: int = -1
+    graph: dict[str, Any] | None = None
+    run: dict[str, Any] | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    pending_action: str | None = None
+
+    @property
+    def can_submit(self) -> bool:
+        return bool(self.me.get("can_submit"))
+
+    def close(self) -> None:
+        for follower in (self.list_follower, self.run_follower):
+            if follower is not None:
+                follower.stop()
+        self.client.close()
+
+
+def _close(session: Session | None) -> None:
+    if isinstance(session, Session):
+        session.close()
+
+
+def _error(exc: BaseException | str) -> str:
+    return f'<div class="factory-error" style="color:#b91c1c">{escape(str(exc))}</div>'
+
+
+def _ok(text: str) -> str:
+    return f'<div class="factory-ok" style="color:#15803d">{escape(text)}</div>'
+
+
+def _badge(status: str) -> str:
+    return (
+        f'<span id="run-status" class="factory-badge" data-status="{escape(status)}" '
+        f'style="background:{render.colour(status)}">{escape(status)}</span>'
+    )
+
+
+def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
+    """The dashboard for the Factory API at ``api_url``."""
+
+    def new_session(key: str) -> Session:
+        client = FactoryClient(api_url, api_key=key, timeout=client_timeout, idle_timeout=45.0)
+        try:
+            me = client.whoami()
+        except BaseException:
+            client.close()
+            raise
+        return Session(client, me)
+
+    with gr.Blocks(title="The Factory", analytics_enabled=False) as demo:
+        session_state = gr.State(None, delete_callback=_close)
+        gr.HTML("<h2 style='margin:0'>The Factory</h2>")
+
+        # -- login ---------------------------------------------------------------------------
+        with gr.Column(visible=True) as login_box:
+            key_box = gr.Textbox(
+                label="API key", type="password", placeholder="fk_…", elem_id="login-key", max_length=400
+            )
+            login_btn = gr.Button("Log in", variant="primary", elem_id="login-btn")
+            login_status = gr.HTML("", elem_id="login-status")
+
+        with gr.Column(visible=False) as main_box:
+            with gr.Row():
+                who = gr.HTML("", elem_id="whoami")
+                logout_btn = gr.Button("Log out", size="sm", scale=0, elem_id="logout-btn")
+            with gr.Tabs(selected="runs", elem_id="tabs") as tabs:
+                # -- runs ------------------------------------------------------------------------
+                with gr.Tab("Runs", id="runs", elem_id="tab-runs") as runs_tab:
+                    with gr.Row():
+                        status_filter = gr.Dropdown(RUN_STATUSES, value="any", label="status", elem_id="f-status")
+                        workflow_filter = gr.Textbox(label="workflow", max_length=200, elem_id="f-workflow")
+                        text_filter = gr.Textbox(label="search (id, workflow, error)", max_length=200, elem_id="f-q")
+                    with gr.Row():
+                        newer_btn = gr.Button("← newer", size="sm", elem_id="newer-btn")
+                        page_label = gr.HTML("", elem_id="page-label")
+                        older_btn = gr.Button("older →", size="sm", elem_id="older-btn")
+                    runs_table = gr.Dataframe(
+                        headers=render.RUN_COLUMNS,
+                        datatype="str",
+                        interactive=False,
+                        elem_id="runs-table",
+                        max_height=600,
+                        wrap=True,
+                    )
+                    with gr.Row():
+                        open_id = gr.Textbox(label="run id", max_length=100, elem_id="open-run-id", scale=3)
+                        open_btn = gr.Button("Open run", elem_id="open-run-btn", scale=1)
+                    runs_msg = gr.HTML("", elem_id="runs-msg")
+
+                # -- one run ---------------------------------------------------------------------
+                with gr.Tab("Run", id="run", elem_id="tab-run") as run_tab:
+                    run_header = gr.HTML("<div class='factory-empty'>open a run from the Runs tab</div>")
+                    with gr.Row():
+                        cancel_btn = gr.Button("Cancel run", variant="stop", elem_id="cancel-btn", interactive=False)
+                        resume_btn = gr.Button("Resume", elem_id="resume-btn", interactive=False)
+                        rerun_btn = gr.Button("Run again", elem_id="rerun-btn", interactive=False)
+                    perm_note = gr.HTML("", elem_id="perm-note")
+                    with gr.Column(visible=False) as confirm_box:
+                        confirm_text = gr.HTML("", elem_id="confirm-text")
+                        rerun_inputs = gr.Code(
+                            language="json", label="inputs", visible=False, elem_id="rerun-inputs", max_lines=20
+                        )
+                        with gr.Row():
+                            confirm_yes = gr.Button("Yes, do it", variant="primary", elem_id="confirm-yes")
+                            confirm_no = gr.Button("No", elem_id="confirm-no")
+                    action_result = gr.HTML("", elem_id="action-result")
+                    gr.HTML("<h3>Graph</h3>")
+                    dag = gr.HTML("", elem_id="dag")
+                    gr.HTML("<h3>Timeline of attempts</h3>")
+                    gantt = gr.HTML("", elem_id="gantt")
+                    steps_table = gr.Dataframe(
+                        headers=render.STEP_COLUMNS,
+                        datatype="str",
+                        interactive=False,
+                        label="steps",
+                        elem_id="steps-table",
+                        max_height=400,
+                        wrap=True,
+                    )
+                    with gr.Row():
+                        log_step = gr.Dropdown([], label="step logs", elem_id="log-step", allow_custom_value=False)
+                    step_log = gr.Textbox(
+                        label="logs", lines=10, max_lines=30, interactive=False, elem_id="step-logs", autoscroll=True
+                    )
+                    with gr.Row():
+                        inputs_json = gr.JSON(label="inputs", elem_id="run-inputs")
+                        outputs_json = gr.JSON(label="outputs", elem_id="run-outputs")
+                    events_table = gr.Dataframe(
+                        headers=render.EVENT_COLUMNS,
+                        datatype="str",
+                        interactive=False,
+                        label="events (newest first)",
+                        elem_id="events-table",
+                        max_height=400,
+                        wrap=True,
+                    )
+
+                # -- submit ----------------------------------------------------------------------
+                with gr.Tab("Submit", id="submit", elem_id="tab-submit") as submit_tab:
+                    upload = gr.File(label="upload a workflow YAML", file_types=[".yaml", ".yml"], elem_id="upload")
+                    yaml_box = gr.Code(value=EXAMPLE_YAML, language="yaml", label="workflow", elem_id="submit-yaml")
+                    validate_btn = gr.Button("Validate", elem_id="validate-btn")
+                    validation = gr.HTML("", elem_id="validate-result")
+                    declared: gr.State = gr.State(None)
+                    can_submit = gr.State(False)
+                    form_area = gr.Column()
+
+                # -- agents ----------------------------------------------------------------------
+                with gr.Tab("Agents", id="agents", elem_id="tab-agents") as agents_tab:
+                    pools_table = gr.Dataframe(
+                        headers=render.POOL_COLUMNS,
+                        datatype="str",
+                        interactive=False,
+                        label="agents and their pools",
+                        elem_id="pools-table",
+                    )
+                    agents_msg = gr.HTML("", elem_id="agents-msg")
+                    gr.HTML("<h3>Routing playground</h3>")
+                    with gr.Row():
+                        route_text = gr.Textbox(label="task", max_length=4000, elem_id="route-text", scale=3)
+                        route_caps = gr.Textbox(label="capabilities (comma separated)", max_length=400, scale=1)
+                    route_btn = gr.Button("Route", elem_id="route-btn")
+                    route_result = gr.HTML("", elem_id="route-result")
+                    route_table = gr.Dataframe(
+                        headers=render.ROUTE_COLUMNS, datatype="str", interactive=False, elem_id="route-table"
+                    )
+
+                # -- system ----------------------------------------------------------------------
+                with gr.Tab("System", id="system", elem_id="tab-system") as system_tab:
+                    with gr.Row():
+                        throughput_plot = gr.LinePlot(x="time", y="steps/s", title="steps finished per second")
+                        latency_plot = gr.LinePlot(
+                            x="time", y="seconds", color="percentile", title="step latency p50 / p99"
+                        )
+                    with gr.Row():
+                        trouble_plot = gr.LinePlot(x="time", y="count", color="kind", title="failures and retries")
+                        status_plot = gr.BarPlot(x="status", y="runs", title="runs by status")
+                        queue_plot = gr.BarPlot(x="agent", y="queued", title="agent queue depth")
+                    nodes_table = gr.Dataframe(
+                        headers=render.NODE_COLUMNS,
+                        datatype="str",
+                        interactive=False,
+                        label="Ray nodes",
+                        elem_id="nodes-table",
+                    )
+                    system_msg = gr.HTML("", elem_id="system-msg")
+
+        list_timer = gr.Timer(1.0)
+        run_timer = gr.Timer(0.5)
+        slow_timer = gr.Timer(5.0)
+
+        # -- login / logout -----------------------------------------------------------------------
+
+        def permission_updates(s: Session) -> list[Any]:
+            allowed = s.can_submit
+            note = "" if allowed else f"<div style='color:#92400e'>{escape(READ_ONLY_NOTE)}</div>"
+            return [gr.update(interactive=allowed)] * 3 + [note, allowed]
+
+        def login(key: str, old: Session | None) -> list[Any]:
+            key = (key or "").strip()
+            if not key:
+                return [gr.skip(), _error("paste an API key"), gr.skip(), gr.skip(), gr.skip(), *[gr.skip()] * 5, ""]
+            try:
+                s = new_session(key)
+            except FactoryError as exc:
+                return [gr.skip(), _error(exc), gr.skip(), gr.skip(), gr.skip(), *[gr.skip()] * 5, ""]
+            _close(old)
+            scopes = ", ".join(s.me.get("scopes", []))
+            me = f"logged in as key <b>{escape(str(s.me.get('name') or s.me['id']))}</b> ({escape(scopes)})"
+            return [
+                s,
+                "",
+                gr.update(visible=False),
+                gr.update(visible=True),
+                me,
+                *permission_updates(s),
+                "",
+            ]
+
+        login_outputs = [
+            session_state,
+            login_status,
+            login_box,
+            main_box,
+            who,
+            cancel_btn,
+            resume_btn,
+            rerun_btn,
+            perm_note,
+            can_submit,
+            key_box,
+        ]
+
+        def logout(s: Session | None) -> list[Any]:
+            _close(s)
+            return [None, gr.update(visible=True), gr.update(visible=False), "logged out"]
+
+        logout_btn.click(logout, [session_state], [session_state, login_box, main_box, login_status])
+
+        # -- runs list ----------------------------------------------------------------------------
+
+        def load_runs(s: Session, status: str, workflow: str, text: str) -> list[Any]:
+            cursor = s.cursors[-1]
+            try:
+                page = s.client.run_summaries(
+                    status=None if status == "any" else status,
+                    workflow=(workflow or "").strip() or None,
+                    text=(text or "").strip() or None,
+                    limit=PAGE_SIZE,
+                    cursor=cursor,
+                )
+            except FactoryError as exc:
+                return [gr.skip(), gr.skip(), _error(exc)]
+            s.next_cursor = page["next_cursor"]
+            if s.list_follower is None or s.list_follower.ended:
+                s.list_follower = EventFollower(s.client, None, int(page.get("last_event_id") or 0))
+            s.list_seen = s.list_follower.version
+            label = f"page {len(s.cursors)}" + ("" if s.next_cursor else " (last)")
+            return [render.run_rows(page["runs"], time.time()), label, ""]
+
+        list_outputs = [runs_table, page_label, runs_msg]
+        filters = [status_filter, workflow_filter, text_filter]
+
+        def refresh_list(s: Session | None, *args: str) -> list[Any]:
+            if not isinstance(s, Session):
+                return [gr.skip()] * 3
+            return load_runs(s, *args)
+
+        def first_page(s: Session | None, *args: str) -> list[Any]:
+            if not isinstance(s, Session):
+                return [gr.skip()] * 3
+            s.cursors = [None]
+            return load_runs(s, *args)
+
+        def older(s: Session | None, *args: str) -> list[Any]:
+            if not isinstance(s, Session) or not s.next_cursor:
+                return [gr.skip()] * 3
+            s.cursors.append(s.next_cursor)
+            return load_runs(s, *args)
+
+        def newer(s: Session | None, *args: str) -> list[Any]:
+            if not isinstance(s, Session) or len(s.cursors) == 1:
+                return [gr.skip()] * 3
+            s.cursors.pop()
+            return load_runs(s, *args)
+
+        def list_tick(s: Session | None, *args: str) -> list[Any]:
+            """Reload the page when the events stream delivered something since the last load."""
+            if not isinstance(s, Session) or s.tab != "runs":
+                return [gr.skip()] * 3
+            follower = s.list_follower
+            if follower is not None:
+                follower.touch()
+            if follower is not None and follower.version == s.list_seen and not follower.ended:
+                return [gr.skip()] * 3
+            return load_runs(s, *args)
+
+        status_filter.change(first_page, [session_state, *filters], list_outputs)
+        workflow_filter.change(first_page, [session_state, *filters], list_outputs)
+        text_filter.change(first_page, [session_state, *filters], list_outputs)
+        older_btn.click(older, [session_state, *filters], list_outputs)
+        newer_btn.click(newer, [session_state, *filters], list_outputs)
+        list_timer.tick(list_tick, [session_state, *filters], list_outputs)
+        login_btn.click(login, [key_box, session_state], login_outputs).then(
+            refresh_list, [session_state, *filters], list_outputs
+        )
+        key_box.submit(login, [key_box, session_state], login_outputs).then(
+            refresh_list, [session_state, *filters], list_outputs
+        )
+
+        # -- one run ------------------------------------------------------------------------------
+
+        run_outputs = [
+            run_header,
+            dag,
+            gantt,
+            steps_table,
+            log_step,
+            step_log,
+            inputs_json,
+            outputs_json,
+            events_table,
+            cancel_btn,
+            resume_btn,
+        ]
+
+        def render_run(s: Session, step: str | None, fetch: bool = True) -> list[Any]:
+            assert s.run_id is not None
+            if fetch:  # the three answers at once: the page waits for the slowest, not their sum
+                run_id = s.run_id
+                graph_f = FETCHERS.submit(s.client.run_graph, run_id)
+                run_f = FETCHERS.submit(s.client.get_run, run_id)
+                attempts_f = FETCHERS.submit(s.client.attempts, run_id)
+                s.graph, s.run, s.attempts = graph_f.result(), run_f.result(), attempts_f.result()
+            graph, run = s.graph, s.run
+            assert graph is not None and run is not None
+            now = time.time()
+            status = str(run["status"])
+            counts = " · ".join(f"{n} {k}" for k, n in sorted(graph["counts"].items()))
+            header = (
+                f"<div id='run-header'><h3 style='margin:0'>run <code id='run-id'>{escape(run['id'])}</code> "
+                f"{_badge(status)}</h3>"
+                f"<div>workflow <b id='run-workflow'>{escape(str(run['workflow']))}</b>"
+                + (f" ({escape(str(run['workflow_ref']))})" if run.get("workflow_ref") else "")
+                + f" · started {escape(render.when(run.get('started_at') or run.get('created_at')))}"
+                f" · duration {escape(render.seconds(render.run_duration(run, now)))}"
+                f" · by {escape(str(run.get('started_by', '')))}</div>"
+                f"<div>steps: {escape(counts)}</div>"
+                + (f"<div style='color:#b91c1c'>{escape(str(run['error']))}</div>" if run.get("error") else "")
+                + ("<div style='color:#92400e'>stalled: its coordinator is gone</div>" if run.get("stalled") else "")
+                + "</div>"
+            )
+            step_ids = [n["id"] for n in graph["nodes"]]
+            if step not in step_ids:
+                step = next((n["id"] for n in graph["nodes"] if n["status"] in ("running", "retrying")), None)
+                step = step or (step_ids[0] if step_ids else None)
+            live = s.run_follower.live_lines(step) if (s.run_follower and step) else []
+            logs = render.step_logs(step, s.attempts, live) if step else ""
+            outputs = {st["step_id"]: st.get("output") for st in run.get("steps") or [] if st.get("output") is not None}
+            events = s.run_follower.snapshot()[1] if s.run_follower else []
+            final = status in render.FINAL_RUN
+            return [
+                header,
+                render.dag_svg(graph),
+                render.gantt_svg(graph["nodes"], s.attempts, now),
+                render.step_rows(graph["nodes"]),
+                gr.update(choices=step_ids, value=step),
+                logs,
+                run.get("inputs") or {},
+                outputs,
+                render.event_rows(events),
+                gr.update(interactive=s.can_submit and not final),
+                gr.update(interactive=s.can_submit and status != "succeeded"),
+            ]
+
+        def open_run(s: Session | None, run_id: str) -> list[Any]:
+            """Switch to the run's page and follow its events."""
+            if not isinstance(s, Session):
+                return [gr.skip()] * (len(run_outputs) + 3)
+            run_id = (run_id or "").strip()
+            if s.run_follower is not None:
+                s.run_follower.stop()
+            s.run_id, s.run_follower, s.pending_action = run_id, None, None
+            try:
+                rendered = render_run(s, None)
+            except FactoryError as exc:
+                s.run_id = None
+                return [gr.skip(), _error(exc), gr.skip(), *[gr.skip()] * len(run_outputs)]
+            s.run_follower = EventFollower(s.client, run_id, 0)
+            s.run_seen = -1
+            s.tab = "run"
+            return [gr.update(selected="run"), "", gr.update(visible=False), *rendered]
+
+        open_outputs = [tabs, runs_msg, confirm_box, *run_outputs]
+        open_btn.click(open_run, [session_state, open_id], open_outputs)
+        open_id.submit(open_run, [session_state, open_id], open_outputs)
+
+        def pick_row(s: Session | None, evt: gr.SelectData) -> list[Any]:
+            row = evt.row_value if isinstance(evt.row_value, list) else None
+            if not row:
+                return [gr.skip()] * len(open_outputs)
+            return open_run(s, str(row[0]))
+
+        runs_table.select(pick_row, [session_state], open_outputs)
+
+        def run_tick(s: Session | None, step: str | None) -> list[Any]:
+            """Apply what the run's event stream delivered since the last tick."""
+            if not isinstance(s, Session) or s.run_id is None or s.run_follower is None:
+                return [gr.skip()] * len(run_outputs)
+            s.run_follower.touch()
+            version = s.run_follower.version
+            if s.run_follower.ended and s.run_follower.error is None and s.run_follower.idle_stop > 0:
+                run = s.run or {}
+                if run.get("status") not in render.FINAL_RUN and not s.run_follower.alive:
+                    # stopped while the tab was elsewhere: follow again from where it was
+                    s.run_follower = EventFollower(s.client, s.run_id, s.run_follower.last_id, carry=s.run_follower)
+            if version == s.run_seen:
+                return [gr.skip()] * len(run_outputs)
+            try:
+                rendered = render_run(s, step)
+            except FactoryError:
+                return [gr.skip()] * len(run_outputs)
+            s.run_seen = version
+            return rendered
+
+        run_timer.tick(run_tick, [session_state, log_step], run_outputs)
+
+        def pick_step(s: Session | None, step: str | None) -> str:
+            if not isinstance(s, Session) or not step:
+                return ""
+            live = s.run_follower.live_lines(step) if s.run_follower else []
+            try:
+                attempts = s.client.attempts(s.run_id or "", step)
+            except FactoryError as exc:
+                return str(exc)
+            return render.step_logs(step, attempts, live)
+
+        log_step.input(pick_step, [session_state, log_step], [step_log])
+
+        # -- actions, each confirmed ----------------------------------------------------------------
+
+        def ask(action: str) -> Any:
+            def handler(s: Session | None) -> list[Any]:
+                if not isinstance(s, Session) or s.run_id is None:
+                    return [gr.skip()] * 4
+                if not s.can_submit:
+                    return [gr.update(visible=False), "", gr.skip(), _error(READ_ONLY_NOTE)]
+                s.pending_action = action
+                question = {
+                    "cancel": f"Cancel run {s.run_id}? Attempts in flight are stopped.",
+                    "resume": f"Resume run {s.run_id}? Steps that succeeded are kept.",
+                    "rerun": f"Run workflow {(s.run or {}).get('workflow', '')} again with these inputs?",
+                }[action]
+                inputs = json.dumps((s.run or {}).get("inputs") or {}, indent=2)
+                return [
+                    gr.update(visible=True),
+                    f"<b>{escape(question)}</b>",
+                    gr.update(visible=action == "rerun", value=inputs),
+                    "",
+                ]
+
+            return handler
+
+        ask_outputs = [confirm_box, confirm_text, rerun_inputs, action_result]
+        cancel_btn.click(ask("cancel"), [session_state], ask_outputs)
+        resume_btn.click(ask("resume"), [session_state], ask_outputs)
+        rerun_btn.click(ask("rerun"), [session_state], ask_outputs)
+
+        def confirm(s: Session | None, inputs_text: str) -> list[Any]:
+            skip_run = [gr.skip()] * len(run_outputs)
+            if not isinstance(s, Session) or s.run_id is None or s.pending_action is None:
+                return [gr.update(visible=False), gr.skip(), gr.skip(), *skip_run]
+            action, s.pending_action = s.pending_action, None
+            try:
+                if action == "cancel":
+                    s.client.cancel(s.run_id)
+                    return [gr.update(visible=False), _ok(f"cancelling run {s.run_id}"), gr.skip(), *skip_run]
+                if action == "resume":
+                    s.client.resume(s.run_id)
+                    if s.run_follower is None or s.run_follower.ended:
+                        s.run_follower = EventFollower(
+                            s.client, s.run_id, s.run_follower.last_id if s.run_follower else 0
+                        )
+                    return [gr.update(visible=False), _ok(f"resuming run {s.run_id}"), gr.skip(), *skip_run]
+                try:
+                    inputs = json.loads(inputs_text or "{}")
+                except json.JSONDecodeError as exc:
+                    s.pending_action = action
+                    return [gr.skip(), _error(f"the inputs are not JSON: {exc}"), gr.skip(), *skip_run]
+                if not isinstance(inputs, dict):
+                    s.pending_action = action
+                    return [gr.skip(), _error("the inputs must be a JSON object"), gr.skip(), *skip_run]
+                graph = s.graph or s.client.run_graph(s.run_id)
+                ref = graph.get("workflow_ref")
+                if ref:
+                    name, _, version = str(ref).partition("@")
+                    new_id = s.client.start(name, inputs, int(version) if version.isdigit() else None)
+                else:
+                    new_id = s.client.submit(graph["spec"], inputs)
+            except FactoryError as exc:
+                return [gr.update(visible=False), _error(exc), gr.skip(), *skip_run]
+            opened = open_run(s, new_id)
+            return [gr.update(visible=False), _ok(f"started run {new_id}"), opened[0], *opened[3:]]
+
+        confirm_yes.click(confirm, [session_state, rerun_inputs], [confirm_box, action_result, tabs, *run_outputs])
+
+        def dismiss(s: Session | None) -> list[Any]:
+            if isinstance(s, Session):
+                s.pending_action = None
+            return [gr.update(visible=False), "nothing done"]
+
+        confirm_no.click(dismiss, [session_state], [confirm_box, action_result])
+
+        # -- submit -------------------------------------------------------------------------------------
+
+        def workflow_data(text: str) -> Any:
+            if len(text or "") > MAX_YAML_CHARS:
+                raise FactoryError(f"the workflow is longer than {MAX_YAML_CHARS} characters")
+            return parse_workflow_text(text or "", limits=DocumentLimits(), source="the workflow")
+
+        def problems_html(title: str, problems: list[str], good: bool = False) -> str:
+            items = "".join(f"<li>{escape(p)}</li>" for p in problems)
+            colour = "#15803d" if good else "#b91c1c"
+            return f"<div style='color:{colour}'><b>{escape(title)}</b></div><ul class='factory-problems'>{items}</ul>"
+
+        def validate(s: Session | None, text: str) -> list[Any]:
+            if not isinstance(s, Session):
+                return [gr.skip(), gr.skip()]
+            try:
+                data = workflow_data(text)
+                if not isinstance(data, dict):  # never a path: the client would read a file of that name
+                    raise FactoryError("a workflow is a mapping with name, inputs and steps")
+                result = s.client.validate(data)
+            except ApiError as exc:
+                errors = exc.problem.get("errors")
+                problems = [str(e) for e in errors] if isinstance(errors, list) else [str(exc)]
+                return [problems_html("not a workflow", problems), {}]
+            except FactoryError as exc:
+                problems = getattr(exc, "problems", None) or [str(exc)]
+                return [problems_html("not a workflow", [str(p) for p in problems]), {}]
+            if result["valid"] and not result.get("refused"):
+                steps = ", ".join(result.get("steps") or [])
+                html = problems_html(f"valid: workflow {result.get('name')} with steps {steps}", [], good=True)
+                return [html, dict(result.get("inputs") or {})]
+            title = "valid, but your key may not run it" if result.get("refused") else "problems"
+            return [problems_html(title, [str(p) for p in result.get("problems") or []]), {}]
+
+        validate_btn.click(validate, [session_state, yaml_box], [validation, declared])
+
+        def uploaded(s: Session | None, path: str | None) -> list[Any]:
+            if not path:
+                return [gr.skip(), gr.skip(), gr.skip()]
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                text = fh.read(MAX_YAML_CHARS + 1)
+            return [text, *validate(s, text)]
+
+        upload.upload(uploaded, [session_state, upload], [yaml_box, validation, declared])
+
+        with form_area:
+
+            @gr.render(inputs=[declared, can_submit])  # type: ignore[untyped-decorator]
+            def inputs_form(spec: dict[str, Any] | None, allowed: bool) -> None:
+                fields: list[Any] = []
+                kinds: list[tuple[str, str]] = []
+                if spec is None:
+                    gr.HTML(
+                        "<div class='factory-empty'>validate the workflow to fill in its inputs and submit it</div>"
+                    )
+                    return
+                if spec:
+                    gr.HTML("<h4>inputs</h4>")
+                for name, default in spec.items():
+                    kind = render.input_kind(default)
+                    label = f"{name} ({kind})"
+                    if kind == "bool":
+                        fields.append(
+                            gr.Checkbox(value=default, label=label, elem_id=f"input-{name}", interactive=True)
+                        )
+                    elif kind in ("int", "float"):
+                        fields.append(
+                            gr.Number(
+                                value=default,
+                                label=label,
+                                precision=0 if kind == "int" else None,
+                                elem_id=f"input-{name}",
+                                interactive=True,
+                            )
+                        )
+                    elif kind == "text":
+                        fields.append(
+                            gr.Textbox(
+                                value=default,
+                                label=label,
+                                max_length=100_000,
+                                elem_id=f"input-{name}",
+                                interactive=True,
+                            )
+                        )
+                    else:
+                        fields.append(
+                            gr.Code(
+                                value=json.dumps(default, indent=2),
+                                language="json",
+                                label=label,
+                                elem_id=f"input-{name}",
+                                interactive=True,
+                            )
+                        )
+                    kinds.append((name, kind))
+                button = gr.Button("Submit", variant="primary", interactive=bool(allowed), elem_id="submit-btn")
+                submit_msg = gr.HTML(
+                    "" if allowed else f"<div style='color:#92400e'>{escape(READ_ONLY_NOTE)}</div>",
+                    elem_id="submit-result",
+                )
+
+                def do_submit(s: Session | None, text: str, *values: Any) -> list[Any]:
+                    skip = [gr.skip()] * (len(run_outputs) + 2)
+                    if not isinstance(s, Session):
+                        return [gr.skip(), *skip]
+                    try:
+                        inputs = {
+                            name: render.parse_input(kind, v) for (name, kind), v in zip(kinds, values, strict=True)
+                        }
+                    except ValueError as exc:
+                        return [_error(exc), *skip]
+                    try:
+                        data = workflow_data(text)
+                        if not isinstance(data, dict):
+                            raise FactoryError("a workflow is a mapping with name, inputs and steps")
+                        run_id = s.client.submit(data, inputs)
+                    except ApiError as exc:
+                        errors = exc.problem.get("errors")
+                        problems = [str(e) for e in errors] if isinstance(errors, list) else []
+                        return [problems_html(str(exc).splitlines()[0], problems), *skip]
+                    except FactoryError as exc:
+                        return [_error(exc), *skip]
+                    opened = open_run(s, run_id)
+                    return [_ok(f"submitted run {run_id}"), opened[0], opened[2], *opened[3:]]
+
+                button.click(
+                    do_submit,
+                    [session_state, yaml_box, *fields],
+                    [submit_msg, tabs, confirm_box, *run_outputs],
+                )
+
+        # -- agents -------------------------------------------------------------------------------------
+
+        def load_agents(s: Session | None) -> list[Any]:
+            if not isinstance(s, Session):
+                return [gr.skip(), gr.skip()]
+            try:
+                return [render.pool_rows(s.client.agents()), ""]
+            except FactoryError as exc:
+                return [gr.skip(), _error(exc)]
+
+        def route(s: Session | None, text: str, caps: str) -> list[Any]:
+            if not isinstance(s, Session):
+                return [gr.skip(), gr.skip()]
+            if not (text or "").strip():
+                return [_error("type a task"), []]
+            capabilities = [c.strip() for c in (caps or "").split(",") if c.strip()]
+            try:
+                decision = s.client.route(text, capabilities)
+            except FactoryError as exc:
+                return [_error(exc), []]
+            html = (
+                f"<div id='route-choice'>chosen: <b>{escape(str(decision['agent']))}</b> "
+                f"(score {float(decision['score']):.3f}, {escape(str(decision.get('scorer', '')))}, "
+                f"{float(decision.get('latency_ms', 0)):.1f} ms)</div>"
+                f"<div>{escape(str(decision.get('reason', '')))}</div>"
+            )
+            return [html, render.route_rows(decision)]
+
+        route_btn.click(route, [session_state, route_text, route_caps], [route_result, route_table])
+        route_text.submit(route, [session_state, route_text, route_caps], [route_result, route_table])
+
+        # -- system -------------------------------------------------------------------------------------
+
+        def load_system(s: Session | None) -> list[Any]:
+            if not isinstance(s, Session):
+                return [gr.skip()] * 7
+            try:
+                view = s.client.system(window=900, buckets=60)
+            except FactoryError as exc:
+                return [*[gr.skip()] * 6, _error(exc)]
+            import pandas as pd  # type: ignore[import-untyped]
+
+            records = render.series_records(view)
+            statuses = [{"status": k, "runs": v} for k, v in view["runs_by_status"].items()]
+            queues = [{"agent": k, "queued": v} for k, v in view.get("queues", {}).items()]
+            return [
+                pd.DataFrame(records["throughput"], columns=["time", "steps/s"]),
+                pd.DataFrame(records["latency"], columns=["time", "seconds", "percentile"]),
+                pd.DataFrame(records["trouble"], columns=["time", "count", "kind"]),
+                pd.DataFrame(statuses, columns=["status", "runs"]),
+                pd.DataFrame(queues, columns=["agent", "queued"]),
+                render.node_rows(view),
+                "",
+            ]
+
+        system_outputs = [throughput_plot, latency_plot, trouble_plot, status_plot, queue_plot, nodes_table, system_msg]
+
+        def slow_tick(s: Session | None) -> list[Any]:
+            skip = [gr.skip()] * (2 + len(system_outputs))
+            if not isinstance(s, Session):
+                return skip
+            if s.tab == "agents":
+                return [*load_agents(s), *[gr.skip()] * len(system_outputs)]
+            if s.tab == "system":
+                return [gr.skip(), gr.skip(), *load_system(s)]
+            return skip
+
+        slow_timer.tick(slow_tick, [session_state], [pools_table, agents_msg, *system_outputs])
+
+        # -- which tab is open ------------------------------------------------------------------------
+
+        def on_tab(name: str) -> Any:
+            def handler(s: Session | None) -> None:
+                if isinstance(s, Session):
+                    s.tab = name
+
+            return handler
+
+        runs_tab.select(on_tab("runs"), [session_state], None).then(
+            refresh_list, [session_state, *filters], list_outputs
+        )
+        run_tab.select(on_tab("run"), [session_state], None)
+        submit_tab.select(on_tab("submit"), [session_state], None)
+        agents_tab.select(on_tab("agents"), [session_state], None).then(
+            load_agents, [session_state], [pools_table, agents_msg]
+        )
+        system_tab.select(on_tab("system"), [session_state], None).then(load_system, [session_state], system_outputs)
+
+    return demo  # type: ignore[no-any-return]

@@ -1,0 +1,99 @@
+"""Following the events API (SSE with Last-Event-ID) in a background thread, with bounded memory.
+
+A page asks a follower what came since it last looked (``version``) on each tick of its
+timer; the follower keeps only the newest events and log lines, so a page left open for
+hours costs the same as one opened a minute ago, and it stops when no page asked for
+``idle_stop`` seconds (a tab closed without logging out). The client reconnects with Last-Event-ID
+when a stream drops, so no event is missed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from factory.client import FactoryClient
+from factory.errors import FactoryError
+
+MAX_EVENTS = 500
+MAX_LOG_LINES = 2000
+MAX_LOGGED_STEPS = 200
+IDLE_STOP_SECONDS = 30.0  # a follower nobody looked at for this long (a closed tab) stops
+
+
+class EventFollower:
+    """The events of one run (``run_id``), or of every run (``None``), after event ``after``."""
+
+    def __init__(
+        self,
+        client: FactoryClient,
+        run_id: str | None,
+        after: int = 0,
+        idle_stop: float = IDLE_STOP_SECONDS,
+        carry: EventFollower | None = None,
+    ) -> None:
+        """``carry``: a stopped follower of the same run whose events and log lines this one keeps."""
+        self.client = client
+        self.idle_stop = idle_stop
+        self.touched = time.monotonic()
+        self.run_id = run_id
+        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
+        self.logs: dict[str, deque[str]] = {}
+        self.version = 0
+        self.last_id = after
+        self.error: str | None = None
+        self.ended = False
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        if carry is not None:
+            self.events.extend(carry.events)
+            self.logs = carry.logs
+        self._thread = threading.Thread(target=self._follow, name=f"ui-events-{run_id or 'all'}", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        try:
+            for event in self.client.events(self.run_id, self.last_id, follow=True, stop=self._stop):
+                self._add(event)
+                if self._stop.is_set() or time.monotonic() - self.touched > self.idle_stop:
+                    return
+        except FactoryError as exc:
+            self.error = str(exc)
+        finally:
+            self.ended = True
+            with self._lock:
+                self.version += 1
+
+    def _add(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            self.last_id = max(self.last_id, int(event["id"]))
+            self.events.append(event)
+            step = event.get("step_id")
+            lines = (event.get("data") or {}).get("lines")
+            if event.get("type") == "step.log" and step and isinstance(lines, list):
+                if step not in self.logs and len(self.logs) >= MAX_LOGGED_STEPS:
+                    self.logs.pop(next(iter(self.logs)))
+                self.logs.setdefault(step, deque(maxlen=MAX_LOG_LINES)).extend(str(line) for line in lines)
+            self.version += 1
+
+    def touch(self) -> None:
+        """A page still looks: keep following (else it stops after ``idle_stop`` seconds)."""
+        self.touched = time.monotonic()
+
+    def snapshot(self) -> tuple[int, list[dict[str, Any]]]:
+        with self._lock:
+            return self.version, list(self.events)
+
+    def live_lines(self, step: str) -> list[str]:
+        with self._lock:
+            return list(self.logs.get(step, ()))
+
+    def stop(self) -> None:
+        """Stop following; the thread ends at its next event or keep-alive."""
+        self._stop.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
