@@ -149,13 +149,14 @@ class ProgressCounter:
     """Counts a run's events into a :class:`Progress` (as the coordinator counts them), one
     event at a time, for commands that follow a run from outside its coordinator: steps
     created, running, waiting to retry, and finished by status; a resumed run's steps that
-    had committed (``run.resumed``'s ``already_done``) count as succeeded. Items of a
-    ``for_each`` have no events of their own, so the bar shows the step, not its items."""
+    had committed (``run.resumed``'s ``already_done``) count as succeeded; a running
+    ``for_each`` step's items from its ``step.items`` events (done, total)."""
 
     def __init__(self, counts: Progress | None = None) -> None:
         self.counts = counts or Progress(total=0)
         self._running: set[str] = set()
         self._retrying: set[str] = set()
+        self._items: dict[str, tuple[int, int]] = {}  # running for_each step -> (done, total)
 
     def add(self, kind: str, step: str | None, data: dict[str, Any] | None = None) -> Progress:
         counts = self.counts
@@ -174,6 +175,11 @@ class ProgressCounter:
             counts.skipped += 1
         elif kind == "step.cancelled":
             counts.cancelled += 1
+        if step and kind == "step.items":
+            done, total = (data or {}).get("done"), (data or {}).get("total")
+            if isinstance(done, int) and isinstance(total, int) and 0 <= done <= total:
+                self._items[step] = (done, total)
+            return self._tally()
         if step and kind.startswith("step."):
             if kind == "step.started":
                 self._running.add(step)
@@ -186,9 +192,12 @@ class ProgressCounter:
             elif kind != "step.log":
                 self._running.discard(step)
                 self._retrying.discard(step)
+                self._items.pop(step, None)
         return self._tally()
 
     def _tally(self) -> Progress:
         self.counts.running = len(self._running)
         self.counts.retrying = len(self._retrying)
+        self.counts.items_done = sum(done for done, _ in self._items.values())
+        self.counts.items_total = sum(total for _, total in self._items.values())
         return self.counts

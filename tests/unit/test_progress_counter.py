@@ -69,3 +69,14 @@ def test_a_resumed_run_counts_its_committed_steps_as_succeeded() -> None:
 def test_a_nonsense_already_done_is_ignored() -> None:
     counts = feed(ProgressCounter(Progress(total=2)), ("run.resumed", None, {"already_done": "lots"}))
     assert counts.succeeded == 0
+
+
+def test_items_of_a_running_fan_out_from_its_step_items_events() -> None:
+    counter = ProgressCounter()
+    feed(counter, ("step.created", "fan"), ("step.started", "fan"), ("step.items", "fan", {"done": 3, "total": 10}))
+    counts = feed(counter, ("step.items", "fan", {"done": 7, "total": 10}))
+    assert (counts.items_done, counts.items_total) == (7, 10)
+    counts = feed(counter, ("step.items", "fan", {"done": 12, "total": 10}))  # nonsense: ignored
+    assert (counts.items_done, counts.items_total) == (7, 10)
+    counts = feed(counter, ("step.succeeded", "fan"))
+    assert (counts.items_done, counts.items_total, counts.succeeded) == (0, 0, 1)
