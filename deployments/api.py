@@ -588,13 +588,16 @@ class FactoryAPI:
         summary="The run's DAG: steps with their status, dependencies; a for_each step as one node",
     )
     def run_graph(self, request: Request, run_id: str) -> views.RunGraph:
-        self.auth.authorize(request, Scope.READ)
+        key = self.auth.authorize(request, Scope.READ)
         record = self.store.get_run(run_id)
         steps = self.store.get_steps(run_id)
         progress = None
         if any(s.status in (StepStatus.RUNNING, StepStatus.RETRYING) for s in steps):  # for_each items done
             progress = views.item_progress(self.store.latest_events(run_id, "step.items", 1000))
-        return views.run_graph(record, steps, time.time(), progress)
+        graph = views.run_graph(record, steps, time.time(), progress)
+        if not has_scope(key, Scope.SUBMIT):
+            graph.spec = None
+        return graph
 
     @app.get("/v1/system", response_model=views.SystemView, summary="Throughput, latency, failures over time; nodes")
     def system(
@@ -656,7 +659,7 @@ class FactoryAPI:
         ran (``max_log_bytes``), so a page is at most ``limit`` times that."""
         self.auth.authorize(request, Scope.READ)
         self.store.get_run(run_id)  # 404 for an unknown run
-        return [AttemptView.of(a) for a in self.store.get_attempts(run_id, step)[-limit:]]
+        return [AttemptView.of(a) for a in self.store.get_attempts(run_id, step, limit)]
 
     @app.post("/v1/runs/{run_id}/cancel", status_code=202, response_model=Accepted, summary="Cancel a run")
     def cancel(self, request: Request, run_id: str) -> Accepted:
@@ -752,11 +755,12 @@ class FactoryAPI:
                 f"{self.settings.api_max_streams_per_key}); close one, or follow GET /v1/events for all runs",
                 headers={"Retry-After": "5"},
             )
-        self._streams[key_id] = open_now + 1
         count = limit if (limit is not None and not follow) else (None if follow else MAX_EVENTS_PAGE)
         lifetime = time.monotonic() + self.settings.api_stream_max_seconds
 
         async def counted() -> AsyncIterator[str]:
+            # counted from the stream's first step: a response that never starts holds no place
+            self._streams[key_id] = self._streams.get(key_id, 0) + 1
             try:
                 async for chunk in self._sse(run_id, after, follow, count, lifetime):
                     yield chunk
@@ -783,7 +787,7 @@ class FactoryAPI:
             sent += len(page)
             if count is not None and sent >= count:
                 return
-            if len(page) == want:
+            if len(page) == want and time.monotonic() <= deadline:
                 continue
             if not follow or time.monotonic() > deadline:
                 return

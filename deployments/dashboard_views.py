@@ -74,7 +74,11 @@ class RunGraph(BaseModel):
     order: list[str] = Field(description="Step ids in a topological order.")
     counts: dict[str, int] = Field(description="Steps by status.")
     workflow_ref: str | None = Field(default=None, description="name@version of a registered workflow.")
-    spec: dict[str, Any] = Field(description="The workflow as submitted (to run it again).")
+    spec: dict[str, Any] | None = Field(
+        default=None,
+        description="The workflow as submitted, to run it again: only for keys that may submit (a spec can "
+        "hold container env values and mounts that a read key has no business seeing).",
+    )
 
 
 class SystemPoint(BaseModel):

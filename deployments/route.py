@@ -23,9 +23,9 @@ from factory.auth import Scope
 from factory.catalog import Catalog, load_catalog
 from factory.pools.placement import ClusterView
 from factory.routing import AgentHealth, RouteDecision, Router, RouteRequest, fallback_for, make_scorer
-from factory.routing.corrections import MAX_CORRECTION_CHARS
+from factory.routing.corrections import MAX_CORRECTION_CHARS, CorrectionSync
 from factory.settings import Settings
-from factory.store import RouteCorrection, Store
+from factory.store import RouteCorrection
 
 log = logging.getLogger(__name__)
 REFRESH_SECONDS = 1.0
@@ -100,16 +100,6 @@ def health_from_pools(
     return health
 
 
-def learn_stored_corrections(router: Router, store: Store, after_id: int = 0) -> int:
-    """Teach ``router`` the corrections stored after ``after_id``; returns the last id seen. A
-    replica calls it at start (so corrections survive restarts) and every
-    CORRECTIONS_SYNC_SECONDS (so one replica's correction reaches the others)."""
-    for correction in store.route_corrections(after_id):
-        router.learn(correction.agent, correction.text)
-        after_id = correction.id
-    return after_id
-
-
 @serve.deployment(
     name="Router",
     ray_actor_options={"num_cpus": 0},
@@ -131,7 +121,7 @@ class RouteAPI:
             scorer=make_scorer(self.settings.router_scorer, catalog, self.settings),
             fallback=fallback_for(catalog, self.settings),
         )
-        self._corrections_seen = 0
+        self._corrections = CorrectionSync()
         self._corrections_lock = threading.Lock()
         self._sync_corrections()  # every correction stored so far: they survive restarts
         if catalog.agents:  # warm the scorer (tokeniser, model) before the first request
@@ -144,7 +134,7 @@ class RouteAPI:
     def _sync_corrections(self) -> None:
         """Learn the corrections stored since the last look (by this replica or another)."""
         with self._corrections_lock:
-            self._corrections_seen = learn_stored_corrections(self.router, self.store, self._corrections_seen)
+            self._corrections.pull(self.router, self.store)
 
     def _corrections_loop(self) -> None:
         while not self._stop.wait(CORRECTIONS_SYNC_SECONDS):

@@ -26,6 +26,7 @@ from factory.errors import FactoryError
 from factory.limits import DocumentLimits
 
 FINAL = {"succeeded", "failed", "cancelled"}
+KEEP_ALIVE = -1  # the id _server_sent_events gives a comment line
 FINAL_EVENTS = {"run.succeeded", "run.failed", "run.cancelled"}
 MAX_RECONNECT_DELAY = 5.0
 
@@ -154,7 +155,7 @@ class FactoryClient:
 
     def run_graph(self, run_id: str) -> dict[str, Any]:
         """The run's DAG: ``nodes`` (status, attempts, for_each items), ``edges``, ``order``."""
-        return dict(self._request("GET", f"/v1/runs/{run_id}/graph"))
+        return dict(self._request("GET", f"/v1/runs/{_seg(run_id)}/graph"))
 
     def system(self, window: float = 900, buckets: int = 60) -> dict[str, Any]:
         """Steps/s, latency p50/p99, failures and retries over time; runs by status; queues; Ray nodes."""
@@ -207,6 +208,8 @@ class FactoryClient:
                         response.read()
                         self._check(response)
                     for event_id, event in _server_sent_events(response.iter_lines()):
+                        if stop.is_set():
+                            return
                         if event_id <= last:
                             continue  # already yielded (a server that ignored Last-Event-ID)
                         last, delay = event_id, self.reconnect_delay
@@ -215,9 +218,13 @@ class FactoryClient:
                         if stop.is_set():
                             return
                 # the server ended the stream: a page of a stream that does not follow (ask for
-                # the next until one is empty), or a followed stream that reached its run's end
-                # (it sent nothing more), or its lifetime (reconnect from the last id)
-                if got == 0 or (run_id is not None and follow and final):
+                # the next until one is empty); a followed run's stream at the run's end; or a
+                # followed stream's lifetime, however quiet (reconnect from the last id)
+                if not follow:
+                    if got == 0:
+                        return
+                    continue
+                if run_id is not None and (final or (got == 0 and self._run_has_ended(run_id))):
                     return
                 continue
             except httpx.TransportError:
@@ -229,6 +236,12 @@ class FactoryClient:
             if stop.wait(delay):
                 return
             delay = min(delay * 2, MAX_RECONNECT_DELAY)
+
+    def _run_has_ended(self, run_id: str) -> bool:
+        try:
+            return str(self.get_run(run_id).get("status")) in FINAL
+        except ApiUnreachableError:
+            return False
 
     def wait(
         self,
@@ -379,11 +392,14 @@ class FactoryClient:
 
 
 def _server_sent_events(lines: Iterator[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(id, event) for each event of a text/event-stream; comments (keep-alives) are skipped."""
+    """(id, event) for each event of a text/event-stream; a comment (a keep-alive) gives
+    (KEEP_ALIVE, {}), so that a reader can check whether to stop while a stream is quiet."""
     data: list[str] = []
     event_id: str | None = None
     for line in lines:
-        if line == "":
+        if line.startswith(":"):
+            yield KEEP_ALIVE, {}
+        elif line == "":
             if data:
                 event = json.loads("\n".join(data))
                 yield int(event_id if event_id is not None else event["id"]), event

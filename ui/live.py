@@ -52,6 +52,14 @@ class EventFollower:
             self.logs = carry.logs
         self._thread = threading.Thread(target=self._follow, name=f"ui-events-{run_id or 'all'}", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watch_idle, name="ui-events-idle", daemon=True).start()
+
+    def _watch_idle(self) -> None:
+        """Stop a follower nobody looked at for ``idle_stop`` s, even on a quiet stream: the
+        client sees the stop at the next keep-alive (15 s at most) and closes the stream."""
+        while not self._stop.wait(1.0) and not self.ended:
+            if time.monotonic() - self.touched > self.idle_stop:
+                self._stop.set()
 
     def _follow(self) -> None:
         try:

@@ -164,6 +164,7 @@ class LocalBackend:
 
     def route(self, request: RouteRequest, options: RouteOptions) -> RouteDecision:
         from factory.routing import Router, Scorer, fallback_for, make_scorer
+        from factory.routing.corrections import CorrectionSync
 
         catalog = load_catalog(options.agents or self.settings.agents_file or Path("agents.yaml"))
         scorer = options.scorer or self.settings.router_scorer
@@ -181,8 +182,7 @@ class LocalBackend:
             chosen = make_scorer(scorer, catalog, self.settings)
         router = Router(catalog, chosen, fallback=fallback_for(catalog, self.settings))
         self._route_catalog = catalog  # what --correct checks its agent against
-        for correction in self.store.route_corrections():  # what people corrected before
-            router.learn(correction.agent, correction.text)
+        CorrectionSync().pull(router, self.store)  # what people corrected before (the newest count)
         return router.route(request)
 
     def correct_route(self, text: str, agent: str, decision_id: str | None) -> int:

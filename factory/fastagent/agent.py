@@ -60,12 +60,16 @@ from factory.fastagent.runtime import FastAgentExit, FastAgentRuntime, quiet_set
 
 MAX_TEXT = 1_000_000
 HEALTH_SECONDS = 2.0
-_SECRETISH = re.compile(r"(?i)\b(sk-[A-Za-z0-9_-]{6,}|bearer\s+[A-Za-z0-9._~+/-]{6,}|(?:api[_-]?key)[=:]\s*\S+)")
+_SECRETISH = re.compile(
+    r"(?i)\b(sk-[A-Za-z0-9_-]{6,}|AIza[0-9A-Za-z_-]{20,}|bearer\s+[A-Za-z0-9._~+/-]{6,}"
+    r"|(?:x-goog-api-key|api[_-]?key)[\"']?\s*[=:]\s*\S+)"
+)
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 def one_line(error: object, limit: int = 500) -> str:
     """A provider's message on one line, cut to ``limit``, with anything that looks like a key removed."""
-    text = _SECRETISH.sub("[redacted]", " ".join(str(error).split()))
+    text = _URL_USERINFO.sub("[redacted]@", _SECRETISH.sub("[redacted]", " ".join(str(error).split())))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -142,6 +142,15 @@ class PoolDispatcher:
                 scorer=make_scorer(self.scorer, self.catalog, self.settings),
                 fallback=fallback_for(self.catalog, self.settings),
             )
+            if self.settings is not None:  # what people corrected (factory route --correct) counts here too
+                from factory.api import store_for
+                from factory.routing.corrections import CorrectionSync
+
+                store = store_for(self.settings)
+                try:
+                    CorrectionSync().pull(self._router, store)
+                finally:
+                    store.close()
         return self._router
 
     # -- routing -------------------------------------------------------------------------------

@@ -15,9 +15,14 @@ accuracy by a task or two either way; docs/routing.md has the learning curve).
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from factory.routing.router import Router
+    from factory.store import Store
 
 # Similarity below which a correction says nothing about a task.
 MEMORY_FLOOR = 0.8
@@ -48,5 +53,40 @@ class LearningScorer(Protocol):
     def remember(self, agent: str, text: str) -> bool:
         """Keep ``text`` as an example of ``agent``; False if the catalogue has no such agent."""
 
+    def remember_many(self, corrections: Sequence[tuple[str, str]]) -> int:
+        """``remember`` for many (agent, text) pairs at once (the newest MAX_CORRECTIONS count);
+        returns how many were kept."""
+
     def recall(self, text: str, limit: int = 3) -> list[Recalled]:
         """The corrections closest to ``text`` that count (similarity above MEMORY_FLOOR), closest first."""
+
+
+class CorrectionSync:
+    """Teaches a router the corrections of a store, from the first on and then the new ones.
+
+    Ids come from a sequence: on PostgreSQL a lower id can commit after a higher one was read,
+    so each pull reads again the last WINDOW ids and skips those already learnt."""
+
+    WINDOW = 1_000
+    PAGE = 1_000
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self._recent: set[int] = set()
+
+    def pull(self, router: Router, store: Store) -> int:
+        """Learn what ``store`` holds that ``router`` has not learnt; returns how many."""
+        fresh = []
+        after = max(0, self.seen - self.WINDOW)
+        while True:
+            page = store.route_corrections(after, self.PAGE)
+            fresh += [c for c in page if c.id not in self._recent]
+            if len(page) < self.PAGE:
+                break
+            after = page[-1].id
+        router.learn_many([(c.agent, c.text) for c in fresh])
+        for correction in fresh:
+            self._recent.add(correction.id)
+            self.seen = max(self.seen, correction.id)
+        self._recent = {i for i in self._recent if i > self.seen - self.WINDOW}
+        return len(fresh)

@@ -27,6 +27,7 @@ The model is read from disk only (see ``factory.models.files``): run
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -117,6 +118,23 @@ class EmbeddingScorer:
             np.vstack([vectors[-keep:], self.embed(text)[None, :]]),
         )
         return True
+
+    def remember_many(self, corrections: Sequence[tuple[str, str]]) -> int:
+        """Many corrections in one batched encoding and one new matrix."""
+        import numpy as np
+
+        known = [(a, t) for a, t in corrections if a in self.agents][-MAX_CORRECTIONS:]
+        if not known:
+            return 0
+        vectors = self._project(self.encoder.encode([t for _, t in known]))
+        owners, texts, memory = self._memory
+        keep = MAX_CORRECTIONS - len(known)
+        self._memory = (
+            [*(owners[-keep:] if keep else []), *(self.agents.index(a) for a, _ in known)],
+            [*(texts[-keep:] if keep else []), *(t for _, t in known)],
+            np.vstack([memory[-keep:] if keep else memory[:0], vectors]),
+        )
+        return len(known)
 
     def recall(self, text: str, limit: int = 3) -> list[Recalled]:
         owners, texts, vectors = self._memory

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from factory.catalog import AgentSpec, Catalog
@@ -124,6 +125,9 @@ class LexicalScorer:
             return False
         self._memory = [*self._memory[-(MAX_CORRECTIONS - 1) :], (agent, text, _plain(features(text)))]
         return True
+
+    def remember_many(self, corrections: Sequence[tuple[str, str]]) -> int:
+        return sum(self.remember(agent, text) for agent, text in corrections[-MAX_CORRECTIONS:])
 
     def recall(self, text: str, limit: int = 3) -> list[Recalled]:
         query = _plain(features(text))

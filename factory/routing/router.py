@@ -142,6 +142,12 @@ class Router:
         the catalogue has no such agent."""
         return isinstance(self.scorer, LearningScorer) and self.scorer.remember(agent, text)
 
+    def learn_many(self, corrections: list[tuple[str, str]]) -> int:
+        """``learn`` for many (agent, text) pairs at once; returns how many were kept."""
+        if not corrections or not isinstance(self.scorer, LearningScorer):
+            return 0
+        return self.scorer.remember_many(corrections)
+
     def _reason(self, best: Candidate, rest: list[Candidate], filtered: dict[str, str], scorer: str) -> str:
         sem = best.breakdown["semantic"]
         if not rest:

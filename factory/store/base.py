@@ -268,7 +268,8 @@ class Store(Protocol):
     def event_times(self, since: float, types: list[str], scan: int = 200_000) -> list[tuple[float, str]]:
         """(ts, type) of the events of these types since ``since``, among the newest ``scan`` events."""
 
-    def get_attempts(self, run_id: str, step_id: str | None = None) -> list[AttemptRecord]: ...
+    def get_attempts(self, run_id: str, step_id: str | None = None, limit: int | None = None) -> list[AttemptRecord]:
+        """Oldest first; with ``limit``, only the newest ``limit`` of them."""
 
     def events(self, after_id: int = 0, run_id: str | None = None, limit: int = 1000) -> list[Event]: ...
 

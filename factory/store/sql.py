@@ -457,7 +457,7 @@ class SQLStore(ABC):
             StepRecord.model_validate({**dict(zip(keys, row, strict=False)), "cached": bool(row[8])}) for row in rows
         ]
 
-    def get_attempts(self, run_id: str, step_id: str | None = None) -> list[AttemptRecord]:
+    def get_attempts(self, run_id: str, step_id: str | None = None, limit: int | None = None) -> list[AttemptRecord]:
         query = (
             "SELECT run_id, step_id, attempt, status, error, logs, duration, finished_at FROM attempts WHERE run_id=?"
         )
@@ -465,9 +465,15 @@ class SQLStore(ABC):
         if step_id is not None:
             query += " AND step_id=?"
             args.append(step_id)
-        query += " ORDER BY finished_at, attempt"
+        if limit is None:
+            query += " ORDER BY finished_at, attempt"
+        else:  # the newest ``limit``, read newest first and turned round: no more rows than asked leave the store
+            query += " ORDER BY finished_at DESC, attempt DESC LIMIT ?"
+            args.append(limit)
         with self._read() as cur:
             rows = cur.execute(self._sql(query), args).fetchall()
+        if limit is not None:
+            rows = rows[::-1]
         keys = ("run_id", "step_id", "attempt", "status", "error", "logs", "duration", "finished_at")
         return [AttemptRecord.model_validate(dict(zip(keys, row, strict=True))) for row in rows]
 

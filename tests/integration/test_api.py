@@ -296,10 +296,10 @@ def test_event_streams_are_bounded(client: FactoryClient, http: httpx.Client, ap
 def test_routing_corrections_are_learnt_kept_and_reach_a_new_replica(
     http: httpx.Client, client: FactoryClient, api_server: ApiServer
 ) -> None:
-    from deployments.route import learn_stored_corrections
     from factory.api import store_for
     from factory.catalog import load_catalog
     from factory.routing import Router, make_scorer
+    from factory.routing.corrections import CorrectionSync
 
     text = "Sort out the seating plan for the board dinner next Thursday"
     first = client.route(text)
@@ -329,7 +329,7 @@ def test_routing_corrections_are_learnt_kept_and_reach_a_new_replica(
     assert fresh.route(RouteRequest(text=text)).agent == first["agent"]
     store = store_for(settings)
     try:
-        assert learn_stored_corrections(fresh, store) >= kept["id"]
+        assert CorrectionSync().pull(fresh, store) >= 1
     finally:
         store.close()
     assert fresh.route(RouteRequest(text=text)).agent == right

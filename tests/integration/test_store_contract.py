@@ -255,3 +255,45 @@ def test_route_corrections_are_kept_in_order(db: Store) -> None:
     ]
     assert db.route_corrections(after_id=first.id) == [second]
     assert db.route_corrections(after_id=0, limit=1)[0].id <= first.id
+
+
+def test_the_newest_attempts_only_when_asked(db: Store) -> None:
+    db.create_run("r-att", "wf", "{}", {}, ["a"])
+    for attempt in (1, 2, 3):
+        db.record(
+            [
+                StepChange(
+                    "r-att", "a", StepStatus.RETRYING, "step.retrying", attempts=attempt, error=f"e{attempt}",
+                    attempt_logs=f"try {attempt}", attempt_duration=0.1,
+                )
+            ]
+        )  # fmt: skip
+    assert [a.attempt for a in db.get_attempts("r-att")] == [1, 2, 3]
+    assert [a.attempt for a in db.get_attempts("r-att", limit=2)] == [2, 3]
+    assert [a.attempt for a in db.get_attempts("r-att", "a", limit=5)] == [1, 2, 3]
+
+
+def test_correction_sync_learns_a_lower_id_committed_late(db: Store) -> None:
+    """On PostgreSQL a lower id can commit after a higher one was read: the sync reads a window
+    of recent ids again and learns what it had not, once."""
+    from factory.routing.corrections import CorrectionSync
+    from factory.store import RouteCorrection
+
+    learnt: list[tuple[str, str]] = []
+
+    class Recorder:
+        def learn_many(self, pairs: list[tuple[str, str]]) -> int:
+            learnt.extend(pairs)
+            return len(pairs)
+
+    sync = CorrectionSync()
+    sync.pull(Recorder(), db)  # type: ignore[arg-type]
+    learnt.clear()
+    first = db.add_route_correction(RouteCorrection(text="one", agent="a", created_at=time.time()))
+    second = db.add_route_correction(RouteCorrection(text="two", agent="b", created_at=time.time()))
+    seen_late = [c for c in db.route_corrections(first.id - 1) if c.id == first.id]
+    # a pull that saw only `second` (as if `first` had not committed yet) ...
+    sync.seen, sync._recent = second.id, {second.id}
+    assert sync.pull(Recorder(), db) == len(seen_late)  # type: ignore[arg-type]
+    assert learnt == [("a", "one")]  # ... learns `first` at the next pull, and `second` not twice
+    assert sync.pull(Recorder(), db) == 0  # type: ignore[arg-type]
