@@ -244,7 +244,7 @@ def test_runs_of_a_runner_whose_node_dies_are_taken_over(
     report = _report(done.stdout)
     assert "error" not in report, report
     assert report["runner_node_before"] == report["victim_node"], report
-    assert set(report["statuses"].values()) == {"succeeded"}, report
+    assert set(report["statuses"].values()) == {"succeeded"}, json.dumps(report, indent=1)
     assert all(report["adopted"].values()), report  # each taken over by the supervisor
     assert report["first_step_runs"] == [1, 1, 1], report
     assert report["runner_node_after"] not in ("", report["victim_node"]), report
