@@ -184,6 +184,7 @@ def test_an_agent_pool_spreads_over_the_nodes_and_survives_losing_one(cluster: L
     live = {n.name for n in cluster.nodes if n.raylet_pids()}
     if "c" not in live:  # the fan-out test killed b: a fresh worker keeps three nodes up
         cluster.add_worker("c", num_cpus=1, resources={"node_c": 1})
+    _settle(cluster)
     victims = {f"node_{n.name}": n.raylet_pids() for n in cluster.nodes if n.name != "head" and n.raylet_pids()}
     started = time.monotonic()
     done = subprocess.run(
@@ -223,6 +224,7 @@ def test_runs_of_a_runner_whose_node_dies_are_taken_over(
     three runs in flight: the supervisor hands them to a new runner, all three succeed, the
     step each committed before the kill does not run again."""
     node = cluster.add_worker("d", num_cpus=1, resources={"node_d": 1})
+    _settle(cluster)
     done = subprocess.run(
         [
             sys.executable,
@@ -249,6 +251,15 @@ def test_runs_of_a_runner_whose_node_dies_are_taken_over(
     assert report["first_step_runs"] == [1, 1, 1], report
     assert report["runner_node_after"] not in ("", report["victim_node"]), report
     print(f"\nrunner's node killed with 3 runs in flight: all succeeded {report['ended_after_s']:.1f}s later")
+
+
+def _settle(cluster: LocalRayCluster, timeout: float = 90) -> None:
+    """Wait until Ray has declared dead the nodes an earlier test killed (about 12 s after
+    the kill): until then it may still place a new actor on one of them."""
+    live = sum(1 for n in cluster.nodes if n.raylet_pids())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and cluster.alive_nodes() != live:
+        time.sleep(1)
 
 
 def _report(stdout: str) -> Any:
