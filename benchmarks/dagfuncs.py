@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def inc(x: int) -> int:
     return x + 1
@@ -29,3 +31,26 @@ def nap(seconds: float, after: object = None) -> float:
 
     time.sleep(seconds)
     return seconds
+
+
+def square_on(x: int) -> list[Any]:
+    """``x * x`` and the Ray node it ran on: shows where a fan-out's items went."""
+    import ray
+
+    return [x * x, ray.get_runtime_context().get_node_id()]
+
+
+def mark(path: str, item: int, seconds: float) -> int:
+    """Append ``start ITEM NODE TIME`` to ``path``, sleep, append ``end ...``: the cluster
+    benchmark reads when each item started, on which node, and whether it finished."""
+    import time
+
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    with open(path, "a") as fh:
+        fh.write(f"start {item} {node} {time.time():.3f}\n")
+    time.sleep(seconds)
+    with open(path, "a") as fh:
+        fh.write(f"end {item} {node} {time.time():.3f}\n")
+    return item

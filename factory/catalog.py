@@ -46,6 +46,13 @@ class PoolConfig(BaseModel):
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources one replica takes, e.g. {accelerator_x: 1}."
     )
+    spread: bool = Field(
+        default=True,
+        description=(
+            "Place the replicas on different nodes where possible (Ray's SPREAD scheduling strategy), "
+            "so that one node's loss takes few of them; false packs them as Ray's default does."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> PoolConfig:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import ray
-from ray.exceptions import RayError, TaskCancelledError, WorkerCrashedError
+from ray.exceptions import NodeDiedError, RayError, TaskCancelledError, WorkerCrashedError
 
 from factory.cache import ResultCache
 from factory.callables import import_callable
@@ -69,6 +69,9 @@ class AgentDispatcher(Protocol):
 MAX_WAIT_SECONDS = 0.1
 ITEM_PROGRESS_SECONDS = 0.5  # a running for_each step says how many items are done at most this often
 _ACTIVE = (StepStatus.RUNNING, StepStatus.RETRYING)
+# An attempt (a step's, or a for_each item's) lost with its Ray node runs again this many
+# times at most, beside its retry policy: Ray's own default max_retries for system failures.
+MAX_NODE_LOSSES = 3
 
 
 @dataclass
@@ -110,6 +113,7 @@ class Progress:
 @dataclass
 class _ItemState:
     attempts: int = 0
+    node_losses: int = 0
     output_json: str | None = None
     logs: str = ""
 
@@ -129,6 +133,7 @@ class _StepState:
     started_at: float = 0.0
     progress_at: float = 0.0  # when a step.items event last told how many items are done
     progress_done: int = -1  # and what it told
+    node_losses: int = 0  # attempts lost with their Ray node (MAX_NODE_LOSSES)
 
 
 def _stop_attempt(ref: Any) -> None:
@@ -503,13 +508,16 @@ class Coordinator:
                 _stop_attempt(ref)
                 del self.inflight[ref]
 
-    def _on_failure(self, state: _StepState, outcome: Outcome, item: int | None) -> None:
+    def _on_failure(self, state: _StepState, outcome: Outcome, item: int | None, node_lost: bool = False) -> None:
+        """``node_lost``: the attempt died with its Ray node; it runs again at once on the nodes
+        that remain, whatever the step's retry policy (the step itself did not fail), as Ray's
+        own ``max_retries`` does for system failures."""
         step = state.step
         attempts = state.items[item].attempts if item is not None else state.attempts
         label = f"item {item}: " if item is not None and step.for_each is not None else ""
         error = f"{label}{outcome.error}"
-        if outcome.retryable and attempts < step.retry.max_attempts:
-            delay = backoff_delay(step.retry, attempts, self._rng)
+        if node_lost or (outcome.retryable and attempts < step.retry.max_attempts):
+            delay = 0.0 if node_lost else backoff_delay(step.retry, attempts, self._rng)
             self._seq += 1
             heapq.heappush(self.retry_heap, (time.monotonic() + delay, self._seq, step.id, item, state.generation))
             if item is None:
@@ -524,7 +532,12 @@ class Coordinator:
                 error=error,
                 attempt_logs=outcome.logs if item is None else None,
                 attempt_duration=outcome.duration,
-                data={"delay": round(delay, 3), "attempt": attempts, **({"item": item} if item is not None else {})},
+                data={
+                    "delay": round(delay, 3),
+                    "attempt": attempts,
+                    **({"item": item} if item is not None else {}),
+                    **({"node_lost": True} if node_lost else {}),
+                },
             )
             return
         if not outcome.retryable:
@@ -542,6 +555,7 @@ class Coordinator:
             StepStatus.CANCELLED,
         ):
             return
+        node_lost = False
         if outcome is None:
             assert exc is not None
             elapsed = time.monotonic() - state.started_at
@@ -550,6 +564,10 @@ class Coordinator:
                 error=_describe_ray_error(exc, state.step, elapsed),
                 retryable=not isinstance(exc, TaskCancelledError),
             )
+            unit: _StepState | _ItemState = state if item is None else state.items[item]
+            if isinstance(exc, NodeDiedError) and unit.node_losses < MAX_NODE_LOSSES:
+                unit.node_losses += 1
+                node_lost = True
         # agent steps' outputs come from their pools, not through the worker's limit
         outcome = limit_outcome(outcome, self.settings.max_output_bytes)
         if item is not None:
@@ -566,7 +584,7 @@ class Coordinator:
                 else:
                     self._item_progress(state)
             else:
-                self._on_failure(state, outcome, item)
+                self._on_failure(state, outcome, item, node_lost)
             return
         if outcome.skipped:
             state.submitted = False
@@ -577,7 +595,7 @@ class Coordinator:
             assert outcome.output_json is not None
             self._succeed(state, outcome.output_json, outcome.logs, outcome.duration)
         else:
-            self._on_failure(state, outcome, None)
+            self._on_failure(state, outcome, None, node_lost)
 
     def _submit_due_retries(self) -> None:
         now = time.monotonic()

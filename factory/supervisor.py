@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import ray
+from ray.exceptions import RayError
 
 from factory.settings import Settings
 from factory.store import RunRecord, RunStatus
@@ -130,6 +131,14 @@ class SupervisorActor:
                 elif decision.action == "fail":
                     self._fail(store, decision.run_id, decision.reason)
                 else:
+                    try:
+                        runner = get_runner(self.settings)
+                        ray.get(runner.start.remote(decision.run_id, decision.action == "resume", True), timeout=30)
+                    except (RayError, TimeoutError) as exc:
+                        # the runner died with its node and Ray has not declared it dead yet (about
+                        # 12 s): not an adoption of the run, which the next sweep hands over again
+                        log.warning("run %s: no runner takes it yet (%s); next sweep", decision.run_id, exc)
+                        continue
                     self.adopted[decision.run_id] = self.adopted.get(decision.run_id, 0) + 1
                     store.append_event(
                         decision.run_id,
@@ -137,8 +146,6 @@ class SupervisorActor:
                         "run.adopted",
                         {"reason": decision.reason, "adoption": self.adopted[decision.run_id]},
                     )
-                    runner = get_runner(self.settings)
-                    ray.get(runner.start.remote(decision.run_id, decision.action == "resume", True), timeout=30)
                 done.append(
                     {"run_id": decision.run_id, "action": decision.action, "reason": decision.reason, "at": time.time()}
                 )

@@ -10,6 +10,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from factory.agent import Agent, load_agent_class
 from factory.breaker import BreakerConfig, CircuitBreaker
@@ -62,7 +63,10 @@ class Pools:
     def _get_relay(self) -> Any:
         with self._lock:
             if self._relay is None:
-                self._relay = Relay.remote(self.manager)
+                # on this process's own node: it dies only with its caller (a relay on another
+                # node would fail every call of this process once that node is gone)
+                here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+                self._relay = Relay.options(scheduling_strategy=here).remote(self.manager)
             return self._relay
 
     def _breaker(self, name: str) -> CircuitBreaker:

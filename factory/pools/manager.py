@@ -435,6 +435,7 @@ class AgentManager:
                     served=r.health.served if r.health is not None else 0,
                     failed=r.health.failed if r.health is not None else 0,
                     detail=r.health.detail if r.health is not None else "not checked yet",
+                    node_id=r.health.node_id if r.health is not None else "",
                 )
                 for r in pool.replicas.values()
             ]

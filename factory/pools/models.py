@@ -36,6 +36,7 @@ class ReplicaHealth(BaseModel):
     served: int = 0
     failed: int = 0
     pid: int = 0
+    node_id: str = ""  # the Ray node it runs on
 
 
 class ReplicaRef(BaseModel):
@@ -75,6 +76,7 @@ class ReplicaInfo(BaseModel):
     served: int
     failed: int
     detail: str = ""
+    node_id: str = ""
 
 
 class AgentInfo(BaseModel):

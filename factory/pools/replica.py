@@ -45,6 +45,7 @@ class ReplicaCore:
         self.in_flight = 0
         self.served = 0
         self.failed = 0
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     def begin(self) -> float:
         with self._lock:
@@ -98,6 +99,7 @@ class ReplicaCore:
             served=self.served,
             failed=self.failed,
             pid=os.getpid(),
+            node_id=self.node_id,
         )
 
     def broken(self, exc: BaseException) -> ReplicaHealth:
@@ -109,6 +111,7 @@ class ReplicaCore:
             served=self.served,
             failed=self.failed,
             pid=os.getpid(),
+            node_id=self.node_id,
         )
 
 
@@ -208,4 +211,6 @@ def replica_actor_options(spec: AgentSpec) -> dict[str, Any]:
         options["memory"] = pool.memory
     if pool.resources:
         options["resources"] = dict(pool.resources)
+    if pool.spread:
+        options["scheduling_strategy"] = "SPREAD"
     return options

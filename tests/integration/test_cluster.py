@@ -176,3 +176,93 @@ def test_a_worker_node_killed_mid_run_costs_no_run(
 
 def _lines(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
+
+
+def test_an_agent_pool_spreads_over_the_nodes_and_survives_losing_one(cluster: LocalRayCluster) -> None:
+    """Three replicas spread over the nodes; a worker holding one is killed while calls go on:
+    no call fails, and the manager brings the pool back to three on the nodes that remain."""
+    live = {n.name for n in cluster.nodes if n.raylet_pids()}
+    if "c" not in live:  # the fan-out test killed b: a fresh worker keeps three nodes up
+        cluster.add_worker("c", num_cpus=1, resources={"node_c": 1})
+    _settle(cluster)
+    victims = {f"node_{n.name}": n.raylet_pids() for n in cluster.nodes if n.name != "head" and n.raylet_pids()}
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tests" / "fixtures" / "cluster_pool_driver.py"),
+            cluster.gcs_address,
+            cluster.jobs_address,
+            json.dumps(victims),
+        ],
+        env=cluster.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    report = _report(done.stdout)
+    assert "error" not in report, report
+    before, after, victim = report["replica_nodes_before"], report["replica_nodes_after"], report["victim_node"]
+    assert len(set(before)) >= 2, report  # spread: not all on one node
+    assert report["relay_node"] == [report["own_node"]], report  # the caller's relay lives beside it
+    assert victim in before and victim not in after and len(after) == 3, report
+    assert report["calls_after_kill"] > 0 and report["failed_calls"] == 0, json.dumps(report, indent=1)
+    print(
+        f"\nagent pool over {len(set(before))} nodes, a worker killed: 3 healthy replicas again "
+        f"{report['replaced_after_s']:.1f}s later, {report['calls_before_kill'] + report['calls_after_kill']} "
+        f"calls, none failed ({time.monotonic() - started:.0f}s in all)"
+    )
+
+
+def test_runs_of_a_runner_whose_node_dies_are_taken_over(
+    cluster: LocalRayCluster, postgres_url: str, tmp_path: Path
+) -> None:
+    """The runner actor (coordinators of runs sent over HTTP) on a worker node that dies with
+    three runs in flight: the supervisor hands them to a new runner, all three succeed, the
+    step each committed before the kill does not run again."""
+    node = cluster.add_worker("d", num_cpus=1, resources={"node_d": 1})
+    _settle(cluster)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tests" / "fixtures" / "cluster_runner_driver.py"),
+            cluster.gcs_address,
+            cluster.jobs_address,
+            "node_d",
+            json.dumps(node.raylet_pids()),
+            str(tmp_path),
+        ],
+        env={**cluster.env, "FACTORY_STORE_URL": postgres_url},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    report = _report(done.stdout)
+    assert "error" not in report, report
+    assert report["runner_node_before"] == report["victim_node"], report
+    assert set(report["statuses"].values()) == {"succeeded"}, json.dumps(report, indent=1)
+    assert all(report["adopted"].values()), report  # each taken over by the supervisor
+    assert report["first_step_runs"] == [1, 1, 1], report
+    assert report["runner_node_after"] not in ("", report["victim_node"]), report
+    print(f"\nrunner's node killed with 3 runs in flight: all succeeded {report['ended_after_s']:.1f}s later")
+
+
+def _settle(cluster: LocalRayCluster, timeout: float = 90) -> None:
+    """Wait until Ray has declared dead the nodes an earlier test killed (about 12 s after
+    the kill): until then it may still place a new actor on one of them."""
+    live = sum(1 for n in cluster.nodes if n.raylet_pids())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and cluster.alive_nodes() != live:
+        time.sleep(1)
+
+
+def _report(stdout: str) -> Any:
+    """The driver's one JSON line (Ray may print its own log lines beside it)."""
+    (line,) = [line for line in stdout.splitlines() if line.startswith("REPORT ")]
+    return json.loads(line.removeprefix("REPORT "))
