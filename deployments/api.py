@@ -594,10 +594,8 @@ class FactoryAPI:
         progress = None
         if any(s.status in (StepStatus.RUNNING, StepStatus.RETRYING) for s in steps):  # for_each items done
             progress = views.item_progress(self.store.latest_events(run_id, "step.items", 1000))
-        graph = views.run_graph(record, steps, time.time(), progress)
-        if not has_scope(key, Scope.SUBMIT):
-            graph.spec = None
-        return graph
+        # the spec only for keys that may submit it again: it can hold container env values and mounts
+        return views.run_graph(record, steps, time.time(), progress, with_spec=has_scope(key, Scope.SUBMIT))
 
     @app.get("/v1/system", response_model=views.SystemView, summary="Throughput, latency, failures over time; nodes")
     def system(

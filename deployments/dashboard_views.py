@@ -126,11 +126,16 @@ def summary_page(records: list[RunSummary], limit: int, last_event_id: int = 0) 
 
 
 def run_graph(
-    record: RunRecord, steps: list[StepRecord], now: float, item_progress: dict[str, dict[str, Any]] | None = None
+    record: RunRecord,
+    steps: list[StepRecord],
+    now: float,
+    item_progress: dict[str, dict[str, Any]] | None = None,
+    *,
+    with_spec: bool = True,
 ) -> RunGraph:
     """The run's DAG: one node per step (a for_each step stays one node, its items counted:
     from its output once it succeeded, else from ``item_progress``, the newest ``step.items``
-    event's data of each step)."""
+    event's data of each step). ``with_spec``: include the workflow as submitted."""
     workflow = Workflow.model_validate_json(record.spec_json)
     graph = build_graph(workflow)
     by_id = {s.step_id: s for s in steps}
@@ -165,7 +170,7 @@ def run_graph(
         order=graph.order,
         counts=counts,
         workflow_ref=record.grants.workflow_ref if record.grants else None,
-        spec=workflow.model_dump(mode="json", by_alias=True, exclude_defaults=True),
+        spec=workflow.model_dump(mode="json", by_alias=True, exclude_defaults=True) if with_spec else None,
     )
 
 

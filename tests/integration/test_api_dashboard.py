@@ -47,6 +47,9 @@ def test_run_graph(client: FactoryClient, api_server: ApiServer) -> None:
     assert [n["id"] for n in graph["nodes"]] == ["a", "wait"]
     assert all(n["status"] == "succeeded" and n["attempts"] == 1 for n in graph["nodes"])
     assert graph["counts"] == {"succeeded": 2} and graph["status"] == "succeeded"
+    assert graph["spec"]["name"] == "api-test"  # a submit key may run it again
+    reader = FactoryClient(api_server.base_url, api_server.keys["read"])
+    assert reader.run_graph(run_id)["spec"] is None  # a read key sees no env values or mounts
     with pytest.raises(ApiError) as missing:
         client.run_graph("no-such-run")
     assert missing.value.status == 404
