@@ -8,6 +8,7 @@ from factory.engine import Progress, RunResult
 from factory.errors import FactoryError, WorkflowValidationError
 from factory.settings import Settings
 from factory.spec import Resources, RetryPolicy, Step, Workflow
+from factory.stepcontext import StepContext, step_context
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "RunResult",
     "Settings",
     "Step",
+    "StepContext",
     "Workflow",
     "WorkflowValidationError",
     "agent",
@@ -31,5 +33,6 @@ __all__ = [
     "load_workflow",
     "resume",
     "run",
+    "step_context",
     "validate_workflow",
 ]

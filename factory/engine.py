@@ -260,7 +260,7 @@ class Coordinator:
             home=str(self.settings.home) if step.container is not None else None,
             container_settings=self._container_settings if step.container is not None else None,
             base_dir=self.workflow.base_dir if step.container is not None else None,
-            store_url=self.store.url if step.container is not None else None,
+            store_url=self.store.url,  # container steps' live log lines; python steps' context (once, events)
             run_id=self.run_id,
             grants=self.grants,
             max_output_bytes=self.settings.max_output_bytes,
@@ -321,9 +321,9 @@ class Coordinator:
             self._submit_with_values(state)
             return
         dep_refs = [self.states[d].ref for d in deps]
-        ref = execute_step.options(**self._options(step)).remote(
-            self._call(step, self._step_arguments(step), False), *dep_refs
-        )
+        call = self._call(step, self._step_arguments(step), False)
+        call.attempt = state.attempts + 1  # the number _mark_running gives it
+        ref = execute_step.options(**self._options(step)).remote(call, *dep_refs)
         state.submitted = True
         state.ref = ref
         self._track(ref, step_id)
@@ -401,6 +401,7 @@ class Coordinator:
             ref = self._dispatch_to_agent(step, arguments[index], items[index] if has_item else None, has_item)
         else:
             call = self._call(step, arguments[index], True, items[index] if has_item else None, has_item)
+            call.attempt, call.item_index = state.items[index].attempts, (index if has_item else None)
             ref = execute_item.options(**self._options(step)).remote(call)
         self._track(ref, step.id, index)
 

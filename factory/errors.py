@@ -43,6 +43,13 @@ class OutputTooLargeError(FactoryError):
         )
 
 
+class StepContextError(FactoryError):
+    """A step used its context wrongly (factory.step_context): a once() key or result, a progress
+    fraction or emitted data out of bounds, or not JSON. Not retried: the step's code must change."""
+
+    retryable = False
+
+
 class StepTimeoutError(FactoryError):
     """An attempt ran past the step's timeout and was stopped."""
 

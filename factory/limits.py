@@ -29,6 +29,15 @@ DEFAULT_MAX_ALIASES = 100
 DEFAULT_MAX_NODES = 100_000
 DEFAULT_MAX_STEPS = 10_000
 DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+# The step context (factory.stepcontext). A once() result is bounded by max_output_bytes too.
+MAX_ONCE_KEY_CHARS = 200  # a once() key
+MAX_ONCE_KEYS_PER_STEP = 1_000  # once() records of one step (or one for_each item) of a run, all attempts together
+MAX_PROGRESS_MESSAGE_CHARS = 500  # a progress() message is cut to this
+MAX_EMIT_BYTES = 16 * 1024  # one emit()'s data, as JSON
+MAX_EMIT_BATCH_BYTES = 64 * 1024  # emitted data waiting for the next event; beyond it, emits are dropped (counted)
+STEP_EVENT_INTERVAL_SECONDS = 0.5  # a running attempt publishes its progress and emitted data at most this often
+# POST /v1/workflows?wait=SECONDS: the longest a caller may wait for a run's end in one request.
+MAX_API_WAIT_SECONDS = 300.0
 # The YAML composer and the JSON encoders recurse once or twice per level: no setting may allow more.
 MAX_DEPTH_CEILING = 200
 # Reporting stops after this many problems of one document (the first ones say what to fix).

@@ -21,7 +21,7 @@ _stores: dict[str, Store] = {}
 _stores_lock = threading.Lock()
 
 
-def _store(url: str) -> Store:
+def worker_store(url: str) -> Store:
     """One store connection per worker process and URL (a worker runs many attempts)."""
     with _stores_lock:
         store = _stores.get(url)
@@ -69,7 +69,7 @@ class LiveLog(io.StringIO):
         if not lines or self._failed:
             return
         try:
-            store = _store(self.store_url)
+            store = worker_store(self.store_url)
             for start in range(0, len(lines), MAX_LINES_PER_EVENT):
                 chunk = lines[start : start + MAX_LINES_PER_EVENT]
                 store.append_event(self.run_id, self.step_id, "step.log", {"lines": chunk})

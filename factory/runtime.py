@@ -35,6 +35,7 @@ from factory.policy import check_python_grants
 from factory.refs import Context, resolve
 from factory.retry import is_retryable
 from factory.spec import RetryPolicy
+from factory.stepcontext import StepContext
 from factory.store import RunGrants
 
 # After the timeout, the attempt gets an interrupt (StepTimeoutError raised in it).
@@ -64,10 +65,12 @@ class StepCall:
     home: str | None = None  # the coordinator's FACTORY_HOME (container steps keep artifacts there)
     container_settings: dict[str, Any] | None = None  # container steps: the coordinator's executor settings
     base_dir: str | None = None  # the workflow's folder: the only host files a container step may mount
-    store_url: str | None = None  # container steps: where their log lines go as step.log events, live
+    store_url: str | None = None  # where container steps' log lines and python steps' context (once, events) go
     run_id: str | None = None
     grants: RunGrants | None = None  # what the run may use (API runs); None: anything (started here)
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES  # the max_output_bytes setting: larger outputs fail
+    attempt: int = 1  # this attempt's number (of the step, or of the for_each item)
+    item_index: int | None = None  # a for_each item's index
 
 
 @dataclass(slots=True)
@@ -205,6 +208,18 @@ def _run_container(call: StepCall, spec: dict[str, Any], logs: io.StringIO) -> A
     return run_container_step(call, spec, logs)
 
 
+def step_context_of(call: StepCall) -> StepContext:
+    """The context a python step's code sees (``factory.step_context()``) in this attempt."""
+    return StepContext(
+        run_id=call.run_id,
+        step_id=call.step_id,
+        attempt=call.attempt,
+        item=call.item_index,
+        store_url=call.store_url,
+        max_result_bytes=call.max_output_bytes,
+    )
+
+
 def run_attempt(call: StepCall, deps: tuple[Outcome, ...]) -> Outcome:
     """Run one attempt in this process. Never raises for a user error."""
     for dep in deps:
@@ -242,7 +257,12 @@ def run_attempt(call: StepCall, deps: tuple[Outcome, ...]) -> Outcome:
             check_python_grants(call.grants, call.target, func)
             bind_arguments(func, kwargs, call.target)
             root.addHandler(handler)
-            with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer), _Timeout(call.timeout):
+            with (
+                step_context_of(call).active(),
+                contextlib.redirect_stdout(buffer),
+                contextlib.redirect_stderr(buffer),
+                _Timeout(call.timeout),
+            ):
                 value = _call(func, kwargs)
         output_json = encode_output(value, call.max_output_bytes)
     except BaseException as exc:

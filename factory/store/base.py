@@ -307,6 +307,16 @@ class Store(Protocol):
     def route_corrections(self, after_id: int = 0, limit: int = 10_000) -> list[RouteCorrection]:
         """Corrections with an id above ``after_id``, oldest first."""
 
+    def once_get(self, run_id: str, step_id: str, item: int, key: str) -> str | None:
+        """The result a step's ``once(key, ...)`` recorded in this run (``item``: the for_each
+        item's index, -1 for none), as JSON text; None when nothing is recorded."""
+
+    def once_put(
+        self, run_id: str, step_id: str, item: int, key: str, result_json: str, attempt: int, max_keys: int
+    ) -> str:
+        """Record a ``once()`` result unless one is recorded already; returns the recorded one
+        (the first to commit wins). StepContextError when the step (item) holds ``max_keys``."""
+
     def cache_get(self, key: str) -> str | None: ...
 
     def cache_put(self, key: str, output_json: str) -> None: ...

@@ -156,6 +156,21 @@ MIGRATIONS: list[tuple[int, str]] = [
         )
         """,
     ),
+    (
+        7,
+        """
+        CREATE TABLE step_once (
+            run_id TEXT NOT NULL,
+            step_id TEXT NOT NULL,
+            item INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            result_json TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (run_id, step_id, item, key)
+        )
+        """,
+    ),
 ]
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-from factory.errors import LeaseLostError, RunNotFoundError
+from factory.errors import LeaseLostError, RunNotFoundError, StepContextError
 from factory.store.base import (
     FINAL_RUN_STATUSES,
     FINAL_STEP_STATUSES,
@@ -651,6 +651,44 @@ class SQLStore(ABC):
             RouteCorrection(id=r[0], text=r[1], agent=r[2], decision_id=r[3], who=r[4] or "", created_at=r[5])
             for r in rows
         ]
+
+    # -- once() results of steps (factory.stepcontext) --------------------------------------------
+
+    def once_get(self, run_id: str, step_id: str, item: int, key: str) -> str | None:
+        with self._read() as cur:
+            row = cur.execute(
+                self._sql("SELECT result_json FROM step_once WHERE run_id=? AND step_id=? AND item=? AND key=?"),
+                (run_id, step_id, item, key),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def once_put(
+        self, run_id: str, step_id: str, item: int, key: str, result_json: str, attempt: int, max_keys: int
+    ) -> str:
+        where = "run_id=? AND step_id=? AND item=?"
+        with self._write() as cur:
+            row = cur.execute(
+                self._sql(f"SELECT result_json FROM step_once WHERE {where} AND key=?"), (run_id, step_id, item, key)
+            ).fetchone()
+            if row is not None:  # another attempt recorded it first: that result stands
+                return str(row[0])
+            count = cur.execute(self._sql(f"SELECT COUNT(*) FROM step_once WHERE {where}"), (run_id, step_id, item))
+            if int(count.fetchone()[0]) >= max_keys:
+                raise StepContextError(
+                    f"step {step_id!r} has recorded {max_keys} once() results in this run, the most one step "
+                    "(or for_each item) may; use fewer keys, e.g. one per batch rather than one per record"
+                )
+            cur.execute(
+                self._sql(
+                    "INSERT INTO step_once (run_id, step_id, item, key, result_json, attempt, created_at)"
+                    " VALUES (?,?,?,?,?,?,?) ON CONFLICT (run_id, step_id, item, key) DO NOTHING"
+                ),
+                (run_id, step_id, item, key, result_json, attempt, time.time()),
+            )
+            row = cur.execute(
+                self._sql(f"SELECT result_json FROM step_once WHERE {where} AND key=?"), (run_id, step_id, item, key)
+            ).fetchone()
+        return str(row[0])
 
     # -- cache -----------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from factory.store.sql import Cursor, SQLStore, iter_statements
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -107,6 +107,16 @@ CREATE TABLE IF NOT EXISTS route_corrections (
     decision_id TEXT,
     who TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS step_once (
+    run_id TEXT NOT NULL,
+    step_id TEXT NOT NULL,
+    item INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    result_json TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (run_id, step_id, item, key)
 )
 """
 
