@@ -186,7 +186,9 @@ class StepContext:
         self._store_url = store_url if run_id and step_id else None
         base: dict[str, Any] = {"attempt": attempt, **({"item": item} if item is not None else {})}
         self._publisher = (
-            _Publisher(store_url, run_id, step_id, base, interval) if self._store_url and run_id and step_id else None
+            _Publisher(self._store_url, run_id, step_id, base, interval)
+            if self._store_url and run_id and step_id
+            else None
         )
 
     @property

@@ -73,6 +73,7 @@ class Watch:
 
     on_start: Callable[[str], None] | None = None
     on_progress: Callable[[Progress], None] | None = None
+    on_event: Callable[[dict[str, Any]], None] | None = None  # each event of the run (step.progress for the bar)
     timeout: float | None = None
     run_id: str | None = None  # `factory run --run-id` (a Ray job started by `factory submit`): use this id
 
@@ -83,6 +84,10 @@ class Watch:
     def progress(self, counts: Progress) -> None:
         if self.on_progress is not None:
             self.on_progress(counts)
+
+    def event(self, event: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,10 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+# Events a running step publishes without changing its state: its log lines, progress, emitted data.
+LIVE_EVENTS = frozenset({"step.log", "step.progress", "step.emitted"})
+
+
 class ProgressCounter:
     """Counts a run's events into a :class:`Progress` (as the coordinator counts them), one
     event at a time, for commands that follow a run from outside its coordinator: steps
@@ -189,7 +198,7 @@ class ProgressCounter:
                     return self._tally()
                 self._running.discard(step)
                 self._retrying.add(step)
-            elif kind != "step.log":
+            elif kind not in LIVE_EVENTS:
                 self._running.discard(step)
                 self._retrying.discard(step)
                 self._items.pop(step, None)

@@ -30,6 +30,8 @@ from factory.routing.models import RouteDecision, RouteRequest
 from factory.settings import Settings
 from factory.store import ApiKeyRecord, AttemptRecord, RunStatus, Store
 
+FOLLOW_SECONDS = 0.25  # how often `factory run` reads its run's new events for the progress bar
+
 
 class LocalBackend:
     """Commands on the store of ``settings``, opened on first use and closed by :meth:`close`."""
@@ -71,10 +73,14 @@ class LocalBackend:
         """Run ``run(on_start)``; at ``watch.timeout`` cancel the run (it lives in this process)."""
         started: list[str] = []
         deadline_passed = threading.Event()
+        stop_following = threading.Event()
+        follower: list[threading.Thread] = []
 
         def on_start(run_id: str) -> None:
             started.append(run_id)
             watch.started(run_id)
+            if watch.on_event is not None:  # the steps' progress events, for the bar
+                follower.append(self._follow_events(run_id, watch, stop_following))
             if deadline_passed.is_set():  # the deadline came while Ray was starting
                 api.cancel(run_id, settings=self.settings)
 
@@ -94,6 +100,9 @@ class LocalBackend:
         finally:
             if timer is not None:
                 timer.cancel()
+            stop_following.set()
+            for thread in follower:
+                thread.join(timeout=5)
         if deadline_passed.is_set() and result.status == RunStatus.CANCELLED:
             assert watch.timeout is not None
             raise RunWaitTimeout(
@@ -102,6 +111,28 @@ class LocalBackend:
                 f"it ran in this process and was cancelled; `factory resume {result.run_id}` finishes it",
             )
         return result
+
+    def _follow_events(self, run_id: str, watch: Watch, stop: threading.Event) -> threading.Thread:
+        """A thread handing the run's events to ``watch`` (every FOLLOW_SECONDS) while this
+        process runs it: the coordinator does not see what its workers publish (step.progress)."""
+
+        def follow() -> None:
+            last = 0
+            while True:
+                final = stop.is_set()
+                try:
+                    for event in self.store.events(last, run_id, 500):
+                        last = event.id
+                        watch.event(event.model_dump(mode="json"))
+                except Exception:  # noqa: BLE001 - the bar's details only; the run goes on
+                    return
+                if final:
+                    return
+                stop.wait(FOLLOW_SECONDS)
+
+        thread = threading.Thread(target=follow, name=f"events-{run_id}", daemon=True)
+        thread.start()
+        return thread
 
     def run(self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch) -> RunResult:
         catalog = load_catalog(agents) if agents is not None else None

@@ -92,6 +92,7 @@ class ApiBackend:
 
         def on_event(event: dict[str, Any]) -> None:
             watch.progress(counter.add(event.get("type", ""), event.get("step_id"), event.get("data")))
+            watch.event(event)
 
         try:
             run = self.client.wait(run_id, watch.timeout, after=after, on_event=on_event)

@@ -112,6 +112,12 @@ def status_text(info: RunInfo) -> str:
     return f"[{STATUS_STYLE.get(status, '')}]{status}[/]"
 
 
+# Events after which a step's own progress line goes: it ended, or waits to retry.
+STEP_ENDS = frozenset(
+    {"step.succeeded", "step.cached", "step.failed", "step.skipped", "step.cancelled", "step.retrying"}
+)
+
+
 class ProgressBar:
     """Live progress bar on stderr: done/total, running, retrying, failed."""
 
@@ -128,6 +134,7 @@ class ProgressBar:
             transient=False,
         )
         self.task: Any = None
+        self.step_tasks: dict[str, Any] = {}  # a running step that reports progress: its own line
 
     def __enter__(self) -> ProgressBar:
         if self.enabled:
@@ -150,12 +157,40 @@ class ProgressBar:
             self.task = self.progress.add_task("steps", total=p.total, detail=detail)
         self.progress.update(self.task, total=max(p.total, 1), completed=p.succeeded, detail=detail)
 
+    def event(self, event: dict[str, Any]) -> None:
+        """A step's ``step.progress`` gives it a line of its own (fraction, message) until it ends."""
+        if not self.enabled:
+            return
+        kind, step = event.get("type"), event.get("step_id")
+        if not isinstance(step, str):
+            return
+        if kind == "step.progress":
+            data = event.get("data") or {}
+            fraction = data.get("fraction")
+            total = 100 if isinstance(fraction, int | float) else None
+            completed = round(100 * fraction) if isinstance(fraction, int | float) else 0
+            detail = escape(str(data.get("message") or ""))[:80]
+            task = self.step_tasks.get(step)
+            if task is None:
+                self.step_tasks[step] = self.progress.add_task(
+                    f"  {escape(step)}", total=total, completed=completed, detail=detail
+                )
+            else:
+                self.progress.update(task, total=total, completed=completed, detail=detail)
+        elif kind in STEP_ENDS and step in self.step_tasks:
+            self.progress.remove_task(self.step_tasks.pop(step))
+
 
 def watch_with(bar: ProgressBar, as_json: bool, verb: str, timeout: float | None) -> Watch:
     def started(run_id: str) -> None:
         err.print(f"run [bold]{escape(run_id)}[/bold] {verb}")
 
-    return Watch(on_start=None if as_json else started, on_progress=bar.update, timeout=timeout)
+    return Watch(
+        on_start=None if as_json else started,
+        on_progress=bar.update,
+        on_event=bar.event if bar.enabled else None,
+        timeout=timeout,
+    )
 
 
 def print_result(result: RunResult, as_json: bool) -> None:

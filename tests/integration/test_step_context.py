@@ -48,9 +48,7 @@ def test_a_retry_gets_the_recorded_result(store: Store, settings: Settings, tmp_
     assert out["key"].startswith(result.run_id + "-")
 
 
-def test_a_sigkilled_worker_does_not_repeat_the_side_effect(
-    store: Store, settings: Settings, tmp_path: Path
-) -> None:
+def test_a_sigkilled_worker_does_not_repeat_the_side_effect(store: Store, settings: Settings, tmp_path: Path) -> None:
     counter = tmp_path / "charges"
     step = once_step(counter, fail_times=1, max_attempts=2, kill=True)
     result = factory.run(wf(step), store=store, settings=settings)
@@ -130,3 +128,21 @@ def test_progress_is_published_while_the_step_runs(store: Store, settings: Setti
     # the step's end comes after its last progress event
     types = [e.type for e in store.events(0, result.run_id) if e.step_id == "work"]
     assert types.index("step.succeeded") > max(i for i, t in enumerate(types) if t == "step.progress")
+
+
+def test_factory_run_hears_the_steps_progress(settings: Settings) -> None:
+    """`factory run`'s bar: the local backend hands the run's events, progress included, to the watch."""
+    from factory.cli.backend import Watch
+    from factory.cli.local import LocalBackend
+
+    heard: list[dict[str, Any]] = []
+    workflow = Path(FIXTURES) / "progress_workflow.yaml"
+    backend = LocalBackend(settings)
+    try:
+        result = backend.run(workflow, {}, None, Watch(on_event=heard.append))
+    finally:
+        backend.close()
+    assert result.ok, result.error
+    progress = [e["data"] for e in heard if e["type"] == "step.progress"]
+    assert progress and progress[-1]["fraction"] == 1.0
+    assert heard[-1]["type"] == "run.succeeded"  # the follower read on to the run's end

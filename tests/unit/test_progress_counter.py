@@ -80,3 +80,30 @@ def test_items_of_a_running_fan_out_from_its_step_items_events() -> None:
     assert (counts.items_done, counts.items_total) == (7, 10)
     counts = feed(counter, ("step.succeeded", "fan"))
     assert (counts.items_done, counts.items_total, counts.succeeded) == (0, 0, 1)
+
+
+def test_live_events_of_a_running_step_leave_it_running() -> None:
+    counts = feed(
+        ProgressCounter(),
+        ("step.created", "a"),
+        ("step.started", "a"),
+        ("step.progress", "a", {"fraction": 0.5, "message": "half", "attempt": 1}),
+        ("step.emitted", "a", {"items": [1], "attempt": 1}),
+    )
+    assert counts.running == 1
+    assert feed(ProgressCounter(counts), ("step.succeeded", "a")).running == 0
+
+
+def test_the_bar_gives_a_reporting_step_its_own_line_until_it_ends() -> None:
+    from factory.cli.runs import ProgressBar
+
+    bar = ProgressBar(enabled=False)
+    bar.enabled = True  # not started: no terminal needed, the tasks are still kept
+    bar.event({"type": "step.progress", "step_id": "embed", "data": {"fraction": 0.25, "message": "shard 1"}})
+    bar.event({"type": "step.progress", "step_id": "embed", "data": {"fraction": 0.5, "message": "shard 2"}})
+    bar.event({"type": "step.progress", "step_id": "fetch", "data": {"fraction": None, "message": "[b]x"}})
+    tasks = {t.description.strip(): t for t in bar.progress.tasks}
+    assert tasks["embed"].completed == 50 and tasks["embed"].fields["detail"] == "shard 2"
+    assert tasks["fetch"].total is None and tasks["fetch"].fields["detail"] == "\\[b]x"  # markup escaped
+    bar.event({"type": "step.succeeded", "step_id": "embed", "data": {}})
+    assert [t.description.strip() for t in bar.progress.tasks] == ["fetch"]
