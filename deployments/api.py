@@ -6,6 +6,7 @@ replicas keep the router warm; the Serve proxy sends that path there.
 
 import asyncio
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -31,7 +32,7 @@ from factory.auth import create_key as make_key
 from factory.catalog import load_catalog
 from factory.dag import parse_workflow_text, validate_data
 from factory.errors import PermissionDeniedError, RunStateError, StepInputError, WorkflowValidationError
-from factory.limits import DocumentLimits, check_data_bounds
+from factory.limits import MAX_API_WAIT_SECONDS, DocumentLimits, check_data_bounds
 from factory.owner import owner_is_gone
 from factory.policy import Submitter, check_inline, resume_problem
 from factory.runner import get_runner
@@ -51,9 +52,12 @@ from factory.store import (
 )
 from factory.supervisor import get_supervisor
 
+log = logging.getLogger(__name__)
 MAX_EVENT_ID = 2**53  # event ids are 64-bit integers in the store; JSON clients handle up to 2**53
 MAX_EVENTS_PAGE = 10_000  # events a stream that does not follow sends before it ends (ask again from the last id)
 MAX_ATTEMPTS_PAGE = 1_000  # attempts per GET /v1/runs/{id}/attempts
+WAIT_POLL_FIRST = 0.05  # ?wait= reads the run's status after this long, then twice as long each time...
+WAIT_POLL_MAX = 1.0  # ...up to this
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 
 
@@ -128,9 +132,15 @@ class CreatedKey(KeyView):
 
 
 class Submitted(BaseModel):
+    """A run started (202), or, with ``?wait=``, a run that ended within the wait (200)."""
+
     run_id: str
     status: RunStatus
     url: str
+    outputs: dict[str, Any] | None = Field(
+        default=None, description="With ?wait= and status 200: the outputs of the steps that succeeded, by step id."
+    )
+    error: str | None = Field(default=None, description="With ?wait= and status 200: why the run failed, if it did.")
 
 
 class StepView(BaseModel):
@@ -287,6 +297,18 @@ def _parse_cursor(cursor: str) -> tuple[float, str]:
         raise ApiProblem(422, f"cursor {cursor!r} is not one this API gave out; use next_cursor as given") from None
 
 
+WaitQuery = Annotated[
+    float,
+    Query(
+        ge=0,
+        le=MAX_API_WAIT_SECONDS,
+        description=f"Wait up to this many seconds (at most {MAX_API_WAIT_SECONDS:g}) for the run to end: "
+        "200 with its outputs if it does, else 202 as without it.",
+    ),
+]
+CancelQuery = Annotated[bool, Query(description="With wait: cancel the run if the caller disconnects before it ends.")]
+
+
 def _last_event_id(header: str | None) -> int:
     """The Last-Event-ID header of an SSE reconnect as an event id (0 when absent)."""
     if not header:
@@ -351,13 +373,18 @@ class FactoryAPI:
             }
         },
     )
-    async def submit(self, request: Request) -> Submitted:
+    async def submit(
+        self, request: Request, response: Response, wait: WaitQuery = 0.0, cancel_on_disconnect: CancelQuery = False
+    ) -> Submitted:
         """JSON: ``{"workflow": {...}, "inputs": {...}}``; or the workflow's YAML with
         Content-Type application/yaml. Python steps may name only modules the operator allowed
         (``allowed_modules``), container steps only secrets granted to the key; start a
         registered workflow with ``POST /v1/workflows/{name}/runs`` instead. The run starts
-        at once; follow it with the events endpoint."""
+        at once; follow it with the events endpoint, or wait for its end in this request with
+        ``?wait=SECONDS``: 200 with the outputs if it ended in time, else 202 (it goes on).
+        With ``cancel_on_disconnect=true``, a caller that leaves before the run ends cancels it."""
         key = self.auth.authorize(request, Scope.SUBMIT)
+        self._check_wait(key.id, wait, cancel_on_disconnect)
         data, inputs = await self._workflow_body(request)
         workflow = await run_in_threadpool(
             partial(validate_data, data, None, "the submitted workflow", False, self.catalog, limits=self.limits)
@@ -369,7 +396,81 @@ class FactoryAPI:
             create_run, workflow, inputs, store=self.store, settings=self.settings, grants=grants, check_imports=False
         )
         await run_in_threadpool(self._start, run_id, False)
-        return Submitted(run_id=run_id, status=RunStatus.PENDING, url=f"/v1/runs/{run_id}")
+        return await self._answer(request, response, key.id, run_id, wait, cancel_on_disconnect)
+
+    def _check_wait(self, key_id: str, wait: float, cancel_on_disconnect: bool) -> None:
+        """Refuse a wait before the run exists: one without ``wait``, or past the key's places."""
+        if cancel_on_disconnect and not wait:
+            raise ApiProblem(422, "cancel_on_disconnect needs wait=SECONDS: only a caller that waits can leave")
+        open_now = self._streams.get(key_id, 0)
+        if wait and open_now >= self.settings.api_max_streams_per_key:
+            raise ApiProblem(
+                429,
+                f"this key holds {open_now} event streams and waits open already (the limit is "
+                f"{self.settings.api_max_streams_per_key}); close one, or submit without wait and follow the events",
+                headers={"Retry-After": "5"},
+            )
+
+    async def _answer(
+        self, request: Request, response: Response, key_id: str, run_id: str, wait: float, cancel_on_disconnect: bool
+    ) -> Submitted:
+        """202 with the run id; or, with ``wait``, 200 with the outputs if the run ends within it."""
+        started = Submitted(run_id=run_id, status=RunStatus.PENDING, url=f"/v1/runs/{run_id}")
+        if not wait:
+            return started
+        record = await self._wait_for_end(request, key_id, run_id, wait, cancel_on_disconnect)
+        if record is None:
+            current = await run_in_threadpool(self.store.get_run, run_id)
+            return started.model_copy(update={"status": current.status})
+        steps = await run_in_threadpool(self.store.get_steps, run_id)
+        response.status_code = 200
+        outputs = {s.step_id: s.output for s in steps if s.status == StepStatus.SUCCEEDED}
+        return started.model_copy(update={"status": record.status, "outputs": outputs, "error": record.error})
+
+    async def _wait_for_end(
+        self, request: Request, key_id: str, run_id: str, wait: float, cancel_on_disconnect: bool
+    ) -> RunRecord | None:
+        """The run once it has ended, or None at the deadline or when the caller left (then the
+        run is cancelled if asked). It reads the run's status with a growing pause (WAIT_POLL_*),
+        on the event loop: no thread is held while it waits. A wait holds one of the key's
+        event stream places (api_max_streams_per_key)."""
+        open_now = self._streams.get(key_id, 0)
+        if open_now >= self.settings.api_max_streams_per_key:
+            return None  # the run goes on: 202, follow it with the events endpoint
+        self._streams[key_id] = open_now + 1
+        deadline = time.monotonic() + wait
+        pause = WAIT_POLL_FIRST
+        try:
+            while True:
+                record: RunRecord = await run_in_threadpool(self.store.get_run, run_id)
+                if record.status in FINAL_RUN_STATUSES:
+                    return record
+                if await request.is_disconnected():
+                    if cancel_on_disconnect:
+                        await run_in_threadpool(self._cancel_left_run, run_id)
+                    return None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, WAIT_POLL_MAX)
+        except asyncio.CancelledError:  # Serve cancels the request when its client disconnects
+            if cancel_on_disconnect:
+                self._cancel_left_run(run_id)
+            raise
+        finally:
+            left_open = self._streams.get(key_id, 1) - 1
+            if left_open > 0:
+                self._streams[key_id] = left_open
+            else:
+                self._streams.pop(key_id, None)
+
+    def _cancel_left_run(self, run_id: str) -> None:
+        """The caller of a ``cancel_on_disconnect`` wait left: cancel its run (if it still runs)."""
+        try:
+            cancel_run(run_id, store=self.store, settings=self.settings)
+        except Exception:  # nobody is left to tell; the run's own events show what happened
+            log.exception("could not cancel run %s after its caller disconnected", run_id)
 
     async def _workflow_body(self, request: Request) -> tuple[Any, dict[str, Any]]:
         """The workflow data and the inputs of a JSON body (SubmitWorkflow) or a YAML one."""
@@ -501,13 +602,23 @@ class FactoryAPI:
         response_model=Submitted,
         summary="Start a run of a registered workflow",
     )
-    async def start_registered(self, request: Request, name: str, body: StartRun) -> Submitted:
+    async def start_registered(
+        self,
+        request: Request,
+        response: Response,
+        name: str,
+        body: StartRun,
+        wait: WaitQuery = 0.0,
+        cancel_on_disconnect: CancelQuery = False,
+    ) -> Submitted:
+        """``?wait=`` and ``cancel_on_disconnect`` as for ``POST /v1/workflows``."""
         key = self.auth.authorize(request, Scope.SUBMIT)
+        self._check_wait(key.id, wait, cancel_on_disconnect)
         run_id = await run_in_threadpool(
             registry.start, self.store, self.settings, name, body.inputs, Submitter.of_key(key), body.version
         )
         await run_in_threadpool(self._start, run_id, False)
-        return Submitted(run_id=run_id, status=RunStatus.PENDING, url=f"/v1/runs/{run_id}")
+        return await self._answer(request, response, key.id, run_id, wait, cancel_on_disconnect)
 
     # -- keys -------------------------------------------------------------------------------------
 

@@ -123,6 +123,24 @@ class FactoryClient:
         body = {"workflow": workflow, "inputs": inputs or {}}
         return str(self._request("POST", "/v1/workflows", json=body)["run_id"])
 
+    def submit_and_wait(
+        self,
+        workflow: str | Path | dict[str, Any],
+        inputs: dict[str, Any] | None = None,
+        wait: float = 60.0,
+        *,
+        cancel_on_disconnect: bool = False,
+    ) -> dict[str, Any]:
+        """Submit a workflow and wait for its end in the same request, up to ``wait`` seconds (the
+        API allows 300). The answer has ``run_id`` and ``status``; if the run ended in time, its
+        ``outputs`` (by step) and ``error``; else it goes on (follow it with :meth:`wait`). With
+        ``cancel_on_disconnect``, the run is cancelled if this request is cut before it ends."""
+        if not isinstance(workflow, dict):
+            workflow = read_workflow_file(workflow, limits=DocumentLimits())
+        body = {"workflow": workflow, "inputs": inputs or {}}
+        params = {"wait": wait, "cancel_on_disconnect": cancel_on_disconnect}
+        return dict(self._request("POST", "/v1/workflows", json=body, params=params, timeout=wait + self.timeout))
+
     def get_run(self, run_id: str) -> dict[str, Any]:
         return dict(self._request("GET", f"/v1/runs/{_seg(run_id)}"))
 
@@ -339,6 +357,21 @@ class FactoryClient:
         """Start a run of a registered workflow; returns the run id."""
         body = {"inputs": inputs or {}, "version": version}
         return str(self._request("POST", f"/v1/workflows/{_seg(name)}/runs", json=body)["run_id"])
+
+    def start_and_wait(
+        self,
+        name: str,
+        inputs: dict[str, Any] | None = None,
+        wait: float = 60.0,
+        *,
+        version: int | None = None,
+        cancel_on_disconnect: bool = False,
+    ) -> dict[str, Any]:
+        """:meth:`start`, waiting for the run's end as :meth:`submit_and_wait` does."""
+        body = {"inputs": inputs or {}, "version": version}
+        params = {"wait": wait, "cancel_on_disconnect": cancel_on_disconnect}
+        path = f"/v1/workflows/{_seg(name)}/runs"
+        return dict(self._request("POST", path, json=body, params=params, timeout=wait + self.timeout))
 
     def create_key(
         self,
