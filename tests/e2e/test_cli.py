@@ -166,6 +166,36 @@ def test_sigkill_mid_run_then_resume(cli_env: dict[str, str], tmp_path: Path, fa
         store.close()
 
 
+def test_sigkill_after_a_once_then_resume_does_not_repeat_it(
+    cli_env: dict[str, str], tmp_path: Path, factory_home: Path
+) -> None:
+    """A step did its side effect through step_context().once(), then `factory run` was
+    SIGKILLed: `factory resume` runs the step again, and the side effect is not repeated."""
+    counter = tmp_path / "charges"
+    steps = [{"id": "charge", "python": "teststeps:once_then_sleep", "with": {"counter": str(counter), "seconds": 60}}]
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(yaml.safe_dump({"name": "once-killed", "steps": steps}))
+    (tmp_path / "teststeps.py").write_text((FIXTURES / "teststeps.py").read_text())
+    proc = subprocess.Popen(
+        [*FACTORY, "run", str(wf)], env=cli_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        _wait_for(lambda: Path(f"{counter}.attempts").exists(), 90)  # once() recorded, now it sleeps
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        store = SQLiteStore(factory_home / "factory.db")
+        run = store.list_runs()[0]
+        store.close()
+        resumed = factory(cli_env, "resume", run.id, "--json")
+        assert resumed.returncode == 0, resumed.stderr
+        data = json.loads(resumed.stdout)
+        assert data["outputs"]["charge"] == {"charged": 1, "attempt": 2}
+        assert len(counter.read_text()) == 1  # the side effect ran once
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_sigkill_then_resume_at_once_without_waiting_for_the_lease(
     cli_env: dict[str, str], tmp_path: Path, factory_home: Path
 ) -> None:
