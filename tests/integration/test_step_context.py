@@ -146,3 +146,17 @@ def test_factory_run_hears_the_steps_progress(settings: Settings) -> None:
     progress = [e["data"] for e in heard if e["type"] == "step.progress"]
     assert progress and progress[-1]["fraction"] == 1.0
     assert heard[-1]["type"] == "run.succeeded"  # the follower read on to the run's end
+
+
+def test_notify_once_example(store: Store, settings: Settings, tmp_path: Path) -> None:
+    repo = Path(__file__).parent.parent.parent
+    outbox = tmp_path / "outbox.jsonl"
+    result = factory.run(
+        repo / "examples/notify_once/workflow.yaml", {"outbox": str(outbox)}, store=store, settings=settings
+    )
+    assert result.ok, result.error
+    summary = result.outputs["summary"]
+    assert summary == {"orders": 4, "notices_sent": 4, "attempts": 8, "each_sent_once": True}
+    assert len(outbox.read_text().splitlines()) == 4  # every first attempt failed after its send
+    kinds = {e.type for e in store.events(0, result.run_id)}
+    assert {"step.progress", "step.emitted"} <= kinds
