@@ -702,11 +702,14 @@ class FactoryAPI:
         key = self.auth.authorize(request, Scope.READ)
         record = self.store.get_run(run_id)
         steps = self.store.get_steps(run_id)
-        progress = None
+        progress = reported = None
         if any(s.status in (StepStatus.RUNNING, StepStatus.RETRYING) for s in steps):  # for_each items done
             progress = views.item_progress(self.store.latest_events(run_id, "step.items", 1000))
+            reported = views.step_progress(self.store.latest_events(run_id, "step.progress", 200))
         # the spec only for keys that may submit it again: it can hold container env values and mounts
-        return views.run_graph(record, steps, time.time(), progress, with_spec=has_scope(key, Scope.SUBMIT))
+        return views.run_graph(
+            record, steps, time.time(), progress, with_spec=has_scope(key, Scope.SUBMIT), step_progress=reported
+        )
 
     @app.get("/v1/system", response_model=views.SystemView, summary="Throughput, latency, failures over time; nodes")
     def system(

@@ -53,6 +53,10 @@ class GraphNode(BaseModel):
     for_each: bool = False
     items_total: int | None = Field(default=None, description="A for_each step's items, once known.")
     items_done: int | None = None
+    progress: float | None = Field(
+        default=None, description="A running step's newest ctx.progress() fraction (0 to 1), if it reports one."
+    )
+    progress_message: str | None = Field(default=None, description="And its message.")
     started_at: float | None = None
     finished_at: float | None = None
     duration: float | None = None
@@ -132,10 +136,12 @@ def run_graph(
     item_progress: dict[str, dict[str, Any]] | None = None,
     *,
     with_spec: bool = True,
+    step_progress: dict[str, dict[str, Any]] | None = None,
 ) -> RunGraph:
     """The run's DAG: one node per step (a for_each step stays one node, its items counted:
     from its output once it succeeded, else from ``item_progress``, the newest ``step.items``
-    event's data of each step). ``with_spec``: include the workflow as submitted."""
+    event's data of each step). ``with_spec``: include the workflow as submitted.
+    ``step_progress``: the newest ``step.progress`` data of each step, shown on running ones."""
     workflow = Workflow.model_validate_json(record.spec_json)
     graph = build_graph(workflow)
     by_id = {s.step_id: s for s in steps}
@@ -159,6 +165,12 @@ def run_graph(
                     node.items_total = node.items_done = len(output)
                 elif progress is not None:
                     node.items_done, node.items_total = int(progress["done"]), int(progress["total"])
+            reported = (step_progress or {}).get(step.id)
+            if reported is not None and status in (StepStatus.RUNNING, StepStatus.RETRYING):
+                fraction = reported.get("fraction")
+                node.progress = float(fraction) if isinstance(fraction, int | float) else None
+                message = reported.get("message")
+                node.progress_message = message if isinstance(message, str) else None
         nodes.append(node)
     edges = [GraphEdge(source=dep, target=step_id) for step_id, deps in graph.deps.items() for dep in deps]
     return RunGraph(
@@ -172,6 +184,15 @@ def run_graph(
         workflow_ref=record.grants.workflow_ref if record.grants else None,
         spec=workflow.model_dump(mode="json", by_alias=True, exclude_defaults=True) if with_spec else None,
     )
+
+
+def step_progress(events: list[Event]) -> dict[str, dict[str, Any]]:
+    """The newest ``step.progress`` data of each step, from events newest first."""
+    progress: dict[str, dict[str, Any]] = {}
+    for event in events:
+        if event.step_id and event.step_id not in progress and "fraction" in event.data:
+            progress[event.step_id] = event.data
+    return progress
 
 
 def item_progress(events: list[Event]) -> dict[str, dict[str, Any]]:

@@ -122,6 +122,8 @@ def node_caption(node: dict[str, Any]) -> str:
     caption = str(node["status"])
     if node.get("attempts", 0) > 1:
         caption += f" · {node['attempts']} attempts"
+    if isinstance(node.get("progress"), int | float):
+        caption += f" · {round(100 * node['progress'])}%"
     return caption
 
 
@@ -235,6 +237,9 @@ def step_rows(nodes: list[dict[str, Any]]) -> list[list[str]]:
             status += f" ({node['items_done']}/{node['items_total']} items)"
         if node.get("cached"):
             status += " (cached)"
+        if isinstance(node.get("progress"), int | float) or node.get("progress_message"):
+            pct = f"{round(100 * node['progress'])}% " if isinstance(node.get("progress"), int | float) else ""
+            status += f" ({pct}{node.get('progress_message') or ''})".replace(" )", ")")
         rows.append(
             [
                 str(node["id"]),

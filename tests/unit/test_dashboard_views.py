@@ -10,6 +10,7 @@ from deployments.dashboard_views import (
     pool_queues,
     ray_nodes,
     run_graph,
+    step_progress,
     summary_page,
     system_series,
 )
@@ -122,3 +123,26 @@ def test_a_running_for_each_step_counts_its_items_from_its_newest_progress_event
     steps = [StepRecord(run_id="r1", step_id="each", status=StepStatus.RUNNING, attempts=1, started_at=1)]
     node = next(n for n in run_graph(record(), steps, now=5.0, item_progress=progress).nodes if n.id == "each")
     assert (node.items_done, node.items_total) == (2, 3)
+
+
+def test_a_running_step_shows_its_newest_reported_progress() -> None:
+    events = [  # newest first
+        Event(id=9, run_id="r1", step_id="side", type="step.progress", data={"fraction": 0.75, "message": "m"}, ts=2),
+        Event(id=5, run_id="r1", step_id="side", type="step.progress", data={"fraction": 0.25}, ts=1),
+        Event(id=4, run_id="r1", step_id="load", type="step.progress", data={"fraction": 0.5}, ts=1),
+    ]
+    reported = step_progress(events)
+    assert reported == {"side": {"fraction": 0.75, "message": "m"}, "load": {"fraction": 0.5}}
+    steps = [
+        StepRecord(run_id="r1", step_id="load", status=StepStatus.SUCCEEDED, attempts=1, started_at=1, finished_at=2),
+        StepRecord(run_id="r1", step_id="side", status=StepStatus.RUNNING, attempts=1, started_at=1),
+    ]
+    nodes = {n.id: n for n in run_graph(record(), steps, now=5.0, step_progress=reported).nodes}
+    assert (nodes["side"].progress, nodes["side"].progress_message) == (0.75, "m")
+    assert nodes["load"].progress is None  # finished: its progress is over
+
+    from ui.render import node_caption, step_rows
+
+    side = nodes["side"].model_dump(mode="json")
+    assert node_caption(side).endswith("75%")
+    assert step_rows([side])[0][1] == "running (75% m)"
