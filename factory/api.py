@@ -145,6 +145,8 @@ def _coordinator(
 ) -> Iterator[Coordinator]:
     """A coordinator for the run, with its agent dispatcher (if the run has a catalogue) open meanwhile."""
     dispatcher = _agent_dispatcher(agents, workflow, settings)
+    if dispatcher is not None:  # agents publish progress and emitted data as this run's events
+        dispatcher.run_context = (store.url, run_id)
     coordinator = Coordinator(
         store,
         workflow,

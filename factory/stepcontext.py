@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 PROGRESS_EVENT = "step.progress"
 EMITTED_EVENT = "step.emitted"
 NO_ITEM = -1  # the store's item index of a step that is not a for_each item
+CONTEXT_META = "_factory_step_context"  # an agent call's meta key carrying its run's context to the replica
 
 _current: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("factory_step_context", default=None)
 _process_current: StepContext | None = None  # threads the step starts see it too (one attempt per worker at a time)
@@ -177,12 +178,14 @@ class StepContext:
         store_url: str | None = None,
         max_result_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
         interval: float = STEP_EVENT_INTERVAL_SECONDS,
+        once_allowed: bool = True,
     ) -> None:
         self.run_id = run_id
         self.step_id = step_id
         self.attempt = attempt
         self.item = item
         self.max_result_bytes = max_result_bytes
+        self.once_allowed = once_allowed  # False in agent steps: their calls do not know attempt and item yet
         self._store_url = store_url if run_id and step_id else None
         base: dict[str, Any] = {"attempt": attempt, **({"item": item} if item is not None else {})}
         self._publisher = (
@@ -215,6 +218,11 @@ class StepContext:
     # -- once ----------------------------------------------------------------------------------
 
     def _check_key(self, key: str) -> None:
+        if not self.once_allowed:
+            raise StepContextError(
+                "once() is for python steps; an agent's handle() cannot use it yet: do the side effect in a "
+                "python step, or pass ctx.idempotency_key to the outside API"
+            )
         if not isinstance(key, str) or not 1 <= len(key) <= MAX_ONCE_KEY_CHARS:
             raise StepContextError(
                 f"a once() key is a string of 1 to {MAX_ONCE_KEY_CHARS} characters, not {type(key).__name__} "
@@ -322,17 +330,22 @@ class StepContext:
             self._publisher.flush()
 
     @contextlib.contextmanager
-    def active(self) -> Iterator[StepContext]:
+    def active(self, process_wide: bool = True) -> Iterator[StepContext]:
         """Make this the context :func:`step_context` returns while the block runs; publish
-        what waits when it ends, whether the attempt succeeded or not."""
+        what waits when it ends, whether the attempt succeeded or not. ``process_wide``: also
+        for threads the code starts (a worker runs one attempt at a time; an agent replica
+        that runs several calls at once passes False)."""
         global _process_current
         token = _current.set(self)
-        previous, _process_current = _process_current, self
+        previous = _process_current
+        if process_wide:
+            _process_current = self
         try:
             yield self
         finally:
             _current.reset(token)
-            _process_current = previous
+            if process_wide:
+                _process_current = previous
             if self._publisher is not None:
                 self._publisher.close()
 

@@ -39,6 +39,7 @@ from factory.refs import find_references
 from factory.runtime import Outcome
 from factory.settings import Settings
 from factory.spec import Step
+from factory.stepcontext import CONTEXT_META
 
 TRANSIENT: tuple[type[BaseException], ...] = (PoolSaturated, CircuitOpenError)
 
@@ -112,6 +113,9 @@ class PoolDispatcher:
         self.settings = settings
         self.scorer = scorer or (settings.router_scorer if settings is not None else "lexical")
         self.cluster = ClusterView()
+        # (store URL, run id) of the run this dispatcher serves: agents then publish step.progress
+        # and step.emitted events through factory.step_context() (set by factory.api for a run)
+        self.run_context: tuple[str, str] | None = None
 
     @classmethod
     def from_catalog(
@@ -224,6 +228,9 @@ class PoolDispatcher:
                 raise StepInputError(f"step {step.id!r} is neither an agent: nor a route: step")
             client = self.client(name)
             meta = {"agent": name, "route": _as_dict(decision) if decision is not None else None}
+            if self.run_context is not None:  # the replica gives the agent a step context (progress, emit)
+                store_url, run_id = self.run_context
+                meta[CONTEXT_META] = {"store_url": store_url, "run_id": run_id, "step_id": step.id}
             return client.submit(task, meta=meta, retry=step.retry, timeout=step.timeout)
         except TRANSIENT as exc:
             return _refused(exc, retryable=True)

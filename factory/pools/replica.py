@@ -10,6 +10,7 @@ for an agent's error: it comes back in the Outcome, classified as retryable or n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import os
@@ -28,6 +29,7 @@ from factory.pools.models import ReplicaHealth
 from factory.retry import is_retryable
 from factory.runtime import MAX_LOG_CHARS, Outcome, encode_output, settle
 from factory.spec import RetryPolicy
+from factory.stepcontext import CONTEXT_META, StepContext
 
 CONTROL_GROUP = "control"
 _DEFAULT_RETRY = RetryPolicy()
@@ -115,6 +117,19 @@ class ReplicaCore:
         )
 
 
+def _agent_context(meta: dict[str, Any] | None) -> tuple[contextlib.AbstractContextManager[Any], dict[str, Any] | None]:
+    """The step context an agent's ``handle`` sees (progress and emit; its once() is refused, an
+    agent call not knowing its attempt and item yet), and the meta without it."""
+    if not meta or CONTEXT_META not in meta:
+        return contextlib.nullcontext(), meta
+    info = meta[CONTEXT_META]
+    rest = {k: v for k, v in meta.items() if k != CONTEXT_META}
+    ctx = StepContext(
+        run_id=info.get("run_id"), step_id=info.get("step_id"), store_url=info.get("store_url"), once_allowed=False
+    )
+    return ctx.active(process_wide=False), rest
+
+
 class SyncReplicaActor:
     """A replica for an agent whose ``handle`` is a plain function (runs on up to max_concurrency threads)."""
 
@@ -131,8 +146,10 @@ class SyncReplicaActor:
         """Run the task on this thread. A thread cannot be stopped: the caller stops waiting at ``timeout``."""
         core = self._core
         started = core.begin()
+        context, meta = _agent_context(meta)
         try:
-            value = settle(core.agent.handle(core.agent.prepare_task(task)))
+            with context:
+                value = settle(core.agent.handle(core.agent.prepare_task(task)))
         except Exception as exc:  # noqa: BLE001 - an agent's error goes back in the Outcome
             return core.fail(exc, retry, started)
         return core.succeed(value, meta, started)
@@ -165,17 +182,19 @@ class AsyncReplicaActor:
     ) -> Outcome:
         core = self._core
         started = core.begin()
+        context, meta = _agent_context(meta)
         try:
-            pending = core.agent.handle(core.agent.prepare_task(task))
-            if timeout is not None:
-                try:
-                    value = await asyncio.wait_for(pending, timeout)
-                except TimeoutError:
-                    raise StepTimeoutError(
-                        f"agent {core.agent_name!r} ran past the step's timeout of {timeout:g}s and was stopped"
-                    ) from None
-            else:
-                value = await pending
+            with context:
+                pending = core.agent.handle(core.agent.prepare_task(task))
+                if timeout is not None:
+                    try:
+                        value = await asyncio.wait_for(pending, timeout)
+                    except TimeoutError:
+                        raise StepTimeoutError(
+                            f"agent {core.agent_name!r} ran past the step's timeout of {timeout:g}s and was stopped"
+                        ) from None
+                else:
+                    value = await pending
         except Exception as exc:  # noqa: BLE001 - an agent's error goes back in the Outcome
             return core.fail(exc, retry, started)
         return core.succeed(value, meta, started)

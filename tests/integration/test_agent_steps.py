@@ -325,3 +325,18 @@ def test_an_uncertain_route_step_fails_for_a_person_to_choose(store: SQLiteStore
     assert not result.ok
     assert "UncertainRouteError" in (result.error or "") and "left or right" in (result.error or "")
     assert store.get_steps(result.run_id)[0].attempts == 1
+
+
+def test_an_agent_streams_tokens_through_the_step_context(store: SQLiteStore, settings: Settings) -> None:
+    spec = AgentSpec.model_validate({"name": "streamer", "class": "agent_fixtures:Streamer"})
+    text = "the quick brown fox jumps over the lazy dog"
+    wf = Workflow(name="stream", base_dir=FIXTURES, steps=[Step(id="speak", agent="streamer", with_={"text": text})])
+    result = factory.run(wf, store=store, settings=settings, agents=Catalog(agents=[spec]))
+    assert result.ok, result.error
+    assert result.outputs["speak"]["result"] == {"words": 9, "step": "speak", "once": "refused"}
+    assert "_factory_step_context" not in result.outputs["speak"]  # the context is not part of the output
+    events = store.events(0, result.run_id)
+    tokens = [t for e in events if e.type == "step.emitted" and e.step_id == "speak" for t in e.data["items"]]
+    assert " ".join(tokens) == text
+    progress = [e.data for e in events if e.type == "step.progress"]
+    assert progress[-1]["fraction"] == 1.0 and progress[-1]["message"] == "token 9"
