@@ -247,7 +247,8 @@ def run_cmd(
         ),
     ] = None,
 ) -> None:
-    """Run a workflow with a live progress bar. Exit 0 on success, 1 if the run failed, 3 at --timeout.
+    """Run a workflow with a live progress bar (a step that reports progress gets a line of its own).
+    Exit 0 on success, 1 if the run failed, 3 at --timeout.
 
     Locally it runs on Ray from this process; with --api the server runs it and this command follows it."""
     inputs = parse_inputs(input or [], document_limits())
