@@ -362,6 +362,7 @@ class FactoryAPI:
         "/v1/workflows",
         status_code=202,
         response_model=Submitted,
+        responses={200: {"model": Submitted, "description": "With ?wait=: the run ended within it (outputs, error)."}},
         summary="Submit a workflow to run",
         openapi_extra={
             "requestBody": {
@@ -600,6 +601,7 @@ class FactoryAPI:
         "/v1/workflows/{name}/runs",
         status_code=202,
         response_model=Submitted,
+        responses={200: {"model": Submitted, "description": "With ?wait=: the run ended within it (outputs, error)."}},
         summary="Start a run of a registered workflow",
     )
     async def start_registered(
