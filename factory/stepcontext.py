@@ -250,7 +250,7 @@ class StepContext:
     def _item_index(self) -> int:
         return NO_ITEM if self.item is None else self.item
 
-    def once(self, key: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def once(self, key: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` the first time this step (item) of this run gets here with
         ``key``; its result, as recorded (JSON: tuples come back as lists), every later time,
         in a retry or after a resume, without calling ``fn``. A call that raises records
@@ -263,7 +263,7 @@ class StepContext:
             return value
         return self._record(key, self._settle(key, fn(*args, **kwargs)))
 
-    async def once_async(self, key: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def once_async(self, key: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """:meth:`once` for async steps: ``fn`` may be an ``async def`` function. The store is
         read and written in a thread, so the event loop goes on meanwhile."""
         self._check_key(key)
