@@ -156,6 +156,23 @@ MIGRATIONS: list[tuple[int, str]] = [
         )
         """,
     ),
+    (
+        6,
+        """
+        CREATE TABLE step_items (
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            step_id TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            total INTEGER NOT NULL,
+            output_json TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 1,
+            logs TEXT NOT NULL DEFAULT '',
+            cached BOOLEAN NOT NULL DEFAULT FALSE,
+            finished_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (run_id, step_id, idx)
+        )
+        """,
+    ),
 ]
 
 
