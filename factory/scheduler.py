@@ -200,6 +200,8 @@ class RunScheduler:
         self._actions: list[Action] = []
         self._values: dict[str, Any] = {}
         self._restored_items: dict[str, dict[int, ItemRecord]] = {}
+        # results of eager attempts that came before their dependencies' (see on_result)
+        self._deferred: dict[str, tuple[int, Outcome, bool]] = {}
         self.cancelled = False
         self._first_error: str | None = None
         self._now = 0.0
@@ -302,9 +304,18 @@ class RunScheduler:
                 unit.node_losses += 1
             else:
                 node_lost = False
+        if attempt.index is None and state.status == StepStatus.PENDING and not outcome.skipped:
+            # Ray ran it (or failed it) before this scheduler saw all its dependencies succeed
+            # (they finished in the same sweep, handled after it): it is decided once they have.
+            self._deferred[state.step.id] = (attempt.generation, outcome, node_lost)
+            return self._take_actions()
+        self._decide(state, attempt.index, outcome, node_lost)
+        return self._take_actions()
+
+    def _decide(self, state: _StepState, index: int | None, outcome: Outcome, node_lost: bool) -> None:
         outcome = limit_outcome(outcome, self.max_output_bytes)
-        if attempt.index is not None:
-            self._on_item_result(state, attempt.index, outcome, node_lost)
+        if index is not None:
+            self._on_item_result(state, index, outcome, node_lost)
         elif outcome.skipped:
             state.submitted = False
             state.available = False
@@ -314,7 +325,6 @@ class RunScheduler:
             self._succeed(state, outcome.output_json or "null", outcome.logs, outcome.duration)
         else:
             self._on_failure(state, outcome, None, node_lost)
-        return self._take_actions()
 
     def on_time(self, now: float) -> list[Action]:
         """Time passed: submit the retries that are due; tell how far running for_each steps are."""
@@ -585,6 +595,9 @@ class RunScheduler:
             if dep_state.submitted:
                 if dep_state.status == StepStatus.PENDING and self._deps_succeeded(dependant):
                     self._mark_running(dep_state)
+                    deferred = self._deferred.pop(dependant, None)
+                    if deferred is not None and deferred[0] == dep_state.generation:
+                        self._decide(dep_state, None, deferred[1], deferred[2])
             else:
                 self._try_submit(dependant)
 
@@ -595,6 +608,7 @@ class RunScheduler:
             if state.status in FINAL_STEP_STATUSES:
                 continue
             state.generation += 1
+            self._deferred.pop(desc, None)
             state.submitted = False
             state.available = False
             state.token = None
