@@ -142,6 +142,8 @@ class StepView(BaseModel):
     cached: bool = False
     started_at: float | None = None
     finished_at: float | None = None
+    items_done: int = Field(default=0, description="for_each steps: items whose output is committed.")
+    items_total: int = Field(default=0, description="for_each steps: items in the list (0 before it is known).")
 
     @classmethod
     def of(cls, s: StepRecord) -> "StepView":
@@ -154,6 +156,8 @@ class StepView(BaseModel):
             cached=s.cached,
             started_at=s.started_at,
             finished_at=s.finished_at,
+            items_done=s.items_done,
+            items_total=s.items_total,
         )
 
 

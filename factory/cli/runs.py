@@ -326,6 +326,8 @@ def status(
         seconds = f"{s.finished_at - s.started_at:.3f}" if s.finished_at and s.started_at else "-"
         style = STATUS_STYLE.get(s.status.value, "")
         label = s.status.value + (" (cached)" if s.cached else "")
+        if s.items_total and s.status.value not in ("succeeded", "skipped"):
+            label += f" {s.items_done}/{s.items_total} items"
         detail = s.error if s.error else (short(s.output, 80) if s.output_json is not None else "")
         tokens = (tokens_text(usage),) if with_tokens else ()
         table.add_row(
