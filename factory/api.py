@@ -174,20 +174,23 @@ def run(
     on_start: Callable[[str], None] | None = None,
     run_id: str | None = None,
     agents: Catalog | str | Path | None = None,
+    validated: bool = False,
 ) -> RunResult:
     """Run a workflow to the end and return its result. Joins or starts Ray as needed.
 
     The run is durable: if this process dies, ``resume(run_id)`` finishes it.
-    ``agents`` (a Catalog or an agents.yaml path) serves the workflow's agent: and route: steps.
+    ``agents`` (a Catalog or an agents.yaml path) serves the workflow's agent: and route: steps;
+    the catalogue is read once. ``validated``: ``workflow`` is a Workflow that the caller
+    validated already (with :func:`factory.dag.load_workflow` and this catalogue and these
+    settings' limits), so it is not validated a second time.
     """
     settings = settings or get_settings()
     catalog = agents if isinstance(agents, Catalog) or agents is None else load_catalog(agents)
     limits = DocumentLimits.from_settings(settings)
-    workflow = (
-        validate_workflow(workflow, agents=catalog, limits=limits)
-        if isinstance(workflow, Workflow)
-        else load_workflow(workflow, agents=catalog, limits=limits)
-    )
+    if isinstance(workflow, Workflow):
+        workflow = workflow if validated else validate_workflow(workflow, agents=catalog, limits=limits)
+    else:
+        workflow = load_workflow(workflow, agents=catalog, limits=limits)
     merged = merge_inputs(workflow, inputs, limits)
     graph = build_graph(workflow)
     own_store = store is None
@@ -198,7 +201,7 @@ def run(
         store.create_run(run_id, workflow.name, workflow.model_dump_json(by_alias=True), merged, graph.order)
         if on_start is not None:
             on_start(run_id)
-        with _coordinator(store, workflow, run_id, merged, settings, on_progress, agents, graph) as coordinator:
+        with _coordinator(store, workflow, run_id, merged, settings, on_progress, catalog, graph) as coordinator:
             coordinator.start()
             with event_publication(settings, store):
                 return coordinator.execute()

@@ -116,7 +116,8 @@ class LocalBackend:
                 on_progress=watch.on_progress,
                 on_start=on_start,
                 run_id=watch.run_id,
-                agents=agents,
+                agents=catalog,
+                validated=True,
             ),
         )
 
