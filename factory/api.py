@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from factory.approvals import Decision, decide
 from factory.cache import RedisResultCache, ResultCache
 from factory.catalog import Catalog, load_catalog
 from factory.dag import Graph, build_graph, load_workflow, validate_workflow
@@ -22,6 +23,8 @@ from factory.spec import Workflow
 from factory.store import (
     FINAL_RUN_STATUSES,
     FINAL_STEP_STATUSES,
+    ApiKeyRecord,
+    ApprovalRecord,
     Change,
     RunChange,
     RunGrants,
@@ -205,6 +208,26 @@ def run(
             coordinator.start()
             with event_publication(settings, store):
                 return coordinator.execute()
+    finally:
+        if own_store:
+            store.close()
+
+
+def approve(
+    decision: Decision,
+    *,
+    key: ApiKeyRecord | None = None,
+    store: Store | None = None,
+    settings: Settings | None = None,
+) -> ApprovalRecord:
+    """Record a decision at an approval gate that waits (``key`` None: the CLI on this machine).
+    The run goes on when it is resumed: by the coordinator that still runs it (it polls for
+    decisions), by :func:`resume`, or by the supervisor of a running Factory."""
+    settings = settings or get_settings()
+    own_store = store is None
+    store = store or store_for(settings)
+    try:
+        return decide(store, decision, key)
     finally:
         if own_store:
             store.close()

@@ -134,6 +134,7 @@ class Progress:
     failed: int = 0
     skipped: int = 0
     cancelled: int = 0
+    waiting: int = 0  # approval gates waiting for a decision
     items_done: int = 0
     items_total: int = 0
 
@@ -220,6 +221,7 @@ class Coordinator:
         self._cache_keys: dict[int, str] = {}  # token -> cache key its output is stored under
         self._code: dict[str, str] = {}  # python target -> source, for cache keys
         self._start_actions: list[Action] = []  # what start() decided, carried out by execute()
+        self._decided: set[str] = set()  # approval gates whose decision the scheduler was given
 
     # -- carrying out the scheduler's actions ----------------------------------------------------
 
@@ -394,6 +396,7 @@ class Coordinator:
             failed=counts.get(StepStatus.FAILED.value, 0),
             skipped=counts.get(StepStatus.SKIPPED.value, 0),
             cancelled=counts.get(StepStatus.CANCELLED.value, 0),
+            waiting=counts.get(StepStatus.WAITING.value, 0),
             items_done=counts["items_done"],
             items_total=counts["items_total"],
         )
@@ -412,31 +415,28 @@ class Coordinator:
         done = 0
         if resumed:
             done = self.scheduler.restore(self.store.get_steps(self.run_id), self.store.get_items(self.run_id))
-        self._start_actions = self.scheduler.start(time.monotonic(), resumed=resumed, already_done=done)
+        self._start_actions = self.scheduler.start(
+            time.monotonic(), resumed=resumed, already_done=done, wall=time.time()
+        )
+        for decision in self.store.get_approvals(self.run_id) if resumed else []:
+            self._decided.add(decision.step_id)
+            self._start_actions += self.scheduler.on_decision(decision, time.monotonic())
 
     def execute(self) -> RunResult:
-        """Run until every step is final; returns the result."""
+        """Run until every step is final, or until only people can move the run on (approval
+        gates wait: the run is parked as ``waiting``); returns the result."""
         try:
             actions, self._start_actions = self._start_actions, []
             self._apply(actions)
             self._flush()
-            last_poll = last_beat = time.monotonic()
-            while not self.scheduler.finished:
-                self._apply(self.scheduler.on_time(time.monotonic()))
-                self._wait()
-                self._flush()
-                now = time.monotonic()
-                if now - last_poll >= CANCEL_POLL_SECONDS:
-                    last_poll = now
-                    if self.store.cancel_requested(self.run_id):
-                        self.cancel("cancel requested")
-                        break
-                    if self.on_progress is not None:
-                        self.on_progress(self.progress())
-                if now - last_beat >= self.settings.heartbeat_seconds:
-                    last_beat = now
-                    if not self.store.heartbeat(self.run_id, self.owner):
-                        raise LeaseLostError(f"run {self.run_id} was taken over by another coordinator; this one stops")
+            while True:
+                self._loop()
+                if self.scheduler.parked:
+                    self._poll_decisions()  # a decision may have come as the gate opened
+                    self._flush()
+                    if not self.scheduler.parked:
+                        continue
+                break
         except LeaseLostError:
             # Someone else owns the run now: stop our attempts, write nothing more.
             self._stop_all()
@@ -453,6 +453,35 @@ class Coordinator:
             self.store.release_run(self.run_id, self.owner)
             raise
         return self._finish()
+
+    def _loop(self) -> None:
+        last_poll = last_beat = time.monotonic()
+        while not self.scheduler.finished:
+            self._apply(self.scheduler.on_time(time.monotonic(), time.time()))
+            if self.scheduler.parked:
+                return  # only people can move the run on: stop here, hold nothing while they decide
+            self._wait()
+            self._flush()
+            now = time.monotonic()
+            if now - last_poll >= CANCEL_POLL_SECONDS:
+                last_poll = now
+                if self.store.cancel_requested(self.run_id):
+                    self.cancel("cancel requested")
+                    return
+                if self.scheduler.waiting_gates():
+                    self._poll_decisions()
+                if self.on_progress is not None:
+                    self.on_progress(self.progress())
+            if now - last_beat >= self.settings.heartbeat_seconds:
+                last_beat = now
+                if not self.store.heartbeat(self.run_id, self.owner):
+                    raise LeaseLostError(f"run {self.run_id} was taken over by another coordinator; this one stops")
+
+    def _poll_decisions(self) -> None:
+        for decision in self.store.get_approvals(self.run_id):
+            if decision.step_id not in self._decided:
+                self._decided.add(decision.step_id)
+                self._apply(self.scheduler.on_decision(decision, time.monotonic()))
 
     def _finish(self) -> RunResult:
         verdict = self.scheduler.finish()

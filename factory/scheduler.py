@@ -46,6 +46,7 @@ from factory.retry import backoff_delay
 from factory.spec import Step, Workflow
 from factory.store.base import (
     FINAL_STEP_STATUSES,
+    ApprovalRecord,
     Change,
     EventChange,
     ItemChange,
@@ -157,6 +158,7 @@ class _StepState:
     waiting: list[int] = field(default_factory=list)  # items due again (retries), by index
     progress_at: float = float("-inf")
     progress_done: int = -1
+    gate_opened_at: float | None = None  # approval gates: when the wait began (wall clock, survives resumes)
 
 
 @dataclass
@@ -202,6 +204,8 @@ class RunScheduler:
         self._restored_items: dict[str, dict[int, ItemRecord]] = {}
         # results of eager attempts that came before their dependencies' (see on_result)
         self._deferred: dict[str, tuple[int, Outcome, bool]] = {}
+        self._decisions: dict[str, ApprovalRecord] = {}  # approval decisions known, not yet applied
+        self._wall = 0.0
         self.cancelled = False
         self._first_error: str | None = None
         self._now = 0.0
@@ -223,7 +227,32 @@ class RunScheduler:
     def in_flight(self) -> list[int]:
         return list(self.tokens)
 
+    @property
+    def parked(self) -> bool:
+        """Nothing is in flight or due, and approval gates wait: the run waits for people, and
+        its coordinator may stop until a decision comes (or a gate's timeout passes)."""
+        return (
+            not self.finished
+            and not self.cancelled
+            and not self.tokens
+            and not self._retries
+            and any(s.status == StepStatus.WAITING for s in self.states.values())
+        )
+
+    def waiting_gates(self) -> list[str]:
+        return [sid for sid, s in self.states.items() if s.status == StepStatus.WAITING]
+
+    def gate_deadline(self, step_id: str) -> float | None:
+        """When the gate's timeout passes (wall clock), or None."""
+        state = self.states[step_id]
+        spec = state.step.approval
+        if spec is None or spec.timeout is None or state.gate_opened_at is None:
+            return None
+        return state.gate_opened_at + spec.timeout
+
     def verdict(self) -> RunVerdict:
+        if self.parked:
+            return RunVerdict(RunStatus.WAITING, None, "run.waiting")
         if self.cancelled:
             return RunVerdict(RunStatus.CANCELLED, "the run was cancelled", "run.cancelled")
         if all(s.status == StepStatus.SUCCEEDED for s in self.states.values()):
@@ -251,6 +280,8 @@ class RunScheduler:
             if state is None:
                 continue
             state.attempts = record.attempts
+            if record.status == StepStatus.WAITING and state.step.approval is not None:
+                state.gate_opened_at = record.started_at
             if record.status == StepStatus.SUCCEEDED:
                 state.status = StepStatus.SUCCEEDED
                 state.output_json = record.output_json or "null"
@@ -260,8 +291,10 @@ class RunScheduler:
                 self._restored_items.setdefault(item.step_id, {})[item.index] = item
         return done
 
-    def start(self, now: float, resumed: bool = False, already_done: int = 0) -> list[Action]:
+    def start(self, now: float, resumed: bool = False, already_done: int = 0, wall: float = 0.0) -> list[Action]:
+        """``now``: the driver's monotonic clock; ``wall``: the time of day (approval deadlines)."""
         self._now = now
+        self._wall = wall
         if resumed:
             self._changes.append(
                 RunChange(self.run_id, RunStatus.RUNNING, "run.resumed", data={"already_done": already_done})
@@ -326,9 +359,28 @@ class RunScheduler:
         else:
             self._on_failure(state, outcome, None, node_lost)
 
-    def on_time(self, now: float) -> list[Action]:
-        """Time passed: submit the retries that are due; tell how far running for_each steps are."""
+    def on_decision(self, decision: ApprovalRecord, now: float) -> list[Action]:
+        """A person decided at an approval gate (or the gate's timeout decided for them)."""
         self._now = now
+        state = self.states.get(decision.step_id)
+        if state is None or state.step.approval is None or state.status in FINAL_STEP_STATUSES:
+            return []
+        if state.status != StepStatus.WAITING:
+            self._decisions[decision.step_id] = decision  # applied when the gate opens
+            return []
+        self._decide_gate(state, decision)
+        return self._take_actions()
+
+    def on_time(self, now: float, wall: float | None = None) -> list[Action]:
+        """Time passed: submit the retries that are due; apply the timeouts of approval gates
+        (``wall``: the time of day); tell how far running for_each steps are."""
+        self._now = now
+        if wall is not None:
+            self._wall = wall
+            for state in self.states.values():
+                deadline = self.gate_deadline(state.step.id) if state.status == StepStatus.WAITING else None
+                if deadline is not None and wall >= deadline:
+                    self._gate_timed_out(state)
         while self._retries and self._retries[0][0] <= now:
             _, _, step_id, index, generation = heapq.heappop(self._retries)
             state = self.states[step_id]
@@ -362,7 +414,8 @@ class RunScheduler:
     def finish(self) -> RunVerdict:
         """The run's final change (queued) and verdict; call once every step is final or after cancel."""
         verdict = self.verdict()
-        self._changes.append(RunChange(self.run_id, verdict.status, verdict.event, error=verdict.error))
+        data = {"steps": self.waiting_gates()} if verdict.status == RunStatus.WAITING else {}
+        self._changes.append(RunChange(self.run_id, verdict.status, verdict.event, error=verdict.error, data=data))
         return verdict
 
     # -- internals -----------------------------------------------------------------------------
@@ -411,6 +464,10 @@ class RunScheduler:
             return
         deps = self.graph.deps[step_id]
         if not all(self.states[d].available for d in deps):
+            return
+        if state.step.approval is not None:
+            if state.status != StepStatus.WAITING and self._deps_succeeded(step_id):
+                self._open_gate(state)
             return
         if self.needs_values(state.step):
             if self._deps_succeeded(step_id):
@@ -462,6 +519,88 @@ class RunScheduler:
             self._finish_items(state)
         elif state.status in _ACTIVE:
             self._item_progress(state, force=True)
+
+    # -- approval gates --
+
+    def _open_gate(self, state: _StepState) -> None:
+        spec = state.step.approval
+        assert spec is not None
+        state.submitted = True
+        try:
+            message = resolve(spec.message, self._context(state.step))
+        except Exception as exc:  # noqa: BLE001 - user data; reported on the step
+            state.attempts += 1
+            self._fail_step(state, f"approval.message: {type(exc).__name__}: {exc}", logs="")
+            return
+        resumed = state.gate_opened_at is not None
+        if state.gate_opened_at is None:
+            state.gate_opened_at = self._wall
+        state.started_at = self._now
+        deadline = self.gate_deadline(state.step.id)
+        self._change(
+            state,
+            StepStatus.WAITING,
+            "step.waiting",
+            data={
+                "message": message if isinstance(message, str) else json.dumps(message, default=str),
+                "approvers": spec.approvers,
+                "deadline": deadline,
+                "on_timeout": spec.on_timeout,
+                **({"resumed": True} if resumed else {}),
+            },
+        )
+        decision = self._decisions.pop(state.step.id, None)
+        if decision is not None:
+            self._decide_gate(state, decision)
+        elif deadline is not None and self._wall >= deadline:
+            self._gate_timed_out(state)
+
+    def _gate_timed_out(self, state: _StepState) -> None:
+        spec = state.step.approval
+        assert spec is not None and spec.timeout is not None
+        if spec.on_timeout == "fail":
+            state.attempts = max(state.attempts, 1)
+            self._fail_step(state, f"no decision within its timeout of {spec.timeout:g}s (on_timeout: fail)", logs="")
+            return
+        decided_at = (state.gate_opened_at or self._wall) + spec.timeout
+        self._decide_gate(
+            state,
+            ApprovalRecord(
+                run_id=self.run_id,
+                step_id=state.step.id,
+                approved=spec.on_timeout == "approve",
+                by="timeout",
+                comment=f"no decision within {spec.timeout:g}s",
+                decided_at=decided_at,
+            ),
+            timed_out=True,
+        )
+
+    def _decide_gate(self, state: _StepState, decision: ApprovalRecord, timed_out: bool = False) -> None:
+        spec = state.step.approval
+        assert spec is not None
+        state.attempts = max(state.attempts, 1)
+        output = {
+            "approved": decision.approved,
+            "by": decision.by,
+            "comment": decision.comment,
+            "decided_at": decision.decided_at,
+            "timed_out": timed_out,
+        }
+        self._changes.append(
+            EventChange(
+                self.run_id,
+                state.step.id,
+                "step.approved" if decision.approved else "step.rejected",
+                {"by": decision.by, "comment": decision.comment, "timed_out": timed_out},
+            )
+        )
+        if not decision.approved and spec.on_reject == "fail":
+            why = f": {decision.comment}" if decision.comment else ""
+            self._fail_step(state, f"rejected by {decision.by}{why}", logs="")
+            return
+        waited = max(0.0, decision.decided_at - (state.gate_opened_at or decision.decided_at))
+        self._succeed(state, json.dumps(output), "", waited)
 
     def _refill(self, state: _StepState) -> None:
         """Submit this step's items due again, then new ones, while fewer than the limit are in flight."""

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 class RunStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    WAITING = "waiting"  # parked at approval gates: nothing runs until a decision (or a gate's timeout)
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -21,6 +22,7 @@ class RunStatus(StrEnum):
 class StepStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    WAITING = "waiting"  # an approval gate, open: waiting for a person's decision
     RETRYING = "retrying"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -97,6 +99,17 @@ class ItemRecord(BaseModel):
     attempts: int = 1
     logs: str = ""
     cached: bool = False
+
+
+class ApprovalRecord(BaseModel):
+    """A person's decision at an approval gate (the first one recorded stands)."""
+
+    run_id: str
+    step_id: str
+    approved: bool
+    by: str = Field(description="Who decided: key:NAME, local, or timeout.")
+    comment: str = ""
+    decided_at: float
 
 
 class AttemptRecord(BaseModel):
@@ -287,6 +300,15 @@ class Store(Protocol):
         """Newest first; ``before`` = (created_at, id) of the last run of the previous page."""
 
     def get_steps(self, run_id: str) -> list[StepRecord]: ...
+
+    def decide_approval(self, record: ApprovalRecord) -> tuple[ApprovalRecord, bool]:
+        """Record a decision unless the gate has one: returns the decision that stands and
+        whether it is this one."""
+        ...
+
+    def get_approvals(self, run_id: str) -> list[ApprovalRecord]:
+        """The decisions recorded for a run's gates."""
+        ...
 
     def get_items(self, run_id: str, step_id: str | None = None) -> list[ItemRecord]:
         """Committed for_each items of a run (or of one step), by step and index."""

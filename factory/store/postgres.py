@@ -173,6 +173,20 @@ MIGRATIONS: list[tuple[int, str]] = [
         )
         """,
     ),
+    (
+        9,
+        """
+        CREATE TABLE approvals (
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            step_id TEXT NOT NULL,
+            approved BOOLEAN NOT NULL,
+            decided_by TEXT NOT NULL,
+            comment TEXT NOT NULL DEFAULT '',
+            decided_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (run_id, step_id)
+        )
+        """,
+    ),
 ]
 
 

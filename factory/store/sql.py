@@ -20,6 +20,7 @@ from factory.store.base import (
     FINAL_RUN_STATUSES,
     FINAL_STEP_STATUSES,
     ApiKeyRecord,
+    ApprovalRecord,
     AttemptRecord,
     Change,
     Event,
@@ -222,6 +223,53 @@ class SQLStore(ABC):
             rows,
         )
 
+    def decide_approval(self, record: ApprovalRecord) -> tuple[ApprovalRecord, bool]:
+        with self._write() as cur:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO approvals (run_id, step_id, approved, decided_by, comment, decided_at)"
+                    " VALUES (?,?,?,?,?,?) ON CONFLICT (run_id, step_id) DO NOTHING"
+                ),
+                (record.run_id, record.step_id, record.approved, record.by, record.comment, record.decided_at),
+            )
+            inserted = cur.rowcount == 1
+            row = cur.execute(
+                self._sql(
+                    "SELECT approved, decided_by, comment, decided_at FROM approvals WHERE run_id=? AND step_id=?"
+                ),
+                (record.run_id, record.step_id),
+            ).fetchone()
+        standing = ApprovalRecord(
+            run_id=record.run_id,
+            step_id=record.step_id,
+            approved=bool(row[0]),
+            by=row[1],
+            comment=row[2] or "",
+            decided_at=float(row[3]),
+        )
+        return standing, inserted
+
+    def get_approvals(self, run_id: str) -> list[ApprovalRecord]:
+        with self._read() as cur:
+            rows = cur.execute(
+                self._sql(
+                    "SELECT step_id, approved, decided_by, comment, decided_at FROM approvals"
+                    " WHERE run_id=? ORDER BY decided_at"
+                ),
+                (run_id,),
+            ).fetchall()
+        return [
+            ApprovalRecord(
+                run_id=run_id,
+                step_id=row[0],
+                approved=bool(row[1]),
+                by=row[2],
+                comment=row[3] or "",
+                decided_at=float(row[4]),
+            )
+            for row in rows
+        ]
+
     def get_items(self, run_id: str, step_id: str | None = None) -> list[ItemRecord]:
         query = "SELECT step_id, idx, total, output_json, attempts, logs, cached FROM step_items WHERE run_id=?"
         args: list[Any] = [run_id]
@@ -264,7 +312,7 @@ class SQLStore(ABC):
                 succeeded,
                 change.output_json,
                 change.error,
-                now if status == StepStatus.RUNNING else None,
+                now if status in (StepStatus.RUNNING, StepStatus.WAITING) else None,
                 now if status in FINAL_STEP_STATUSES else None,
                 change.cached,
                 change.run_id,
@@ -343,13 +391,16 @@ class SQLStore(ABC):
 
     def reset_unfinished_steps(self, run_id: str) -> list[str]:
         with self._write() as cur:
+            # approval gates that wait stay waiting: their wait (and its deadline) goes on
             rows = cur.execute(
-                self._sql("SELECT step_id FROM steps WHERE run_id=? AND status != ? ORDER BY position"),
-                (run_id, StepStatus.SUCCEEDED.value),
+                self._sql("SELECT step_id FROM steps WHERE run_id=? AND status NOT IN (?,?) ORDER BY position"),
+                (run_id, StepStatus.SUCCEEDED.value, StepStatus.WAITING.value),
             ).fetchall()
             cur.execute(
-                self._sql("UPDATE steps SET status=?, error=NULL, finished_at=NULL WHERE run_id=? AND status != ?"),
-                (StepStatus.PENDING.value, run_id, StepStatus.SUCCEEDED.value),
+                self._sql(
+                    "UPDATE steps SET status=?, error=NULL, finished_at=NULL WHERE run_id=? AND status NOT IN (?,?)"
+                ),
+                (StepStatus.PENDING.value, run_id, StepStatus.SUCCEEDED.value, StepStatus.WAITING.value),
             )
             return [row[0] for row in rows]
 

@@ -112,6 +112,15 @@ CREATE TABLE IF NOT EXISTS step_items (
     finished_at REAL NOT NULL,
     PRIMARY KEY (run_id, step_id, idx)
 );
+CREATE TABLE IF NOT EXISTS approvals (
+    run_id TEXT NOT NULL,
+    step_id TEXT NOT NULL,
+    approved INTEGER NOT NULL,
+    decided_by TEXT NOT NULL,
+    comment TEXT NOT NULL DEFAULT '',
+    decided_at REAL NOT NULL,
+    PRIMARY KEY (run_id, step_id)
+);
 CREATE TABLE IF NOT EXISTS route_corrections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     text TEXT NOT NULL,
