@@ -29,9 +29,10 @@ from factory.scheduler import (
     SubmitCall,
     SubmitStep,
 )
-from factory.spec import RetryPolicy, Step, Workflow
+from factory.spec import ApprovalSpec, RetryPolicy, Step, Workflow
 from factory.store import (
     FINAL_STEP_STATUSES,
+    ApprovalRecord,
     Change,
     EventChange,
     ItemChange,
@@ -78,6 +79,7 @@ class FakeRay:
         self.twice: list[tuple[str, int | None]] = []  # user code run again after its result was committed
         self.resubmitted_items: list[tuple[str, int]] = []
         self.violations: list[str] = []
+        self.decisions: dict[str, ApprovalRecord] = {}  # durable, as the approvals table
         self.sessions = 0
         self._open(resumed=False)
 
@@ -101,6 +103,8 @@ class FakeRay:
         if resumed:
             done = self.scheduler.restore(self.steps.values(), self.items.values())
         self._apply(self.scheduler.start(self.now, resumed=resumed, already_done=done))
+        for decision in self.decisions.values() if resumed else []:
+            self._apply(self.scheduler.on_decision(decision, self.now))
 
     def crash(self) -> None:
         """The coordinator dies: what it decided but did not commit is lost, its attempts die
@@ -146,6 +150,8 @@ class FakeRay:
             if change.status == StepStatus.SUCCEEDED:
                 record.output_json = change.output_json
                 self.committed_units.add((change.step_id, None))
+            if change.status == StepStatus.WAITING and record.started_at is None:
+                record.started_at = self.now
         elif isinstance(change, ItemChange):
             self.items[(change.step_id, change.index)] = ItemRecord(
                 run_id="r",
@@ -209,6 +215,16 @@ class FakeRay:
         self.complete(token, kind)
         self.collect(len(self.done) - 1)
 
+    def decide(self, approved: bool) -> None:
+        """A person decides at the first gate that waits (the store keeps the first decision)."""
+        for step_id in self.scheduler.waiting_gates():
+            if step_id in self.decisions:
+                continue
+            record = ApprovalRecord(run_id="r", step_id=step_id, approved=approved, by="t", decided_at=self.now)
+            self.decisions[step_id] = record
+            self._apply(self.scheduler.on_decision(record, self.now))
+            return
+
     def tick(self, seconds: float) -> None:
         self.now += seconds
         self._apply(self.scheduler.on_time(self.now))
@@ -230,6 +246,8 @@ class FakeRay:
                 self.complete(ready[0], "ok")
             elif self.scheduler.next_deadline() is not None:
                 self.tick(max(0.0, (self.scheduler.next_deadline() or 0) - self.now) + 0.001)
+            elif self.scheduler.parked:
+                self.decide(True)
             else:
                 break
             self.flush()
@@ -245,8 +263,10 @@ class FakeRay:
 # -- workflows ------------------------------------------------------------------------------------
 
 
-def _step(i: int, needs: list[str], items: int | None, attempts: int) -> Step:
+def _step(i: int, needs: list[str], items: int | None, attempts: int, gate: bool = False) -> Step:
     retry = RetryPolicy(max_attempts=attempts, backoff=0.01, jitter=False)
+    if gate:
+        return Step(id=f"s{i}", needs=needs, approval=ApprovalSpec(message="go?", on_reject="fail"))
     if items is not None:
         return Step(id=f"s{i}", python="m:f", needs=needs, for_each=list(range(items)), retry=retry)
     return Step(id=f"s{i}", python="m:f", needs=needs, retry=retry)
@@ -260,7 +280,8 @@ def workflows(draw: st.DrawFn) -> Workflow:
         needs = sorted(draw(st.sets(st.sampled_from([f"s{j}" for j in range(i)]), max_size=3))) if i else []
         items = draw(st.one_of(st.none(), st.integers(min_value=0, max_value=6)))
         attempts = draw(st.integers(min_value=1, max_value=3))
-        steps.append(_step(i, needs, items, attempts))
+        gate = draw(st.integers(min_value=0, max_value=5)) == 0
+        steps.append(_step(i, needs, items, attempts, gate))
     return Workflow(name="w", steps=steps)
 
 
@@ -268,7 +289,7 @@ OPS = st.sampled_from(
     ["ok"] * 10
     + ["collect"] * 8
     + ["retryable"] * 3
-    + ["fatal", "crash", "node", "tick", "tick", "flush", "flush", "cancel", "resume"]
+    + ["fatal", "crash", "node", "tick", "tick", "flush", "flush", "cancel", "resume", "approve", "approve", "reject"]
 )
 
 
@@ -292,6 +313,8 @@ def _play(sim: FakeRay, ops: list[str], picks: list[int]) -> None:
             break
         elif op == "resume":
             sim.crash()
+        elif op in ("approve", "reject"):
+            sim.decide(op == "approve")
 
 
 # -- the properties ------------------------------------------------------------------------------
@@ -325,26 +348,17 @@ def _check(sim: FakeRay, status: RunStatus) -> None:
     # status moves only along the allowed transitions; retries stay within max_attempts
     succeeded: set[str] = set()
     last: dict[str, StepStatus] = {}
+    done_states = {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.CANCELLED}
     allowed = {
-        StepStatus.PENDING: {StepStatus.RUNNING, StepStatus.SKIPPED, StepStatus.CANCELLED},
-        StepStatus.RUNNING: {
-            StepStatus.RUNNING,
-            StepStatus.RETRYING,
-            StepStatus.SUCCEEDED,
-            StepStatus.FAILED,
-            StepStatus.CANCELLED,
-        },
-        StepStatus.RETRYING: {
-            StepStatus.RUNNING,
-            StepStatus.RETRYING,
-            StepStatus.SUCCEEDED,
-            StepStatus.FAILED,
-            StepStatus.CANCELLED,
-        },
+        StepStatus.PENDING: {StepStatus.RUNNING, StepStatus.WAITING, StepStatus.SKIPPED, StepStatus.CANCELLED},
+        StepStatus.RUNNING: {StepStatus.RUNNING, StepStatus.RETRYING, *done_states},
+        StepStatus.RETRYING: {StepStatus.RUNNING, StepStatus.RETRYING, *done_states},
+        # an open gate opens again when the run is resumed (its wait goes on)
+        StepStatus.WAITING: {StepStatus.WAITING, StepStatus.SKIPPED, *done_states},
         # a resumed run starts again what had not succeeded
-        StepStatus.FAILED: {StepStatus.RUNNING, StepStatus.SKIPPED, StepStatus.CANCELLED},
-        StepStatus.SKIPPED: {StepStatus.RUNNING, StepStatus.SKIPPED, StepStatus.CANCELLED},
-        StepStatus.CANCELLED: {StepStatus.RUNNING, StepStatus.SKIPPED, StepStatus.CANCELLED},
+        StepStatus.FAILED: {StepStatus.RUNNING, StepStatus.WAITING, StepStatus.SKIPPED, StepStatus.CANCELLED},
+        StepStatus.SKIPPED: {StepStatus.RUNNING, StepStatus.WAITING, StepStatus.SKIPPED, StepStatus.CANCELLED},
+        StepStatus.CANCELLED: {StepStatus.RUNNING, StepStatus.WAITING, StepStatus.SKIPPED, StepStatus.CANCELLED},
         StepStatus.SUCCEEDED: set(),
     }
     steps = {s.id: s for s in sim.workflow.steps}
@@ -352,7 +366,7 @@ def _check(sim: FakeRay, status: RunStatus) -> None:
         if not isinstance(change, StepChange):
             continue
         sid = change.step_id
-        if change.event == "step.started":
+        if change.event in ("step.started", "step.waiting"):
             missing = [d for d in graph.deps[sid] if d not in succeeded]
             assert not missing, f"{sid} started before {missing} succeeded"
         if change.status == StepStatus.SUCCEEDED:
@@ -398,7 +412,7 @@ def test_after_any_crash_a_run_whose_attempts_succeed_succeeds(workflow: Workflo
         }
     )
     sim = FakeRay(workflow)
-    _play(sim, [o for o in ops if o != "fatal"], [0, 3, 1, 7])
+    _play(sim, [o for o in ops if o not in ("fatal", "reject")], [0, 3, 1, 7])
     sim.drive_to_end()
     assert sim.finish() == RunStatus.SUCCEEDED
     _check(sim, RunStatus.SUCCEEDED)
