@@ -157,10 +157,27 @@ MIGRATIONS: list[tuple[int, str]] = [
         """,
     ),
     (
+        6,
+        """
+        CREATE TABLE step_items (
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            step_id TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            total INTEGER NOT NULL,
+            output_json TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 1,
+            logs TEXT NOT NULL DEFAULT '',
+            cached BOOLEAN NOT NULL DEFAULT FALSE,
+            finished_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (run_id, step_id, idx)
+        )
+        """,
+    ),
+    (
         7,
         """
         CREATE TABLE step_once (
-            run_id TEXT NOT NULL,
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
             step_id TEXT NOT NULL,
             item INTEGER NOT NULL,
             key TEXT NOT NULL,
@@ -168,6 +185,20 @@ MIGRATIONS: list[tuple[int, str]] = [
             attempt INTEGER NOT NULL,
             created_at DOUBLE PRECISION NOT NULL,
             PRIMARY KEY (run_id, step_id, item, key)
+        )
+        """,
+    ),
+    (
+        9,
+        """
+        CREATE TABLE approvals (
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            step_id TEXT NOT NULL,
+            approved BOOLEAN NOT NULL,
+            decided_by TEXT NOT NULL,
+            comment TEXT NOT NULL DEFAULT '',
+            decided_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (run_id, step_id)
         )
         """,
     ),
