@@ -26,7 +26,7 @@ from deployments.http import ApiProblem, Authorizer, install_error_handlers
 from factory import __version__, registry
 from factory.api import approve as approve_gate
 from factory.api import cancel as cancel_run
-from factory.api import create_run, merge_inputs, run_is_stalled, store_for
+from factory.api import create_run, merge_inputs, run_is_stalled, store_for, with_budget
 from factory.approvals import MAX_COMMENT_CHARS, Decision
 from factory.auth import Scope, has_scope
 from factory.auth import create_key as make_key
@@ -39,6 +39,7 @@ from factory.policy import Submitter, check_inline, resume_problem
 from factory.runner import get_runner
 from factory.sandbox.secrets import check_name
 from factory.settings import Settings
+from factory.spec import Budget, Workflow
 from factory.store import (
     FINAL_RUN_STATUSES,
     ApiKeyRecord,
@@ -212,6 +213,11 @@ class Accepted(BaseModel):
     after_event_id: int | None = Field(
         default=None, description="Follow what happens next with the events endpoint from this id (?after=)."
     )
+
+
+class ResumeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    budget: Budget | None = Field(default=None, description="New limits for the run, replacing those it had.")
 
 
 class ApprovalBody(BaseModel):
@@ -691,8 +697,9 @@ class FactoryAPI:
         return Accepted(run_id=run_id, status="cancelling", detail="attempts in flight are being stopped")
 
     @app.post("/v1/runs/{run_id}/resume", status_code=202, response_model=Accepted, summary="Resume a run")
-    def resume(self, request: Request, run_id: str) -> Accepted:
-        """Finish an interrupted, failed or cancelled run; committed steps are not run again."""
+    def resume(self, request: Request, run_id: str, body: ResumeBody | None = None) -> Accepted:
+        """Finish an interrupted, failed or cancelled run; committed steps are not run again.
+        ``budget`` replaces limits the run had (a run stopped at its budget continues)."""
         key = self.auth.authorize(request, Scope.SUBMIT)
         record = self.store.get_run(run_id)
         if record.status == RunStatus.SUCCEEDED:
@@ -710,6 +717,9 @@ class FactoryAPI:
         # the run's old final status; the runner then starts it as any pending run (a cancel
         # asked from now on is kept, an earlier one is cleared: resuming overrides it)
         self.store.clear_cancel(run_id)
+        if body is not None and body.budget is not None:
+            workflow = with_budget(Workflow.model_validate_json(record.spec_json), body.budget)
+            self.store.set_run_spec(run_id, workflow.model_dump_json(by_alias=True))
         self.store.record([RunChange(run_id, RunStatus.PENDING, "run.resume_requested", data={"by": f"key:{key.id}"})])
         self._start(run_id, False)
         return Accepted(

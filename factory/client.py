@@ -179,8 +179,10 @@ class FactoryClient:
     def cancel(self, run_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/runs/{_seg(run_id)}/cancel"))
 
-    def resume(self, run_id: str) -> dict[str, Any]:
-        return dict(self._request("POST", f"/v1/runs/{_seg(run_id)}/resume"))
+    def resume(self, run_id: str, budget: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resume a run; ``budget`` (e.g. ``{"max_attempts": 50}``) replaces limits it had."""
+        body = {"budget": budget} if budget else None
+        return dict(self._request("POST", f"/v1/runs/{_seg(run_id)}/resume", json=body))
 
     def approve(self, run_id: str, step_id: str, approved: bool = True, comment: str = "") -> dict[str, Any]:
         """Decide at an approval gate that waits; returns the decision, the run's status and

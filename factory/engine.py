@@ -212,6 +212,7 @@ class Coordinator:
             max_output_bytes=settings.max_output_bytes,
             max_for_each_items=settings.max_for_each_items,
             rng=random.Random(),
+            prices={model: (p.input, p.output) for model, p in settings.model_prices.items()},
         )
         self._steps = {s.id: s for s in workflow.steps}
         self._refs: dict[str, Any] = {}  # step id -> the result its dependants receive
@@ -415,6 +416,8 @@ class Coordinator:
         done = 0
         if resumed:
             done = self.scheduler.restore(self.store.get_steps(self.run_id), self.store.get_items(self.run_id))
+            for used in self.store.latest_events(self.run_id, "run.usage", limit=1):
+                self.scheduler.restore_usage(used.data)
         self._start_actions = self.scheduler.start(
             time.monotonic(), resumed=resumed, already_done=done, wall=time.time()
         )

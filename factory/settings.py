@@ -34,6 +34,13 @@ def mask_secrets(value: str) -> str:
     return _SECRET_URL_RE.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
 
 
+class ModelPrice(BaseModel):
+    """What a model costs, in USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
 class Settings(BaseSettings):
     """Effective configuration of the Factory."""
 
@@ -136,6 +143,13 @@ class Settings(BaseSettings):
     breaker_failure_threshold: int = Field(default=5, ge=1)
     breaker_cooldown_seconds: float = Field(default=30.0, gt=0)
     heartbeat_seconds: float = Field(default=1.0, gt=0, description="How often a coordinator renews its lease.")
+    model_prices: dict[str, ModelPrice] = Field(
+        default_factory=dict,
+        description=(
+            "USD per million tokens by model name, for cost estimates and max_cost_usd budgets, as JSON: "
+            '{"gpt-4.1": {"input": 2.0, "output": 8.0}}'
+        ),
+    )
     max_for_each_items: int = Field(
         default=100_000, ge=1, description="Items one for_each step may fan out over (the step fails beyond)."
     )

@@ -20,6 +20,7 @@ from factory.auth import Scope
 from factory.engine import Progress, RunResult
 from factory.errors import FactoryError
 from factory.routing.models import RouteDecision, RouteRequest
+from factory.spec import Budget
 from factory.store import ApiKeyRecord, ApprovalRecord, AttemptRecord, RunRecord, RunStatus, StepRecord
 
 
@@ -103,9 +104,11 @@ class Backend(Protocol):
 
     def validate(self, workflow: Path, inputs: dict[str, Any], agents: Path | None) -> Checked: ...
 
-    def run(self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch) -> RunResult: ...
+    def run(
+        self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch, budget: Budget | None = None
+    ) -> RunResult: ...
 
-    def resume(self, run_id: str, agents: Path | None, watch: Watch) -> RunResult: ...
+    def resume(self, run_id: str, agents: Path | None, watch: Watch, budget: Budget | None = None) -> RunResult: ...
 
     def cancel(self, run_id: str) -> bool: ...
 

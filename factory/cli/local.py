@@ -29,6 +29,7 @@ from factory.errors import FactoryError
 from factory.limits import DocumentLimits
 from factory.routing.models import RouteDecision, RouteRequest
 from factory.settings import Settings
+from factory.spec import Budget
 from factory.store import ApiKeyRecord, ApprovalRecord, AttemptRecord, RunStatus, Store
 
 
@@ -104,7 +105,9 @@ class LocalBackend:
             )
         return result
 
-    def run(self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch) -> RunResult:
+    def run(
+        self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch, budget: Budget | None = None
+    ) -> RunResult:
         catalog = load_catalog(agents) if agents is not None else None
         wf = load_workflow(workflow, agents=catalog, limits=self._limits())
         return self._until_deadline(
@@ -119,10 +122,11 @@ class LocalBackend:
                 run_id=watch.run_id,
                 agents=catalog,
                 validated=True,
+                budget=budget,
             ),
         )
 
-    def resume(self, run_id: str, agents: Path | None, watch: Watch) -> RunResult:
+    def resume(self, run_id: str, agents: Path | None, watch: Watch, budget: Budget | None = None) -> RunResult:
         def go(on_start: Any) -> RunResult:
             # on_start once the run is ours and an earlier cancel cleared: a --timeout that
             # passes while Ray starts then still cancels it
@@ -133,6 +137,7 @@ class LocalBackend:
                 on_progress=watch.on_progress,
                 agents=agents,
                 on_start=on_start,
+                budget=budget,
             )
 
         return self._until_deadline(watch, go)

@@ -26,6 +26,7 @@ from factory.engine import RunResult
 from factory.errors import FactoryError, NoEligibleAgentError, WorkflowValidationError
 from factory.limits import DocumentLimits
 from factory.routing.models import RouteDecision, RouteRequest
+from factory.spec import Budget
 from factory.store import (
     FINAL_RUN_STATUSES,
     ApiKeyRecord,
@@ -111,16 +112,25 @@ class ApiBackend:
             ) from None
         return _result(run)
 
-    def run(self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch) -> RunResult:
+    def run(
+        self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch, budget: Budget | None = None
+    ) -> RunResult:
         self._refuse_local("--agents", "agent catalogue", agents)
         if watch.run_id is not None:
             raise FactoryError("with --api the server chooses the run id; drop --run-id")
-        run_id = self.client.submit(workflow, inputs)
+        data: Any = workflow
+        if budget is not None:  # the run's limits travel in its workflow's budget:
+            data = read_workflow_file(workflow, limits=DocumentLimits())
+            if isinstance(data, dict):
+                own = data.get("budget")
+                own = own if isinstance(own, dict) else {}
+                data = {**data, "budget": {**own, **budget.model_dump(exclude_none=True)}}
+        run_id = self.client.submit(data, inputs)
         return self._follow(run_id, watch)
 
-    def resume(self, run_id: str, agents: Path | None, watch: Watch) -> RunResult:
+    def resume(self, run_id: str, agents: Path | None, watch: Watch, budget: Budget | None = None) -> RunResult:
         self._refuse_local("--agents", "agent catalogue", agents)
-        accepted = self.client.resume(run_id)
+        accepted = self.client.resume(run_id, budget.model_dump(exclude_none=True) if budget else None)
         return self._follow(run_id, watch, after=int(accepted.get("after_event_id") or 0))
 
     def approve(self, decision: Decision, watch: Watch | None) -> tuple[ApprovalRecord, RunResult | None]:

@@ -301,6 +301,10 @@ class Store(Protocol):
 
     def get_steps(self, run_id: str) -> list[StepRecord]: ...
 
+    def set_run_spec(self, run_id: str, spec_json: str) -> None:
+        """Replace a run's workflow spec (a resume with a new budget); its steps stay as they are."""
+        ...
+
     def decide_approval(self, record: ApprovalRecord) -> tuple[ApprovalRecord, bool]:
         """Record a decision unless the gate has one: returns the decision that stands and
         whether it is this one."""

@@ -223,6 +223,12 @@ class SQLStore(ABC):
             rows,
         )
 
+    def set_run_spec(self, run_id: str, spec_json: str) -> None:
+        with self._write() as cur:
+            cur.execute(self._sql("UPDATE runs SET spec_json=? WHERE id=?"), (spec_json, run_id))
+            if cur.rowcount == 0:
+                raise self._not_found(run_id)
+
     def decide_approval(self, record: ApprovalRecord) -> tuple[ApprovalRecord, bool]:
         with self._write() as cur:
             cur.execute(
