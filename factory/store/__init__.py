@@ -10,6 +10,7 @@ from factory.store.base import (
     AttemptRecord,
     Change,
     Event,
+    NewRun,
     RegisteredWorkflow,
     RouteCorrection,
     RunChange,
@@ -17,10 +18,12 @@ from factory.store.base import (
     RunRecord,
     RunStatus,
     RunSummary,
+    ScheduleRecord,
     StepChange,
     StepRecord,
     StepStatus,
     Store,
+    TickRecord,
 )
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "AttemptRecord",
     "Change",
     "Event",
+    "NewRun",
     "RegisteredWorkflow",
     "RouteCorrection",
     "RunChange",
@@ -37,10 +41,12 @@ __all__ = [
     "RunRecord",
     "RunStatus",
     "RunSummary",
+    "ScheduleRecord",
     "StepChange",
     "StepRecord",
     "StepStatus",
     "Store",
+    "TickRecord",
     "open_store",
 ]
 
