@@ -298,9 +298,13 @@ def test_schedules_over_the_api(api_server: ApiServer) -> None:
         paused = http.post("/v1/schedules/api-yearly/pause", headers=api_server.headers()).json()
         assert paused["state"] == "paused" and paused["next_ticks"] == []
         assert paused["last_tick"]["run_id"] == ticks[0]["run_id"]
-        resumed = http.post("/v1/schedules/api-yearly/resume", headers=api_server.headers()).json()
-        assert resumed["state"] == "active" and resumed["next_ticks"]
+        admin = FactoryClient(api_server.base_url, api_server.keys["admin"])  # the CLI's --api path
+        resumed = admin.schedule_action("api-yearly", "resume")
+        assert resumed is not None and resumed["state"] == "active" and resumed["next_ticks"]
+        assert [t["run_id"] for t in admin.schedule_ticks("api-yearly")] == [ticks[0]["run_id"]]
     finally:
-        assert http.delete("/v1/schedules/api-yearly", headers=api_server.headers()).status_code == 204
+        assert (
+            FactoryClient(api_server.base_url, api_server.keys["admin"]).schedule_action("api-yearly", "remove") is None
+        )
     gone = http.get("/v1/schedules/api-yearly", headers=api_server.headers("read"))
     assert gone.status_code == 404 and "factory schedules list" in gone.json()["detail"]
