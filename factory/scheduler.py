@@ -31,7 +31,14 @@ import ray
 from pydantic import BaseModel, Field
 
 from factory import cron
-from factory.errors import FactoryError, ScheduleConflictError, ScheduleNotFoundError, WorkflowValidationError
+from factory.errors import (
+    FactoryError,
+    RunNotFoundError,
+    ScheduleConflictError,
+    ScheduleNotFoundError,
+    StoreUnavailableError,
+    WorkflowValidationError,
+)
 from factory.settings import Settings
 from factory.spec import Workflow
 from factory.store import (
@@ -245,6 +252,8 @@ class Scheduler:
                 continue
             try:
                 recorded += self._sweep_one(schedule, keys, now)
+            except StoreUnavailableError:
+                raise  # the store, not the schedule: the next sweep tries again, nothing is paused
             except FactoryError as exc:  # the workflow or its inputs no longer fit: stop, and say why
                 log.warning("schedule %s: %s; pausing it", schedule.name, exc)
                 self.store.set_schedule_paused(schedule.name, True, f"could not start a run: {exc}"[:2000], now)
@@ -258,8 +267,11 @@ class Scheduler:
             return []
         active = None
         last = schedule.last_run_id
-        if schedule.overlap == "skip" and last and self.store.get_run(last).status not in FINAL_RUN_STATUSES:
-            active = last
+        if schedule.overlap == "skip" and last:
+            try:
+                active = None if self.store.get_run(last).status in FINAL_RUN_STATUSES else last
+            except RunNotFoundError:  # deleted since: nothing goes on
+                active = None
         decisions = cron.decide(
             schedule.cron,
             schedule.timezone,
