@@ -183,6 +183,7 @@ class RunView(BaseModel):
     finished_at: float | None = None
     started_by: str = Field(default="local", description="key:<id> for runs submitted over the API.")
     workflow_ref: str | None = Field(default=None, description="name@version of a registered workflow.")
+    schedule: str | None = Field(default=None, description="The schedule that started the run, if any.")
     stalled: bool = Field(
         default=False,
         description="Running, but its coordinator is gone (lease lapsed or process dead): the supervisor or a resume "
@@ -201,6 +202,7 @@ class RunView(BaseModel):
             error=r.error,
             started_by=r.grants.principal if r.grants else "local",
             workflow_ref=r.grants.workflow_ref if r.grants else None,
+            schedule=r.grants.schedule if r.grants else None,
             created_at=r.created_at,
             started_at=r.started_at,
             finished_at=r.finished_at,

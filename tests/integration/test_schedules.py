@@ -294,6 +294,7 @@ def test_schedules_over_the_api(api_server: ApiServer) -> None:
         assert run["status"] == "succeeded" and {s["step_id"]: s["output"] for s in run["steps"]} == {"a": 42}
         admin_id = api_server.keys["admin"].split("_")[1]
         assert run["started_by"] == f"key:{admin_id}" and run["workflow_ref"] == view["workflow_ref"]
+        assert run["schedule"] == "api-yearly"
         assert http.post("/v1/schedules/api-yearly/pause", headers=api_server.headers("submit")).status_code == 403
         paused = http.post("/v1/schedules/api-yearly/pause", headers=api_server.headers()).json()
         assert paused["state"] == "paused" and paused["next_ticks"] == []
