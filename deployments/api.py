@@ -23,8 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from deployments import dashboard_views as views
 from deployments.http import ApiProblem, Authorizer, install_error_handlers
-from factory import __version__, registry
-from factory import scheduler as schedules
+from factory import __version__, registry, schedules
 from factory.api import cancel as cancel_run
 from factory.api import create_run, merge_inputs, run_is_stalled, store_for
 from factory.auth import Scope, has_scope
@@ -37,7 +36,7 @@ from factory.owner import owner_is_gone
 from factory.policy import Submitter, check_inline, resume_problem
 from factory.runner import get_runner
 from factory.sandbox.secrets import check_name
-from factory.scheduler import ScheduleView, TickView, get_scheduler
+from factory.schedules import ScheduleView, TickView, get_cron_scheduler
 from factory.settings import Settings
 from factory.store import (
     FINAL_RUN_STATUSES,
@@ -326,7 +325,9 @@ class FactoryAPI:
         self.auth = Authorizer(self.store, self.settings, open_mode)
         self.runner = get_runner(self.settings)
         self.supervisor = get_supervisor(self.settings)  # resumes runs whose owner died; Ray restarts it
-        self.scheduler = get_scheduler(self.settings)  # starts the runs of schedules' due ticks; Ray restarts it
+        self.cron_scheduler = get_cron_scheduler(
+            self.settings
+        )  # starts the runs of schedules' due ticks; Ray restarts it
         self.catalog = load_catalog(self.settings.agents_file) if self.settings.agents_file else None
         LIMITS["max_body"] = self.settings.api_max_body_bytes
         self.limits = DocumentLimits.from_settings(self.settings)

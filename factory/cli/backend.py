@@ -19,7 +19,7 @@ from factory.auth import Scope
 from factory.engine import Progress, RunResult
 from factory.errors import FactoryError
 from factory.routing.models import RouteDecision, RouteRequest
-from factory.scheduler import ScheduleView, TickView
+from factory.schedules import ScheduleView, TickView
 from factory.store import ApiKeyRecord, AttemptRecord, RunRecord, RunStatus, StepRecord
 
 

@@ -27,7 +27,7 @@ from factory.engine import RunResult
 from factory.errors import FactoryError
 from factory.limits import DocumentLimits
 from factory.routing.models import RouteDecision, RouteRequest
-from factory.scheduler import ScheduleView, TickView
+from factory.schedules import ScheduleView, TickView
 from factory.settings import Settings
 from factory.spec import Workflow
 from factory.store import ApiKeyRecord, AttemptRecord, RunStatus, Store
@@ -254,30 +254,30 @@ class LocalBackend:
         ]
 
     def add_schedule(self, workflow: Path, name: str | None, secrets: list[str], base_dir: str | None) -> ScheduleView:
-        from factory import scheduler
+        from factory import schedules
 
         loaded = self._loaded_for_registration(workflow, base_dir)
-        return scheduler.add(self.store, self.settings, loaded, principal="local", name=name, secrets=secrets)
+        return schedules.add(self.store, self.settings, loaded, principal="local", name=name, secrets=secrets)
 
     def list_schedules(self) -> list[ScheduleView]:
-        from factory import scheduler
+        from factory import schedules
 
-        return scheduler.list_views(self.store)
+        return schedules.list_views(self.store)
 
     def schedule_action(self, name: str, action: Literal["pause", "resume", "remove"]) -> ScheduleView | None:
-        from factory import scheduler
+        from factory import schedules
 
         if action == "pause":
-            return scheduler.pause(self.store, name, "paused on the machine (factory schedules pause)")
+            return schedules.pause(self.store, name, "paused on the machine (factory schedules pause)")
         if action == "resume":
-            return scheduler.resume(self.store, name)
-        scheduler.remove(self.store, name)
+            return schedules.resume(self.store, name)
+        schedules.remove(self.store, name)
         return None
 
     def schedule_ticks(self, name: str, limit: int) -> list[TickView]:
-        from factory import scheduler
+        from factory import schedules
 
-        scheduler.lookup(self.store, name)
+        schedules.lookup(self.store, name)
         return [TickView.of(t) for t in self.store.schedule_ticks(name, limit)]
 
     def start_workflow(

@@ -25,7 +25,7 @@ from factory.engine import RunResult
 from factory.errors import FactoryError, NoEligibleAgentError, WorkflowValidationError
 from factory.limits import DocumentLimits
 from factory.routing.models import RouteDecision, RouteRequest
-from factory.scheduler import ScheduleView, TickView
+from factory.schedules import ScheduleView, TickView
 from factory.store import FINAL_RUN_STATUSES, ApiKeyRecord, AttemptRecord, RunRecord, RunStatus, StepRecord
 
 LOCAL_ONLY_HINT = "with --api the server's own {what} is used; drop {option}"

@@ -16,7 +16,7 @@ from rich.table import Table
 from factory.cli.output import out
 from factory.cli.runs import using_backend
 from factory.cli.runs import when as _when
-from factory.scheduler import ScheduleView
+from factory.schedules import ScheduleView
 
 NAME_ARGUMENT = typer.Argument(help="The schedule's name (`factory schedules list`).")
 

@@ -143,7 +143,7 @@ class RegisteredWorkflow(BaseModel):
 
 
 class ScheduleRecord(BaseModel):
-    """A registered workflow's schedule (factory.scheduler): when its runs start, with what."""
+    """A registered workflow's schedule (factory.schedules): when its runs start, with what."""
 
     name: str
     workflow_name: str

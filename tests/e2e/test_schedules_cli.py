@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from factory.scheduler import Scheduler
+from factory.schedules import CronScheduler
 from factory.settings import Settings
 from factory.store import open_store
 from tests.e2e.test_cli import REPO, factory
@@ -36,7 +36,7 @@ def test_schedules_add_list_pause_remove_the_example(factory_home: Path, tmp_pat
         from factory import cron
 
         (first,) = cron.next_fire_times(record.cron, record.timezone, record.after, 1)
-        Scheduler(store, settings, handed.append).sweep(first + 5)
+        CronScheduler(store, settings, handed.append).sweep(first + 5)
         run = store.get_run(handed[0])
         assert run.inputs == {"path": "data/sales.csv", "z": 2.0}
         assert run.grants is not None and run.grants.host_mounts  # its folder was registered with it

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import ray
 
-from factory import scheduler
+from factory import schedules
 from factory.auth import Scope, create_key
 from factory.dag import validate_data
 from factory.errors import WorkflowValidationError
@@ -52,11 +52,11 @@ def test_two_schedulers_racing_over_postgresql_start_each_tick_once(postgres_url
     settings = settings_for(postgres_url, factory_home, schedule_grace_seconds=3600)
     stores = [open_store(postgres_url), open_store(postgres_url)]
     try:
-        scheduler.add(stores[0], settings, workflow(overlap="allow"), principal="local", now=T0)
+        schedules.add(stores[0], settings, workflow(overlap="allow"), principal="local", now=T0)
         # `start` records the runs each scheduler would hand to the runner (no runner here: the
         # runs stay pending; what is tested is who decides which tick)
         handed: list[list[str]] = [[], []]
-        racers = [scheduler.Scheduler(stores[i], settings, handed[i].append, who=f"s{i}") for i in (0, 1)]
+        racers = [schedules.CronScheduler(stores[i], settings, handed[i].append, who=f"s{i}") for i in (0, 1)]
         barrier = threading.Barrier(2)
         errors: list[BaseException] = []
 
@@ -98,7 +98,7 @@ def _read_lines(process: subprocess.Popen[str], into: queue.Queue[str]) -> None:
 def _scheduler_process(url: str, home: Path, real_start: float) -> tuple[subprocess.Popen[str], queue.Queue[str]]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.fixtures.scheduler_process", url, str(home), str(T0), str(real_start), "60"],
+        [sys.executable, "-m", "tests.fixtures.cron_scheduler_process", url, str(home), str(T0), str(real_start), "60"],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -125,7 +125,7 @@ def test_a_scheduler_killed_and_restarted_neither_loses_nor_repeats_a_tick(
     store = open_store(postgres_url)
     try:
         settings = settings_for(postgres_url, factory_home)
-        scheduler.add(store, settings, workflow(overlap="allow"), principal="local", now=T0)
+        schedules.add(store, settings, workflow(overlap="allow"), principal="local", now=T0)
         real_start = time.time()  # one simulated minute a second from here, in both processes
         first, lines = _scheduler_process(postgres_url, factory_home, real_start)
         try:
@@ -159,19 +159,19 @@ def test_missed_ticks_follow_the_schedule_s_catchup_policy(factory_home: Path) -
     settings = Settings(home=factory_home, schedule_grace_seconds=120)
     store = open_store(settings.resolved_store_url())
     try:
-        scheduler.add(store, settings, workflow("*/10 * * * *", "skipper"), principal="local", now=T0)
-        scheduler.add(
+        schedules.add(store, settings, workflow("*/10 * * * *", "skipper"), principal="local", now=T0)
+        schedules.add(
             store, settings, workflow("*/10 * * * *", "catcher", catchup="run_once"), principal="local", now=T0
         )
         handed: list[str] = []
-        scheduler.Scheduler(store, settings, handed.append).sweep(T0 + 601)  # 00:10, on time: both run
+        schedules.CronScheduler(store, settings, handed.append).sweep(T0 + 601)  # 00:10, on time: both run
         assert len(handed) == 2
         for name in ("skipper", "catcher"):  # their runs finish (no runner here: marked so by hand)
             last = store.get_schedule(name)
             assert last is not None and last.last_run_id
             _finish(store, last.last_run_id)
         # the scheduler was down from 00:11 to 03:05: 17 ticks were missed, none is on time
-        restarted = scheduler.Scheduler(open_store(settings.resolved_store_url()), settings, handed.append)
+        restarted = schedules.CronScheduler(open_store(settings.resolved_store_url()), settings, handed.append)
         decided = {t.schedule: t for t in restarted.sweep(T0 + 3 * 3600 + 300) if t.action == "run"}
         skipped = store.schedule_ticks("skipper", 10)
         assert [(t.action, t.missed) for t in skipped] == [("skip", 17), ("run", 0)]
@@ -200,9 +200,9 @@ def test_overlap_skip_waits_for_the_previous_run(factory_home: Path) -> None:
     settings = Settings(home=factory_home)
     store = open_store(settings.resolved_store_url())
     try:
-        scheduler.add(store, settings, workflow("*/5 * * * *", "slow"), principal="local", now=T0)
+        schedules.add(store, settings, workflow("*/5 * * * *", "slow"), principal="local", now=T0)
         handed: list[str] = []
-        s = scheduler.Scheduler(store, settings, handed.append)
+        s = schedules.CronScheduler(store, settings, handed.append)
         s.sweep(T0 + 301)
         s.sweep(T0 + 601)  # the 00:05 run is still pending: 00:10 is skipped
         ticks = store.schedule_ticks("slow")
@@ -219,14 +219,14 @@ def test_a_schedule_whose_key_is_revoked_stops_with_the_reason(factory_home: Pat
     store = open_store(settings.resolved_store_url())
     try:
         _, key = create_key(store, [Scope.ADMIN], "operator")
-        scheduler.add(store, settings, workflow(), principal=f"key:{key.id}", now=T0)
+        schedules.add(store, settings, workflow(), principal=f"key:{key.id}", now=T0)
         handed: list[str] = []
-        scheduler.Scheduler(store, settings, handed.append).sweep(T0 + 61)
+        schedules.CronScheduler(store, settings, handed.append).sweep(T0 + 61)
         run = store.get_run(handed[0])
         assert run.grants is not None and run.grants.principal == f"key:{key.id}"  # the key's grants
         store.revoke_api_key(key.id)
-        assert scheduler.Scheduler(store, settings, handed.append).sweep(T0 + 121) == []
-        view = scheduler.view(store, "every-minute")
+        assert schedules.CronScheduler(store, settings, handed.append).sweep(T0 + 121) == []
+        view = schedules.view(store, "every-minute")
         assert view.state == "paused" and view.paused_reason and f"key:{key.id}" in view.paused_reason
         assert "revoked" in view.paused_reason and view.next_ticks == [] and len(handed) == 1
     finally:
@@ -238,19 +238,19 @@ def test_schedules_are_bounded_when_added(factory_home: Path) -> None:
     store = open_store(settings.resolved_store_url())
     try:
         with pytest.raises(WorkflowValidationError, match="fires 60s apart"):
-            scheduler.add(store, settings, workflow("* * * * *"), principal="key:k")
+            schedules.add(store, settings, workflow("* * * * *"), principal="key:k")
         with pytest.raises(WorkflowValidationError, match="fires 60s apart"):
-            scheduler.add(store, settings, workflow("0,1 * * * *"), principal="key:k")  # uneven, still too often
+            schedules.add(store, settings, workflow("0,1 * * * *"), principal="key:k")  # uneven, still too often
         bad_inputs = workflow("@daily", "w2", inputs={"nope": 1})
         with pytest.raises(WorkflowValidationError, match=r"schedule\.inputs"):
-            scheduler.add(store, settings, bad_inputs, principal="key:k")
-        scheduler.add(store, settings, workflow("@daily", "one"), principal="key:k")
+            schedules.add(store, settings, bad_inputs, principal="key:k")
+        schedules.add(store, settings, workflow("@daily", "one"), principal="key:k")
         from factory.errors import ScheduleConflictError
 
         with pytest.raises(ScheduleConflictError, match="schedules_max_per_key"):
-            scheduler.add(store, settings, workflow("@daily", "two"), principal="key:k")
+            schedules.add(store, settings, workflow("@daily", "two"), principal="key:k")
         with pytest.raises(ScheduleConflictError, match="exists already"):
-            scheduler.add(store, settings, workflow("@daily", "one"), principal="key:other")
+            schedules.add(store, settings, workflow("@daily", "one"), principal="key:other")
     finally:
         store.close()
 
@@ -284,7 +284,7 @@ def test_schedules_over_the_api(api_server: ApiServer) -> None:
     try:
         # the scheduler the API started decides the next tick (asked at that moment, not waited for)
         tick = view["next_ticks"][0]
-        actor = ray.get_actor(scheduler.scheduler_name(api_server.settings), namespace=NAMESPACE)
+        actor = ray.get_actor(schedules.cron_scheduler_name(api_server.settings), namespace=NAMESPACE)
         ray.get(actor.sweep.remote(tick + 1), timeout=60)
         ray.get(actor.sweep.remote(tick + 2), timeout=60)  # a second look decides nothing again
         ticks = http.get("/v1/schedules/api-yearly/ticks", headers=api_server.headers("read")).json()

@@ -6,7 +6,7 @@ stores its ``schedule:`` (cron, timezone, inputs, catchup, overlap). Its runs ca
 grants of whoever added it: a schedule whose key is revoked or expires is paused, with
 that reason, at its next tick.
 
-The :class:`Scheduler` (hosted by :class:`SchedulerActor`, a detached Ray actor that the
+The :class:`CronScheduler` (hosted by :class:`CronSchedulerActor`, a detached Ray actor that the
 API starts, so ``factory up`` runs it) looks every ``scheduler_interval_seconds`` at every
 schedule and asks :func:`factory.cron.decide` which ticks are due. Each decision is a row
 unique per (schedule, tick), inserted in the transaction that creates the tick's run
@@ -52,7 +52,7 @@ from factory.store import (
 
 log = logging.getLogger(__name__)
 
-SCHEDULER_NAME = "factory-scheduler"
+CRON_SCHEDULER_NAME = "factory-cron"
 NEXT_SHOWN = 3  # next fire times a schedule's view shows
 
 
@@ -233,7 +233,7 @@ def creator_problem(principal: str, keys: dict[str, ApiKeyRecord], now: float) -
     return None
 
 
-class Scheduler:
+class CronScheduler:
     """Decides the due ticks of every schedule and starts their runs (``start(run_id)``)."""
 
     def __init__(self, store: Store, settings: Settings, start: Callable[[str], None], who: str = "") -> None:
@@ -327,8 +327,8 @@ class Scheduler:
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class SchedulerActor:
-    """Runs :class:`Scheduler` every ``scheduler_interval_seconds`` in a thread; Ray restarts it if it dies."""
+class CronSchedulerActor:
+    """Runs :class:`CronScheduler` every ``scheduler_interval_seconds`` in a thread; Ray restarts it if it dies."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = Settings.model_validate(settings)
@@ -361,7 +361,7 @@ class SchedulerActor:
         with self._lock:
             store = store_for(self.settings)
             try:
-                done = Scheduler(store, self.settings, self._hand_over).sweep(now)
+                done = CronScheduler(store, self.settings, self._hand_over).sweep(now)
             finally:
                 store.close()
         return [t.model_dump(mode="json") for t in done]
@@ -370,16 +370,16 @@ class SchedulerActor:
         self._stop.set()
 
 
-def scheduler_name(settings: Settings) -> str:
+def cron_scheduler_name(settings: Settings) -> str:
     from factory.runner import runner_name
 
-    return runner_name(settings).replace("factory-runner", SCHEDULER_NAME)
+    return runner_name(settings).replace("factory-runner", CRON_SCHEDULER_NAME)
 
 
-def get_scheduler(settings: Settings) -> Any:
+def get_cron_scheduler(settings: Settings) -> Any:
     """The scheduler of these settings' store, created on first use (one per configuration)."""
     from factory.runner import NAMESPACE
 
-    return SchedulerActor.options(  # type: ignore[attr-defined]
-        name=scheduler_name(settings), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    return CronSchedulerActor.options(  # type: ignore[attr-defined]
+        name=cron_scheduler_name(settings), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
     ).remote(settings.model_dump(mode="json", exclude={"api_key"}))
