@@ -24,8 +24,10 @@ from starlette.concurrency import run_in_threadpool
 from deployments import dashboard_views as views
 from deployments.http import ApiProblem, Authorizer, install_error_handlers
 from factory import __version__, registry, schedules
+from factory.api import approve as approve_gate
 from factory.api import cancel as cancel_run
 from factory.api import create_run, merge_inputs, run_is_stalled, store_for
+from factory.approvals import MAX_COMMENT_CHARS, Decision
 from factory.auth import Scope, has_scope
 from factory.auth import create_key as make_key
 from factory.catalog import load_catalog
@@ -41,6 +43,7 @@ from factory.settings import Settings
 from factory.store import (
     FINAL_RUN_STATUSES,
     ApiKeyRecord,
+    ApprovalRecord,
     AttemptRecord,
     Event,
     RegisteredWorkflow,
@@ -156,6 +159,8 @@ class StepView(BaseModel):
     cached: bool = False
     started_at: float | None = None
     finished_at: float | None = None
+    items_done: int = Field(default=0, description="for_each steps: items whose output is committed.")
+    items_total: int = Field(default=0, description="for_each steps: items in the list (0 before it is known).")
 
     @classmethod
     def of(cls, s: StepRecord) -> "StepView":
@@ -168,6 +173,8 @@ class StepView(BaseModel):
             cached=s.cached,
             started_at=s.started_at,
             finished_at=s.finished_at,
+            items_done=s.items_done,
+            items_total=s.items_total,
         )
 
 
@@ -218,6 +225,22 @@ class Accepted(BaseModel):
     run_id: str
     status: str
     detail: str
+    after_event_id: int | None = Field(
+        default=None, description="Follow what happens next with the events endpoint from this id (?after=)."
+    )
+
+
+class ApprovalBody(BaseModel):
+    """A decision at an approval gate."""
+
+    model_config = ConfigDict(extra="forbid")
+    approved: bool = Field(default=True, description="false rejects.")
+    comment: str = Field(default="", max_length=MAX_COMMENT_CHARS, description="Why; recorded with the decision.")
+
+
+class ApprovalAnswer(BaseModel):
+    decision: ApprovalRecord
+    run_status: str = Field(description="pending: the decision let a parked run go on (it is being resumed).")
     after_event_id: int | None = Field(
         default=None, description="Follow what happens next with the events endpoint from this id (?after=)."
     )
@@ -821,6 +844,33 @@ class FactoryAPI:
             detail="steps that committed their output are kept",
             after_event_id=after,
         )
+
+    @app.post(
+        "/v1/runs/{run_id}/steps/{step_id}/approval",
+        response_model=ApprovalAnswer,
+        summary="Decide at an approval gate",
+    )
+    def approval(self, request: Request, run_id: str, step_id: str, body: ApprovalBody) -> ApprovalAnswer:
+        """Approve or reject a gate that waits. The key must be one of the gate's approvers
+        (scope:admin by default). The first decision stands (409 after); it is the step's
+        output. A run parked at its gates goes on at once."""
+        key = self.auth.authorize(request, Scope.READ)  # the gate's approvers say who may decide
+        after = self.store.last_event_id()
+        record = approve_gate(
+            Decision(run_id=run_id, step_id=step_id, approved=body.approved, comment=body.comment),
+            key=key,
+            store=self.store,
+            settings=self.settings,
+        )
+        run = self.store.get_run(run_id)
+        status = run.status.value
+        if run.status == RunStatus.WAITING or run_is_stalled(run, self.settings.lease_seconds, time.time()):
+            self.store.record(
+                [RunChange(run_id, RunStatus.PENDING, "run.resume_requested", data={"by": f"key:{key.id}"})]
+            )
+            self._start(run_id, False)
+            status = RunStatus.PENDING.value
+        return ApprovalAnswer(decision=record, run_status=status, after_event_id=after)
 
     @app.get(
         "/v1/runs/{run_id}/events",

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from factory.approvals import Decision, decide
 from factory.cache import RedisResultCache, ResultCache
 from factory.catalog import Catalog, load_catalog
 from factory.dag import Graph, build_graph, load_workflow, validate_workflow
@@ -22,6 +23,8 @@ from factory.spec import Workflow
 from factory.store import (
     FINAL_RUN_STATUSES,
     FINAL_STEP_STATUSES,
+    ApiKeyRecord,
+    ApprovalRecord,
     Change,
     RunChange,
     RunGrants,
@@ -174,20 +177,23 @@ def run(
     on_start: Callable[[str], None] | None = None,
     run_id: str | None = None,
     agents: Catalog | str | Path | None = None,
+    validated: bool = False,
 ) -> RunResult:
     """Run a workflow to the end and return its result. Joins or starts Ray as needed.
 
     The run is durable: if this process dies, ``resume(run_id)`` finishes it.
-    ``agents`` (a Catalog or an agents.yaml path) serves the workflow's agent: and route: steps.
+    ``agents`` (a Catalog or an agents.yaml path) serves the workflow's agent: and route: steps;
+    the catalogue is read once. ``validated``: ``workflow`` is a Workflow that the caller
+    validated already (with :func:`factory.dag.load_workflow` and this catalogue and these
+    settings' limits), so it is not validated a second time.
     """
     settings = settings or get_settings()
     catalog = agents if isinstance(agents, Catalog) or agents is None else load_catalog(agents)
     limits = DocumentLimits.from_settings(settings)
-    workflow = (
-        validate_workflow(workflow, agents=catalog, limits=limits)
-        if isinstance(workflow, Workflow)
-        else load_workflow(workflow, agents=catalog, limits=limits)
-    )
+    if isinstance(workflow, Workflow):
+        workflow = workflow if validated else validate_workflow(workflow, agents=catalog, limits=limits)
+    else:
+        workflow = load_workflow(workflow, agents=catalog, limits=limits)
     merged = merge_inputs(workflow, inputs, limits)
     graph = build_graph(workflow)
     own_store = store is None
@@ -198,10 +204,30 @@ def run(
         store.create_run(run_id, workflow.name, workflow.model_dump_json(by_alias=True), merged, graph.order)
         if on_start is not None:
             on_start(run_id)
-        with _coordinator(store, workflow, run_id, merged, settings, on_progress, agents, graph) as coordinator:
+        with _coordinator(store, workflow, run_id, merged, settings, on_progress, catalog, graph) as coordinator:
             coordinator.start()
             with event_publication(settings, store):
                 return coordinator.execute()
+    finally:
+        if own_store:
+            store.close()
+
+
+def approve(
+    decision: Decision,
+    *,
+    key: ApiKeyRecord | None = None,
+    store: Store | None = None,
+    settings: Settings | None = None,
+) -> ApprovalRecord:
+    """Record a decision at an approval gate that waits (``key`` None: the CLI on this machine).
+    The run goes on when it is resumed: by the coordinator that still runs it (it polls for
+    decisions), by :func:`resume`, or by the supervisor of a running Factory."""
+    settings = settings or get_settings()
+    own_store = store is None
+    store = store or store_for(settings)
+    try:
+        return decide(store, decision, key)
     finally:
         if own_store:
             store.close()

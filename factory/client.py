@@ -26,6 +26,8 @@ from factory.errors import FactoryError
 from factory.limits import DocumentLimits
 
 FINAL = {"succeeded", "failed", "cancelled"}
+# a run parked at approval gates: nothing happens until someone decides, so a waiter stops here too
+PARKED = "waiting"
 KEEP_ALIVE = -1  # the id _server_sent_events gives a comment line
 FINAL_EVENTS = {"run.succeeded", "run.failed", "run.cancelled"}
 MAX_RECONNECT_DELAY = 5.0
@@ -182,6 +184,12 @@ class FactoryClient:
     def resume(self, run_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/runs/{_seg(run_id)}/resume"))
 
+    def approve(self, run_id: str, step_id: str, approved: bool = True, comment: str = "") -> dict[str, Any]:
+        """Decide at an approval gate that waits; returns the decision, the run's status and
+        ``after_event_id`` (follow the run from there)."""
+        body = {"approved": approved, "comment": comment}
+        return dict(self._request("POST", f"/v1/runs/{_seg(run_id)}/steps/{_seg(step_id)}/approval", json=body))
+
     def events(
         self, run_id: str | None, after: int = 0, follow: bool = True, *, stop: threading.Event | None = None
     ) -> Iterator[dict[str, Any]]:
@@ -253,8 +261,9 @@ class FactoryClient:
         after: int = 0,
         on_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Follow the run's events (after event ``after``) until it ends; returns the run with
-        its steps. ``on_event`` hears each event as it comes.
+        """Follow the run's events (after event ``after``) until it ends, or until it is parked
+        at approval gates (status ``waiting``); returns the run with its steps. ``on_event``
+        hears each event as it comes.
 
         With ``timeout`` (seconds), raise :class:`WaitTimeoutError` (a ``TimeoutError``) at the
         deadline, whatever the server does meanwhile: the events are followed by a helper thread,
@@ -297,14 +306,14 @@ class FactoryClient:
                 last = max(last, int(event["id"]))
                 if on_event is not None:
                     on_event(event)
-                if event["type"] in FINAL_EVENTS:
+                if event["type"] in FINAL_EVENTS or event["type"] == "run.waiting":
                     run = self._get_run_retrying(run_id, stop)
-                    if run["status"] in FINAL:  # else it was resumed since: keep following
+                    if run["status"] in FINAL or run["status"] == PARKED:  # else it was resumed since: follow on
                         return run
             if stop.is_set():
                 raise WaitTimeoutError(f"stopped waiting for run {run_id}")
             run = self._get_run_retrying(run_id, stop)
-            if run["status"] in FINAL:
+            if run["status"] in FINAL or run["status"] == PARKED:
                 return run
             stop.wait(self.reconnect_delay)  # the stream ended before the run (a proxy closed it): follow on
 

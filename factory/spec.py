@@ -183,9 +183,53 @@ class RouteSpec(_Model):
         return check_resource_amounts(value)
 
 
+MAX_APPROVAL_MESSAGE = 4000
+MAX_APPROVERS = 50
+_APPROVER_RE = re.compile(r"^(scope:(submit|admin)|key:[A-Za-z0-9_.@-]{1,100}|local)$")
+
+
+class ApprovalSpec(_Model):
+    """A person decides before the workflow goes on. The run waits durably: nothing runs
+    meanwhile, the coordinator may exit, and the run goes on when the decision comes."""
+
+    message: str = Field(
+        min_length=1,
+        max_length=MAX_APPROVAL_MESSAGE,
+        description="What the approver is asked; may hold ${...} references (resolved when the gate opens).",
+    )
+    approvers: list[str] = Field(
+        default_factory=lambda: ["scope:admin"],
+        max_length=MAX_APPROVERS,
+        description=(
+            "Who may decide: scope:admin or scope:submit (API keys with that scope), key:NAME (the API key "
+            "of that name), local (the CLI on the Factory's own machine, which may always decide)."
+        ),
+    )
+    timeout: float | None = Field(
+        default=None, gt=0, description="Seconds to wait for a decision; none: wait for ever."
+    )
+    on_timeout: Literal["reject", "approve", "fail"] = Field(
+        default="reject", description="When the timeout passes: decide reject or approve, or fail the step."
+    )
+    on_reject: Literal["fail", "continue"] = Field(
+        default="fail",
+        description="A rejection fails the step (its descendants are skipped), or continues with approved: false.",
+    )
+
+    @field_validator("approvers")
+    @classmethod
+    def _check_approvers(cls, value: list[str]) -> list[str]:
+        bad = [a for a in value if not _APPROVER_RE.match(a)]
+        if bad:
+            raise ValueError(f"unknown approver {bad[0]!r}: use scope:admin, scope:submit, key:NAME or local")
+        if not value:
+            raise ValueError("an approval needs at least one approver (default: scope:admin)")
+        return value
+
+
 EXECUTORS = ("local", "dagger")
-StepKind = Literal["python", "container", "agent", "route"]
-_ACTIONS: tuple[StepKind, ...] = ("python", "container", "agent", "route")
+StepKind = Literal["python", "container", "agent", "route", "approval"]
+_ACTIONS: tuple[StepKind, ...] = ("python", "container", "agent", "route", "approval")
 
 
 class Step(_Model):
@@ -199,6 +243,9 @@ class Step(_Model):
     )
     agent: str | None = Field(default=None, description="Send the step to this agent's pool; `with` is the task.")
     route: RouteSpec | None = Field(default=None, description="Let the router pick the agent for this task.")
+    approval: ApprovalSpec | None = Field(
+        default=None, description="Wait for a person's decision; the decision is the step's output."
+    )
     with_: dict[str, Any] = Field(
         default_factory=dict, alias="with", description="Keyword arguments; may hold ${...} references."
     )
@@ -245,12 +292,20 @@ class Step(_Model):
         given = [name for name in _ACTIONS if getattr(self, name) is not None]
         if not given:
             raise ValueError(
-                "a step needs one action: python: 'module:function', container: {...}, agent: NAME or route: {...}"
+                "a step needs one action: python: 'module:function', container: {...}, agent: NAME, "
+                "route: {...} or approval: {...}"
             )
         if len(given) > 1:
             raise ValueError(f"a step has exactly one action; this one has {' and '.join(given)}")
         if self.executor is not None and self.container is None:
             raise ValueError("executor: applies to container steps only")
+        if self.approval is not None:
+            extra = [name for name, on in (("for_each", self.for_each is not None), ("cache", self.cache)) if on]
+            if extra or self.with_:
+                raise ValueError(
+                    f"an approval step takes no {(extra or ['with'])[0]}: it waits for a decision (put what the "
+                    "approver needs to know in approval.message)"
+                )
         return self
 
     @property

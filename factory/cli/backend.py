@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from factory.approvals import Decision
 from factory.auth import Scope
 from factory.engine import Progress, RunResult
 from factory.errors import FactoryError
 from factory.routing.models import RouteDecision, RouteRequest
 from factory.schedules import ScheduleView, TickView
-from factory.store import ApiKeyRecord, AttemptRecord, RunRecord, RunStatus, StepRecord
+from factory.store import ApiKeyRecord, ApprovalRecord, AttemptRecord, RunRecord, RunStatus, StepRecord
 
 
 class RunWaitTimeout(FactoryError):
@@ -109,6 +110,11 @@ class Backend(Protocol):
 
     def cancel(self, run_id: str) -> bool: ...
 
+    def approve(self, decision: Decision, watch: Watch | None) -> tuple[ApprovalRecord, RunResult | None]:
+        """Record a decision at a gate; with ``watch``, follow the run on to its end (or its next
+        wait) when the decision lets it go on. The result is None when not followed."""
+        ...
+
     def list_runs(self, limit: int, status: RunStatus | None) -> list[RunInfo]: ...
 
     def get_run(self, run_id: str) -> RunInfo: ...
@@ -167,6 +173,7 @@ class ProgressCounter:
         self.counts = counts or Progress(total=0)
         self._running: set[str] = set()
         self._retrying: set[str] = set()
+        self._waiting: set[str] = set()
         self._items: dict[str, tuple[int, int]] = {}  # running for_each step -> (done, total)
 
     def add(self, kind: str, step: str | None, data: dict[str, Any] | None = None) -> Progress:
@@ -192,7 +199,12 @@ class ProgressCounter:
                 self._items[step] = (done, total)
             return self._tally()
         if step and kind.startswith("step."):
-            if kind == "step.started":
+            if kind in ("step.approved", "step.rejected", "step.log"):
+                return self._tally()
+            self._waiting.discard(step)
+            if kind == "step.waiting":
+                self._waiting.add(step)
+            elif kind == "step.started":
                 self._running.add(step)
                 self._retrying.discard(step)
             elif kind == "step.retrying":
@@ -209,6 +221,7 @@ class ProgressCounter:
     def _tally(self) -> Progress:
         self.counts.running = len(self._running)
         self.counts.retrying = len(self._retrying)
+        self.counts.waiting = len(self._waiting)
         self.counts.items_done = sum(done for done, _ in self._items.values())
         self.counts.items_total = sum(total for _, total in self._items.values())
         return self.counts

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from factory import api
+from factory.approvals import Decision
 from factory.auth import Scope, create_key
 from factory.catalog import Catalog, load_catalog
 from factory.cli.backend import (
@@ -30,7 +31,7 @@ from factory.routing.models import RouteDecision, RouteRequest
 from factory.schedules import ScheduleView, TickView
 from factory.settings import Settings
 from factory.spec import Workflow
-from factory.store import ApiKeyRecord, AttemptRecord, RunStatus, Store
+from factory.store import ApiKeyRecord, ApprovalRecord, AttemptRecord, RunStatus, Store
 
 
 class LocalBackend:
@@ -118,7 +119,8 @@ class LocalBackend:
                 on_progress=watch.on_progress,
                 on_start=on_start,
                 run_id=watch.run_id,
-                agents=agents,
+                agents=catalog,
+                validated=True,
             ),
         )
 
@@ -139,6 +141,15 @@ class LocalBackend:
 
     def cancel(self, run_id: str) -> bool:
         return api.cancel(run_id, store=self.store, settings=self.settings)
+
+    def approve(self, decision: Decision, watch: Watch | None) -> tuple[ApprovalRecord, RunResult | None]:
+        record = api.approve(decision, store=self.store, settings=self.settings)
+        run = self.store.get_run(decision.run_id)
+        stalled = api.run_is_stalled(run, self.settings.lease_seconds, time.time())
+        if watch is None or not (run.status == RunStatus.WAITING or stalled):
+            return record, None  # a live coordinator runs it: it takes the decision itself
+        # parked (nobody runs it) or its coordinator died: go on with it here
+        return record, self.resume(decision.run_id, None, watch)
 
     def list_runs(self, limit: int, status: RunStatus | None) -> list[RunInfo]:
         now = time.time()

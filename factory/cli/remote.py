@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from factory.approvals import Decision
 from factory.auth import Scope
 from factory.cli.backend import (
     Checked,
@@ -26,7 +27,15 @@ from factory.errors import FactoryError, NoEligibleAgentError, WorkflowValidatio
 from factory.limits import DocumentLimits
 from factory.routing.models import RouteDecision, RouteRequest
 from factory.schedules import ScheduleView, TickView
-from factory.store import FINAL_RUN_STATUSES, ApiKeyRecord, AttemptRecord, RunRecord, RunStatus, StepRecord
+from factory.store import (
+    FINAL_RUN_STATUSES,
+    ApiKeyRecord,
+    ApprovalRecord,
+    AttemptRecord,
+    RunRecord,
+    RunStatus,
+    StepRecord,
+)
 
 LOCAL_ONLY_HINT = "with --api the server's own {what} is used; drop {option}"
 
@@ -114,6 +123,13 @@ class ApiBackend:
         self._refuse_local("--agents", "agent catalogue", agents)
         accepted = self.client.resume(run_id)
         return self._follow(run_id, watch, after=int(accepted.get("after_event_id") or 0))
+
+    def approve(self, decision: Decision, watch: Watch | None) -> tuple[ApprovalRecord, RunResult | None]:
+        answer = self.client.approve(decision.run_id, decision.step_id, decision.approved, decision.comment)
+        record = ApprovalRecord.model_validate(answer["decision"])
+        if watch is None or answer.get("run_status") != RunStatus.PENDING.value:
+            return record, None  # not resumed by this decision: a live coordinator takes it
+        return record, self._follow(decision.run_id, watch, after=int(answer.get("after_event_id") or 0))
 
     def cancel(self, run_id: str) -> bool:
         try:

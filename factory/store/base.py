@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 class RunStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    WAITING = "waiting"  # parked at approval gates: nothing runs until a decision (or a gate's timeout)
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -21,6 +22,7 @@ class RunStatus(StrEnum):
 class StepStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    WAITING = "waiting"  # an approval gate, open: waiting for a person's decision
     RETRYING = "retrying"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -79,10 +81,36 @@ class StepRecord(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     cached: bool = False
+    items_done: int = Field(default=0, description="for_each steps: items whose output is committed.")
+    items_total: int = Field(default=0, description="for_each steps: items in the list (0 before it is known).")
 
     @property
     def output(self) -> Any:
         return None if self.output_json is None else json.loads(self.output_json)
+
+
+class ItemRecord(BaseModel):
+    """A for_each item whose output is committed: a resumed run does not run it again."""
+
+    run_id: str
+    step_id: str
+    index: int
+    total: int  # the length of the list this item belongs to
+    output_json: str
+    attempts: int = 1
+    logs: str = ""
+    cached: bool = False
+
+
+class ApprovalRecord(BaseModel):
+    """A person's decision at an approval gate (the first one recorded stands)."""
+
+    run_id: str
+    step_id: str
+    approved: bool
+    by: str = Field(description="Who decided: key:NAME, local, or timeout.")
+    comment: str = ""
+    decided_at: float
 
 
 class AttemptRecord(BaseModel):
@@ -235,7 +263,32 @@ class StepChange:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-Change = RunChange | StepChange
+@dataclass
+class ItemChange:
+    """A for_each item finished: its output is committed with the batch, without an event of its own
+    (``step.items`` events tell how many are done)."""
+
+    run_id: str
+    step_id: str
+    index: int
+    total: int
+    output_json: str
+    attempts: int = 1
+    logs: str = ""
+    cached: bool = False
+
+
+@dataclass
+class EventChange:
+    """An event that changes no state (e.g. ``step.items``), committed in order with the batch."""
+
+    run_id: str
+    step_id: str | None
+    event: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+Change = RunChange | StepChange | ItemChange | EventChange
 
 
 class Store(Protocol):
@@ -292,6 +345,19 @@ class Store(Protocol):
         """Newest first; ``before`` = (created_at, id) of the last run of the previous page."""
 
     def get_steps(self, run_id: str) -> list[StepRecord]: ...
+
+    def decide_approval(self, record: ApprovalRecord) -> tuple[ApprovalRecord, bool]:
+        """Record a decision unless the gate has one: returns the decision that stands and
+        whether it is this one."""
+        ...
+
+    def get_approvals(self, run_id: str) -> list[ApprovalRecord]:
+        """The decisions recorded for a run's gates."""
+        ...
+
+    def get_items(self, run_id: str, step_id: str | None = None) -> list[ItemRecord]:
+        """Committed for_each items of a run (or of one step), by step and index."""
+        ...
 
     def run_summaries(
         self,

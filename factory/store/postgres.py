@@ -157,6 +157,23 @@ MIGRATIONS: list[tuple[int, str]] = [
         """,
     ),
     (
+        6,
+        """
+        CREATE TABLE step_items (
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            step_id TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            total INTEGER NOT NULL,
+            output_json TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 1,
+            logs TEXT NOT NULL DEFAULT '',
+            cached BOOLEAN NOT NULL DEFAULT FALSE,
+            finished_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (run_id, step_id, idx)
+        )
+        """,
+    ),
+    (
         8,
         """
         CREATE TABLE schedules (
@@ -186,6 +203,20 @@ MIGRATIONS: list[tuple[int, str]] = [
             decided_at DOUBLE PRECISION NOT NULL,
             decided_by TEXT NOT NULL DEFAULT '',
             PRIMARY KEY (schedule, tick)
+        )
+        """,
+    ),
+    (
+        9,
+        """
+        CREATE TABLE approvals (
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            step_id TEXT NOT NULL,
+            approved BOOLEAN NOT NULL,
+            decided_by TEXT NOT NULL,
+            comment TEXT NOT NULL DEFAULT '',
+            decided_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (run_id, step_id)
         )
         """,
     ),

@@ -20,9 +20,13 @@ from factory.store.base import (
     FINAL_RUN_STATUSES,
     FINAL_STEP_STATUSES,
     ApiKeyRecord,
+    ApprovalRecord,
     AttemptRecord,
     Change,
     Event,
+    EventChange,
+    ItemChange,
+    ItemRecord,
     NewRun,
     RegisteredWorkflow,
     RouteCorrection,
@@ -176,7 +180,29 @@ class SQLStore(ABC):
                             "this one lost its lease and stops"
                         )
             events: list[tuple[Any, ...]] = []
+            items: list[tuple[Any, ...]] = []
             for change in changes:
+                if isinstance(change, ItemChange):
+                    items.append(
+                        (
+                            change.run_id,
+                            change.step_id,
+                            change.index,
+                            change.total,
+                            change.output_json,
+                            change.attempts,
+                            change.logs,
+                            change.cached,
+                            now,
+                        )
+                    )
+                    continue
+                if items:  # keep the rows in the order of the changes (an event after them sees them)
+                    self._insert_items(cur, items)
+                    items = []
+                if isinstance(change, EventChange):
+                    events.append((change.run_id, change.step_id, change.event, json.dumps(change.data), now))
+                    continue
                 data = dict(change.data)
                 if change.error is not None:
                     data["error"] = change.error
@@ -188,7 +214,90 @@ class SQLStore(ABC):
                 else:
                     self._apply_run(cur, change, now)
                     events.append((change.run_id, None, change.event, json.dumps(data), now))
+            if items:
+                self._insert_items(cur, items)
             self._insert_events(cur, events)
+
+    def _insert_items(self, cur: Cursor, rows: list[tuple[Any, ...]]) -> None:
+        cur.executemany(
+            self._sql(
+                "INSERT INTO step_items (run_id, step_id, idx, total, output_json, attempts, logs, cached, finished_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (run_id, step_id, idx) DO UPDATE SET total=excluded.total,"
+                " output_json=excluded.output_json, attempts=excluded.attempts, logs=excluded.logs,"
+                " cached=excluded.cached, finished_at=excluded.finished_at"
+            ),
+            rows,
+        )
+
+    def decide_approval(self, record: ApprovalRecord) -> tuple[ApprovalRecord, bool]:
+        with self._write() as cur:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO approvals (run_id, step_id, approved, decided_by, comment, decided_at)"
+                    " VALUES (?,?,?,?,?,?) ON CONFLICT (run_id, step_id) DO NOTHING"
+                ),
+                (record.run_id, record.step_id, record.approved, record.by, record.comment, record.decided_at),
+            )
+            inserted = cur.rowcount == 1
+            row = cur.execute(
+                self._sql(
+                    "SELECT approved, decided_by, comment, decided_at FROM approvals WHERE run_id=? AND step_id=?"
+                ),
+                (record.run_id, record.step_id),
+            ).fetchone()
+        standing = ApprovalRecord(
+            run_id=record.run_id,
+            step_id=record.step_id,
+            approved=bool(row[0]),
+            by=row[1],
+            comment=row[2] or "",
+            decided_at=float(row[3]),
+        )
+        return standing, inserted
+
+    def get_approvals(self, run_id: str) -> list[ApprovalRecord]:
+        with self._read() as cur:
+            rows = cur.execute(
+                self._sql(
+                    "SELECT step_id, approved, decided_by, comment, decided_at FROM approvals"
+                    " WHERE run_id=? ORDER BY decided_at"
+                ),
+                (run_id,),
+            ).fetchall()
+        return [
+            ApprovalRecord(
+                run_id=run_id,
+                step_id=row[0],
+                approved=bool(row[1]),
+                by=row[2],
+                comment=row[3] or "",
+                decided_at=float(row[4]),
+            )
+            for row in rows
+        ]
+
+    def get_items(self, run_id: str, step_id: str | None = None) -> list[ItemRecord]:
+        query = "SELECT step_id, idx, total, output_json, attempts, logs, cached FROM step_items WHERE run_id=?"
+        args: list[Any] = [run_id]
+        if step_id is not None:
+            query += " AND step_id=?"
+            args.append(step_id)
+        with self._read() as cur:
+            rows = cur.execute(self._sql(query + " ORDER BY step_id, idx"), args).fetchall()
+        return [
+            ItemRecord(
+                run_id=run_id,
+                step_id=row[0],
+                index=int(row[1]),
+                total=int(row[2]),
+                output_json=row[3],
+                attempts=int(row[4]),
+                logs=row[5] or "",
+                cached=bool(row[6]),
+            )
+            for row in rows
+        ]
 
     def _apply_step(self, cur: Cursor, change: StepChange, now: float) -> None:
         status = change.status
@@ -210,7 +319,7 @@ class SQLStore(ABC):
                 succeeded,
                 change.output_json,
                 change.error,
-                now if status == StepStatus.RUNNING else None,
+                now if status in (StepStatus.RUNNING, StepStatus.WAITING) else None,
                 now if status in FINAL_STEP_STATUSES else None,
                 change.cached,
                 change.run_id,
@@ -289,13 +398,16 @@ class SQLStore(ABC):
 
     def reset_unfinished_steps(self, run_id: str) -> list[str]:
         with self._write() as cur:
+            # approval gates that wait stay waiting: their wait (and its deadline) goes on
             rows = cur.execute(
-                self._sql("SELECT step_id FROM steps WHERE run_id=? AND status != ? ORDER BY position"),
-                (run_id, StepStatus.SUCCEEDED.value),
+                self._sql("SELECT step_id FROM steps WHERE run_id=? AND status NOT IN (?,?) ORDER BY position"),
+                (run_id, StepStatus.SUCCEEDED.value, StepStatus.WAITING.value),
             ).fetchall()
             cur.execute(
-                self._sql("UPDATE steps SET status=?, error=NULL, finished_at=NULL WHERE run_id=? AND status != ?"),
-                (StepStatus.PENDING.value, run_id, StepStatus.SUCCEEDED.value),
+                self._sql(
+                    "UPDATE steps SET status=?, error=NULL, finished_at=NULL WHERE run_id=? AND status NOT IN (?,?)"
+                ),
+                (StepStatus.PENDING.value, run_id, StepStatus.SUCCEEDED.value, StepStatus.WAITING.value),
             )
             return [row[0] for row in rows]
 
@@ -459,10 +571,28 @@ class SQLStore(ABC):
                 ),
                 (run_id,),
             ).fetchall()
+            counts = {
+                row[0]: (int(row[1]), int(row[2] or 0))
+                for row in cur.execute(
+                    self._sql("SELECT step_id, COUNT(*), MAX(total) FROM step_items WHERE run_id=? GROUP BY step_id"),
+                    (run_id,),
+                ).fetchall()
+            }
         keys = ("run_id", "step_id", "status", "attempts", "output_json", "error", "started_at", "finished_at")
-        return [
-            StepRecord.model_validate({**dict(zip(keys, row, strict=False)), "cached": bool(row[8])}) for row in rows
-        ]
+        records = []
+        for row in rows:
+            done, total = counts.get(row[1], (0, 0))
+            records.append(
+                StepRecord.model_validate(
+                    {
+                        **dict(zip(keys, row, strict=False)),
+                        "cached": bool(row[8]),
+                        "items_done": done,
+                        "items_total": total,
+                    }
+                )
+            )
+        return records
 
     def get_attempts(self, run_id: str, step_id: str | None = None, limit: int | None = None) -> list[AttemptRecord]:
         query = (

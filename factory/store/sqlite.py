@@ -100,6 +100,27 @@ CREATE TABLE IF NOT EXISTS registered_workflows (
     created_by TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (name, version)
 );
+CREATE TABLE IF NOT EXISTS step_items (
+    run_id TEXT NOT NULL,
+    step_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    total INTEGER NOT NULL,
+    output_json TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    logs TEXT NOT NULL DEFAULT '',
+    cached INTEGER NOT NULL DEFAULT 0,
+    finished_at REAL NOT NULL,
+    PRIMARY KEY (run_id, step_id, idx)
+);
+CREATE TABLE IF NOT EXISTS approvals (
+    run_id TEXT NOT NULL,
+    step_id TEXT NOT NULL,
+    approved INTEGER NOT NULL,
+    decided_by TEXT NOT NULL,
+    comment TEXT NOT NULL DEFAULT '',
+    decided_at REAL NOT NULL,
+    PRIMARY KEY (run_id, step_id)
+);
 CREATE TABLE IF NOT EXISTS route_corrections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     text TEXT NOT NULL,
