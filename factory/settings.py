@@ -162,6 +162,18 @@ class Settings(BaseSettings):
     supervisor_max_adoptions: int = Field(
         default=3, ge=1, description="Resumes by the supervisor before an orphaned run is failed with the reason."
     )
+    scheduler_interval_seconds: float = Field(
+        default=10.0, gt=0, le=60, description="How often the scheduler of `factory up` looks for due schedule ticks."
+    )
+    schedule_grace_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="A tick at most this late is on time and runs; an older one was missed (catchup decides).",
+    )
+    schedule_min_interval_seconds: float = Field(
+        default=60.0, ge=60, description="The shortest time allowed between two ticks of one schedule."
+    )
+    schedules_max_per_key: int = Field(default=20, ge=1, description="Schedules one API key (or local) may hold.")
     lease_seconds: float = Field(
         default=10.0,
         gt=0,

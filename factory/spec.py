@@ -359,6 +359,36 @@ class Budget(_Model):
         return cls.model_validate(data)
 
 
+class Schedule(_Model):
+    """When a registered workflow runs by itself (``factory schedules add``): a cron expression
+    in a time zone, with the inputs of its runs. See docs/schedules.md."""
+
+    cron: str = Field(description="Five cron fields (minute hour day-of-month month day-of-week) or @daily, @hourly...")
+    timezone: str = Field(default="UTC", description="IANA time zone the cron fields are read in (DST handled).")
+    inputs: dict[str, Any] = Field(default_factory=dict, description="Input values of each run, over the defaults.")
+    catchup: Literal["skip", "run_once"] = Field(
+        default="skip",
+        description="Ticks missed while no scheduler ran: skip them, or run the latest of them once.",
+    )
+    overlap: Literal["skip", "allow"] = Field(
+        default="skip", description="A tick while the schedule's previous run still goes on: skip it, or run anyway."
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, value: str) -> str:
+        from factory.cron import check_cron
+
+        return check_cron(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        from factory.cron import check_timezone
+
+        return check_timezone(value)
+
+
 class Workflow(_Model):
     """A named DAG of steps with input defaults."""
 
@@ -367,6 +397,9 @@ class Workflow(_Model):
     inputs: dict[str, Any] = Field(default_factory=dict, description="Input names and their default values.")
     steps: list[Step] = Field(min_length=1)
     budget: Budget | None = Field(default=None, description="Limits every run of this workflow stops at.")
+    schedule: Schedule | None = Field(
+        default=None, description="Run it on a cron schedule once added with `factory schedules add`."
+    )
     base_dir: str | None = Field(
         default=None,
         description="Directory step modules are imported from (set to the YAML file's folder by load_workflow).",

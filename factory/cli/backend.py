@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from factory.approvals import Decision
 from factory.auth import Scope
 from factory.engine import Progress, RunResult
 from factory.errors import FactoryError
 from factory.routing.models import RouteDecision, RouteRequest
+from factory.schedules import ScheduleView, TickView
 from factory.spec import Budget
 from factory.store import ApiKeyRecord, ApprovalRecord, AttemptRecord, RunRecord, RunStatus, StepRecord
 
@@ -150,6 +151,16 @@ class Backend(Protocol):
     def start_workflow(
         self, name: str, inputs: dict[str, Any], version: int | None, watch: Watch | None
     ) -> tuple[str, RunResult | None]: ...
+
+    def add_schedule(self, workflow: Path, name: str | None, secrets: list[str], base_dir: str | None) -> ScheduleView:
+        """Register the workflow and schedule it by its ``schedule:``."""
+
+    def list_schedules(self) -> list[ScheduleView]: ...
+
+    def schedule_action(self, name: str, action: Literal["pause", "resume", "remove"]) -> ScheduleView | None:
+        """Pause, resume or remove a schedule; its view after (None once removed)."""
+
+    def schedule_ticks(self, name: str, limit: int) -> list[TickView]: ...
 
     def close(self) -> None: ...
 

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from factory import api
 from factory.approvals import Decision
@@ -28,8 +28,9 @@ from factory.engine import RunResult
 from factory.errors import FactoryError
 from factory.limits import DocumentLimits
 from factory.routing.models import RouteDecision, RouteRequest
+from factory.schedules import ScheduleView, TickView
 from factory.settings import Settings
-from factory.spec import Budget
+from factory.spec import Budget, Workflow
 from factory.store import ApiKeyRecord, ApprovalRecord, AttemptRecord, RunStatus, Store
 
 
@@ -242,15 +243,17 @@ class LocalBackend:
     ) -> Registered:
         from factory import registry
 
-        if base_dir is None:  # the operator's machine: modules are checked, from the YAML's folder
-            loaded = load_workflow(workflow, limits=self._limits())
-        else:
-            if not Path(base_dir).is_dir():
-                raise FactoryError(f"--base-dir {base_dir} is not a folder")
-            data = read_workflow_file(workflow, limits=self._limits())
-            loaded = validate_data(data, str(Path(base_dir).resolve()), str(workflow), True, limits=self._limits())
+        loaded = self._loaded_for_registration(workflow, base_dir)
         record = registry.register(self.store, loaded, name=name, secrets=secrets, created_by="local")
         return Registered(record.name, record.version)
+
+    def _loaded_for_registration(self, workflow: Path, base_dir: str | None) -> Workflow:
+        if base_dir is None:  # the operator's machine: modules are checked, from the YAML's folder
+            return load_workflow(workflow, limits=self._limits())
+        if not Path(base_dir).is_dir():
+            raise FactoryError(f"--base-dir {base_dir} is not a folder")
+        data = read_workflow_file(workflow, limits=self._limits())
+        return validate_data(data, str(Path(base_dir).resolve()), str(workflow), True, limits=self._limits())
 
     def list_workflows(self) -> list[RegisteredInfo]:
         return [
@@ -264,6 +267,33 @@ class LocalBackend:
             )
             for r in self.store.list_registered_workflows()
         ]
+
+    def add_schedule(self, workflow: Path, name: str | None, secrets: list[str], base_dir: str | None) -> ScheduleView:
+        from factory import schedules
+
+        loaded = self._loaded_for_registration(workflow, base_dir)
+        return schedules.add(self.store, self.settings, loaded, principal="local", name=name, secrets=secrets)
+
+    def list_schedules(self) -> list[ScheduleView]:
+        from factory import schedules
+
+        return schedules.list_views(self.store)
+
+    def schedule_action(self, name: str, action: Literal["pause", "resume", "remove"]) -> ScheduleView | None:
+        from factory import schedules
+
+        if action == "pause":
+            return schedules.pause(self.store, name, "paused on the machine (factory schedules pause)")
+        if action == "resume":
+            return schedules.resume(self.store, name)
+        schedules.remove(self.store, name)
+        return None
+
+    def schedule_ticks(self, name: str, limit: int) -> list[TickView]:
+        from factory import schedules
+
+        schedules.lookup(self.store, name)
+        return [TickView.of(t) for t in self.store.schedule_ticks(name, limit)]
 
     def start_workflow(
         self, name: str, inputs: dict[str, Any], version: int | None, watch: Watch | None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from factory.approvals import Decision
 from factory.auth import Scope
@@ -26,6 +26,7 @@ from factory.engine import RunResult
 from factory.errors import FactoryError, NoEligibleAgentError, WorkflowValidationError
 from factory.limits import DocumentLimits
 from factory.routing.models import RouteDecision, RouteRequest
+from factory.schedules import ScheduleView, TickView
 from factory.spec import Budget
 from factory.store import (
     FINAL_RUN_STATUSES,
@@ -237,6 +238,19 @@ class ApiBackend:
             )
             for v in self.client.list_workflows()
         ]
+
+    def add_schedule(self, workflow: Path, name: str | None, secrets: list[str], base_dir: str | None) -> ScheduleView:
+        return ScheduleView.model_validate(self.client.add_schedule(workflow, name, secrets, base_dir))
+
+    def list_schedules(self) -> list[ScheduleView]:
+        return [ScheduleView.model_validate(v) for v in self.client.list_schedules()]
+
+    def schedule_action(self, name: str, action: Literal["pause", "resume", "remove"]) -> ScheduleView | None:
+        answer = self.client.schedule_action(name, action)
+        return None if answer is None else ScheduleView.model_validate(answer)
+
+    def schedule_ticks(self, name: str, limit: int) -> list[TickView]:
+        return [TickView.model_validate(v) for v in self.client.schedule_ticks(name, limit)]
 
     def start_workflow(
         self, name: str, inputs: dict[str, Any], version: int | None, watch: Watch | None
