@@ -26,7 +26,7 @@ from ui import render
 from ui.live import EventFollower
 
 FETCHERS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ui-fetch")
-RUN_STATUSES = ["any", "pending", "running", "succeeded", "failed", "cancelled"]
+RUN_STATUSES = ["any", "pending", "running", "waiting", "succeeded", "failed", "cancelled"]
 PAGE_SIZE = 25
 READ_ONLY_NOTE = "your key can read only: cancel, resume, run again and submit need a key with the submit scope"
 MAX_YAML_CHARS = 1_000_000
