@@ -844,6 +844,12 @@ class FactoryAPI:
         # asked from now on is kept, an earlier one is cleared: resuming overrides it)
         self.store.clear_cancel(run_id)
         if body is not None and body.budget is not None:
+            starter_key = record.grants.principal if record.grants else None
+            if not has_scope(key, Scope.ADMIN) and starter_key != f"key:{key.id}":
+                raise PermissionDeniedError(
+                    f"only the key that started run {run_id} or an admin key may change its budget; "
+                    "resume it without a budget, or ask an admin"
+                )
             workflow = with_budget(Workflow.model_validate_json(record.spec_json), body.budget)
             self.store.set_run_spec(run_id, workflow.model_dump_json(by_alias=True))
         self.store.record([RunChange(run_id, RunStatus.PENDING, "run.resume_requested", data={"by": f"key:{key.id}"})])

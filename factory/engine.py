@@ -36,6 +36,7 @@ from factory.scheduler import (
     ITEM_PROGRESS_SECONDS,
     MAX_NODE_LOSSES,
     Action,
+    ProposeDecision,
     Publish,
     RunScheduler,
     Stop,
@@ -246,6 +247,11 @@ class Coordinator:
                 queue.extend(self._submit_call(action))
             elif isinstance(action, Publish):
                 self._refs[action.step_id] = self.backend.put(Outcome(ok=True, output_json=action.output_json))
+            elif isinstance(action, ProposeDecision):
+                # a gate's timeout: recorded unless a person decided first; the decision that stands goes on
+                standing, _ = self.store.decide_approval(action.decision)
+                self._decided.add(standing.step_id)
+                queue.extend(self.scheduler.on_decision(standing, time.monotonic()))
             elif isinstance(action, Stop):
                 ref = self._token_refs.pop(action.token, None)
                 self._submitted_at.pop(action.token, None)
@@ -262,8 +268,14 @@ class Coordinator:
     def _submit_call(self, action: SubmitCall) -> list[Action]:
         step = self._steps[action.step_id]
         if action.cacheable:
-            key = self._cache_key(step, action.arguments)
-            cached = self.cache.cache_get(key)
+            try:
+                key = self._cache_key(step, action.arguments)
+                cached = self.cache.cache_get(key)
+            except Exception as exc:  # noqa: BLE001 - the step's code cannot be read or may not run
+                failed = Outcome(
+                    ok=False, error=f"the step's cache key: {type(exc).__name__}: {exc}", error_type=type(exc).__name__
+                )
+                return self.scheduler.on_result(action.token, failed, time.monotonic())
             if cached is not None:
                 outcome = Outcome(ok=True, output_json=cached, logs="(cached)", extra={"cached": True})
                 return self.scheduler.on_result(action.token, outcome, time.monotonic())
@@ -418,12 +430,13 @@ class Coordinator:
             done = self.scheduler.restore(self.store.get_steps(self.run_id), self.store.get_items(self.run_id))
             for used in self.store.latest_events(self.run_id, "run.usage", limit=1):
                 self.scheduler.restore_usage(used.data)
+            # decisions taken while it waited: known before its gates open (before a timeout applies)
+            for decision in self.store.get_approvals(self.run_id):
+                self._decided.add(decision.step_id)
+                self.scheduler.on_decision(decision, time.monotonic())
         self._start_actions = self.scheduler.start(
             time.monotonic(), resumed=resumed, already_done=done, wall=time.time()
         )
-        for decision in self.store.get_approvals(self.run_id) if resumed else []:
-            self._decided.add(decision.step_id)
-            self._start_actions += self.scheduler.on_decision(decision, time.monotonic())
 
     def execute(self) -> RunResult:
         """Run until every step is final, or until only people can move the run on (approval
@@ -462,6 +475,8 @@ class Coordinator:
         while not self.scheduler.finished:
             self._apply(self.scheduler.on_time(time.monotonic(), time.time()))
             if self.scheduler.parked:
+                if self.store.cancel_requested(self.run_id):  # asked while it was still ours
+                    self.cancel("cancel requested")
                 return  # only people can move the run on: stop here, hold nothing while they decide
             self._wait()
             self._flush()

@@ -66,6 +66,8 @@ MAX_NODE_LOSSES = 3
 # coordinator's memory and Ray's queue for very large lists).
 MAX_ITEMS_IN_FLIGHT = 4096
 _ACTIVE = (StepStatus.RUNNING, StepStatus.RETRYING)
+TIMEOUT = "timeout"  # who decided when a gate's timeout did
+MAX_GATE_MESSAGE = 4000  # characters of a gate's message once its ${...} are resolved
 
 
 # -- actions: what the driver carries out ------------------------------------------------------
@@ -111,7 +113,15 @@ class Stop:
     token: int
 
 
-Action = SubmitStep | SubmitCall | Publish | Stop
+@dataclass(frozen=True, slots=True)
+class ProposeDecision:
+    """A gate's timeout passed: record this decision unless a person's stands already, and
+    hand the scheduler the one that stands (:meth:`RunScheduler.on_decision`)."""
+
+    decision: ApprovalRecord
+
+
+Action = SubmitStep | SubmitCall | Publish | Stop | ProposeDecision
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +169,7 @@ class _StepState:
     progress_at: float = float("-inf")
     progress_done: int = -1
     gate_opened_at: float | None = None  # approval gates: when the wait began (wall clock, survives resumes)
+    timeout_proposed: bool = False  # the gate's timeout decision was handed to the driver
 
 
 @dataclass
@@ -252,6 +263,8 @@ class RunScheduler:
         self._decisions: dict[str, ApprovalRecord] = {}  # approval decisions known, not yet applied
         self._wall = 0.0
         self.budget = budget if budget is not None else workflow.budget
+        # a budget of starts is kept exactly: a step is submitted only once it may start
+        self._eager = self.budget is None or (self.budget.max_steps is None and self.budget.max_attempts is None)
         self.prices = prices or {}
         self.usage = Usage()
         self._session_start = 0.0
@@ -306,12 +319,12 @@ class RunScheduler:
     def verdict(self) -> RunVerdict:
         if self.parked:
             return RunVerdict(RunStatus.WAITING, None, "run.waiting")
-        if self.budget_error is not None:
-            return RunVerdict(RunStatus.FAILED, self.budget_error, "run.failed")
         if self.cancelled:
             return RunVerdict(RunStatus.CANCELLED, "the run was cancelled", "run.cancelled")
         if all(s.status == StepStatus.SUCCEEDED for s in self.states.values()):
-            return RunVerdict(RunStatus.SUCCEEDED, None, "run.succeeded")
+            return RunVerdict(RunStatus.SUCCEEDED, None, "run.succeeded")  # a budget passed by the last step
+        if self.budget_error is not None:
+            return RunVerdict(RunStatus.FAILED, self.budget_error, "run.failed")
         return RunVerdict(RunStatus.FAILED, self._first_error or "a step did not succeed", "run.failed")
 
     def outputs(self) -> dict[str, Any]:
@@ -349,6 +362,8 @@ class RunScheduler:
     def restore_usage(self, data: dict[str, Any]) -> None:
         """What earlier sessions of the run used (the last ``run.usage`` event's data)."""
         self.usage = Usage.of(data)
+        # a model priced since (the error said to) no longer stops the run
+        self.usage.unpriced = [m for m in self.usage.unpriced if m not in self.prices]
         self._usage_sent = self.usage.data(self.usage.seconds)
 
     def start(self, now: float, resumed: bool = False, already_done: int = 0, wall: float = 0.0) -> list[Action]:
@@ -565,10 +580,14 @@ class RunScheduler:
         usage = outcome.extra.get("usage") if outcome.extra else None
         if not isinstance(usage, dict):
             return
-        tokens = usage.get("total_tokens")
-        if not isinstance(tokens, int):
-            tokens = sum(v for v in (usage.get("input_tokens"), usage.get("output_tokens")) if isinstance(v, int))
-        self.usage.tokens += max(0, tokens)
+
+        def count(value: Any) -> int:
+            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+        tokens = count(usage.get("total_tokens")) or count(usage.get("input_tokens")) + count(
+            usage.get("output_tokens")
+        )
+        self.usage.tokens += tokens
         models = usage.get("models")
         if isinstance(models, dict) and models:
             for model, row in list(models.items())[:100]:
@@ -579,9 +598,8 @@ class RunScheduler:
                     if str(model) not in self.usage.unpriced:
                         self.usage.unpriced.append(str(model))
                     continue
-                spent_in, spent_out = row.get("input_tokens", 0), row.get("output_tokens", 0)
-                if isinstance(spent_in, int) and isinstance(spent_out, int):
-                    self.usage.cost_usd += (spent_in * price[0] + spent_out * price[1]) / 1_000_000
+                spent_in, spent_out = count(row.get("input_tokens")), count(row.get("output_tokens"))
+                self.usage.cost_usd += (spent_in * price[0] + spent_out * price[1]) / 1_000_000
         elif tokens and "unknown" not in self.usage.unpriced:
             self.usage.unpriced.append("unknown")
         budget = self.budget
@@ -629,8 +647,8 @@ class RunScheduler:
     def _usage_event(self, force: bool = False) -> None:
         """What the run used so far, as a ``run.usage`` event (when it changed; at most every
         USAGE_EVENT_SECONDS unless ``force``): a resumed run counts on from it."""
-        if self.budget is None and not self.usage.tokens:
-            return
+        if not force and self.budget is None and not self.usage.tokens:
+            return  # without a budget: once per session (at its end), what a later --budget counts on
         if not force and self._now - self._usage_at < USAGE_EVENT_SECONDS:
             return
         data = self.usage.data(self._seconds())
@@ -654,7 +672,10 @@ class RunScheduler:
             if self._deps_succeeded(step_id):
                 self._submit_with_values(state)
             return
-        if self._deps_succeeded(step_id) and not self._mark_running(state):
+        ready = self._deps_succeeded(step_id)
+        if not ready and not self._eager:
+            return  # submitted when its dependencies succeeded (see _succeed)
+        if ready and not self._mark_running(state):
             return  # its budget does not admit it: not started at all (the run stops)
         state.submitted = True
         state.available = True
@@ -724,7 +745,9 @@ class RunScheduler:
             StepStatus.WAITING,
             "step.waiting",
             data={
-                "message": message if isinstance(message, str) else json.dumps(message, default=str),
+                "message": (message if isinstance(message, str) else json.dumps(message, default=str))[
+                    :MAX_GATE_MESSAGE
+                ],
                 "approvers": spec.approvers,
                 "deadline": deadline,
                 "on_timeout": spec.on_timeout,
@@ -738,30 +761,34 @@ class RunScheduler:
             self._gate_timed_out(state)
 
     def _gate_timed_out(self, state: _StepState) -> None:
+        """The decision of the timeout is proposed, not taken: the driver records it unless a
+        person decided first, and hands back the decision that stands."""
         spec = state.step.approval
         assert spec is not None and spec.timeout is not None
-        if spec.on_timeout == "fail":
-            state.attempts = max(state.attempts, 1)
-            self._fail_step(state, f"no decision within its timeout of {spec.timeout:g}s (on_timeout: fail)", logs="")
+        if state.timeout_proposed:
             return
-        decided_at = (state.gate_opened_at or self._wall) + spec.timeout
-        self._decide_gate(
-            state,
-            ApprovalRecord(
-                run_id=self.run_id,
-                step_id=state.step.id,
-                approved=spec.on_timeout == "approve",
-                by="timeout",
-                comment=f"no decision within {spec.timeout:g}s",
-                decided_at=decided_at,
-            ),
-            timed_out=True,
+        state.timeout_proposed = True
+        self._actions.append(
+            ProposeDecision(
+                ApprovalRecord(
+                    run_id=self.run_id,
+                    step_id=state.step.id,
+                    approved=spec.on_timeout == "approve",
+                    by=TIMEOUT,
+                    comment=f"no decision within {spec.timeout:g}s",
+                    decided_at=(state.gate_opened_at or self._wall) + spec.timeout,
+                )
+            )
         )
 
-    def _decide_gate(self, state: _StepState, decision: ApprovalRecord, timed_out: bool = False) -> None:
+    def _decide_gate(self, state: _StepState, decision: ApprovalRecord) -> None:
         spec = state.step.approval
         assert spec is not None
         state.attempts = max(state.attempts, 1)
+        timed_out = decision.by == TIMEOUT
+        if timed_out and spec.on_timeout == "fail":
+            self._fail_step(state, f"no decision within its timeout of {spec.timeout or 0:g}s (on_timeout: fail)", "")
+            return
         output = {
             "approved": decision.approved,
             "by": decision.by,

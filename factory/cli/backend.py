@@ -113,7 +113,9 @@ class Backend(Protocol):
 
     def cancel(self, run_id: str) -> bool: ...
 
-    def approve(self, decision: Decision, watch: Watch | None) -> tuple[ApprovalRecord, RunResult | None]:
+    def approve(
+        self, decision: Decision, watch: Watch | None, agents: Path | None = None
+    ) -> tuple[ApprovalRecord, RunResult | None]:
         """Record a decision at a gate; with ``watch``, follow the run on to its end (or its next
         wait) when the decision lets it go on. The result is None when not followed."""
         ...

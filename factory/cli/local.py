@@ -146,14 +146,16 @@ class LocalBackend:
     def cancel(self, run_id: str) -> bool:
         return api.cancel(run_id, store=self.store, settings=self.settings)
 
-    def approve(self, decision: Decision, watch: Watch | None) -> tuple[ApprovalRecord, RunResult | None]:
+    def approve(
+        self, decision: Decision, watch: Watch | None, agents: Path | None = None
+    ) -> tuple[ApprovalRecord, RunResult | None]:
         record = api.approve(decision, store=self.store, settings=self.settings)
         run = self.store.get_run(decision.run_id)
         stalled = api.run_is_stalled(run, self.settings.lease_seconds, time.time())
         if watch is None or not (run.status == RunStatus.WAITING or stalled):
             return record, None  # a live coordinator runs it: it takes the decision itself
         # parked (nobody runs it) or its coordinator died: go on with it here
-        return record, self.resume(decision.run_id, None, watch)
+        return record, self.resume(decision.run_id, agents, watch)
 
     def list_runs(self, limit: int, status: RunStatus | None) -> list[RunInfo]:
         now = time.time()

@@ -134,7 +134,10 @@ class ApiBackend:
         accepted = self.client.resume(run_id, budget.model_dump(exclude_none=True) if budget else None)
         return self._follow(run_id, watch, after=int(accepted.get("after_event_id") or 0))
 
-    def approve(self, decision: Decision, watch: Watch | None) -> tuple[ApprovalRecord, RunResult | None]:
+    def approve(
+        self, decision: Decision, watch: Watch | None, agents: Path | None = None
+    ) -> tuple[ApprovalRecord, RunResult | None]:
+        self._refuse_local("--agents", "agent catalogue", agents)
         answer = self.client.approve(decision.run_id, decision.step_id, decision.approved, decision.comment)
         record = ApprovalRecord.model_validate(answer["decision"])
         if watch is None or answer.get("run_status") != RunStatus.PENDING.value:

@@ -308,6 +308,7 @@ def approve(
         bool, typer.Option("--json", help="Print one JSON object: decision, then the run's result.")
     ] = False,
     timeout: Annotated[float | None, TIMEOUT_OPTION] = None,
+    agents: Annotated[Path | None, AGENTS_OPTION] = None,
 ) -> None:
     """Decide at an approval gate that waits: approve (or --reject) with a --comment.
 
@@ -319,7 +320,7 @@ def approve(
     bar = ProgressBar(enabled=not as_json and not no_wait)
     watch = None if no_wait else watch_with(bar, as_json, "goes on", timeout)
     with using_backend() as backend, bar:
-        record, result = backend.approve(decision, watch)
+        record, result = backend.approve(decision, watch, agents)
     verb = "approved" if record.approved else "rejected"
     if as_json:
         data = {"decision": record.model_dump(mode="json"), "result": result.to_dict() if result else None}

@@ -314,7 +314,7 @@ class SQLStore(ABC):
                        attempts=COALESCE(?, attempts),
                        output_json=CASE WHEN ? THEN ? ELSE output_json END,
                        error=?,
-                       started_at=COALESCE(?, started_at),
+                       started_at=CASE WHEN ? THEN COALESCE(started_at, ?) ELSE COALESCE(?, started_at) END,
                        finished_at=?,
                        cached=?
                    WHERE run_id=? AND step_id=?"""
@@ -325,7 +325,10 @@ class SQLStore(ABC):
                 succeeded,
                 change.output_json,
                 change.error,
-                now if status in (StepStatus.RUNNING, StepStatus.WAITING) else None,
+                # an approval gate's wait starts once: reopened after a resume, it keeps its deadline
+                status == StepStatus.WAITING,
+                now,
+                now if status == StepStatus.RUNNING else None,
                 now if status in FINAL_STEP_STATUSES else None,
                 change.cached,
                 change.run_id,
@@ -411,7 +414,8 @@ class SQLStore(ABC):
             ).fetchall()
             cur.execute(
                 self._sql(
-                    "UPDATE steps SET status=?, error=NULL, finished_at=NULL WHERE run_id=? AND status NOT IN (?,?)"
+                    "UPDATE steps SET status=?, error=NULL, started_at=NULL, finished_at=NULL"
+                    " WHERE run_id=? AND status NOT IN (?,?)"
                 ),
                 (StepStatus.PENDING.value, run_id, StepStatus.SUCCEEDED.value, StepStatus.WAITING.value),
             )

@@ -103,3 +103,6 @@ def test_budget_option(cli_env: dict[str, str], tmp_path: Path) -> None:
     data = json.loads(stopped.stdout)
     assert data["status"] == "failed" and "budget reached: max_steps is 1" in data["error"]
     assert f"factory resume {data['run_id']} --budget max_steps=N" in data["error"]
+    status = json.loads(factory(cli_env, "status", data["run_id"], "--json").stdout)
+    assert {s["step_id"]: s["status"] for s in status["steps"]} == {"one": "succeeded", "two": "cancelled"}
+    assert {s["step_id"]: s["attempts"] for s in status["steps"]}["two"] == 0  # never started

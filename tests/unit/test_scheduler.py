@@ -23,6 +23,7 @@ from factory.outcome import Outcome
 from factory.scheduler import (
     MAX_NODE_LOSSES,
     Action,
+    ProposeDecision,
     Publish,
     RunScheduler,
     Stop,
@@ -130,6 +131,9 @@ class FakeRay:
                 self.tasks[action.token] = _Task(action.step_id, action.index, _Ref())
             elif isinstance(action, Publish):
                 self.refs[action.step_id] = _Ref(Outcome(ok=True, output_json=action.output_json))
+            elif isinstance(action, ProposeDecision):  # the store keeps the first decision
+                standing = self.decisions.setdefault(action.decision.step_id, action.decision)
+                self._apply(self.scheduler.on_decision(standing, self.now))
             elif isinstance(action, Stop):
                 self.tasks.pop(action.token, None)
                 self.done = [d for d in self.done if d[0] != action.token]
@@ -677,3 +681,28 @@ def test_what_a_run_used_counts_on_after_a_crash() -> None:
     sim.drive_to_end()
     assert sim.finish() == RunStatus.FAILED
     assert sum(sim.runs.values()) == 4  # s4 was refused: 5 attempts over both sessions
+
+
+def test_a_budget_passed_by_the_last_result_does_not_fail_a_finished_run() -> None:
+    scheduler = _scheduler_with({"max_tokens": 10})
+    tokens = [a.token for a in scheduler.start(0.0) if isinstance(a, SubmitStep)]
+    scheduler.on_result(tokens[0], Outcome(ok=True, output_json="1"), 1.0)
+    actions = scheduler.on_result(tokens[1], Outcome(ok=True, output_json="1"), 1.0)
+    (last,) = [a.token for a in actions if isinstance(a, SubmitStep)] or [tokens[2]]
+    scheduler.on_result(last, Outcome(ok=True, output_json="1", extra={"usage": _usage(30, 5)}), 2.0)
+    assert scheduler.finished and scheduler.finish().status == RunStatus.SUCCEEDED
+    assert any(isinstance(c, EventChange) and c.event == "run.budget_exceeded" for c in scheduler.take_changes())
+
+
+def test_a_budget_of_starts_turns_eager_submission_off() -> None:
+    """With max_steps or max_attempts, a dependant is submitted only once it may start: Ray
+    cannot run it before the budget is checked."""
+    chain = [_step(0, [], None, 1)] + [_step(i, [f"s{i - 1}"], None, 1) for i in range(1, 5)]
+    sim = _budgeted({"max_steps": 2}, chain)
+    assert [t.step_id for t in sim.tasks.values()] == ["s0"]
+    while sim.ready():  # Ray runs whatever was submitted, in any order
+        sim.complete(sim.ready()[0], "ok")
+        while sim.done:
+            sim.collect(0)
+    sim.drive_to_end()
+    assert sim.finish() == RunStatus.FAILED and sum(sim.runs.values()) == 2
