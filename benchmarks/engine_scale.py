@@ -1,0 +1,392 @@
+"""Engine at scale: many runs at once in one process, very large workflows, and a profile.
+
+Used by ``python -m benchmarks.engine`` (``--concurrent N``, ``--huge SIZES``, ``--profile``);
+``python -m benchmarks.engine_scale case ...`` is the child process of ``--huge``: it runs one
+large workflow and prints its wall time and its own peak RSS as JSON on the last line.
+
+Figures are wall times on a shared machine: each is printed with the load average
+(``os.getloadavg``) at the time it was taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import logging
+import os
+import pstats
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+import factory
+from benchmarks import dagfuncs
+from factory.settings import Settings
+from factory.spec import Step, Workflow
+from factory.store import Store
+from factory.store.sqlite import SQLiteStore
+
+REPO = Path(__file__).resolve().parent.parent
+HUGE_CHAIN_LENGTH = 100  # the large workflows are parallel chains of this many steps
+HUGE_TIMEOUT_SECONDS = 900.0  # a large workflow's child process is stopped after this long
+RSS_POLL_SECONDS = 0.5  # how often the parent reads the child's peak RSS (kept if it is stopped)
+PROFILE_TOP = 25  # functions listed per profile
+
+
+def _fn(name: str) -> str:
+    return f"benchmarks.dagfuncs:{name}"
+
+
+def load() -> str:
+    """The 1, 5 and 15 minute load averages, for the line beside a figure."""
+    one, five, fifteen = os.getloadavg()
+    return f"load {one:.1f}/{five:.1f}/{fifteen:.1f}"
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+# -- many runs at once ----------------------------------------------------------------------------
+
+
+def small_workflow() -> Workflow:
+    """Five steps, a diamond and a tail: s0 -> (s1, s2) -> s3 -> s4. s4 = (0+1+1) + 1*1 + 1 = 4."""
+    return Workflow(
+        name="small-5",
+        steps=[
+            Step(id="s0", python=_fn("inc"), with_={"x": 0}),
+            Step(id="s1", python=_fn("inc"), with_={"x": "${steps.s0.output}"}),
+            Step(id="s2", python=_fn("square"), with_={"x": "${steps.s0.output}"}),
+            Step(id="s3", python=_fn("add"), with_={"a": "${steps.s1.output}", "b": "${steps.s2.output}"}),
+            Step(id="s4", python=_fn("inc"), with_={"x": "${steps.s3.output}"}),
+        ],
+    )
+
+
+SMALL_STEPS = 5
+SMALL_RESULT = 4
+
+
+_REMOTES: dict[str, Any] = {}
+_REMOTES_LOCK = threading.Lock()
+
+
+def _remote(name: str) -> Any:
+    """dagfuncs.NAME as a Ray remote function, made once (each ray.remote() exports it anew)."""
+    with _REMOTES_LOCK:
+        if name not in _REMOTES:
+            _REMOTES[name] = ray.remote(getattr(dagfuncs, name))
+        return _REMOTES[name]
+
+
+def raw_small() -> Any:
+    """The same five tasks on raw Ray, the last one awaited."""
+    inc, square, add = _remote("inc"), _remote("square"), _remote("add")
+    s0 = inc.remote(0)
+    s3 = add.remote(inc.remote(s0), square.remote(s0))
+    return ray.get(inc.remote(s3))
+
+
+@dataclass
+class Concurrent:
+    """N runs started at once: from the first start to the last finish, and each run's latency."""
+
+    runs: int
+    wall: float
+    latencies: list[float] = field(default_factory=list)
+    failures: int = 0
+
+    @property
+    def per_second(self) -> float:
+        return self.runs / self.wall if self.wall > 0 else float("nan")
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "runs": self.runs,
+            "wall_s": round(self.wall, 3),
+            "runs_per_s": round(self.per_second, 2),
+            "p50_s": round(_percentile(self.latencies, 0.50), 3),
+            "p99_s": round(_percentile(self.latencies, 0.99), 3),
+            "failures": self.failures,
+        }
+
+
+def _at_once(n: int, one: Callable[[], bool]) -> Concurrent:
+    """``one()`` in each of n threads, all released together; ``one`` returns whether it succeeded."""
+    gate = threading.Barrier(n + 1)
+    latencies: list[float] = [0.0] * n
+    ends: list[float] = [0.0] * n
+    ok: list[bool] = [False] * n
+
+    def body(i: int) -> None:
+        gate.wait()
+        start = time.perf_counter()
+        try:
+            ok[i] = one()
+        except Exception as exc:  # noqa: BLE001 - counted as a failure, reported below
+            print(f"run {i} raised {type(exc).__name__}: {exc}", file=sys.stderr)
+        ends[i] = time.perf_counter()
+        latencies[i] = ends[i] - start
+
+    threads = [threading.Thread(target=body, args=(i,), name=f"bench-run-{i}", daemon=True) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    first = time.perf_counter()
+    gate.wait()
+    for thread in threads:
+        thread.join()
+    return Concurrent(n, max(ends) - first, latencies, failures=ok.count(False))
+
+
+def concurrent_factory(n: int, settings: Settings, store: Store | None) -> Concurrent:
+    """n runs of the 5-step workflow, each ``factory.run`` in its own thread of this process (a
+    coordinator per thread, as the runner actor hosts them). ``store`` shared by all of them, or
+    None: each run opens its own connection from ``settings`` (the runner actor's way)."""
+    workflow = small_workflow()
+
+    def one() -> bool:
+        result = factory.run(workflow, store=store, settings=settings)
+        return result.ok and result.outputs["s4"] == SMALL_RESULT
+
+    return _at_once(n, one)
+
+
+def concurrent_raw(n: int) -> Concurrent:
+    """The same n 5-task DAGs on raw Ray, each submitted and awaited from its own thread."""
+    return _at_once(n, lambda: raw_small() == SMALL_RESULT)
+
+
+def run_concurrent(n: int, repeat: int, settings: Settings, store: Store, per_run_store: bool) -> dict[str, Any]:
+    """Alternate raw and Factory rounds ``repeat`` times; keep each side's best throughput round."""
+    # warm: workers, imports, the store
+    concurrent_raw(min(n, 8))
+    concurrent_factory(min(n, 8), settings, None if per_run_store else store)
+    best_raw: Concurrent | None = None
+    best_fac: Concurrent | None = None
+    loads: list[str] = []
+    for _ in range(repeat):
+        loads.append(load())
+        raw = concurrent_raw(n)
+        fac = concurrent_factory(n, settings, None if per_run_store else store)
+        if best_raw is None or raw.per_second > best_raw.per_second:
+            best_raw = raw
+        if best_fac is None or fac.per_second > best_fac.per_second:
+            best_fac = fac
+    assert best_raw is not None and best_fac is not None
+    return {
+        "concurrent": n,
+        "tasks": n * SMALL_STEPS,
+        "store": "one connection per run" if per_run_store else "one shared store",
+        "raw": best_raw.summary(),
+        "factory": best_fac.summary(),
+        "throughput_ratio": round(best_fac.per_second / best_raw.per_second, 3),
+        "p99_ratio": round(_percentile(best_fac.latencies, 0.99) / _percentile(best_raw.latencies, 0.99), 3),
+        "loads": loads,
+    }
+
+
+def print_concurrent(report: dict[str, Any]) -> None:
+    n = report["concurrent"]
+    print(f"\n{n} runs of 5 steps at once in this process ({report['tasks']} tasks; {report['store']}); best of rounds")
+    print(f"{'':<10}{'runs/s':>9}{'wall s':>9}{'p50 s':>9}{'p99 s':>9}{'failed':>8}")
+    for label in ("raw", "factory"):
+        s = report[label]
+        print(
+            f"{label:<10}{s['runs_per_s']:>9.1f}{s['wall_s']:>9.3f}{s['p50_s']:>9.3f}{s['p99_s']:>9.3f}{s['failures']:>8}"
+        )
+    met = "met" if report["throughput_ratio"] >= 0.5 else "NOT met"
+    print(
+        f"throughput Factory/raw {report['throughput_ratio']:.2f} (target >= 0.5: {met}), "
+        f"p99 Factory/raw {report['p99_ratio']:.2f}; {', '.join(report['loads'])}"
+    )
+
+
+# -- very large workflows, each in a fresh process ---------------------------------------------------
+
+
+def chains_workflow(steps: int, length: int = HUGE_CHAIN_LENGTH) -> Workflow:
+    """``steps // length`` parallel chains of ``length`` steps: step k depends on step k - width."""
+    width = max(1, steps // length)
+    items: list[Step] = []
+    for k in range(steps):
+        deps = {"x": f"${{steps.b{k - width}.output}}"} if k >= width else {"x": k}
+        items.append(Step(id=f"b{k}", python=_fn("inc"), with_=deps))
+    return Workflow(name=f"chains-{width}x{length}", steps=items)
+
+
+def for_each_workflow(items: int) -> Workflow:
+    return Workflow(
+        name=f"for-each-{items}",
+        steps=[
+            Step(id="source", python=_fn("numbers"), with_={"n": items}),
+            Step(id="square", python=_fn("square"), for_each="${steps.source.output}", with_={"x": "${item}"}),
+            Step(id="total", python=_fn("total"), with_={"values": "${steps.square.output}"}),
+        ],
+    )
+
+
+def huge_settings(home: str, steps: int) -> Settings:
+    """The limits a workflow of ``steps`` steps (or a for_each of ``steps`` items) needs, raised
+    explicitly for the benchmark (their defaults guard an API against oversized documents)."""
+    defaults = Settings(home=home)
+    return Settings(
+        home=home,
+        max_for_each_items=max(defaults.max_for_each_items, steps),
+        workflow_max_steps=max(defaults.workflow_max_steps, steps),
+        workflow_max_nodes=max(defaults.workflow_max_nodes, steps * 8),
+        workflow_max_bytes=max(defaults.workflow_max_bytes, steps * 128),
+    )
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_case(kind: str, steps: int) -> dict[str, Any]:
+    """In this (fresh) process: one large workflow through the Factory on SQLite."""
+    home = tempfile.mkdtemp(prefix="factory-huge-")
+    settings = huge_settings(home, steps)
+    store = SQLiteStore(os.path.join(home, "factory.db"))
+    ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    factory.run(chains_workflow(20, 10), store=store, settings=settings)  # warm the workers
+    before = _peak_mb()
+    build_start = time.perf_counter()
+    if kind == "chains":
+        workflow, last, expected = chains_workflow(steps), f"b{steps - 1}", None
+    else:
+        workflow, last, expected = for_each_workflow(steps), "total", sum(x * x for x in range(steps))
+    built = time.perf_counter() - build_start
+    start = time.perf_counter()
+    result = factory.run(workflow, store=store, settings=settings)
+    wall = time.perf_counter() - start
+    if expected is None:
+        width = max(1, steps // HUGE_CHAIN_LENGTH)
+        expected = (steps - 1) % width + 1 + (steps - 1) // width  # its chain's seed, plus one per step
+    report = {
+        "kind": kind,
+        "steps": steps,
+        "status": result.status.value,
+        "correct": result.outputs.get(last) == expected,
+        "wall_s": round(wall, 2),
+        "build_s": round(built, 2),
+        "peak_rss_mb": round(_peak_mb()),
+        "peak_rss_before_run_mb": round(before),
+        "load": load(),
+    }
+    ray.shutdown()
+    return report
+
+
+def _child_peak_mb(pid: int) -> float | None:
+    """The child's peak RSS so far (VmHWM), read from /proc; None when it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_huge(kind: str, steps: int, timeout: float) -> dict[str, Any]:
+    """One large workflow in a fresh child process (its peak RSS is its own); stopped after
+    ``timeout`` seconds, in which case the time and the peak RSS seen so far are reported."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    command = [sys.executable, "-m", "benchmarks.engine_scale", "case", kind, str(steps)]
+    start = time.perf_counter()
+    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak: float | None = None
+    while child.poll() is None and time.perf_counter() - start < timeout:
+        peak = _child_peak_mb(child.pid) or peak
+        time.sleep(RSS_POLL_SECONDS)
+    if child.poll() is None:
+        child.kill()
+        child.communicate()
+        return {
+            "kind": kind,
+            "steps": steps,
+            "status": f"stopped after {timeout:.0f}s",
+            "peak_rss_mb": round(peak or 0),
+            "load": load(),
+        }
+    out, err = child.communicate()
+    lines = out.strip().splitlines()
+    if child.returncode != 0 or not lines:
+        return {"kind": kind, "steps": steps, "status": f"exit {child.returncode}: {err.strip()[-600:]}"}
+    return dict(json.loads(lines[-1]))
+
+
+def print_huge(report: dict[str, Any]) -> None:
+    what = (
+        f"{report['steps'] // HUGE_CHAIN_LENGTH} chains of {HUGE_CHAIN_LENGTH}"
+        if report["kind"] == "chains"
+        else f"one for_each of {report['steps']}"
+    )
+    if "wall_s" not in report:
+        print(f"{report['steps']:>8} steps, {what}: {report['status']}, peak RSS so far {report.get('peak_rss_mb')} MB")
+        return
+    print(
+        f"{report['steps']:>8} steps, {what}: {report['status']} (output correct: {report['correct']}) "
+        f"in {report['wall_s']:.1f}s, coordinator peak RSS {report['peak_rss_mb']} MB "
+        f"({report['peak_rss_before_run_mb']} MB before the run); {report['load']}"
+    )
+
+
+# -- a profile of the coordinator -------------------------------------------------------------------
+
+
+def profile_run(label: str, workflow: Workflow, store: Store, settings: Settings, out_dir: str | None) -> str:
+    """One Factory run under cProfile (the coordinator runs in this thread); returns the report:
+    wall time with and without the profiler, and the top functions by own and cumulative time."""
+    start = time.perf_counter()
+    factory.run(workflow, store=store, settings=settings)
+    plain = time.perf_counter() - start
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    result = factory.run(workflow, store=store, settings=settings)
+    profiler.disable()
+    profiled = time.perf_counter() - start
+    assert result.ok, result.error
+    if out_dir:
+        profiler.dump_stats(os.path.join(out_dir, f"{label}.prof"))
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    text.write(
+        f"== {label}: {len(workflow.steps)} steps, {plain:.3f}s unprofiled, {profiled:.3f}s under cProfile; {load()}\n"
+    )
+    stats.sort_stats("tottime").print_stats(PROFILE_TOP)
+    stats.sort_stats("cumulative").print_stats(PROFILE_TOP)
+    return text.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    case = sub.add_parser("case", help="run one large workflow in this process (the child of --huge)")
+    case.add_argument("kind", choices=["chains", "for_each"])
+    case.add_argument("steps", type=int)
+    args = parser.parse_args()
+    if args.command == "case":
+        print(json.dumps(run_case(args.kind, args.steps)))
+
+
+if __name__ == "__main__":
+    main()
