@@ -181,9 +181,14 @@ def main() -> None:
     parser.add_argument("--huge-timeout", type=float, default=engine_scale.HUGE_TIMEOUT_SECONDS)
     parser.add_argument("--profile", action="store_true", help="profile the chain, fan-out and lattice runs")
     parser.add_argument("--profile-dir", help="with --profile: also write each .prof file here")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="each DAG also as the Factory's worker tasks alone and with a store that commits nothing",
+    )
     args = parser.parse_args()
     if args.only is None:
-        special = args.concurrent or args.huge or args.profile
+        special = args.concurrent or args.huge or args.profile or args.breakdown
         args.only = "" if special else "chain,fanout,lattice"
 
     home = tempfile.mkdtemp(prefix="factory-bench-")
@@ -233,6 +238,13 @@ def main() -> None:
     if names:
         tasks = {"chain": args.chain, "fanout": args.fanout + 2, "lattice": args.lattice**2}  # Ray tasks per DAG
         _table(names, cases, backends, args.repeat, tasks)
+    if args.breakdown:
+        print("\nbreakdown, best of --repeat (x: ratio to raw Ray); wrapper: the Factory's worker tasks chained")
+        print("by ObjectRefs, no coordinator; no-commit: the coordinator with a store whose record() does nothing")
+        print(engine_scale.BREAKDOWN_HEADER)
+        for name in ("chain", "fanout", "lattice"):
+            title, raw_fn, workflow, _ = cases[name]
+            print(engine_scale.breakdown(title, raw_fn, workflow, home, settings, args.repeat))
     if args.profile:
         for name in ("chain", "fanout", "lattice"):
             _, _, workflow, _ = cases[name]

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,12 @@ import ray
 
 import factory
 from benchmarks import dagfuncs
+from factory.dag import build_graph
+from factory.refs import Context, resolve
+from factory.runtime import Outcome, StepCall, execute_item, execute_step
 from factory.settings import Settings
 from factory.spec import Step, Workflow
-from factory.store import Store
+from factory.store import Change, Store
 from factory.store.sqlite import SQLiteStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -375,6 +378,81 @@ def profile_run(label: str, workflow: Workflow, store: Store, settings: Settings
     stats.sort_stats("tottime").print_stats(PROFILE_TOP)
     stats.sort_stats("cumulative").print_stats(PROFILE_TOP)
     return text.getvalue()
+
+
+# -- where the overhead goes: the worker's wrapper alone, the coordinator without commits ----------
+
+
+class NoCommitStore(SQLiteStore):
+    """A SQLite store whose ``record`` writes nothing: the coordinator's cost without its commits
+    (the lease, the run row and the reads still go to SQLite). For the breakdown only."""
+
+    def record(self, changes: list[Change], owner: str | None = None) -> None:
+        return None
+
+
+def wrapper_only(workflow: Workflow) -> Any:
+    """The workflow's steps as the Factory's own Ray tasks (runtime.execute_step / execute_item,
+    the worker-side wrapper: reference resolution, output capture, JSON) chained by ObjectRefs,
+    with no coordinator, no store: what the wrapper adds to raw Ray. Returns the last output."""
+    graph = build_graph(workflow)
+    refs: dict[str, Any] = {}
+    for step_id in graph.order:
+        step = next(s for s in workflow.steps if s.id == step_id)
+        deps = graph.deps[step_id]
+        call = StepCall(
+            step_id=step_id,
+            target=step.python or "",
+            arguments=step.with_,
+            resolved=False,
+            inputs={},
+            dep_ids=tuple(deps),
+            search_path=(),
+            timeout=step.timeout,
+            retry=step.retry,
+        )
+        if step.for_each is None:
+            refs[step_id] = execute_step.remote(call, *[refs[d] for d in deps])
+            continue
+        outputs = {d: json.loads(ray.get(refs[d]).output_json) for d in deps}
+        items = resolve(step.for_each, Context({}, outputs))
+        item_refs = [
+            execute_item.remote(
+                replace(call, arguments=resolve(step.with_, Context({}, outputs, item, True)), resolved=True)
+            )
+            for item in items
+        ]
+        output_json = "[" + ",".join(outcome.output_json or "null" for outcome in ray.get(item_refs)) + "]"
+        refs[step_id] = ray.put(Outcome(ok=True, output_json=output_json))
+    return json.loads(ray.get(refs[graph.order[-1]]).output_json)
+
+
+def breakdown(
+    title: str, raw_fn: Callable[[], Any], workflow: Workflow, home: str, settings: Settings, repeat: int
+) -> str:
+    """Best-of-``repeat`` wall times of one DAG four ways, alternated round by round."""
+    sqlite = SQLiteStore(os.path.join(home, "breakdown.db"))
+    nocommit = NoCommitStore(os.path.join(home, "breakdown-nocommit.db"))
+    ways: dict[str, Callable[[], Any]] = {
+        "raw": raw_fn,
+        "wrapper": lambda: wrapper_only(workflow),
+        "nocommit": lambda: factory.run(workflow, store=nocommit, settings=settings),
+        "sqlite": lambda: factory.run(workflow, store=sqlite, settings=settings),
+    }
+    best = dict.fromkeys(ways, float("inf"))
+    for _ in range(repeat):
+        for name, fn in ways.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    raw = best["raw"]
+    cells = "".join(f"{best[name]:>12.3f}{best[name] / raw:>6.2f}" for name in ways)
+    return f"{title:<24}{cells}   {load()}"
+
+
+BREAKDOWN_HEADER = (
+    f"{'dag':<24}{'raw s':>12}{'':>6}{'wrapper s':>12}{'x':>6}{'no-commit s':>12}{'x':>6}{'sqlite s':>12}{'x':>6}"
+)
 
 
 def main() -> None:
