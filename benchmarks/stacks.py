@@ -22,7 +22,10 @@ _LOCATION = re.compile(r"\s*\((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
 def _function(frame: str) -> str:
-    """``name (path/to/file.py:123)`` -> ``name (file.py)``: one entry per function, not per line."""
+    """``name (path/to/file.py:123)`` -> ``name (file.py)``: one entry per function, not per line;
+    a process's frame (``process PID:"command line"``, with --subprocesses) cut to its start."""
+    if frame.startswith("process "):
+        return frame[:80]
     match = _LOCATION.search(frame)
     if match is None:
         return frame.strip()
