@@ -177,7 +177,7 @@ def main() -> None:
         "--per-run-store", action="store_true", help="--concurrent: each run opens its own store connection"
     )
     parser.add_argument("--huge", default="", help="comma-separated sizes of the large workflows, e.g. 10000,100000")
-    parser.add_argument("--huge-kinds", default="chains,for_each")
+    parser.add_argument("--huge-kinds", default="chains,for_each", help=f"of {','.join(engine_scale.HUGE_KINDS)}")
     parser.add_argument("--huge-timeout", type=float, default=engine_scale.HUGE_TIMEOUT_SECONDS)
     parser.add_argument("--profile", action="store_true", help="profile the chain, fan-out and lattice runs")
     parser.add_argument("--profile-dir", help="with --profile: also write each .prof file here")

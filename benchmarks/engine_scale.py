@@ -274,33 +274,67 @@ def run_case(kind: str, steps: int) -> dict[str, Any]:
         store.close()
 
 
+def raw_chains(steps: int, length: int = HUGE_CHAIN_LENGTH) -> int:
+    """chains_workflow(steps) on raw Ray (every task submitted at once, as the Factory does);
+    returns the last step's value."""
+    inc = _remote("inc")
+    width = max(1, steps // length)
+    refs: list[Any] = []
+    for k in range(steps):
+        refs.append(inc.remote(refs[k - width] if k >= width else k))
+    last = ray.get(refs[-1])
+    return int(last)
+
+
+HUGE_KINDS = ("chains", "for_each", "raw_chains", "wrapper_chains")
+
+
 def measure_case(kind: str, steps: int, store: Store, settings: Settings) -> dict[str, Any]:
-    """One large workflow through the Factory, after a small warm-up run: wall time, whether the
-    output is right, and this process's peak RSS (before and after)."""
+    """One large workflow, after a small warm-up run: wall time, whether the output is right,
+    and this process's peak RSS (before and after). ``chains`` and ``for_each`` go through the
+    Factory; ``raw_chains`` is the same chains on raw Ray and ``wrapper_chains`` the Factory's
+    worker tasks alone (wrapper_only), the baselines of the coordinator's memory."""
     factory.run(chains_workflow(20, 10), store=store, settings=settings)  # warm the workers
     before = _peak_mb()
     build_start = time.perf_counter()
-    if kind == "chains":
-        width = max(1, steps // HUGE_CHAIN_LENGTH)
-        workflow, last = chains_workflow(steps), f"b{steps - 1}"
-        expected = (steps - 1) % width + 1 + (steps - 1) // width  # its chain's seed, plus one per step
-    else:
+    width = max(1, steps // HUGE_CHAIN_LENGTH)
+    chain_end = (steps - 1) % width + 1 + (steps - 1) // width  # the last chain's seed, plus one per step
+    workflow: Workflow | None = None
+    if kind in ("chains", "wrapper_chains"):
+        workflow, last, expected = chains_workflow(steps), f"b{steps - 1}", chain_end
+    elif kind == "for_each":
         workflow, last, expected = for_each_workflow(steps), "total", sum(x * x for x in range(steps))
     built = time.perf_counter() - build_start
+    after_build = _current_mb()
     start = time.perf_counter()
-    result = factory.run(workflow, store=store, settings=settings)
+    if kind == "raw_chains":
+        status, correct = "succeeded", raw_chains(steps) == chain_end
+    elif kind == "wrapper_chains":
+        assert workflow is not None
+        status, correct = "succeeded", wrapper_only(workflow) == chain_end
+    else:
+        assert workflow is not None
+        result = factory.run(workflow, store=store, settings=settings)
+        status, correct = result.status.value, result.outputs.get(last) == expected
     wall = time.perf_counter() - start
     return {
         "kind": kind,
         "steps": steps,
-        "status": result.status.value,
-        "correct": result.outputs.get(last) == expected,
+        "status": status,
+        "correct": correct,
         "wall_s": round(wall, 2),
         "build_s": round(built, 2),
         "peak_rss_mb": round(_peak_mb()),
         "peak_rss_before_run_mb": round(before),
+        "rss_after_build_mb": round(after_build),
         "load": load(),
     }
+
+
+def _current_mb() -> float:
+    """This process's resident set now (not its peak)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _child_peak_mb(pid: int) -> float | None:
@@ -344,18 +378,21 @@ def run_huge(kind: str, steps: int, timeout: float) -> dict[str, Any]:
 
 
 def print_huge(report: dict[str, Any]) -> None:
-    what = (
-        f"{report['steps'] // HUGE_CHAIN_LENGTH} chains of {HUGE_CHAIN_LENGTH}"
-        if report["kind"] == "chains"
-        else f"one for_each of {report['steps']}"
-    )
+    chains = f"{report['steps'] // HUGE_CHAIN_LENGTH} chains of {HUGE_CHAIN_LENGTH}"
+    what = {
+        "chains": chains,
+        "for_each": f"one for_each of {report['steps']}",
+        "raw_chains": f"{chains} on raw Ray",
+        "wrapper_chains": f"{chains} as the Factory's tasks, no coordinator",
+    }[report["kind"]]
     if "wall_s" not in report:
         print(f"{report['steps']:>8} steps, {what}: {report['status']}, peak RSS so far {report.get('peak_rss_mb')} MB")
         return
     print(
         f"{report['steps']:>8} steps, {what}: {report['status']} (output correct: {report['correct']}) "
         f"in {report['wall_s']:.1f}s, coordinator peak RSS {report['peak_rss_mb']} MB "
-        f"({report['peak_rss_before_run_mb']} MB before the run); {report['load']}"
+        f"({report['peak_rss_before_run_mb']} MB before, {report.get('rss_after_build_mb', '?')} MB with the "
+        f"workflow built); {report['load']}"
     )
 
 
@@ -407,9 +444,10 @@ def wrapper_only(workflow: Workflow) -> Any:
     the worker-side wrapper: reference resolution, output capture, JSON) chained by ObjectRefs,
     with no coordinator, no store: what the wrapper adds to raw Ray. Returns the last output."""
     graph = build_graph(workflow)
+    by_id = {s.id: s for s in workflow.steps}
     refs: dict[str, Any] = {}
     for step_id in graph.order:
-        step = next(s for s in workflow.steps if s.id == step_id)
+        step = by_id[step_id]
         deps = graph.deps[step_id]
         call = StepCall(
             step_id=step_id,
@@ -470,7 +508,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     case = sub.add_parser("case", help="run one large workflow in this process (the child of --huge)")
-    case.add_argument("kind", choices=["chains", "for_each"])
+    case.add_argument("kind", choices=HUGE_KINDS)
     case.add_argument("steps", type=int)
     args = parser.parse_args()
     if args.command == "case":
