@@ -43,6 +43,7 @@ from factory.store.sqlite import SQLiteStore
 REPO = Path(__file__).resolve().parent.parent
 HUGE_CHAIN_LENGTH = 100  # the large workflows are parallel chains of this many steps
 HUGE_TIMEOUT_SECONDS = 900.0  # a large workflow's child process is stopped after this long
+SHUTDOWN_GRACE_SECONDS = 120.0  # a child that reported gets this long to shut its Ray down
 RSS_POLL_SECONDS = 0.5  # how often the parent reads the child's peak RSS (kept if it is stopped)
 PROFILE_TOP = 25  # functions listed per profile
 
@@ -262,7 +263,8 @@ def _peak_mb() -> float:
 
 
 def run_case(kind: str, steps: int) -> dict[str, Any]:
-    """In this (fresh) process: one large workflow through the Factory on SQLite."""
+    """In this (fresh) process: one large workflow on SQLite. Ray stays up (the caller prints
+    the report first: shutting a driver down after 100,000 tasks can take minutes)."""
     home = tempfile.mkdtemp(prefix="factory-huge-")
     settings = huge_settings(home, steps)
     store = SQLiteStore(os.path.join(home, "factory.db"))
@@ -270,7 +272,6 @@ def run_case(kind: str, steps: int) -> dict[str, Any]:
     try:
         return measure_case(kind, steps, store, settings)
     finally:
-        ray.shutdown()
         store.close()
 
 
@@ -350,31 +351,47 @@ def _child_peak_mb(pid: int) -> float | None:
 
 def run_huge(kind: str, steps: int, timeout: float) -> dict[str, Any]:
     """One large workflow in a fresh child process (its peak RSS is its own); stopped after
-    ``timeout`` seconds, in which case the time and the peak RSS seen so far are reported."""
+    ``timeout`` seconds, in which case the time and the peak RSS seen so far are reported.
+    The child prints its report before it shuts its Ray down, and is stopped if that takes
+    longer than SHUTDOWN_GRACE_SECONDS."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     command = [sys.executable, "-m", "benchmarks.engine_scale", "case", kind, str(steps)]
-    start = time.perf_counter()
-    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak: float | None = None
-    while child.poll() is None and time.perf_counter() - start < timeout:
-        peak = _child_peak_mb(child.pid) or peak
-        time.sleep(RSS_POLL_SECONDS)
-    if child.poll() is None:
-        child.kill()
-        child.communicate()
-        return {
-            "kind": kind,
-            "steps": steps,
-            "status": f"stopped after {timeout:.0f}s",
-            "peak_rss_mb": round(peak or 0),
-            "load": load(),
-        }
-    out, err = child.communicate()
-    lines = out.strip().splitlines()
-    if child.returncode != 0 or not lines:
-        return {"kind": kind, "steps": steps, "status": f"exit {child.returncode}: {err.strip()[-600:]}"}
-    return dict(json.loads(lines[-1]))
+    lines: list[str] = []
+    with tempfile.TemporaryFile(mode="w+") as errors:
+        start = time.perf_counter()
+        child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
+        assert child.stdout is not None
+        reader = threading.Thread(target=lambda: lines.extend(child.stdout or []), daemon=True)
+        reader.start()
+        peak: float | None = None
+        while child.poll() is None and time.perf_counter() - start < timeout:
+            if any(line.startswith("{") for line in lines):
+                break
+            peak = _child_peak_mb(child.pid) or peak
+            time.sleep(RSS_POLL_SECONDS)
+        done = [line for line in lines if line.startswith("{")]
+        if done:  # let it shut its Ray down (so that the next case does not overlap), within reason
+            try:
+                child.wait(timeout=SHUTDOWN_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                child.terminate()
+        elif child.poll() is None:
+            child.terminate()
+        child.wait()
+        reader.join(timeout=5)
+        if done:
+            return dict(json.loads(done[-1]))
+        if time.perf_counter() - start >= timeout:
+            return {
+                "kind": kind,
+                "steps": steps,
+                "status": f"stopped after {timeout:.0f}s",
+                "peak_rss_mb": round(peak or 0),
+                "load": load(),
+            }
+        errors.seek(0)
+        return {"kind": kind, "steps": steps, "status": f"exit {child.returncode}: {errors.read().strip()[-600:]}"}
 
 
 def print_huge(report: dict[str, Any]) -> None:
@@ -512,7 +529,8 @@ def main() -> None:
     case.add_argument("steps", type=int)
     args = parser.parse_args()
     if args.command == "case":
-        print(json.dumps(run_case(args.kind, args.steps)))
+        print(json.dumps(run_case(args.kind, args.steps)), flush=True)
+        ray.shutdown()
 
 
 if __name__ == "__main__":
