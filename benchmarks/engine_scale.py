@@ -176,6 +176,27 @@ def concurrent_raw(n: int) -> Concurrent:
     return _at_once(n, lambda: raw_small() == SMALL_RESULT)
 
 
+SEQUENTIAL_RUNS = 50  # runs one at a time, for the CPU each costs this process
+
+
+def one_at_a_time(n: int, settings: Settings, store: Store) -> dict[str, float]:
+    """The 5-step run n times one after the other, raw and through the Factory: wall time and
+    this thread's CPU per run (what many runs at once pay under one GIL)."""
+    workflow = small_workflow()
+    figures: dict[str, float] = {}
+    sides: dict[str, Callable[[], Any]] = {
+        "raw": raw_small,
+        "factory": lambda: factory.run(workflow, store=store, settings=settings),
+    }
+    for side, fn in sides.items():
+        start, cpu = time.perf_counter(), time.thread_time()
+        for _ in range(n):
+            fn()
+        figures[f"{side}_ms"] = round(1e3 * (time.perf_counter() - start) / n, 2)
+        figures[f"{side}_cpu_ms"] = round(1e3 * (time.thread_time() - cpu) / n, 2)
+    return figures
+
+
 def run_concurrent(n: int, repeat: int, settings: Settings, store: Store, per_run_store: bool) -> dict[str, Any]:
     """Alternate raw and Factory rounds ``repeat`` times; keep each side's best throughput round."""
     # warm: workers, imports, the store
@@ -193,7 +214,10 @@ def run_concurrent(n: int, repeat: int, settings: Settings, store: Store, per_ru
         if best_fac is None or fac.per_second > best_fac.per_second:
             best_fac = fac
     assert best_raw is not None and best_fac is not None
+    sequential = one_at_a_time(SEQUENTIAL_RUNS, settings, store)
+    loads.append(load())
     return {
+        "one_at_a_time": sequential,
         "concurrent": n,
         "tasks": n * SMALL_STEPS,
         "store": "one connection per run" if per_run_store else "one shared store",
@@ -218,6 +242,11 @@ def print_concurrent(report: dict[str, Any]) -> None:
     print(
         f"throughput Factory/raw {report['throughput_ratio']:.2f} (target >= 0.5: {met}), "
         f"p99 Factory/raw {report['p99_ratio']:.2f}; {', '.join(report['loads'])}"
+    )
+    seq = report["one_at_a_time"]
+    print(
+        f"one at a time ({SEQUENTIAL_RUNS} runs): raw {seq['raw_ms']:.2f} ms wall, {seq['raw_cpu_ms']:.2f} ms CPU "
+        f"of this thread per run; Factory {seq['factory_ms']:.2f} ms wall, {seq['factory_cpu_ms']:.2f} ms CPU"
     )
 
 

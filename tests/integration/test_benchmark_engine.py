@@ -28,6 +28,7 @@ def test_concurrent_runs_report_throughput_and_latency(ray_cluster: str, factory
         assert figures["runs"] == 5 and figures["failures"] == 0
         assert figures["runs_per_s"] > 0 and 0 < figures["p50_s"] <= figures["p99_s"] <= figures["wall_s"]
     assert report["throughput_ratio"] > 0 and report["p99_ratio"] > 0
+    assert report["one_at_a_time"]["factory_cpu_ms"] > 0 and report["one_at_a_time"]["raw_ms"] > 0
 
 
 def test_large_workflow_cases_at_a_tiny_size(ray_cluster: str, factory_home: Path) -> None:
