@@ -35,27 +35,6 @@ from factory.store.base import (
     StepStatus,
 )
 
-# The statements of Store.record (the commit path), each run once per batch with executemany.
-_UPDATE_STEP = """UPDATE steps SET status=?,
-       attempts=COALESCE(?, attempts),
-       output_json=CASE WHEN ? THEN ? ELSE output_json END,
-       error=?,
-       started_at=COALESCE(?, started_at),
-       finished_at=?,
-       cached=?
-   WHERE run_id=? AND step_id=?"""
-_UPSERT_ATTEMPT = (
-    "INSERT INTO attempts (run_id, step_id, attempt, status, error, logs, duration, finished_at)"
-    " VALUES (?,?,?,?,?,?,?,?)"
-    " ON CONFLICT (run_id, step_id, attempt) DO UPDATE SET status=excluded.status,"
-    " error=excluded.error, logs=excluded.logs, duration=excluded.duration,"
-    " finished_at=excluded.finished_at"
-)
-_UPDATE_RUN = """UPDATE runs SET status=?, error=?,
-       started_at=CASE WHEN ? THEN COALESCE(started_at, ?) ELSE started_at END,
-       finished_at=?
-   WHERE id=?"""
-
 
 class Cursor(Protocol):
     def execute(self, sql: str, args: Sequence[Any] = ...) -> Any: ...
@@ -189,40 +168,35 @@ class SQLStore(ABC):
                             f"run {run_id} is now owned by another coordinator ({row[0] or 'none'}); "
                             "this one lost its lease and stops"
                         )
-            # one executemany per statement, rows in the order of the changes (a step's later change
-            # lands after its earlier one): SQLite prepares each statement once, psycopg pipelines them
-            step_rows: list[tuple[Any, ...]] = []
-            attempt_rows: list[tuple[Any, ...]] = []
-            run_rows: list[tuple[Any, ...]] = []
             events: list[tuple[Any, ...]] = []
             for change in changes:
                 data = dict(change.data)
                 if change.error is not None:
                     data["error"] = change.error
                 if isinstance(change, StepChange):
-                    self._step_rows(change, now, step_rows, attempt_rows)
+                    self._apply_step(cur, change, now)
                     if change.attempts is not None:
                         data["attempt"] = change.attempts
                     events.append((change.run_id, change.step_id, change.event, json.dumps(data), now))
                 else:
-                    run_rows.append(self._run_row(change, now))
+                    self._apply_run(cur, change, now)
                     events.append((change.run_id, None, change.event, json.dumps(data), now))
-            if step_rows:
-                cur.executemany(self._sql(_UPDATE_STEP), step_rows)
-            if attempt_rows:
-                cur.executemany(self._sql(_UPSERT_ATTEMPT), attempt_rows)
-            if run_rows:
-                cur.executemany(self._sql(_UPDATE_RUN), run_rows)
             self._insert_events(cur, events)
 
-    @staticmethod
-    def _step_rows(
-        change: StepChange, now: float, step_rows: list[tuple[Any, ...]], attempt_rows: list[tuple[Any, ...]]
-    ) -> None:
-        """The change's row for _UPDATE_STEP, and for _UPSERT_ATTEMPT when it ends an attempt."""
+    def _apply_step(self, cur: Cursor, change: StepChange, now: float) -> None:
         status = change.status
         succeeded = status == StepStatus.SUCCEEDED
-        step_rows.append(
+        cur.execute(
+            self._sql(
+                """UPDATE steps SET status=?,
+                       attempts=COALESCE(?, attempts),
+                       output_json=CASE WHEN ? THEN ? ELSE output_json END,
+                       error=?,
+                       started_at=COALESCE(?, started_at),
+                       finished_at=?,
+                       cached=?
+                   WHERE run_id=? AND step_id=?"""
+            ),
             (
                 status.value,
                 change.attempts,
@@ -234,10 +208,17 @@ class SQLStore(ABC):
                 change.cached,
                 change.run_id,
                 change.step_id,
-            )
+            ),
         )
         if change.attempt_logs is not None and change.attempts is not None:
-            attempt_rows.append(
+            cur.execute(
+                self._sql(
+                    "INSERT INTO attempts (run_id, step_id, attempt, status, error, logs, duration, finished_at)"
+                    " VALUES (?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT (run_id, step_id, attempt) DO UPDATE SET status=excluded.status,"
+                    " error=excluded.error, logs=excluded.logs, duration=excluded.duration,"
+                    " finished_at=excluded.finished_at"
+                ),
                 (
                     change.run_id,
                     change.step_id,
@@ -247,20 +228,26 @@ class SQLStore(ABC):
                     change.attempt_logs,
                     change.attempt_duration,
                     now,
-                )
+                ),
             )
 
-    @staticmethod
-    def _run_row(change: RunChange, now: float) -> tuple[Any, ...]:
-        """The change's row for _UPDATE_RUN."""
+    def _apply_run(self, cur: Cursor, change: RunChange, now: float) -> None:
         status = change.status
-        return (
-            status.value,
-            change.error,
-            status == RunStatus.RUNNING,
-            now,
-            now if status in FINAL_RUN_STATUSES else None,
-            change.run_id,
+        cur.execute(
+            self._sql(
+                """UPDATE runs SET status=?, error=?,
+                       started_at=CASE WHEN ? THEN COALESCE(started_at, ?) ELSE started_at END,
+                       finished_at=?
+                   WHERE id=?"""
+            ),
+            (
+                status.value,
+                change.error,
+                status == RunStatus.RUNNING,
+                now,
+                now if status in FINAL_RUN_STATUSES else None,
+                change.run_id,
+            ),
         )
 
     def append_event(self, run_id: str, step_id: str | None, type: str, data: dict[str, Any]) -> None:
