@@ -1,7 +1,8 @@
 """The Factory: durable AI workflows on Ray."""
 
 from factory.agent import Agent, HealthReport, agent
-from factory.api import cancel, resume, run
+from factory.api import approve, cancel, resume, run
+from factory.approvals import Decision
 from factory.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from factory.dag import load_workflow, validate_workflow
 from factory.engine import Progress, RunResult
@@ -16,6 +17,7 @@ __all__ = [
     "BreakerConfig",
     "BreakerState",
     "CircuitBreaker",
+    "Decision",
     "FactoryError",
     "HealthReport",
     "Progress",
@@ -27,6 +29,7 @@ __all__ = [
     "Workflow",
     "WorkflowValidationError",
     "agent",
+    "approve",
     "cancel",
     "load_workflow",
     "resume",

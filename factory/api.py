@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from factory.approvals import Decision, decide
 from factory.cache import RedisResultCache, ResultCache
 from factory.catalog import Catalog, load_catalog
 from factory.dag import Graph, build_graph, load_workflow, validate_workflow
@@ -18,10 +19,12 @@ from factory.owner import owner_is_gone
 from factory.raysession import ensure_ray
 from factory.redisbus import RedisEventPublisher
 from factory.settings import Settings, get_settings
-from factory.spec import Workflow
+from factory.spec import Budget, Workflow
 from factory.store import (
     FINAL_RUN_STATUSES,
     FINAL_STEP_STATUSES,
+    ApiKeyRecord,
+    ApprovalRecord,
     Change,
     RunChange,
     RunGrants,
@@ -117,6 +120,13 @@ def create_run(
             store.close()
 
 
+def with_budget(workflow: Workflow, budget: Budget | None) -> Workflow:
+    """The workflow with ``budget``'s limits replacing its own."""
+    if budget is None:
+        return workflow
+    return workflow.model_copy(update={"budget": (workflow.budget or Budget()).merged(budget)})
+
+
 def _agent_dispatcher(
     agents: Catalog | str | Path | None, workflow: Workflow, settings: Settings
 ) -> PoolDispatcher | None:
@@ -174,20 +184,26 @@ def run(
     on_start: Callable[[str], None] | None = None,
     run_id: str | None = None,
     agents: Catalog | str | Path | None = None,
+    validated: bool = False,
+    budget: Budget | None = None,
 ) -> RunResult:
     """Run a workflow to the end and return its result. Joins or starts Ray as needed.
 
     The run is durable: if this process dies, ``resume(run_id)`` finishes it.
-    ``agents`` (a Catalog or an agents.yaml path) serves the workflow's agent: and route: steps.
+    ``agents`` (a Catalog or an agents.yaml path) serves the workflow's agent: and route: steps;
+    the catalogue is read once. ``validated``: ``workflow`` is a Workflow that the caller
+    validated already (with :func:`factory.dag.load_workflow` and this catalogue and these
+    settings' limits), so it is not validated a second time. ``budget``: limits of this run,
+    replacing the workflow's own where it sets them.
     """
     settings = settings or get_settings()
     catalog = agents if isinstance(agents, Catalog) or agents is None else load_catalog(agents)
     limits = DocumentLimits.from_settings(settings)
-    workflow = (
-        validate_workflow(workflow, agents=catalog, limits=limits)
-        if isinstance(workflow, Workflow)
-        else load_workflow(workflow, agents=catalog, limits=limits)
-    )
+    if isinstance(workflow, Workflow):
+        workflow = workflow if validated else validate_workflow(workflow, agents=catalog, limits=limits)
+    else:
+        workflow = load_workflow(workflow, agents=catalog, limits=limits)
+    workflow = with_budget(workflow, budget)
     merged = merge_inputs(workflow, inputs, limits)
     graph = build_graph(workflow)
     own_store = store is None
@@ -198,10 +214,30 @@ def run(
         store.create_run(run_id, workflow.name, workflow.model_dump_json(by_alias=True), merged, graph.order)
         if on_start is not None:
             on_start(run_id)
-        with _coordinator(store, workflow, run_id, merged, settings, on_progress, agents, graph) as coordinator:
+        with _coordinator(store, workflow, run_id, merged, settings, on_progress, catalog, graph) as coordinator:
             coordinator.start()
             with event_publication(settings, store):
                 return coordinator.execute()
+    finally:
+        if own_store:
+            store.close()
+
+
+def approve(
+    decision: Decision,
+    *,
+    key: ApiKeyRecord | None = None,
+    store: Store | None = None,
+    settings: Settings | None = None,
+) -> ApprovalRecord:
+    """Record a decision at an approval gate that waits (``key`` None: the CLI on this machine).
+    The run goes on when it is resumed: by the coordinator that still runs it (it polls for
+    decisions), by :func:`resume`, or by the supervisor of a running Factory."""
+    settings = settings or get_settings()
+    own_store = store is None
+    store = store or store_for(settings)
+    try:
+        return decide(store, decision, key)
     finally:
         if own_store:
             store.close()
@@ -217,6 +253,7 @@ def resume(
     pending_only: bool = False,
     keep_cancel: bool = False,
     on_start: Callable[[str], None] | None = None,
+    budget: Budget | None = None,
 ) -> RunResult:
     """Run a pending run, or finish one that was interrupted, failed or cancelled. Steps
     that committed their output are not run again; every other step runs (again).
@@ -224,7 +261,9 @@ def resume(
     that is no longer pending (cancelled meanwhile) is left as it is. With ``keep_cancel``
     (the supervisor adopting an orphaned run) a cancel asked earlier is not forgotten.
     ``on_start(run_id)`` is called once this process runs it (an earlier cancel cleared, the
-    run ``running``): a cancel from then on stops the run."""
+    run ``running``): a cancel from then on stops the run. ``budget``: new limits for the
+    run (kept for later resumes), replacing those it had where it sets them; what the run
+    used so far still counts."""
     settings = settings or get_settings()
     own_store = store is None
     store = store or store_for(settings)
@@ -234,7 +273,7 @@ def resume(
             return RunResult(run_id, record.status, {}, f"the run is {record.status.value}, no longer pending")
         if record.status == RunStatus.SUCCEEDED:
             raise RunStateError(f"run {run_id} already succeeded; nothing to resume")
-        workflow = Workflow.model_validate_json(record.spec_json)
+        workflow = with_budget(Workflow.model_validate_json(record.spec_json), budget)
         ensure_ray(settings.ray_address)
         with _coordinator(
             store, workflow, run_id, record.inputs, settings, on_progress, agents, grants=record.grants
@@ -248,6 +287,8 @@ def resume(
                 )
             if not pending_only and not keep_cancel:
                 store.clear_cancel(run_id)  # resuming on purpose overrides an earlier cancel
+            if budget is not None:
+                store.set_run_spec(run_id, workflow.model_dump_json(by_alias=True))
             store.reset_unfinished_steps(run_id)
             # a run that once started keeps its committed steps, even if it waits as pending again
             # (a resume asked over the API marks it pending at once, see deployments/api.py)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from factory.errors import WorkflowValidationError
 
@@ -117,6 +117,11 @@ class Catalog(BaseModel):
 
     agents: list[AgentSpec] = Field(default_factory=list)
     routing: RoutingPolicy = Field(default_factory=RoutingPolicy)
+    _base_dir: str | None = PrivateAttr(default=None)  # the agents.yaml's folder: agent classes are found there
+
+    @property
+    def base_dir(self) -> str | None:
+        return self._base_dir
 
     @model_validator(mode="after")
     def _unique_names(self) -> Catalog:
@@ -145,7 +150,9 @@ def load_catalog(path: str | Path) -> Catalog:
     except yaml.YAMLError as exc:
         raise WorkflowValidationError([f"malformed YAML: {exc}"], str(path)) from exc
     try:
-        return Catalog.model_validate(data)
+        catalog = Catalog.model_validate(data)
+        catalog._base_dir = str(file.resolve().parent)
+        return catalog
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

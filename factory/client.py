@@ -26,6 +26,8 @@ from factory.errors import FactoryError
 from factory.limits import DocumentLimits
 
 FINAL = {"succeeded", "failed", "cancelled"}
+# a run parked at approval gates: nothing happens until someone decides, so a waiter stops here too
+PARKED = "waiting"
 KEEP_ALIVE = -1  # the id _server_sent_events gives a comment line
 FINAL_EVENTS = {"run.succeeded", "run.failed", "run.cancelled"}
 MAX_RECONNECT_DELAY = 5.0
@@ -104,6 +106,8 @@ class FactoryClient:
             except ValueError:
                 problem = {"detail": response.text[:500]}
             raise ApiError(response.status_code, problem if isinstance(problem, dict) else {"detail": str(problem)})
+        if response.status_code == 204:  # No Content (a DELETE)
+            return None
         return response.json()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -177,8 +181,16 @@ class FactoryClient:
     def cancel(self, run_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/runs/{_seg(run_id)}/cancel"))
 
-    def resume(self, run_id: str) -> dict[str, Any]:
-        return dict(self._request("POST", f"/v1/runs/{_seg(run_id)}/resume"))
+    def resume(self, run_id: str, budget: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resume a run; ``budget`` (e.g. ``{"max_attempts": 50}``) replaces limits it had."""
+        body = {"budget": budget} if budget else None
+        return dict(self._request("POST", f"/v1/runs/{_seg(run_id)}/resume", json=body))
+
+    def approve(self, run_id: str, step_id: str, approved: bool = True, comment: str = "") -> dict[str, Any]:
+        """Decide at an approval gate that waits; returns the decision, the run's status and
+        ``after_event_id`` (follow the run from there)."""
+        body = {"approved": approved, "comment": comment}
+        return dict(self._request("POST", f"/v1/runs/{_seg(run_id)}/steps/{_seg(step_id)}/approval", json=body))
 
     def events(
         self, run_id: str | None, after: int = 0, follow: bool = True, *, stop: threading.Event | None = None
@@ -251,8 +263,9 @@ class FactoryClient:
         after: int = 0,
         on_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Follow the run's events (after event ``after``) until it ends; returns the run with
-        its steps. ``on_event`` hears each event as it comes.
+        """Follow the run's events (after event ``after``) until it ends, or until it is parked
+        at approval gates (status ``waiting``); returns the run with its steps. ``on_event``
+        hears each event as it comes.
 
         With ``timeout`` (seconds), raise :class:`WaitTimeoutError` (a ``TimeoutError``) at the
         deadline, whatever the server does meanwhile: the events are followed by a helper thread,
@@ -295,14 +308,14 @@ class FactoryClient:
                 last = max(last, int(event["id"]))
                 if on_event is not None:
                     on_event(event)
-                if event["type"] in FINAL_EVENTS:
+                if event["type"] in FINAL_EVENTS or event["type"] == "run.waiting":
                     run = self._get_run_retrying(run_id, stop)
-                    if run["status"] in FINAL:  # else it was resumed since: keep following
+                    if run["status"] in FINAL or run["status"] == PARKED:  # else it was resumed since: follow on
                         return run
             if stop.is_set():
                 raise WaitTimeoutError(f"stopped waiting for run {run_id}")
             run = self._get_run_retrying(run_id, stop)
-            if run["status"] in FINAL:
+            if run["status"] in FINAL or run["status"] == PARKED:
                 return run
             stop.wait(self.reconnect_delay)  # the stream ended before the run (a proxy closed it): follow on
 
@@ -339,6 +352,30 @@ class FactoryClient:
         """Start a run of a registered workflow; returns the run id."""
         body = {"inputs": inputs or {}, "version": version}
         return str(self._request("POST", f"/v1/workflows/{_seg(name)}/runs", json=body)["run_id"])
+
+    def add_schedule(
+        self,
+        workflow: str | Path | dict[str, Any],
+        name: str | None = None,
+        secrets: list[str] | None = None,
+        base_dir: str | None = None,
+    ) -> dict[str, Any]:
+        """Register a workflow with a ``schedule:`` and schedule it (admin key); returns the schedule."""
+        body = {"workflow": self._workflow_data(workflow), "name": name, "secrets": secrets or [], "base_dir": base_dir}
+        return dict(self._request("POST", "/v1/schedules", json=body))
+
+    def list_schedules(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/schedules"))
+
+    def schedule_action(self, name: str, action: str) -> dict[str, Any] | None:
+        """pause, resume (the schedule after) or remove (None)."""
+        if action == "remove":
+            self._request("DELETE", f"/v1/schedules/{_seg(name)}")
+            return None
+        return dict(self._request("POST", f"/v1/schedules/{_seg(name)}/{_seg(action)}"))
+
+    def schedule_ticks(self, name: str, limit: int = 50) -> list[dict[str, Any]]:
+        return list(self._request("GET", f"/v1/schedules/{_seg(name)}/ticks", params={"limit": limit}))
 
     def create_key(
         self,

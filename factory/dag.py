@@ -60,6 +60,8 @@ def _reference_fields(step: Step) -> list[tuple[str, Any]]:
         fields.append(("container", step.container.model_dump()))
     if step.route is not None:
         fields.append(("route.text", step.route.text))
+    if step.approval is not None:
+        fields.append(("approval.message", step.approval.message))
     return fields
 
 

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -31,6 +31,9 @@ import ray
 from factory.callables import bind_arguments, import_callable
 from factory.errors import OutputNotSerializableError, OutputTooLargeError, StepInputError, StepTimeoutError
 from factory.limits import DEFAULT_MAX_OUTPUT_BYTES
+from factory.outcome import Outcome as Outcome  # re-exported: workers and pools build it here
+from factory.outcome import json_size
+from factory.outcome import limit_outcome as limit_outcome
 from factory.policy import check_python_grants
 from factory.refs import Context, resolve
 from factory.retry import is_retryable
@@ -70,21 +73,6 @@ class StepCall:
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES  # the max_output_bytes setting: larger outputs fail
 
 
-@dataclass(slots=True)
-class Outcome:
-    """The result of one attempt, as the coordinator records it."""
-
-    ok: bool
-    output_json: str | None = None
-    error: str | None = None
-    error_type: str | None = None
-    retryable: bool = False
-    skipped: bool = False  # a dependency failed: nothing ran
-    logs: str = ""
-    duration: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def _to_jsonable(value: Any) -> Any:
     model_dump = getattr(value, "model_dump", None)
     if callable(model_dump):
@@ -92,11 +80,6 @@ def _to_jsonable(value: Any) -> Any:
     if isinstance(value, set | frozenset | tuple):
         return list(value)
     raise TypeError(f"a {type(value).__name__} cannot be stored as JSON")
-
-
-def json_size(text: str) -> int:
-    """Bytes of ``text`` in UTF-8 (without encoding it when it is ASCII)."""
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def encode_output(value: Any, max_bytes: int | None = None) -> str:
@@ -114,24 +97,6 @@ def encode_output(value: Any, max_bytes: int | None = None) -> str:
         if size > max_bytes:
             raise OutputTooLargeError(size, max_bytes)
     return text
-
-
-def limit_outcome(outcome: Outcome, max_bytes: int, what: str = "the step's output") -> Outcome:
-    """The outcome, or a failed one (not retried) when its output is larger than ``max_bytes``:
-    for outputs that did not pass through :func:`encode_output` with the limit (agent steps)."""
-    text = outcome.output_json
-    if not outcome.ok or text is None or len(text) * 4 <= max_bytes or json_size(text) <= max_bytes:
-        return outcome
-    exc = OutputTooLargeError(json_size(text), max_bytes, what)
-    return Outcome(
-        ok=False,
-        error=f"{type(exc).__name__}: {exc}",
-        error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-        retryable=False,
-        logs=outcome.logs,
-        duration=outcome.duration,
-        extra=outcome.extra,
-    )
 
 
 def _real_stderr() -> Any:

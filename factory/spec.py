@@ -183,9 +183,53 @@ class RouteSpec(_Model):
         return check_resource_amounts(value)
 
 
+MAX_APPROVAL_MESSAGE = 4000
+MAX_APPROVERS = 50
+_APPROVER_RE = re.compile(r"^(scope:(submit|admin)|key:[A-Za-z0-9_.@-]{1,100}|local)$")
+
+
+class ApprovalSpec(_Model):
+    """A person decides before the workflow goes on. The run waits durably: nothing runs
+    meanwhile, the coordinator may exit, and the run goes on when the decision comes."""
+
+    message: str = Field(
+        min_length=1,
+        max_length=MAX_APPROVAL_MESSAGE,
+        description="What the approver is asked; may hold ${...} references (resolved when the gate opens).",
+    )
+    approvers: list[str] = Field(
+        default_factory=lambda: ["scope:admin"],
+        max_length=MAX_APPROVERS,
+        description=(
+            "Who may decide: scope:admin or scope:submit (API keys with that scope), key:NAME (the API key "
+            "of that name), local (the CLI on the Factory's own machine, which may always decide)."
+        ),
+    )
+    timeout: float | None = Field(
+        default=None, gt=0, description="Seconds to wait for a decision; none: wait for ever."
+    )
+    on_timeout: Literal["reject", "approve", "fail"] = Field(
+        default="reject", description="When the timeout passes: decide reject or approve, or fail the step."
+    )
+    on_reject: Literal["fail", "continue"] = Field(
+        default="fail",
+        description="A rejection fails the step (its descendants are skipped), or continues with approved: false.",
+    )
+
+    @field_validator("approvers")
+    @classmethod
+    def _check_approvers(cls, value: list[str]) -> list[str]:
+        bad = [a for a in value if not _APPROVER_RE.match(a)]
+        if bad:
+            raise ValueError(f"unknown approver {bad[0]!r}: use scope:admin, scope:submit, key:NAME or local")
+        if not value:
+            raise ValueError("an approval needs at least one approver (default: scope:admin)")
+        return value
+
+
 EXECUTORS = ("local", "dagger")
-StepKind = Literal["python", "container", "agent", "route"]
-_ACTIONS: tuple[StepKind, ...] = ("python", "container", "agent", "route")
+StepKind = Literal["python", "container", "agent", "route", "approval"]
+_ACTIONS: tuple[StepKind, ...] = ("python", "container", "agent", "route", "approval")
 
 
 class Step(_Model):
@@ -199,6 +243,9 @@ class Step(_Model):
     )
     agent: str | None = Field(default=None, description="Send the step to this agent's pool; `with` is the task.")
     route: RouteSpec | None = Field(default=None, description="Let the router pick the agent for this task.")
+    approval: ApprovalSpec | None = Field(
+        default=None, description="Wait for a person's decision; the decision is the step's output."
+    )
     with_: dict[str, Any] = Field(
         default_factory=dict, alias="with", description="Keyword arguments; may hold ${...} references."
     )
@@ -245,12 +292,20 @@ class Step(_Model):
         given = [name for name in _ACTIONS if getattr(self, name) is not None]
         if not given:
             raise ValueError(
-                "a step needs one action: python: 'module:function', container: {...}, agent: NAME or route: {...}"
+                "a step needs one action: python: 'module:function', container: {...}, agent: NAME, "
+                "route: {...} or approval: {...}"
             )
         if len(given) > 1:
             raise ValueError(f"a step has exactly one action; this one has {' and '.join(given)}")
         if self.executor is not None and self.container is None:
             raise ValueError("executor: applies to container steps only")
+        if self.approval is not None:
+            extra = [name for name, on in (("for_each", self.for_each is not None), ("cache", self.cache)) if on]
+            if extra or self.with_:
+                raise ValueError(
+                    f"an approval step takes no {(extra or ['with'])[0]}: it waits for a decision (put what the "
+                    "approver needs to know in approval.message)"
+                )
         return self
 
     @property
@@ -261,6 +316,79 @@ class Step(_Model):
         raise AssertionError("validated steps have an action")
 
 
+BUDGET_FIELDS = ("max_seconds", "max_steps", "max_attempts", "max_tokens", "max_cost_usd")
+
+
+class Budget(_Model):
+    """Limits a run stops at, cleanly: attempts in flight are stopped, unfinished steps are
+    cancelled, and the run fails saying which limit it reached. Counted over the whole run,
+    across resumes; `factory resume --budget` continues a run with a new one."""
+
+    max_seconds: float | None = Field(
+        default=None, gt=0, description="Seconds the run may run (time parked at approval gates not counted)."
+    )
+    max_steps: int | None = Field(default=None, ge=1, description="Steps the run may start.")
+    max_attempts: int | None = Field(
+        default=None, ge=1, description="Attempts in all: every try of every step, each for_each item counted."
+    )
+    max_tokens: int | None = Field(default=None, ge=1, description="Model tokens (in + out) the agents may use.")
+    max_cost_usd: float | None = Field(
+        default=None,
+        gt=0,
+        description="Estimated model cost in USD, from the agents' recorded usage and the model_prices setting.",
+    )
+
+    def merged(self, other: Budget | None) -> Budget:
+        """This budget with the limits ``other`` sets replacing its own."""
+        if other is None:
+            return self
+        return self.model_copy(update=other.model_dump(exclude_none=True))
+
+    @classmethod
+    def parse(cls, items: list[str]) -> Budget:
+        """From ``name=value`` texts (``max_attempts=20``): the CLI's --budget."""
+        data: dict[str, str] = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not name.startswith("max_"):
+                name = "max_" + name
+            if not sep or name not in BUDGET_FIELDS:
+                raise ValueError(f"--budget {item!r}: write NAME=VALUE with NAME one of {', '.join(BUDGET_FIELDS)}")
+            data[name] = value.strip()
+        return cls.model_validate(data)
+
+
+class Schedule(_Model):
+    """When a registered workflow runs by itself (``factory schedules add``): a cron expression
+    in a time zone, with the inputs of its runs. See docs/schedules.md."""
+
+    cron: str = Field(description="Five cron fields (minute hour day-of-month month day-of-week) or @daily, @hourly...")
+    timezone: str = Field(default="UTC", description="IANA time zone the cron fields are read in (DST handled).")
+    inputs: dict[str, Any] = Field(default_factory=dict, description="Input values of each run, over the defaults.")
+    catchup: Literal["skip", "run_once"] = Field(
+        default="skip",
+        description="Ticks missed while no scheduler ran: skip them, or run the latest of them once.",
+    )
+    overlap: Literal["skip", "allow"] = Field(
+        default="skip", description="A tick while the schedule's previous run still goes on: skip it, or run anyway."
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, value: str) -> str:
+        from factory.cron import check_cron
+
+        return check_cron(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        from factory.cron import check_timezone
+
+        return check_timezone(value)
+
+
 class Workflow(_Model):
     """A named DAG of steps with input defaults."""
 
@@ -268,6 +396,10 @@ class Workflow(_Model):
     description: str = ""
     inputs: dict[str, Any] = Field(default_factory=dict, description="Input names and their default values.")
     steps: list[Step] = Field(min_length=1)
+    budget: Budget | None = Field(default=None, description="Limits every run of this workflow stops at.")
+    schedule: Schedule | None = Field(
+        default=None, description="Run it on a cron schedule once added with `factory schedules add`."
+    )
     base_dir: str | None = Field(
         default=None,
         description="Directory step modules are imported from (set to the YAML file's folder by load_workflow).",

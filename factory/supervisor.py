@@ -149,10 +149,30 @@ class SupervisorActor:
                 done.append(
                     {"run_id": decision.run_id, "action": decision.action, "reason": decision.reason, "at": time.time()}
                 )
+            done += self._wake_waiting(store)
             self.log = (self.log + done)[-1000:]
             return done
         finally:
             store.close()
+
+    def _wake_waiting(self, store: Any) -> list[dict[str, Any]]:
+        """Parked runs (approval gates) that a decision or a gate's timeout lets go on: resumed."""
+        from factory.approvals import is_due
+        from factory.runner import get_runner
+
+        woken = []
+        now = time.time()
+        for run in store.list_runs(1000, RunStatus.WAITING):
+            if not is_due(store, run, now):
+                continue
+            try:
+                ray.get(get_runner(self.settings).start.remote(run.id, True, True), timeout=30)
+            except (RayError, TimeoutError) as exc:
+                log.warning("run %s: no runner takes it yet (%s); next sweep", run.id, exc)
+                continue
+            reason = "an approval gate was decided or timed out"
+            woken.append({"run_id": run.id, "action": "resume", "reason": reason, "at": now})
+        return woken
 
     @staticmethod
     def _fail(store: Any, run_id: str, reason: str) -> None:

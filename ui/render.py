@@ -17,6 +17,7 @@ STATUS_COLOURS = {
     "pending": "#9ca3af",
     "running": "#3b82f6",
     "retrying": "#f59e0b",
+    "waiting": "#a855f7",
     "succeeded": "#22c55e",
     "failed": "#ef4444",
     "skipped": "#d1d5db",

@@ -13,13 +13,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
+from factory.approvals import Decision
 from factory.auth import Scope
 from factory.engine import Progress, RunResult
 from factory.errors import FactoryError
 from factory.routing.models import RouteDecision, RouteRequest
-from factory.store import ApiKeyRecord, AttemptRecord, RunRecord, RunStatus, StepRecord
+from factory.schedules import ScheduleView, TickView
+from factory.spec import Budget
+from factory.store import ApiKeyRecord, ApprovalRecord, AttemptRecord, RunRecord, RunStatus, StepRecord
 
 
 class RunWaitTimeout(FactoryError):
@@ -102,11 +105,18 @@ class Backend(Protocol):
 
     def validate(self, workflow: Path, inputs: dict[str, Any], agents: Path | None) -> Checked: ...
 
-    def run(self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch) -> RunResult: ...
+    def run(
+        self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch, budget: Budget | None = None
+    ) -> RunResult: ...
 
-    def resume(self, run_id: str, agents: Path | None, watch: Watch) -> RunResult: ...
+    def resume(self, run_id: str, agents: Path | None, watch: Watch, budget: Budget | None = None) -> RunResult: ...
 
     def cancel(self, run_id: str) -> bool: ...
+
+    def approve(self, decision: Decision, watch: Watch | None) -> tuple[ApprovalRecord, RunResult | None]:
+        """Record a decision at a gate; with ``watch``, follow the run on to its end (or its next
+        wait) when the decision lets it go on. The result is None when not followed."""
+        ...
 
     def list_runs(self, limit: int, status: RunStatus | None) -> list[RunInfo]: ...
 
@@ -142,6 +152,16 @@ class Backend(Protocol):
         self, name: str, inputs: dict[str, Any], version: int | None, watch: Watch | None
     ) -> tuple[str, RunResult | None]: ...
 
+    def add_schedule(self, workflow: Path, name: str | None, secrets: list[str], base_dir: str | None) -> ScheduleView:
+        """Register the workflow and schedule it by its ``schedule:``."""
+
+    def list_schedules(self) -> list[ScheduleView]: ...
+
+    def schedule_action(self, name: str, action: Literal["pause", "resume", "remove"]) -> ScheduleView | None:
+        """Pause, resume or remove a schedule; its view after (None once removed)."""
+
+    def schedule_ticks(self, name: str, limit: int) -> list[TickView]: ...
+
     def close(self) -> None: ...
 
 
@@ -156,6 +176,7 @@ class ProgressCounter:
         self.counts = counts or Progress(total=0)
         self._running: set[str] = set()
         self._retrying: set[str] = set()
+        self._waiting: set[str] = set()
         self._items: dict[str, tuple[int, int]] = {}  # running for_each step -> (done, total)
 
     def add(self, kind: str, step: str | None, data: dict[str, Any] | None = None) -> Progress:
@@ -181,7 +202,12 @@ class ProgressCounter:
                 self._items[step] = (done, total)
             return self._tally()
         if step and kind.startswith("step."):
-            if kind == "step.started":
+            if kind in ("step.approved", "step.rejected", "step.log"):
+                return self._tally()
+            self._waiting.discard(step)
+            if kind == "step.waiting":
+                self._waiting.add(step)
+            elif kind == "step.started":
                 self._running.add(step)
                 self._retrying.discard(step)
             elif kind == "step.retrying":
@@ -198,6 +224,7 @@ class ProgressCounter:
     def _tally(self) -> Progress:
         self.counts.running = len(self._running)
         self.counts.retrying = len(self._retrying)
+        self.counts.waiting = len(self._waiting)
         self.counts.items_done = sum(done for done, _ in self._items.values())
         self.counts.items_total = sum(total for _, total in self._items.values())
         return self.counts

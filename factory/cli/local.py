@@ -8,9 +8,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from factory import api
+from factory.approvals import Decision
 from factory.auth import Scope, create_key
 from factory.catalog import Catalog, load_catalog
 from factory.cli.backend import (
@@ -27,8 +28,10 @@ from factory.engine import RunResult
 from factory.errors import FactoryError
 from factory.limits import DocumentLimits
 from factory.routing.models import RouteDecision, RouteRequest
+from factory.schedules import ScheduleView, TickView
 from factory.settings import Settings
-from factory.store import ApiKeyRecord, AttemptRecord, RunStatus, Store
+from factory.spec import Budget, Workflow
+from factory.store import ApiKeyRecord, ApprovalRecord, AttemptRecord, RunStatus, Store
 
 
 class LocalBackend:
@@ -103,7 +106,9 @@ class LocalBackend:
             )
         return result
 
-    def run(self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch) -> RunResult:
+    def run(
+        self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch, budget: Budget | None = None
+    ) -> RunResult:
         catalog = load_catalog(agents) if agents is not None else None
         wf = load_workflow(workflow, agents=catalog, limits=self._limits())
         return self._until_deadline(
@@ -116,11 +121,13 @@ class LocalBackend:
                 on_progress=watch.on_progress,
                 on_start=on_start,
                 run_id=watch.run_id,
-                agents=agents,
+                agents=catalog,
+                validated=True,
+                budget=budget,
             ),
         )
 
-    def resume(self, run_id: str, agents: Path | None, watch: Watch) -> RunResult:
+    def resume(self, run_id: str, agents: Path | None, watch: Watch, budget: Budget | None = None) -> RunResult:
         def go(on_start: Any) -> RunResult:
             # on_start once the run is ours and an earlier cancel cleared: a --timeout that
             # passes while Ray starts then still cancels it
@@ -131,12 +138,22 @@ class LocalBackend:
                 on_progress=watch.on_progress,
                 agents=agents,
                 on_start=on_start,
+                budget=budget,
             )
 
         return self._until_deadline(watch, go)
 
     def cancel(self, run_id: str) -> bool:
         return api.cancel(run_id, store=self.store, settings=self.settings)
+
+    def approve(self, decision: Decision, watch: Watch | None) -> tuple[ApprovalRecord, RunResult | None]:
+        record = api.approve(decision, store=self.store, settings=self.settings)
+        run = self.store.get_run(decision.run_id)
+        stalled = api.run_is_stalled(run, self.settings.lease_seconds, time.time())
+        if watch is None or not (run.status == RunStatus.WAITING or stalled):
+            return record, None  # a live coordinator runs it: it takes the decision itself
+        # parked (nobody runs it) or its coordinator died: go on with it here
+        return record, self.resume(decision.run_id, None, watch)
 
     def list_runs(self, limit: int, status: RunStatus | None) -> list[RunInfo]:
         now = time.time()
@@ -226,15 +243,17 @@ class LocalBackend:
     ) -> Registered:
         from factory import registry
 
-        if base_dir is None:  # the operator's machine: modules are checked, from the YAML's folder
-            loaded = load_workflow(workflow, limits=self._limits())
-        else:
-            if not Path(base_dir).is_dir():
-                raise FactoryError(f"--base-dir {base_dir} is not a folder")
-            data = read_workflow_file(workflow, limits=self._limits())
-            loaded = validate_data(data, str(Path(base_dir).resolve()), str(workflow), True, limits=self._limits())
+        loaded = self._loaded_for_registration(workflow, base_dir)
         record = registry.register(self.store, loaded, name=name, secrets=secrets, created_by="local")
         return Registered(record.name, record.version)
+
+    def _loaded_for_registration(self, workflow: Path, base_dir: str | None) -> Workflow:
+        if base_dir is None:  # the operator's machine: modules are checked, from the YAML's folder
+            return load_workflow(workflow, limits=self._limits())
+        if not Path(base_dir).is_dir():
+            raise FactoryError(f"--base-dir {base_dir} is not a folder")
+        data = read_workflow_file(workflow, limits=self._limits())
+        return validate_data(data, str(Path(base_dir).resolve()), str(workflow), True, limits=self._limits())
 
     def list_workflows(self) -> list[RegisteredInfo]:
         return [
@@ -248,6 +267,33 @@ class LocalBackend:
             )
             for r in self.store.list_registered_workflows()
         ]
+
+    def add_schedule(self, workflow: Path, name: str | None, secrets: list[str], base_dir: str | None) -> ScheduleView:
+        from factory import schedules
+
+        loaded = self._loaded_for_registration(workflow, base_dir)
+        return schedules.add(self.store, self.settings, loaded, principal="local", name=name, secrets=secrets)
+
+    def list_schedules(self) -> list[ScheduleView]:
+        from factory import schedules
+
+        return schedules.list_views(self.store)
+
+    def schedule_action(self, name: str, action: Literal["pause", "resume", "remove"]) -> ScheduleView | None:
+        from factory import schedules
+
+        if action == "pause":
+            return schedules.pause(self.store, name, "paused on the machine (factory schedules pause)")
+        if action == "resume":
+            return schedules.resume(self.store, name)
+        schedules.remove(self.store, name)
+        return None
+
+    def schedule_ticks(self, name: str, limit: int) -> list[TickView]:
+        from factory import schedules
+
+        schedules.lookup(self.store, name)
+        return [TickView.of(t) for t in self.store.schedule_ticks(name, limit)]
 
     def start_workflow(
         self, name: str, inputs: dict[str, Any], version: int | None, watch: Watch | None

@@ -21,6 +21,7 @@ err = Console(stderr=True, soft_wrap=True)
 EXIT_FAILED = 1  # the command ran and the thing it did failed (a run failed, no agent fits)
 EXIT_INVALID = 2  # the command could not run: bad input, missing file, unusable settings
 EXIT_TIMEOUT = 3  # --timeout passed before the run ended
+EXIT_WAITING = 4  # the run waits at approval gates (`factory approve RUN STEP` lets it go on)
 
 
 def fail(message: str, code: int = EXIT_INVALID) -> typer.Exit:

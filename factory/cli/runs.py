@@ -14,17 +14,30 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from factory.approvals import Decision
 from factory.cli.backend import Backend, RunInfo, RunWaitTimeout, Watch
-from factory.cli.output import EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, cli_settings, err, fail, open_backend, out
+from factory.cli.output import (
+    EXIT_FAILED,
+    EXIT_INVALID,
+    EXIT_TIMEOUT,
+    EXIT_WAITING,
+    cli_settings,
+    err,
+    fail,
+    open_backend,
+    out,
+)
 from factory.engine import Progress as RunProgress
 from factory.engine import RunResult
 from factory.errors import FactoryError, WorkflowValidationError
 from factory.limits import DocumentLimits, check_inputs
 from factory.safeyaml import DocumentRefused, read_input_value
+from factory.spec import Budget
 from factory.store import RunStatus
 
 RUN_ID = re.compile(r"^[0-9a-f]{12}$")
@@ -32,11 +45,34 @@ STATUS_STYLE = {
     "succeeded": "green",
     "running": "cyan",
     "retrying": "yellow",
+    "waiting": "bold yellow",
     "failed": "red",
     "cancelled": "magenta",
     "skipped": "dim",
     "pending": "dim",
 }
+
+BUDGET_OPTION = typer.Option(
+    "--budget",
+    help=(
+        "A limit the run stops at: NAME=VALUE with NAME max_seconds, max_steps, max_attempts, max_tokens or "
+        "max_cost_usd (the max_ may be left out). Repeatable; replaces the workflow's own limit of that name."
+    ),
+)
+
+
+def parse_budget(items: list[str] | None) -> Budget | None:
+    """The --budget options, or None; a bad one ends the command (exit 2) saying what to fix."""
+    if not items:
+        return None
+    try:
+        return Budget.parse(items)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise fail(f"--budget {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
 
 AGENTS_OPTION = typer.Option("--agents", help="Agent catalogue (agents.yaml) serving the agent: and route: steps.")
 TIMEOUT_OPTION = typer.Option(
@@ -170,9 +206,21 @@ def print_result(result: RunResult, as_json: bool) -> None:
     out.print(table)
     style = STATUS_STYLE.get(result.status.value, "")
     out.print(f"run {escape(result.run_id)}: [{style}]{result.status.value}[/]")
+    if result.status == RunStatus.WAITING:
+        out.print(
+            f"it waits for a decision: [bold]factory approve {escape(result.run_id)} STEP[/] (or --reject); "
+            f"`factory status {escape(result.run_id)}` shows which steps wait"
+        )
     if result.error:
         out.print(f"[red]{escape(result.error)}[/red]")
         out.print(f"details: factory logs {escape(result.run_id)}")
+
+
+def exit_code(result: RunResult) -> int:
+    """0 succeeded, 4 waiting at approval gates, 1 otherwise."""
+    if result.ok:
+        return 0
+    return EXIT_WAITING if result.status == RunStatus.WAITING else EXIT_FAILED
 
 
 def validate(
@@ -211,8 +259,10 @@ def run_cmd(
             "--run-id", help="Give the run this id (12 hex digits; `factory submit` does, to follow its job's run)."
         ),
     ] = None,
+    budget: Annotated[list[str] | None, BUDGET_OPTION] = None,
 ) -> None:
-    """Run a workflow with a live progress bar. Exit 0 on success, 1 if the run failed, 3 at --timeout.
+    """Run a workflow with a live progress bar. Exit 0 on success, 1 if the run failed, 3 at --timeout,
+    4 when it waits at approval gates (see `factory approve`).
 
     Locally it runs on Ray from this process; with --api the server runs it and this command follows it."""
     inputs = parse_inputs(input or [], document_limits())
@@ -221,10 +271,11 @@ def run_cmd(
     bar = ProgressBar(enabled=not as_json)
     watch = watch_with(bar, as_json, "started", timeout)
     watch.run_id = run_id
+    limits = parse_budget(budget)
     with using_backend() as backend, bar:
-        result = backend.run(workflow, inputs, agents, watch)
+        result = backend.run(workflow, inputs, agents, watch, limits)
     print_result(result, as_json)
-    raise typer.Exit(0 if result.ok else EXIT_FAILED)
+    raise typer.Exit(exit_code(result))
 
 
 def resume(
@@ -232,14 +283,53 @@ def resume(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     agents: Annotated[Path | None, AGENTS_OPTION] = None,
     timeout: Annotated[float | None, TIMEOUT_OPTION] = None,
+    budget: Annotated[list[str] | None, BUDGET_OPTION] = None,
 ) -> None:
     """Finish an interrupted, failed or cancelled run and follow it to its end; steps that
-    committed their output do not run again. Exit codes as for `factory run`."""
+    committed their output do not run again. A run stopped at its budget continues with
+    --budget (what it used so far still counts). Exit codes as for `factory run`."""
+    limits = parse_budget(budget)
     bar = ProgressBar(enabled=not as_json)
     with using_backend() as backend, bar:
-        result = backend.resume(run_id, agents, watch_with(bar, as_json, "resumed", timeout))
+        result = backend.resume(run_id, agents, watch_with(bar, as_json, "resumed", timeout), limits)
     print_result(result, as_json)
-    raise typer.Exit(0 if result.ok else EXIT_FAILED)
+    raise typer.Exit(exit_code(result))
+
+
+def approve(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    step: Annotated[str, typer.Argument(help="The approval step (gate) that waits.")],
+    reject: Annotated[bool, typer.Option("--reject", help="Reject instead of approving.")] = False,
+    comment: Annotated[str, typer.Option("--comment", "-m", help="Why (recorded and shown with the decision).")] = "",
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Record the decision and return; do not follow the run.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object: decision, then the run's result.")
+    ] = False,
+    timeout: Annotated[float | None, TIMEOUT_OPTION] = None,
+) -> None:
+    """Decide at an approval gate that waits: approve (or --reject) with a --comment.
+
+    The decision is recorded (who, when, why) and is the step's output. A run parked at its gates
+    then goes on: locally in this process (with a progress bar; exit codes as for `factory run`),
+    with --api on the server, followed here. A run whose coordinator still runs takes the decision
+    itself; then, and with --no-wait, the command returns at once (exit 0)."""
+    decision = Decision(run_id=run_id, step_id=step, approved=not reject, comment=comment)
+    bar = ProgressBar(enabled=not as_json and not no_wait)
+    watch = None if no_wait else watch_with(bar, as_json, "goes on", timeout)
+    with using_backend() as backend, bar:
+        record, result = backend.approve(decision, watch)
+    verb = "approved" if record.approved else "rejected"
+    if as_json:
+        data = {"decision": record.model_dump(mode="json"), "result": result.to_dict() if result else None}
+        sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+        raise typer.Exit(exit_code(result) if result else 0)
+    out.print(f"gate {escape(step)} of run {escape(run_id)}: [bold]{verb}[/] by {escape(record.by)}")
+    if result is None:
+        raise typer.Exit(0)
+    print_result(result, False)
+    raise typer.Exit(exit_code(result))
 
 
 def cancel(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
@@ -326,6 +416,8 @@ def status(
         seconds = f"{s.finished_at - s.started_at:.3f}" if s.finished_at and s.started_at else "-"
         style = STATUS_STYLE.get(s.status.value, "")
         label = s.status.value + (" (cached)" if s.cached else "")
+        if s.items_total and s.status.value not in ("succeeded", "skipped"):
+            label += f" {s.items_done}/{s.items_total} items"
         detail = s.error if s.error else (short(s.output, 80) if s.output_json is not None else "")
         tokens = (tokens_text(usage),) if with_tokens else ()
         table.add_row(
@@ -380,6 +472,7 @@ def register(app: typer.Typer) -> None:
     app.command()(validate)
     app.command("run")(run_cmd)
     app.command()(resume)
+    app.command()(approve)
     app.command()(cancel)
     app.command()(runs)
     app.command()(status)

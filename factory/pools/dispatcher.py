@@ -121,6 +121,8 @@ class PoolDispatcher:
         paths = [p for p in search_path if p]
         if isinstance(agents, Catalog):
             catalog = agents
+            if catalog.base_dir:
+                paths.insert(0, catalog.base_dir)
         else:
             catalog = load_catalog(agents)
             paths.insert(0, str(Path(agents).resolve().parent))

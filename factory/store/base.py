@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 class RunStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    WAITING = "waiting"  # parked at approval gates: nothing runs until a decision (or a gate's timeout)
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -21,6 +22,7 @@ class RunStatus(StrEnum):
 class StepStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    WAITING = "waiting"  # an approval gate, open: waiting for a person's decision
     RETRYING = "retrying"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -47,6 +49,7 @@ class RunGrants(BaseModel):
     secrets: list[str] | None = Field(default=None, description="Secret names container steps may use; None: any.")
     host_mounts: bool = Field(default=False, description="Container steps may mount files of the workflow's folder.")
     workflow_ref: str | None = Field(default=None, description="name@version of the registered workflow, if any.")
+    schedule: str | None = Field(default=None, description="The schedule that started the run, if any.")
 
     def allows_module(self, module: str) -> bool:
         return self.modules is None or any(module == m or module.startswith(m + ".") for m in self.modules)
@@ -78,10 +81,36 @@ class StepRecord(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     cached: bool = False
+    items_done: int = Field(default=0, description="for_each steps: items whose output is committed.")
+    items_total: int = Field(default=0, description="for_each steps: items in the list (0 before it is known).")
 
     @property
     def output(self) -> Any:
         return None if self.output_json is None else json.loads(self.output_json)
+
+
+class ItemRecord(BaseModel):
+    """A for_each item whose output is committed: a resumed run does not run it again."""
+
+    run_id: str
+    step_id: str
+    index: int
+    total: int  # the length of the list this item belongs to
+    output_json: str
+    attempts: int = 1
+    logs: str = ""
+    cached: bool = False
+
+
+class ApprovalRecord(BaseModel):
+    """A person's decision at an approval gate (the first one recorded stands)."""
+
+    run_id: str
+    step_id: str
+    approved: bool
+    by: str = Field(description="Who decided: key:NAME, local, or timeout.")
+    comment: str = ""
+    decided_at: float
 
 
 class AttemptRecord(BaseModel):
@@ -141,6 +170,50 @@ class RegisteredWorkflow(BaseModel):
     created_by: str = ""
 
 
+class ScheduleRecord(BaseModel):
+    """A registered workflow's schedule (factory.schedules): when its runs start, with what."""
+
+    name: str
+    workflow_name: str
+    workflow_version: int
+    cron: str
+    timezone: str = "UTC"
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    catchup: str = "skip"
+    overlap: str = "skip"
+    paused: bool = False
+    paused_reason: str | None = None
+    created_at: float
+    created_by: str = Field(description="key:<id> whose grants its runs carry, or local.")
+    after: float = Field(description="Ticks after this moment are due: when added or resumed, or the last decided.")
+    last_run_id: str | None = None
+
+
+class TickRecord(BaseModel):
+    """One decided tick of a schedule: a run started, or why it was skipped. Unique per (schedule, tick)."""
+
+    schedule: str
+    tick: int = Field(description="Epoch seconds of the tick.")
+    run_id: str | None = None
+    action: str = Field(description="run or skip")
+    reason: str = ""
+    missed: int = Field(default=0, description="A skip standing for this many missed ticks.")
+    decided_at: float
+    decided_by: str = ""
+
+
+@dataclass
+class NewRun:
+    """A run to create with a decision (the arguments of Store.create_run)."""
+
+    run_id: str
+    workflow_name: str
+    spec_json: str
+    inputs: dict[str, Any]
+    step_ids: list[str]
+    grants: RunGrants | None = None
+
+
 class RouteCorrection(BaseModel):
     """A person's correction of a routing decision: ``text`` should have gone to ``agent``.
     Routers use it as a labelled example of that agent (factory.routing)."""
@@ -190,7 +263,32 @@ class StepChange:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-Change = RunChange | StepChange
+@dataclass
+class ItemChange:
+    """A for_each item finished: its output is committed with the batch, without an event of its own
+    (``step.items`` events tell how many are done)."""
+
+    run_id: str
+    step_id: str
+    index: int
+    total: int
+    output_json: str
+    attempts: int = 1
+    logs: str = ""
+    cached: bool = False
+
+
+@dataclass
+class EventChange:
+    """An event that changes no state (e.g. ``step.items``), committed in order with the batch."""
+
+    run_id: str
+    step_id: str | None
+    event: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+Change = RunChange | StepChange | ItemChange | EventChange
 
 
 class Store(Protocol):
@@ -248,6 +346,23 @@ class Store(Protocol):
 
     def get_steps(self, run_id: str) -> list[StepRecord]: ...
 
+    def set_run_spec(self, run_id: str, spec_json: str) -> None:
+        """Replace a run's workflow spec (a resume with a new budget); its steps stay as they are."""
+        ...
+
+    def decide_approval(self, record: ApprovalRecord) -> tuple[ApprovalRecord, bool]:
+        """Record a decision unless the gate has one: returns the decision that stands and
+        whether it is this one."""
+        ...
+
+    def get_approvals(self, run_id: str) -> list[ApprovalRecord]:
+        """The decisions recorded for a run's gates."""
+        ...
+
+    def get_items(self, run_id: str, step_id: str | None = None) -> list[ItemRecord]:
+        """Committed for_each items of a run (or of one step), by step and index."""
+        ...
+
     def run_summaries(
         self,
         limit: int = 50,
@@ -300,6 +415,30 @@ class Store(Protocol):
 
     def list_registered_workflows(self) -> list[RegisteredWorkflow]:
         """The latest version of every registered name."""
+
+    def add_schedule(self, record: ScheduleRecord, max_per_owner: int | None = None) -> None:
+        """Store a new schedule. ScheduleConflictError (nothing stored) if one of that name exists,
+        or, with ``max_per_owner``, when its creator holds that many already."""
+
+    def get_schedule(self, name: str) -> ScheduleRecord | None: ...
+
+    def list_schedules(self) -> list[ScheduleRecord]:
+        """Every schedule, by name."""
+
+    def set_schedule_paused(self, name: str, paused: bool, reason: str | None, now: float) -> bool:
+        """Pause (with the reason shown) or resume; a resumed schedule's ticks are due from
+        ``now`` on (none of the paused time). False if there is no such schedule."""
+
+    def remove_schedule(self, name: str) -> bool:
+        """Delete the schedule and its ticks; False if there was none."""
+
+    def decide_tick(self, tick: TickRecord, run: NewRun | None = None) -> bool:
+        """Record a decision on a tick, and create its run (pending) in the same transaction.
+        False, and nothing changed, when that (schedule, tick) was decided already: of several
+        schedulers deciding the same tick, exactly one succeeds."""
+
+    def schedule_ticks(self, name: str, limit: int = 50) -> list[TickRecord]:
+        """The schedule's decided ticks, newest first."""
 
     def add_route_correction(self, record: RouteCorrection) -> RouteCorrection:
         """Store a correction; returns it with its id (ids grow with time)."""

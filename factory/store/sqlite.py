@@ -100,6 +100,27 @@ CREATE TABLE IF NOT EXISTS registered_workflows (
     created_by TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (name, version)
 );
+CREATE TABLE IF NOT EXISTS step_items (
+    run_id TEXT NOT NULL,
+    step_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    total INTEGER NOT NULL,
+    output_json TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    logs TEXT NOT NULL DEFAULT '',
+    cached INTEGER NOT NULL DEFAULT 0,
+    finished_at REAL NOT NULL,
+    PRIMARY KEY (run_id, step_id, idx)
+);
+CREATE TABLE IF NOT EXISTS approvals (
+    run_id TEXT NOT NULL,
+    step_id TEXT NOT NULL,
+    approved INTEGER NOT NULL,
+    decided_by TEXT NOT NULL,
+    comment TEXT NOT NULL DEFAULT '',
+    decided_at REAL NOT NULL,
+    PRIMARY KEY (run_id, step_id)
+);
 CREATE TABLE IF NOT EXISTS route_corrections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     text TEXT NOT NULL,
@@ -107,6 +128,34 @@ CREATE TABLE IF NOT EXISTS route_corrections (
     decision_id TEXT,
     who TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY,
+    workflow_name TEXT NOT NULL,
+    workflow_version INTEGER NOT NULL,
+    cron TEXT NOT NULL,
+    timezone TEXT NOT NULL,
+    inputs_json TEXT NOT NULL,
+    catchup TEXT NOT NULL,
+    overlap TEXT NOT NULL,
+    paused INTEGER NOT NULL DEFAULT 0,
+    paused_reason TEXT,
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL,
+    after_ts REAL NOT NULL,
+    last_run_id TEXT
+);
+CREATE INDEX IF NOT EXISTS schedules_created_by ON schedules (created_by);
+CREATE TABLE IF NOT EXISTS schedule_ticks (
+    schedule TEXT NOT NULL,
+    tick INTEGER NOT NULL,
+    run_id TEXT,
+    action TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    missed INTEGER NOT NULL DEFAULT 0,
+    decided_at REAL NOT NULL,
+    decided_by TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (schedule, tick)
 )
 """
 

@@ -166,6 +166,64 @@ def test_sigkill_mid_run_then_resume(cli_env: dict[str, str], tmp_path: Path, fa
         store.close()
 
 
+def test_sigkill_mid_fan_out_then_resume_runs_only_the_items_not_committed(
+    cli_env: dict[str, str], tmp_path: Path, factory_home: Path
+) -> None:
+    """for_each items are committed one by one: after a SIGKILL in the middle of a fan-out,
+    `factory resume` runs only the items whose output was not committed, and no committed
+    item runs twice."""
+    log = tmp_path / "items.txt"
+    n = 40
+    steps = [
+        {
+            "id": "fan",
+            "python": "teststeps:slow_record",
+            "for_each": list(range(n)),
+            "with": {"path": str(log), "value": "${item}", "seconds": 0.25},
+        },
+        {"id": "count", "python": "teststeps:echo", "with": {"value": "${steps.fan.output}"}},
+    ]
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(yaml.safe_dump({"name": "fan-killable", "steps": steps}))
+    (tmp_path / "teststeps.py").write_text((FIXTURES / "teststeps.py").read_text())
+    env = {**cli_env, "FACTORY_LEASE_SECONDS": "2"}
+    proc = subprocess.Popen(
+        [*FACTORY, "run", str(wf)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    store = SQLiteStore(factory_home / "factory.db")
+    try:
+
+        def committed() -> set[int]:
+            runs = store.list_runs()
+            return {item.index for item in store.get_items(runs[0].id, "fan")} if runs else set()
+
+        _wait_for(lambda: len(committed()) >= 10, 120)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        run = store.list_runs()[0]
+        done_before = committed()
+        assert 10 <= len(done_before) < n
+        status = factory(env, "status", run.id, "--json")
+        fan = next(s for s in json.loads(status.stdout)["steps"] if s["step_id"] == "fan")
+        assert fan["items_done"] == len(done_before) and fan["items_total"] == n
+
+        resumed = factory(env, "resume", run.id, "--json")
+        assert resumed.returncode == 0, resumed.stderr
+        data = json.loads(resumed.stdout)
+        assert data["status"] == "succeeded" and data["outputs"]["count"] == list(range(n))
+        executions = [int(line) for line in log.read_text().split()]
+        twice = sorted(i for i in done_before if executions.count(i) != 1)
+        assert twice == [], f"committed items that ran again: {twice}"
+        assert sorted(set(executions)) == list(range(n))  # and every item ran
+        redone = len(executions) - n
+        print(f"killed after {len(done_before)}/{n} items committed; items run twice: {redone} (none committed)")
+        assert redone <= n - len(done_before)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        store.close()
+
+
 def test_sigkill_then_resume_at_once_without_waiting_for_the_lease(
     cli_env: dict[str, str], tmp_path: Path, factory_home: Path
 ) -> None:

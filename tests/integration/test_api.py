@@ -333,3 +333,36 @@ def test_routing_corrections_are_learnt_kept_and_reach_a_new_replica(
     finally:
         store.close()
     assert fresh.route(RouteRequest(text=text)).agent == right
+
+
+def test_an_approval_gate_over_http(client: FactoryClient, http: httpx.Client, api_server: ApiServer) -> None:
+    """The run parks at its gate (a waiter returns `waiting`); a key that is not an approver is
+    refused (403); the approver's decision resumes the run on the server; a second decision is 409."""
+    wf = workflow(4, name="api-gate")
+    wf["steps"] += [
+        {"id": "gate", "approval": {"message": "ship ${steps.a.output}?", "approvers": ["scope:admin"]}},
+        {"id": "after", "python": "tests.fixtures.teststeps:echo", "with": {"value": "${steps.gate.output}"}},
+    ]
+    run_id = client.submit(wf)
+    parked = client.wait(run_id, timeout=60)
+    assert parked["status"] == "waiting"
+    assert {s["step_id"]: s["status"] for s in parked["steps"]} == {
+        "a": "succeeded",
+        "gate": "waiting",
+        "after": "pending",
+    }
+    url = f"/v1/runs/{run_id}/steps/gate/approval"
+    refused = is_problem(http.post(url, json={"approved": True}, headers=api_server.headers("submit")), 403)
+    assert "approvers are scope:admin" in refused["detail"]
+    is_problem(http.post(url, json={"approved": True, "extra": 1}, headers=api_server.headers("admin")), 422)
+    is_problem(http.post(f"/v1/runs/{run_id}/steps/nope/approval", json={}, headers=api_server.headers("admin")), 404)
+    is_problem(http.post(f"/v1/runs/{run_id}/steps/a/approval", json={}, headers=api_server.headers("admin")), 400)
+    admin = FactoryClient(api_server.base_url, api_server.keys["admin"])
+    answer = admin.approve(run_id, "gate", True, "ship it")
+    assert answer["run_status"] == "pending" and answer["decision"]["by"].startswith("key:")
+    final = admin.wait(run_id, timeout=60, after=int(answer["after_event_id"]))
+    assert final["status"] == "succeeded", final
+    out = {s["step_id"]: s["output"] for s in final["steps"]}["after"]
+    assert out["approved"] is True and out["comment"] == "ship it"
+    again = is_problem(http.post(url, json={"approved": False}, headers=api_server.headers("admin")), 409)
+    assert "not waiting" in again["detail"]

@@ -337,3 +337,40 @@ def test_cancelling_a_run_that_nobody_runs(store: SQLiteStore, settings: Setting
     time.sleep(0.05)
     assert factory.cancel(orphan, store=store, settings=lapsed)
     assert store.get_run(orphan).status == RunStatus.CANCELLED
+
+
+def test_the_cli_run_path_validates_the_workflow_and_reads_the_catalogue_once(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`factory run` validates the workflow and reads agents.yaml once, however many layers
+    (CLI backend, Python API, agent dispatcher) it goes through."""
+    import factory.api
+    import factory.catalog
+    import factory.cli.local
+    import factory.dag
+    from factory.cli.backend import Watch
+    from factory.cli.local import LocalBackend
+
+    counts = {"validate": 0, "catalog": 0}
+    real_validate, real_catalog = factory.dag.validate_data, factory.catalog.load_catalog
+
+    def validate(*args: Any, **kwargs: Any) -> Any:
+        counts["validate"] += 1
+        return real_validate(*args, **kwargs)
+
+    def catalog(*args: Any, **kwargs: Any) -> Any:
+        counts["catalog"] += 1
+        return real_catalog(*args, **kwargs)
+
+    monkeypatch.setattr(factory.dag, "validate_data", validate)
+    for module in (factory.catalog, factory.api, factory.cli.local):
+        monkeypatch.setattr(module, "load_catalog", catalog)
+    agents = tmp_path / "agents.yaml"
+    agents.write_text("agents: []\n")
+    backend = LocalBackend(settings)
+    try:
+        result = backend.run(REPO / "examples/sales_stats/workflow.yaml", {}, agents, Watch())
+    finally:
+        backend.close()
+    assert result.ok, result.error
+    assert counts == {"validate": 1, "catalog": 1}
