@@ -77,10 +77,26 @@ class RayBackend:
     driver's logic may pass another implementation to :class:`Coordinator`."""
 
     def submit_step(self, call: StepCall, deps: list[Any], options: dict[str, Any]) -> Any:
-        return execute_step.options(**options).remote(call, *deps)
+        task = execute_step.options(**options) if options else execute_step  # .options() costs, even empty
+        return task.remote(call, *deps)
 
     def submit_call(self, call: StepCall, options: dict[str, Any]) -> Any:
-        return execute_item.options(**options).remote(call)
+        task = execute_item.options(**options) if options else execute_item
+        return task.remote(call)
+
+    def get_many(self, refs: list[Any]) -> list[Outcome | RayError]:
+        """The outcomes of ready refs in one call; one by one when one of them failed."""
+        try:
+            outcomes: list[Outcome] = ray.get(refs)
+            return list(outcomes)
+        except RayError:
+            results: list[Outcome | RayError] = []
+            for ref in refs:
+                try:
+                    results.append(ray.get(ref))
+                except RayError as exc:
+                    results.append(exc)
+            return results
 
     def put(self, outcome: Outcome) -> Any:
         return ray.put(outcome)
@@ -92,11 +108,6 @@ class RayBackend:
             more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
             ready += more
         return list(ready)
-
-    def get(self, ref: Any) -> Outcome:
-        """The attempt's outcome; raises RayError when its task or worker failed."""
-        outcome: Outcome = ray.get(ref)
-        return outcome
 
     def stop(self, ref: Any) -> None:
         """Stop an attempt in flight: kill its worker (a task), or cancel the call (an actor task,
@@ -357,7 +368,7 @@ class Coordinator:
 
     # -- results ---------------------------------------------------------------------------------
 
-    def _collect(self, ref: Any) -> None:
+    def _collect(self, ref: Any, result: Outcome | RayError) -> None:
         token = self._inflight.pop(ref, None)
         if token is None:
             return
@@ -366,9 +377,10 @@ class Coordinator:
         key = self._cache_keys.pop(token, None)
         attempt = self.scheduler.tokens.get(token)
         node_lost = False
-        try:
-            outcome = self.backend.get(ref)
-        except RayError as exc:
+        if isinstance(result, Outcome):
+            outcome = result
+        else:
+            exc = result
             step = self._steps[attempt.step_id] if attempt is not None else None
             outcome = Outcome(
                 ok=False,
@@ -388,8 +400,10 @@ class Coordinator:
         if not self._inflight:
             time.sleep(timeout)
             return
-        for ref in self.backend.wait(list(self._inflight), timeout):
-            self._collect(ref)
+        ready = self.backend.wait(list(self._inflight), timeout)
+        if ready:
+            for ref, result in zip(ready, self.backend.get_many(ready), strict=True):
+                self._collect(ref, result)
 
     def _stop_all(self) -> None:
         for ref in list(self._inflight):

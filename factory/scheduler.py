@@ -250,6 +250,8 @@ class RunScheduler:
         self.max_items_in_flight = max(1, max_items_in_flight)
         self.rng = rng or random.Random()
         self.states: dict[str, _StepState] = {s.id: _StepState(s) for s in workflow.steps}
+        self._unfinished = len(self.states)  # steps not in a final status (kept by _change)
+        self._fan_outs = [self.states[s.id] for s in workflow.steps if s.for_each is not None]
         self.tokens: dict[int, Attempt] = {}
         self._next_token = 0
         self._retries: list[tuple[float, int, str, int | None, int]] = []  # (due, seq, step, item, generation)
@@ -284,7 +286,7 @@ class RunScheduler:
 
     @property
     def finished(self) -> bool:
-        return all(s.status in FINAL_STEP_STATUSES for s in self.states.values())
+        return self._unfinished == 0
 
     def next_deadline(self) -> float | None:
         """When :meth:`on_time` has something to do next (a retry due), or None."""
@@ -298,10 +300,10 @@ class RunScheduler:
         """Nothing is in flight or due, and approval gates wait: the run waits for people, and
         its coordinator may stop until a decision comes (or a gate's timeout passes)."""
         return (
-            not self.finished
-            and not self.cancelled
-            and not self.tokens
+            not self.tokens
             and not self._retries
+            and not self.cancelled
+            and self._unfinished > 0
             and any(s.status == StepStatus.WAITING for s in self.states.values())
         )
 
@@ -352,6 +354,7 @@ class RunScheduler:
                 state.gate_opened_at = record.started_at
             if record.status == StepStatus.SUCCEEDED:
                 state.status = StepStatus.SUCCEEDED
+                self._unfinished -= 1
                 state.output_json = record.output_json or "null"
                 done += 1
         for item in items:
@@ -477,7 +480,7 @@ class RunScheduler:
                 self._refill(state)
                 if state.waiting or any(e[2] == step_id for e in self._retries):
                     state.status = StepStatus.RETRYING
-        for state in self.states.values():
+        for state in self._fan_outs:
             self._item_progress(state)
         limit = self.budget.max_seconds if self.budget is not None else None
         if limit is not None and self._seconds() > limit and self._exceeded is None:
@@ -518,6 +521,8 @@ class RunScheduler:
         return self._next_token
 
     def _change(self, state: _StepState, status: StepStatus, event: str, **kw: Any) -> None:
+        if status in FINAL_STEP_STATUSES and state.status not in FINAL_STEP_STATUSES:
+            self._unfinished -= 1
         state.status = status
         self._changes.append(StepChange(self.run_id, state.step.id, status, event, **kw))
 
