@@ -65,6 +65,9 @@ MAX_NODE_LOSSES = 3
 # Items of one for_each step in flight at once; the others wait their turn (bounds the
 # coordinator's memory and Ray's queue for very large lists).
 MAX_ITEMS_IN_FLIGHT = 4096
+# A step is submitted ahead of its dependencies' success (Ray pipelines it) only while fewer
+# attempts than this are in flight; else once they succeeded. Bounds the driver's memory on huge DAGs.
+MAX_AHEAD = 10_000
 _ACTIVE = (StepStatus.RUNNING, StepStatus.RETRYING)
 TIMEOUT = "timeout"  # who decided when a gate's timeout did
 MAX_GATE_MESSAGE = 4000  # characters of a gate's message once its ${...} are resolved
@@ -235,6 +238,7 @@ class RunScheduler:
         max_output_bytes: int,
         max_for_each_items: int,
         max_items_in_flight: int = MAX_ITEMS_IN_FLIGHT,
+        max_ahead: int = MAX_AHEAD,
         rng: random.Random | None = None,
         budget: Budget | None = None,
         prices: dict[str, tuple[float, float]] | None = None,
@@ -248,6 +252,7 @@ class RunScheduler:
         self.max_output_bytes = max_output_bytes
         self.max_for_each_items = max_for_each_items
         self.max_items_in_flight = max(1, max_items_in_flight)
+        self.max_ahead = max_ahead
         self.rng = rng or random.Random()
         self.states: dict[str, _StepState] = {s.id: _StepState(s) for s in workflow.steps}
         self._unfinished = len(self.states)  # steps not in a final status (kept by _change)
@@ -678,7 +683,7 @@ class RunScheduler:
                 self._submit_with_values(state)
             return
         ready = self._deps_succeeded(step_id)
-        if not ready and not self._eager:
+        if not ready and (not self._eager or len(self.tokens) >= self.max_ahead):
             return  # submitted when its dependencies succeeded (see _succeed)
         if ready and not self._mark_running(state):
             return  # its budget does not admit it: not started at all (the run stops)

@@ -66,10 +66,11 @@ class _Task:
 class FakeRay:
     """A driver for the scheduler with the semantics of Ray and a store, in memory."""
 
-    def __init__(self, workflow: Workflow, max_items_in_flight: int = 3) -> None:
+    def __init__(self, workflow: Workflow, max_items_in_flight: int = 3, max_ahead: int = 4) -> None:
         self.workflow = workflow
         self.graph = build_graph(workflow)
         self.max_items_in_flight = max_items_in_flight
+        self.max_ahead = max_ahead
         self.now = 0.0
         self.steps = {s.id: StepRecord(run_id="r", step_id=s.id, status=StepStatus.PENDING) for s in workflow.steps}
         self.items: dict[tuple[str, int], ItemRecord] = {}
@@ -96,6 +97,7 @@ class FakeRay:
             max_output_bytes=1_000_000,
             max_for_each_items=1000,
             max_items_in_flight=self.max_items_in_flight,
+            max_ahead=self.max_ahead,
         )
         self.refs: dict[str, _Ref] = {}
         self.tasks: dict[int, _Task] = {}
@@ -433,6 +435,10 @@ def test_chain_is_submitted_eagerly_and_started_in_order() -> None:
     wf = Workflow(name="w", steps=[_step(0, [], None, 1), _step(1, ["s0"], None, 1), _step(2, ["s1"], None, 1)])
     sim = FakeRay(wf)
     assert sorted(t.step_id for t in sim.tasks.values()) == ["s0", "s1", "s2"]  # all three at once
+    capped = FakeRay(wf, max_ahead=2)  # ahead of their dependencies only while fewer than 2 are in flight
+    assert sorted(t.step_id for t in capped.tasks.values()) == ["s0", "s1"]
+    capped.drive_to_end()
+    assert capped.finish() == RunStatus.SUCCEEDED
     started = [c.step_id for c in sim.pending if isinstance(c, StepChange) and c.event == "step.started"]
     assert started == ["s0"]
     sim.drive_to_end()
