@@ -67,7 +67,7 @@ MAX_NODE_LOSSES = 3
 MAX_ITEMS_IN_FLIGHT = 4096
 # A step is submitted ahead of its dependencies' success (Ray pipelines it) only while fewer
 # attempts than this are in flight; else once they succeeded. Bounds the driver's memory on huge DAGs.
-MAX_AHEAD = 10_000
+MAX_AHEAD = 2_000
 _ACTIVE = (StepStatus.RUNNING, StepStatus.RETRYING)
 TIMEOUT = "timeout"  # who decided when a gate's timeout did
 MAX_GATE_MESSAGE = 4000  # characters of a gate's message once its ${...} are resolved
