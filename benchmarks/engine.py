@@ -2,6 +2,9 @@
 
     python -m benchmarks.engine [--repeat 3] [--only chain,fanout,lattice] [--big 10000]
     python -m benchmarks.engine --store postgresql://... [--events redis://...]
+    python -m benchmarks.engine --concurrent 200 [--per-run-store]
+    python -m benchmarks.engine --huge 10000,100000 [--huge-kinds chains,for_each]
+    python -m benchmarks.engine --profile [--profile-dir DIR]
 
 All run in this process on one Ray instance; for each DAG it prints the best
 wall time of each and the ratio Factory/raw. With --store (and --events), the
@@ -9,6 +12,15 @@ Factory also runs on that store (and publishes its events to that Redis), beside
 the SQLite figures, and the per-step overhead over raw Ray is compared. ``--big N`` also runs an N-step
 workflow through the Factory and prints the peak memory of this process (the
 coordinator).
+
+``--concurrent N``: N runs of a 5-step workflow started at once in this process (a
+coordinator per thread), runs/s from the first start to the last finish and p50/p99 run
+latency, against the same N 5-task DAGs on raw Ray started the same way.
+``--huge SIZES``: for each size, SIZE/100 parallel chains of 100 steps and one for_each of
+SIZE items, each in a fresh child process: wall time and that process's peak RSS.
+``--profile``: the chain, fan-out and lattice once more under cProfile (the coordinator
+runs in this thread): the top functions by own and cumulative time.
+Given any of these three, the DAG table runs only if ``--only`` names its DAGs.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from typing import Any
 import ray
 
 import factory
-from benchmarks import dagfuncs
+from benchmarks import dagfuncs, engine_scale
 from factory.settings import Settings, mask_secrets
 from factory.spec import Step, Workflow
 from factory.store import Store, open_store
@@ -109,17 +121,75 @@ def _best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     return best, result
 
 
+def _table(
+    names: list[str],
+    cases: dict[str, tuple[str, Callable[[], Any], Workflow, str]],
+    backends: list[tuple[str, Store, Settings]],
+    repeat: int,
+    tasks: dict[str, int],
+) -> None:
+    """Each DAG on raw Ray and through the Factory on each backend: best times and ratios."""
+    header = f"{'dag':<26}{'raw ray s':>11}"
+    for label, _, _ in backends:
+        header += f"{label + ' s':>18}{'ratio':>7}"
+    print(header)
+    overheads: dict[str, dict[str, float]] = {}
+    for name in names:
+        title, raw_fn, workflow, last = cases[name]
+        raw_time, raw_result = _best(raw_fn, repeat)
+        line = f"{title:<26}{raw_time:>11.3f}"
+        for label, backend, backend_settings in backends:
+
+            def through_factory(
+                wf: Workflow = workflow, st: Store = backend, se: Settings = backend_settings
+            ) -> factory.RunResult:
+                return factory.run(wf, store=st, settings=se)
+
+            fac_time, result = _best(through_factory, repeat)
+            assert result.ok, result.error
+            assert result.outputs[last] == raw_result, (result.outputs[last], raw_result)
+            line += f"{fac_time:>18.3f}{fac_time / raw_time:>7.2f}"
+            overheads.setdefault(name, {})[label] = (fac_time - raw_time) / tasks[name]
+        print(f"{line}   {engine_scale.load()}")
+    if len(backends) > 1:
+        for name, per_backend in overheads.items():
+            base, other = per_backend["sqlite"], per_backend[backends[1][0]]
+            ratio = f"{other / base:.2f}x" if base > 0 else "n/a"
+            print(
+                f"{name}: overhead per task over raw Ray: sqlite {base * 1e3:.3f} ms, "
+                f"{backends[1][0]} {other * 1e3:.3f} ms ({ratio} of sqlite)"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each, best time kept")
-    parser.add_argument("--only", default="chain,fanout,lattice")
+    parser.add_argument("--only", help="the DAGs of the table (default chain,fanout,lattice)")
     parser.add_argument("--chain", type=int, default=500)
     parser.add_argument("--fanout", type=int, default=2000)
     parser.add_argument("--lattice", type=int, default=20)
     parser.add_argument("--big", type=int, default=0, help="also run an N-step workflow and report memory")
     parser.add_argument("--store", help="also run on this store, e.g. postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--events", help="with --store: publish events to this Redis, e.g. redis://127.0.0.1:6379/0")
+    parser.add_argument("--concurrent", type=int, default=0, help="N runs of 5 steps at once in this process")
+    parser.add_argument("--concurrent-repeat", type=int, default=3, help="rounds of --concurrent, best kept")
+    parser.add_argument(
+        "--per-run-store", action="store_true", help="--concurrent: each run opens its own store connection"
+    )
+    parser.add_argument("--huge", default="", help="comma-separated sizes of the large workflows, e.g. 10000,100000")
+    parser.add_argument("--huge-kinds", default="chains,for_each", help=f"of {','.join(engine_scale.HUGE_KINDS)}")
+    parser.add_argument("--huge-timeout", type=float, default=engine_scale.HUGE_TIMEOUT_SECONDS)
+    parser.add_argument("--profile", action="store_true", help="profile the chain, fan-out and lattice runs")
+    parser.add_argument("--profile-dir", help="with --profile: also write each .prof file here")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="each DAG also as the Factory's worker tasks alone and with a store that commits nothing",
+    )
     args = parser.parse_args()
+    if args.only is None:
+        special = args.concurrent or args.huge or args.profile or args.breakdown
+        args.only = "" if special else "chain,fanout,lattice"
 
     home = tempfile.mkdtemp(prefix="factory-bench-")
     settings = Settings(home=home)
@@ -133,7 +203,7 @@ def main() -> None:
     ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cpus, "
-        f"Python {platform.python_version()}, Ray {ray.__version__}"
+        f"Python {platform.python_version()}, Ray {ray.__version__}; {engine_scale.load()} at the start"
     )
     for label, backend, backend_settings in backends:
         events = mask_secrets(backend_settings.events_url or "embedded (the store's event log)")
@@ -164,53 +234,43 @@ def main() -> None:
     for _, backend, backend_settings in backends:
         factory.run(chain_workflow(20), store=backend, settings=backend_settings)
 
-    header = f"{'dag':<26}{'raw ray s':>11}"
-    for label, _, _ in backends:
-        header += f"{label + ' s':>18}{'ratio':>7}"
-    print(header)
-    overheads: dict[str, dict[str, float]] = {}
-    tasks = {"chain": args.chain, "fanout": args.fanout + 2, "lattice": args.lattice**2}  # Ray tasks per DAG
-    for name in args.only.split(","):
-        title, raw_fn, workflow, last = cases[name]
-        raw_time, raw_result = _best(raw_fn, args.repeat)
-        line = f"{title:<26}{raw_time:>11.3f}"
-        for label, backend, backend_settings in backends:
-
-            def through_factory(
-                wf: Workflow = workflow, st: Store = backend, se: Settings = backend_settings
-            ) -> factory.RunResult:
-                return factory.run(wf, store=st, settings=se)
-
-            fac_time, result = _best(through_factory, args.repeat)
-            assert result.ok, result.error
-            assert result.outputs[last] == raw_result, (result.outputs[last], raw_result)
-            line += f"{fac_time:>18.3f}{fac_time / raw_time:>7.2f}"
-            overheads.setdefault(name, {})[label] = (fac_time - raw_time) / tasks[name]
-        print(line)
-    if len(backends) > 1:
-        for name, per_backend in overheads.items():
-            base, other = per_backend["sqlite"], per_backend[backends[1][0]]
-            ratio = f"{other / base:.2f}x" if base > 0 else "n/a"
-            print(
-                f"{name}: overhead per task over raw Ray: sqlite {base * 1e3:.3f} ms, "
-                f"{backends[1][0]} {other * 1e3:.3f} ms ({ratio} of sqlite)"
-            )
+    names = [name for name in args.only.split(",") if name]
+    if names:
+        tasks = {"chain": args.chain, "fanout": args.fanout + 2, "lattice": args.lattice**2}  # Ray tasks per DAG
+        _table(names, cases, backends, args.repeat, tasks)
+    if args.breakdown:
+        print("\nbreakdown, best of --repeat (x: ratio to raw Ray); wrapper: the Factory's worker tasks chained")
+        print("by ObjectRefs, no coordinator; no-commit: the coordinator with a store whose record() does nothing")
+        print(engine_scale.BREAKDOWN_HEADER)
+        for name in ("chain", "fanout", "lattice"):
+            title, raw_fn, workflow, _ = cases[name]
+            print(engine_scale.breakdown(title, raw_fn, workflow, home, settings, args.repeat))
+    if args.profile:
+        for name in ("chain", "fanout", "lattice"):
+            _, _, workflow, _ = cases[name]
+            print(engine_scale.profile_run(name, workflow, store, settings, args.profile_dir))
+    if args.concurrent:
+        report = engine_scale.run_concurrent(
+            args.concurrent, args.concurrent_repeat, settings, store, args.per_run_store
+        )
+        engine_scale.print_concurrent(report)
 
     if args.big:
-        width = 100
-        steps: list[Step] = []
-        for k in range(args.big):
-            deps = {"x": f"${{steps.b{k - width}.output}}"} if k >= width else {"x": k}
-            steps.append(Step(id=f"b{k}", python=_fn("inc"), with_=deps))
-        big = Workflow(name=f"big-{args.big}", steps=steps)
+        big = engine_scale.chains_workflow(args.big)
         start = time.perf_counter()
         result = factory.run(big, store=store, settings=settings)
         elapsed = time.perf_counter() - start
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(
             f"{args.big}-step workflow: {result.status.value} in {elapsed:.2f}s, coordinator peak RSS {peak_mb:.0f} MB"
+            f" (this process, after the runs above); {engine_scale.load()}"
         )
     ray.shutdown()
+    if args.huge:
+        print(f"\nlarge workflows, each in a fresh process (SQLite store); timeout {args.huge_timeout:.0f}s each")
+        for size in [int(s) for s in args.huge.split(",") if s]:
+            for kind in [k for k in args.huge_kinds.split(",") if k]:
+                engine_scale.print_huge(engine_scale.run_huge(kind, size, args.huge_timeout))
 
 
 if __name__ == "__main__":

@@ -24,10 +24,10 @@ from starlette.concurrency import run_in_threadpool
 
 from deployments import dashboard_views as views
 from deployments.http import ApiProblem, Authorizer, install_error_handlers
-from factory import __version__, registry
+from factory import __version__, registry, schedules
 from factory.api import approve as approve_gate
 from factory.api import cancel as cancel_run
-from factory.api import create_run, merge_inputs, run_is_stalled, store_for
+from factory.api import create_run, merge_inputs, run_is_stalled, store_for, with_budget
 from factory.approvals import MAX_COMMENT_CHARS, Decision
 from factory.auth import Scope, has_scope
 from factory.auth import create_key as make_key
@@ -39,7 +39,9 @@ from factory.owner import owner_is_gone
 from factory.policy import Submitter, check_inline, resume_problem
 from factory.runner import get_runner
 from factory.sandbox.secrets import check_name
+from factory.schedules import ScheduleView, TickView, get_cron_scheduler
 from factory.settings import Settings
+from factory.spec import Budget, Workflow
 from factory.store import (
     FINAL_RUN_STATUSES,
     ApiKeyRecord,
@@ -93,6 +95,19 @@ class RegisteredView(BaseModel):
     created_by: str
     inputs: dict[str, Any]
     steps: int
+
+
+class AddSchedule(BaseModel):
+    """A workflow with a ``schedule:`` to register and schedule (admin)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workflow: dict[str, Any] = Field(description="The workflow: name, inputs, steps and schedule.")
+    name: str | None = Field(default=None, description="The schedule's (and registered workflow's) name.")
+    secrets: list[str] = Field(default_factory=list, description="Secrets its container steps may use.")
+    base_dir: str | None = Field(
+        default=None, description="A folder on the cluster its python steps are imported from (vouched for by you)."
+    )
 
 
 class StartRun(BaseModel):
@@ -185,6 +200,7 @@ class RunView(BaseModel):
     finished_at: float | None = None
     started_by: str = Field(default="local", description="key:<id> for runs submitted over the API.")
     workflow_ref: str | None = Field(default=None, description="name@version of a registered workflow.")
+    schedule: str | None = Field(default=None, description="The schedule that started the run, if any.")
     stalled: bool = Field(
         default=False,
         description="Running, but its coordinator is gone (lease lapsed or process dead): the supervisor or a resume "
@@ -203,6 +219,7 @@ class RunView(BaseModel):
             error=r.error,
             started_by=r.grants.principal if r.grants else "local",
             workflow_ref=r.grants.workflow_ref if r.grants else None,
+            schedule=r.grants.schedule if r.grants else None,
             created_at=r.created_at,
             started_at=r.started_at,
             finished_at=r.finished_at,
@@ -222,6 +239,11 @@ class Accepted(BaseModel):
     after_event_id: int | None = Field(
         default=None, description="Follow what happens next with the events endpoint from this id (?after=)."
     )
+
+
+class ResumeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    budget: Budget | None = Field(default=None, description="New limits for the run, replacing those it had.")
 
 
 class ApprovalBody(BaseModel):
@@ -354,6 +376,9 @@ class FactoryAPI:
         self.auth = Authorizer(self.store, self.settings, open_mode)
         self.runner = get_runner(self.settings)
         self.supervisor = get_supervisor(self.settings)  # resumes runs whose owner died; Ray restarts it
+        self.cron_scheduler = get_cron_scheduler(
+            self.settings
+        )  # starts the runs of schedules' due ticks; Ray restarts it
         self.catalog = load_catalog(self.settings.agents_file) if self.settings.agents_file else None
         LIMITS["max_body"] = self.settings.api_max_body_bytes
         self.limits = DocumentLimits.from_settings(self.settings)
@@ -645,6 +670,113 @@ class FactoryAPI:
         await run_in_threadpool(self._start, run_id, False)
         return await self._answer(request, response, key.id, run_id, wait, cancel_on_disconnect)
 
+    # -- schedules --------------------------------------------------------------------------------
+
+    @app.post(
+        "/v1/schedules",
+        status_code=201,
+        response_model=ScheduleView,
+        summary="Register a workflow and run it on its schedule (admin)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": AddSchedule.model_json_schema()},
+                    "application/yaml": {"schema": {"type": "string", "description": "The workflow's YAML."}},
+                },
+            }
+        },
+    )
+    async def add_schedule(self, request: Request) -> ScheduleView:
+        """JSON: ``{"workflow": {..., "schedule": {"cron": "0 6 * * *"}}, "name": ..., "secrets": [...],
+        "base_dir": ...}``, or the workflow's YAML alone. The workflow is registered as the next version
+        of the name, as ``PUT /v1/workflows/{name}`` does; its runs carry this key's grants, and stop
+        (the schedule is paused, with the reason) once the key is revoked or expires."""
+        key = self.auth.authorize(request, Scope.ADMIN)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            if content_type in YAML_TYPES:
+                data, _ = await self._workflow_body(request)
+                body = AddSchedule.model_validate({"workflow": data})
+            else:
+                raw = await request.body()
+                body = AddSchedule.model_validate_json(raw or b"{}")
+                check_data_bounds(body.workflow, self.limits, source="the submitted workflow")
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise ApiProblem(422, f"the body is not an AddSchedule: {_pydantic_detail(exc)}") from None
+        name = body.name or (body.workflow.get("name") if isinstance(body.workflow.get("name"), str) else None)
+        if not name or not _NAME_RE.match(name):
+            raise ApiProblem(422, f"{name!r} is not a schedule name: letters, digits, '.', '_' and '-', at most 100")
+        if body.base_dir is not None and not await run_in_threadpool(Path(body.base_dir).is_dir):
+            raise ApiProblem(422, f"base_dir {body.base_dir!r} is not a folder on the API's host")
+        workflow = await run_in_threadpool(
+            partial(
+                validate_data,
+                body.workflow,
+                body.base_dir,
+                f"workflow {name!r}",
+                False,
+                self.catalog,
+                limits=self.limits,
+            )
+        )
+        try:
+            return await run_in_threadpool(
+                partial(
+                    schedules.add,
+                    self.store,
+                    self.settings,
+                    workflow,
+                    principal=f"key:{key.id}",
+                    name=name,
+                    secrets=body.secrets,
+                )
+            )
+        except StepInputError as exc:  # a secret name that is not one
+            raise ApiProblem(422, str(exc)) from None
+
+    @app.get("/v1/schedules", response_model=list[ScheduleView], summary="Schedules, with their next fire times")
+    def list_schedules(self, request: Request) -> list[ScheduleView]:
+        self.auth.authorize(request, Scope.READ)
+        return schedules.list_views(self.store)
+
+    @app.get("/v1/schedules/{name}", response_model=ScheduleView, summary="A schedule, with its last decided tick")
+    def get_schedule(self, request: Request, name: str) -> ScheduleView:
+        self.auth.authorize(request, Scope.READ)
+        return schedules.view(self.store, name)
+
+    @app.get(
+        "/v1/schedules/{name}/ticks",
+        response_model=list[TickView],
+        summary="A schedule's decided ticks, newest first: the run each started, or why it was skipped",
+    )
+    def schedule_ticks(
+        self, request: Request, name: str, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+    ) -> list[TickView]:
+        self.auth.authorize(request, Scope.READ)
+        schedules.lookup(self.store, name)
+        return [TickView.of(t) for t in self.store.schedule_ticks(name, limit)]
+
+    @app.post("/v1/schedules/{name}/pause", response_model=ScheduleView, summary="Pause a schedule (admin)")
+    def pause_schedule(self, request: Request, name: str) -> ScheduleView:
+        key = self.auth.authorize(request, Scope.ADMIN)
+        return schedules.pause(self.store, name, f"paused by key:{key.id}")
+
+    @app.post(
+        "/v1/schedules/{name}/resume",
+        response_model=ScheduleView,
+        summary="Resume a schedule (admin): ticks of the paused time are not run",
+    )
+    def resume_schedule(self, request: Request, name: str) -> ScheduleView:
+        self.auth.authorize(request, Scope.ADMIN)
+        return schedules.resume(self.store, name)
+
+    @app.delete("/v1/schedules/{name}", status_code=204, summary="Remove a schedule (admin); its runs are kept")
+    def remove_schedule(self, request: Request, name: str) -> Response:
+        self.auth.authorize(request, Scope.ADMIN)
+        schedules.remove(self.store, name)
+        return Response(status_code=204)
+
     # -- keys -------------------------------------------------------------------------------------
 
     @app.post("/v1/keys", status_code=201, response_model=CreatedKey, summary="Create an API key (admin)")
@@ -807,8 +939,9 @@ class FactoryAPI:
         return Accepted(run_id=run_id, status="cancelling", detail="attempts in flight are being stopped")
 
     @app.post("/v1/runs/{run_id}/resume", status_code=202, response_model=Accepted, summary="Resume a run")
-    def resume(self, request: Request, run_id: str) -> Accepted:
-        """Finish an interrupted, failed or cancelled run; committed steps are not run again."""
+    def resume(self, request: Request, run_id: str, body: ResumeBody | None = None) -> Accepted:
+        """Finish an interrupted, failed or cancelled run; committed steps are not run again.
+        ``budget`` replaces limits the run had (a run stopped at its budget continues)."""
         key = self.auth.authorize(request, Scope.SUBMIT)
         record = self.store.get_run(run_id)
         if record.status == RunStatus.SUCCEEDED:
@@ -826,6 +959,15 @@ class FactoryAPI:
         # the run's old final status; the runner then starts it as any pending run (a cancel
         # asked from now on is kept, an earlier one is cleared: resuming overrides it)
         self.store.clear_cancel(run_id)
+        if body is not None and body.budget is not None:
+            starter_key = record.grants.principal if record.grants else None
+            if not has_scope(key, Scope.ADMIN) and starter_key != f"key:{key.id}":
+                raise PermissionDeniedError(
+                    f"only the key that started run {run_id} or an admin key may change its budget; "
+                    "resume it without a budget, or ask an admin"
+                )
+            workflow = with_budget(Workflow.model_validate_json(record.spec_json), body.budget)
+            self.store.set_run_spec(run_id, workflow.model_dump_json(by_alias=True))
         self.store.record([RunChange(run_id, RunStatus.PENDING, "run.resume_requested", data={"by": f"key:{key.id}"})])
         self._start(run_id, False)
         return Accepted(

@@ -23,7 +23,8 @@ def up(
         bool, typer.Option("--open", help="No API keys: every request is admin. Only with --host 127.0.0.1.")
     ] = False,
 ) -> None:
-    """Start Ray, the HTTP API and the routing API locally; print the URLs and a first admin key."""
+    """Start Ray, the HTTP API, the routing API and the scheduler of schedules locally; print the URLs and a
+    first admin key."""
     from factory.api import store_for
     from factory.auth import Scope, create_key
     from factory.errors import FactoryError
@@ -59,6 +60,7 @@ def up(
     first_key = None
     if not open_mode and not any(not k.revoked for k in store.list_api_keys()):
         first_key, _ = create_key(store, [Scope.ADMIN], name="first admin key (factory up)")
+    active_schedules = sum(1 for s in store.list_schedules() if not s.paused)
     store.close()
 
     import ray
@@ -81,6 +83,7 @@ def up(
     else:
         out.print("dashboard  not installed (pip install 'factory[ui]')")
     out.print(f"health     {base}/healthz")
+    out.print(f"schedules  {active_schedules} active, run by the scheduler (`factory schedules list`)")
     out.print(f"state      {escape(mask_secrets(settings.resolved_store_url()))}")
     if open_mode:
         out.print("[yellow]open mode: no API key needed (127.0.0.1 only)[/yellow]")

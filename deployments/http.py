@@ -25,6 +25,7 @@ from factory.errors import (
     PermissionDeniedError,
     PoolSaturated,
     RunStateError,
+    ScheduleConflictError,
     WorkflowValidationError,
 )
 from factory.settings import Settings
@@ -88,7 +89,7 @@ def factory_error_status(exc: FactoryError) -> tuple[int, dict[str, str], dict[s
         return 422, {}, {"errors": exc.problems}
     if isinstance(exc, NoEligibleAgentError):
         return 422, {}, {"filtered_out": exc.filtered_out}
-    if isinstance(exc, RunStateError):
+    if isinstance(exc, RunStateError | ScheduleConflictError):
         return 409, {}, {}
     if isinstance(exc, CircuitOpenError):
         return 503, {"Retry-After": str(max(1, round(exc.retry_after)))}, {}

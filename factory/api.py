@@ -19,7 +19,7 @@ from factory.owner import owner_is_gone
 from factory.raysession import ensure_ray
 from factory.redisbus import RedisEventPublisher
 from factory.settings import Settings, get_settings
-from factory.spec import Workflow
+from factory.spec import Budget, Workflow
 from factory.store import (
     FINAL_RUN_STATUSES,
     FINAL_STEP_STATUSES,
@@ -120,6 +120,13 @@ def create_run(
             store.close()
 
 
+def with_budget(workflow: Workflow, budget: Budget | None) -> Workflow:
+    """The workflow with ``budget``'s limits replacing its own."""
+    if budget is None:
+        return workflow
+    return workflow.model_copy(update={"budget": (workflow.budget or Budget()).merged(budget)})
+
+
 def _agent_dispatcher(
     agents: Catalog | str | Path | None, workflow: Workflow, settings: Settings
 ) -> PoolDispatcher | None:
@@ -180,6 +187,7 @@ def run(
     run_id: str | None = None,
     agents: Catalog | str | Path | None = None,
     validated: bool = False,
+    budget: Budget | None = None,
 ) -> RunResult:
     """Run a workflow to the end and return its result. Joins or starts Ray as needed.
 
@@ -187,7 +195,8 @@ def run(
     ``agents`` (a Catalog or an agents.yaml path) serves the workflow's agent: and route: steps;
     the catalogue is read once. ``validated``: ``workflow`` is a Workflow that the caller
     validated already (with :func:`factory.dag.load_workflow` and this catalogue and these
-    settings' limits), so it is not validated a second time.
+    settings' limits), so it is not validated a second time. ``budget``: limits of this run,
+    replacing the workflow's own where it sets them.
     """
     settings = settings or get_settings()
     catalog = agents if isinstance(agents, Catalog) or agents is None else load_catalog(agents)
@@ -196,6 +205,7 @@ def run(
         workflow = workflow if validated else validate_workflow(workflow, agents=catalog, limits=limits)
     else:
         workflow = load_workflow(workflow, agents=catalog, limits=limits)
+    workflow = with_budget(workflow, budget)
     merged = merge_inputs(workflow, inputs, limits)
     graph = build_graph(workflow)
     own_store = store is None
@@ -245,6 +255,7 @@ def resume(
     pending_only: bool = False,
     keep_cancel: bool = False,
     on_start: Callable[[str], None] | None = None,
+    budget: Budget | None = None,
 ) -> RunResult:
     """Run a pending run, or finish one that was interrupted, failed or cancelled. Steps
     that committed their output are not run again; every other step runs (again).
@@ -252,7 +263,9 @@ def resume(
     that is no longer pending (cancelled meanwhile) is left as it is. With ``keep_cancel``
     (the supervisor adopting an orphaned run) a cancel asked earlier is not forgotten.
     ``on_start(run_id)`` is called once this process runs it (an earlier cancel cleared, the
-    run ``running``): a cancel from then on stops the run."""
+    run ``running``): a cancel from then on stops the run. ``budget``: new limits for the
+    run (kept for later resumes), replacing those it had where it sets them; what the run
+    used so far still counts."""
     settings = settings or get_settings()
     own_store = store is None
     store = store or store_for(settings)
@@ -262,7 +275,7 @@ def resume(
             return RunResult(run_id, record.status, {}, f"the run is {record.status.value}, no longer pending")
         if record.status == RunStatus.SUCCEEDED:
             raise RunStateError(f"run {run_id} already succeeded; nothing to resume")
-        workflow = Workflow.model_validate_json(record.spec_json)
+        workflow = with_budget(Workflow.model_validate_json(record.spec_json), budget)
         ensure_ray(settings.ray_address)
         with _coordinator(
             store, workflow, run_id, record.inputs, settings, on_progress, agents, grants=record.grants
@@ -276,6 +289,8 @@ def resume(
                 )
             if not pending_only and not keep_cancel:
                 store.clear_cancel(run_id)  # resuming on purpose overrides an earlier cancel
+            if budget is not None:
+                store.set_run_spec(run_id, workflow.model_dump_json(by_alias=True))
             store.reset_unfinished_steps(run_id)
             # a run that once started keeps its committed steps, even if it waits as pending again
             # (a resume asked over the API marks it pending at once, see deployments/api.py)

@@ -69,7 +69,8 @@ def decide(store: Store, decision: Decision, key: ApiKeyRecord | None, now: floa
         )
     statuses = {s.step_id: s.status for s in store.get_steps(decision.run_id)}
     status = statuses.get(decision.step_id)
-    if status != StepStatus.WAITING or record.status not in (RunStatus.RUNNING, RunStatus.WAITING):
+    # the gate's own status is the test; the run may be pending (resumed after another gate's decision)
+    if status != StepStatus.WAITING or record.status not in (RunStatus.PENDING, RunStatus.RUNNING, RunStatus.WAITING):
         shown = status.value if status is not None else "unknown"
         raise RunStateError(
             f"gate {decision.step_id!r} of run {decision.run_id} is {shown} (run {record.status.value}), "

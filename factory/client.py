@@ -106,6 +106,8 @@ class FactoryClient:
             except ValueError:
                 problem = {"detail": response.text[:500]}
             raise ApiError(response.status_code, problem if isinstance(problem, dict) else {"detail": str(problem)})
+        if response.status_code == 204:  # No Content (a DELETE)
+            return None
         return response.json()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -197,8 +199,10 @@ class FactoryClient:
     def cancel(self, run_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/runs/{_seg(run_id)}/cancel"))
 
-    def resume(self, run_id: str) -> dict[str, Any]:
-        return dict(self._request("POST", f"/v1/runs/{_seg(run_id)}/resume"))
+    def resume(self, run_id: str, budget: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resume a run; ``budget`` (e.g. ``{"max_attempts": 50}``) replaces limits it had."""
+        body = {"budget": budget} if budget else None
+        return dict(self._request("POST", f"/v1/runs/{_seg(run_id)}/resume", json=body))
 
     def approve(self, run_id: str, step_id: str, approved: bool = True, comment: str = "") -> dict[str, Any]:
         """Decide at an approval gate that waits; returns the decision, the run's status and
@@ -381,6 +385,30 @@ class FactoryClient:
         params = {"wait": wait, "cancel_on_disconnect": cancel_on_disconnect}
         path = f"/v1/workflows/{_seg(name)}/runs"
         return dict(self._request("POST", path, json=body, params=params, timeout=wait + self.timeout))
+
+    def add_schedule(
+        self,
+        workflow: str | Path | dict[str, Any],
+        name: str | None = None,
+        secrets: list[str] | None = None,
+        base_dir: str | None = None,
+    ) -> dict[str, Any]:
+        """Register a workflow with a ``schedule:`` and schedule it (admin key); returns the schedule."""
+        body = {"workflow": self._workflow_data(workflow), "name": name, "secrets": secrets or [], "base_dir": base_dir}
+        return dict(self._request("POST", "/v1/schedules", json=body))
+
+    def list_schedules(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/schedules"))
+
+    def schedule_action(self, name: str, action: str) -> dict[str, Any] | None:
+        """pause, resume (the schedule after) or remove (None)."""
+        if action == "remove":
+            self._request("DELETE", f"/v1/schedules/{_seg(name)}")
+            return None
+        return dict(self._request("POST", f"/v1/schedules/{_seg(name)}/{_seg(action)}"))
+
+    def schedule_ticks(self, name: str, limit: int = 50) -> list[dict[str, Any]]:
+        return list(self._request("GET", f"/v1/schedules/{_seg(name)}/ticks", params={"limit": limit}))
 
     def create_key(
         self,

@@ -36,6 +36,7 @@ from factory.scheduler import (
     ITEM_PROGRESS_SECONDS,
     MAX_NODE_LOSSES,
     Action,
+    ProposeDecision,
     Publish,
     RunScheduler,
     Stop,
@@ -76,10 +77,26 @@ class RayBackend:
     driver's logic may pass another implementation to :class:`Coordinator`."""
 
     def submit_step(self, call: StepCall, deps: list[Any], options: dict[str, Any]) -> Any:
-        return execute_step.options(**options).remote(call, *deps)
+        task = execute_step.options(**options) if options else execute_step  # .options() costs, even empty
+        return task.remote(call, *deps)
 
     def submit_call(self, call: StepCall, options: dict[str, Any]) -> Any:
-        return execute_item.options(**options).remote(call)
+        task = execute_item.options(**options) if options else execute_item
+        return task.remote(call)
+
+    def get_many(self, refs: list[Any]) -> list[Outcome | RayError]:
+        """The outcomes of ready refs in one call; one by one when one of them failed."""
+        try:
+            outcomes: list[Outcome] = ray.get(refs)
+            return list(outcomes)
+        except RayError:
+            results: list[Outcome | RayError] = []
+            for ref in refs:
+                try:
+                    results.append(ray.get(ref))
+                except RayError as exc:
+                    results.append(exc)
+            return results
 
     def put(self, outcome: Outcome) -> Any:
         return ray.put(outcome)
@@ -91,11 +108,6 @@ class RayBackend:
             more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
             ready += more
         return list(ready)
-
-    def get(self, ref: Any) -> Outcome:
-        """The attempt's outcome; raises RayError when its task or worker failed."""
-        outcome: Outcome = ray.get(ref)
-        return outcome
 
     def stop(self, ref: Any) -> None:
         """Stop an attempt in flight: kill its worker (a task), or cancel the call (an actor task,
@@ -212,6 +224,7 @@ class Coordinator:
             max_output_bytes=settings.max_output_bytes,
             max_for_each_items=settings.max_for_each_items,
             rng=random.Random(),
+            prices={model: (p.input, p.output) for model, p in settings.model_prices.items()},
         )
         self._steps = {s.id: s for s in workflow.steps}
         self._refs: dict[str, Any] = {}  # step id -> the result its dependants receive
@@ -247,6 +260,11 @@ class Coordinator:
                 queue.extend(self._submit_call(action))
             elif isinstance(action, Publish):
                 self._refs[action.step_id] = self.backend.put(Outcome(ok=True, output_json=action.output_json))
+            elif isinstance(action, ProposeDecision):
+                # a gate's timeout: recorded unless a person decided first; the decision that stands goes on
+                standing, _ = self.store.decide_approval(action.decision)
+                self._decided.add(standing.step_id)
+                queue.extend(self.scheduler.on_decision(standing, time.monotonic()))
             elif isinstance(action, Stop):
                 ref = self._token_refs.pop(action.token, None)
                 self._submitted_at.pop(action.token, None)
@@ -263,8 +281,14 @@ class Coordinator:
     def _submit_call(self, action: SubmitCall) -> list[Action]:
         step = self._steps[action.step_id]
         if action.cacheable:
-            key = self._cache_key(step, action.arguments)
-            cached = self.cache.cache_get(key)
+            try:
+                key = self._cache_key(step, action.arguments)
+                cached = self.cache.cache_get(key)
+            except Exception as exc:  # noqa: BLE001 - the step's code cannot be read or may not run
+                failed = Outcome(
+                    ok=False, error=f"the step's cache key: {type(exc).__name__}: {exc}", error_type=type(exc).__name__
+                )
+                return self.scheduler.on_result(action.token, failed, time.monotonic())
             if cached is not None:
                 outcome = Outcome(ok=True, output_json=cached, logs="(cached)", extra={"cached": True})
                 return self.scheduler.on_result(action.token, outcome, time.monotonic())
@@ -348,7 +372,7 @@ class Coordinator:
 
     # -- results ---------------------------------------------------------------------------------
 
-    def _collect(self, ref: Any) -> None:
+    def _collect(self, ref: Any, result: Outcome | RayError) -> None:
         token = self._inflight.pop(ref, None)
         if token is None:
             return
@@ -357,9 +381,10 @@ class Coordinator:
         key = self._cache_keys.pop(token, None)
         attempt = self.scheduler.tokens.get(token)
         node_lost = False
-        try:
-            outcome = self.backend.get(ref)
-        except RayError as exc:
+        if isinstance(result, Outcome):
+            outcome = result
+        else:
+            exc = result
             step = self._steps[attempt.step_id] if attempt is not None else None
             outcome = Outcome(
                 ok=False,
@@ -379,8 +404,10 @@ class Coordinator:
         if not self._inflight:
             time.sleep(timeout)
             return
-        for ref in self.backend.wait(list(self._inflight), timeout):
-            self._collect(ref)
+        ready = self.backend.wait(list(self._inflight), timeout)
+        if ready:
+            for ref, result in zip(ready, self.backend.get_many(ready), strict=True):
+                self._collect(ref, result)
 
     def _stop_all(self) -> None:
         for ref in list(self._inflight):
@@ -419,12 +446,15 @@ class Coordinator:
         done = 0
         if resumed:
             done = self.scheduler.restore(self.store.get_steps(self.run_id), self.store.get_items(self.run_id))
+            for used in self.store.latest_events(self.run_id, "run.usage", limit=1):
+                self.scheduler.restore_usage(used.data)
+            # decisions taken while it waited: known before its gates open (before a timeout applies)
+            for decision in self.store.get_approvals(self.run_id):
+                self._decided.add(decision.step_id)
+                self.scheduler.on_decision(decision, time.monotonic())
         self._start_actions = self.scheduler.start(
             time.monotonic(), resumed=resumed, already_done=done, wall=time.time()
         )
-        for decision in self.store.get_approvals(self.run_id) if resumed else []:
-            self._decided.add(decision.step_id)
-            self._start_actions += self.scheduler.on_decision(decision, time.monotonic())
 
     def execute(self) -> RunResult:
         """Run until every step is final, or until only people can move the run on (approval
@@ -463,6 +493,8 @@ class Coordinator:
         while not self.scheduler.finished:
             self._apply(self.scheduler.on_time(time.monotonic(), time.time()))
             if self.scheduler.parked:
+                if self.store.cancel_requested(self.run_id):  # asked while it was still ours
+                    self.cancel("cancel requested")
                 return  # only people can move the run on: stop here, hold nothing while they decide
             self._wait()
             self._flush()

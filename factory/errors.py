@@ -290,3 +290,11 @@ class PermissionDeniedError(FactoryError):
 
 class StepNotAllowedError(StepInputError):
     """A run asked its worker for a module or a secret its grants do not include (not retried)."""
+
+
+class ScheduleNotFoundError(NotFoundError):
+    """No schedule has this name."""
+
+
+class ScheduleConflictError(FactoryError):
+    """A schedule of this name exists already, or its creator holds as many as allowed."""

@@ -43,7 +43,7 @@ from factory.errors import StepInputError
 from factory.outcome import Outcome, limit_outcome
 from factory.refs import Context, resolve
 from factory.retry import backoff_delay
-from factory.spec import Step, Workflow
+from factory.spec import Budget, Step, Workflow
 from factory.store.base import (
     FINAL_STEP_STATUSES,
     ApprovalRecord,
@@ -65,7 +65,12 @@ MAX_NODE_LOSSES = 3
 # Items of one for_each step in flight at once; the others wait their turn (bounds the
 # coordinator's memory and Ray's queue for very large lists).
 MAX_ITEMS_IN_FLIGHT = 4096
+# A step is submitted ahead of its dependencies' success (Ray pipelines it) only while fewer
+# attempts than this are in flight; else once they succeeded. Bounds the driver's memory on huge DAGs.
+MAX_AHEAD = 2_000
 _ACTIVE = (StepStatus.RUNNING, StepStatus.RETRYING)
+TIMEOUT = "timeout"  # who decided when a gate's timeout did
+MAX_GATE_MESSAGE = 4000  # characters of a gate's message once its ${...} are resolved
 
 
 # -- actions: what the driver carries out ------------------------------------------------------
@@ -111,7 +116,15 @@ class Stop:
     token: int
 
 
-Action = SubmitStep | SubmitCall | Publish | Stop
+@dataclass(frozen=True, slots=True)
+class ProposeDecision:
+    """A gate's timeout passed: record this decision unless a person's stands already, and
+    hand the scheduler the one that stands (:meth:`RunScheduler.on_decision`)."""
+
+    decision: ApprovalRecord
+
+
+Action = SubmitStep | SubmitCall | Publish | Stop | ProposeDecision
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +172,7 @@ class _StepState:
     progress_at: float = float("-inf")
     progress_done: int = -1
     gate_opened_at: float | None = None  # approval gates: when the wait began (wall clock, survives resumes)
+    timeout_proposed: bool = False  # the gate's timeout decision was handed to the driver
 
 
 @dataclass
@@ -168,6 +182,47 @@ class RunVerdict:
     status: RunStatus
     error: str | None
     event: str
+
+
+USAGE_EVENT_SECONDS = 1.0  # a run.usage event (what the run used, for budgets) at most this often
+
+
+@dataclass
+class Usage:
+    """What a run used, counted against its budget; kept across resumes (``run.usage`` events)."""
+
+    attempts: int = 0
+    steps: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0
+    seconds: float = 0.0  # running time of earlier sessions (parked time is not counted)
+    unpriced: list[str] = field(default_factory=list)  # models used whose price is not configured
+
+    def data(self, seconds: float) -> dict[str, Any]:
+        return {
+            "attempts": self.attempts,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "cost_usd": round(self.cost_usd, 6),
+            "seconds": round(seconds, 3),
+            **({"unpriced": self.unpriced} if self.unpriced else {}),
+        }
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> Usage:
+        def number(name: str) -> float:
+            value = data.get(name)
+            return float(value) if isinstance(value, int | float) and value >= 0 else 0.0
+
+        unpriced = data.get("unpriced")
+        return cls(
+            attempts=int(number("attempts")),
+            steps=int(number("steps")),
+            tokens=int(number("tokens")),
+            cost_usd=number("cost_usd"),
+            seconds=number("seconds"),
+            unpriced=[str(m) for m in unpriced][:100] if isinstance(unpriced, list) else [],
+        )
 
 
 class RunScheduler:
@@ -183,8 +238,13 @@ class RunScheduler:
         max_output_bytes: int,
         max_for_each_items: int,
         max_items_in_flight: int = MAX_ITEMS_IN_FLIGHT,
+        max_ahead: int = MAX_AHEAD,
         rng: random.Random | None = None,
+        budget: Budget | None = None,
+        prices: dict[str, tuple[float, float]] | None = None,
     ) -> None:
+        """``budget``: the run's limits (default: the workflow's); ``prices``: USD per million
+        input and output tokens by model, for cost estimates."""
         self.workflow = workflow
         self.graph = graph
         self.run_id = run_id
@@ -192,8 +252,11 @@ class RunScheduler:
         self.max_output_bytes = max_output_bytes
         self.max_for_each_items = max_for_each_items
         self.max_items_in_flight = max(1, max_items_in_flight)
+        self.max_ahead = max_ahead
         self.rng = rng or random.Random()
         self.states: dict[str, _StepState] = {s.id: _StepState(s) for s in workflow.steps}
+        self._unfinished = len(self.states)  # steps not in a final status (kept by _change)
+        self._fan_outs = [self.states[s.id] for s in workflow.steps if s.for_each is not None]
         self.tokens: dict[int, Attempt] = {}
         self._next_token = 0
         self._retries: list[tuple[float, int, str, int | None, int]] = []  # (due, seq, step, item, generation)
@@ -206,6 +269,16 @@ class RunScheduler:
         self._deferred: dict[str, tuple[int, Outcome, bool]] = {}
         self._decisions: dict[str, ApprovalRecord] = {}  # approval decisions known, not yet applied
         self._wall = 0.0
+        self.budget = budget if budget is not None else workflow.budget
+        # a budget of starts is kept exactly: a step is submitted only once it may start
+        self._eager = self.budget is None or (self.budget.max_steps is None and self.budget.max_attempts is None)
+        self.prices = prices or {}
+        self.usage = Usage()
+        self._session_start = 0.0
+        self._usage_at = float("-inf")
+        self._usage_sent: dict[str, Any] = {}
+        self._exceeded: tuple[str, float, float, str] | None = None  # budget name, limit, used, what
+        self.budget_error: str | None = None
         self.cancelled = False
         self._first_error: str | None = None
         self._now = 0.0
@@ -218,7 +291,7 @@ class RunScheduler:
 
     @property
     def finished(self) -> bool:
-        return all(s.status in FINAL_STEP_STATUSES for s in self.states.values())
+        return self._unfinished == 0
 
     def next_deadline(self) -> float | None:
         """When :meth:`on_time` has something to do next (a retry due), or None."""
@@ -232,10 +305,10 @@ class RunScheduler:
         """Nothing is in flight or due, and approval gates wait: the run waits for people, and
         its coordinator may stop until a decision comes (or a gate's timeout passes)."""
         return (
-            not self.finished
-            and not self.cancelled
-            and not self.tokens
+            not self.tokens
             and not self._retries
+            and not self.cancelled
+            and self._unfinished > 0
             and any(s.status == StepStatus.WAITING for s in self.states.values())
         )
 
@@ -256,7 +329,9 @@ class RunScheduler:
         if self.cancelled:
             return RunVerdict(RunStatus.CANCELLED, "the run was cancelled", "run.cancelled")
         if all(s.status == StepStatus.SUCCEEDED for s in self.states.values()):
-            return RunVerdict(RunStatus.SUCCEEDED, None, "run.succeeded")
+            return RunVerdict(RunStatus.SUCCEEDED, None, "run.succeeded")  # a budget passed by the last step
+        if self.budget_error is not None:
+            return RunVerdict(RunStatus.FAILED, self.budget_error, "run.failed")
         return RunVerdict(RunStatus.FAILED, self._first_error or "a step did not succeed", "run.failed")
 
     def outputs(self) -> dict[str, Any]:
@@ -284,6 +359,7 @@ class RunScheduler:
                 state.gate_opened_at = record.started_at
             if record.status == StepStatus.SUCCEEDED:
                 state.status = StepStatus.SUCCEEDED
+                self._unfinished -= 1
                 state.output_json = record.output_json or "null"
                 done += 1
         for item in items:
@@ -291,10 +367,18 @@ class RunScheduler:
                 self._restored_items.setdefault(item.step_id, {})[item.index] = item
         return done
 
+    def restore_usage(self, data: dict[str, Any]) -> None:
+        """What earlier sessions of the run used (the last ``run.usage`` event's data)."""
+        self.usage = Usage.of(data)
+        # a model priced since (the error said to) no longer stops the run
+        self.usage.unpriced = [m for m in self.usage.unpriced if m not in self.prices]
+        self._usage_sent = self.usage.data(self.usage.seconds)
+
     def start(self, now: float, resumed: bool = False, already_done: int = 0, wall: float = 0.0) -> list[Action]:
         """``now``: the driver's monotonic clock; ``wall``: the time of day (approval deadlines)."""
         self._now = now
         self._wall = wall
+        self._session_start = now
         if resumed:
             self._changes.append(
                 RunChange(self.run_id, RunStatus.RUNNING, "run.resumed", data={"already_done": already_done})
@@ -307,6 +391,7 @@ class RunScheduler:
                 self._actions.append(Publish(state.step.id, state.output_json or "null"))
         for step_id in self.graph.order:
             self._try_submit(step_id)
+        self._enforce_budget()
         return self._take_actions()
 
     def on_result(self, token: int, outcome: Outcome, now: float, *, node_lost: bool = False) -> list[Action]:
@@ -316,6 +401,7 @@ class RunScheduler:
         attempt = self.tokens.pop(token, None)
         if attempt is None:
             return []
+        self._count_usage(outcome)
         state = self.states[attempt.step_id]
         if attempt.index is not None and attempt.index < len(state.items):
             item = state.items[attempt.index]
@@ -330,6 +416,7 @@ class RunScheduler:
             StepStatus.CANCELLED,
         ):
             self._refill(state)
+            self._enforce_budget()
             return self._take_actions()
         if node_lost:
             unit: _StepState | _Item = state if attempt.index is None else state.items[attempt.index]
@@ -341,8 +428,10 @@ class RunScheduler:
             # Ray ran it (or failed it) before this scheduler saw all its dependencies succeed
             # (they finished in the same sweep, handled after it): it is decided once they have.
             self._deferred[state.step.id] = (attempt.generation, outcome, node_lost)
+            self._enforce_budget()
             return self._take_actions()
         self._decide(state, attempt.index, outcome, node_lost)
+        self._enforce_budget()
         return self._take_actions()
 
     def _decide(self, state: _StepState, index: int | None, outcome: Outcome, node_lost: bool) -> None:
@@ -369,6 +458,7 @@ class RunScheduler:
             self._decisions[decision.step_id] = decision  # applied when the gate opens
             return []
         self._decide_gate(state, decision)
+        self._enforce_budget()
         return self._take_actions()
 
     def on_time(self, now: float, wall: float | None = None) -> list[Action]:
@@ -395,8 +485,13 @@ class RunScheduler:
                 self._refill(state)
                 if state.waiting or any(e[2] == step_id for e in self._retries):
                     state.status = StepStatus.RETRYING
-        for state in self.states.values():
+        for state in self._fan_outs:
             self._item_progress(state)
+        limit = self.budget.max_seconds if self.budget is not None else None
+        if limit is not None and self._seconds() > limit and self._exceeded is None:
+            self._exceeded = ("max_seconds", limit, self._seconds(), "has run for (seconds)")
+        self._enforce_budget()
+        self._usage_event()
         return self._take_actions()
 
     def cancel(self, reason: str = "cancelled") -> list[Action]:
@@ -414,6 +509,7 @@ class RunScheduler:
     def finish(self) -> RunVerdict:
         """The run's final change (queued) and verdict; call once every step is final or after cancel."""
         verdict = self.verdict()
+        self._usage_event(force=True)
         data = {"steps": self.waiting_gates()} if verdict.status == RunStatus.WAITING else {}
         self._changes.append(RunChange(self.run_id, verdict.status, verdict.event, error=verdict.error, data=data))
         return verdict
@@ -430,6 +526,8 @@ class RunScheduler:
         return self._next_token
 
     def _change(self, state: _StepState, status: StepStatus, event: str, **kw: Any) -> None:
+        if status in FINAL_STEP_STATUSES and state.status not in FINAL_STEP_STATUSES:
+            self._unfinished -= 1
         state.status = status
         self._changes.append(StepChange(self.run_id, state.step.id, status, event, **kw))
 
@@ -453,10 +551,121 @@ class RunScheduler:
         """What a step's call resolves: a container step's spec, else its ``with`` mapping."""
         return step.container.model_dump() if step.container is not None else step.with_
 
-    def _mark_running(self, state: _StepState) -> None:
+    def _mark_running(self, state: _StepState) -> bool:
+        """The step starts (an attempt, unless its calls are counted one by one); False when its
+        budget does not admit it (the run then stops)."""
+        if not self._admit(new_step=state.attempts == 0, attempt=not self.needs_values(state.step)):
+            return False
         state.attempts += 1
         state.started_at = self._now
         self._change(state, StepStatus.RUNNING, "step.started", attempts=state.attempts)
+        return True
+
+    # -- budget --
+
+    def _seconds(self) -> float:
+        return self.usage.seconds + max(0.0, self._now - self._session_start)
+
+    def _admit(self, new_step: bool, attempt: bool) -> bool:
+        if self._exceeded is not None:
+            return False
+        budget = self.budget
+        if budget is not None:
+            if new_step and budget.max_steps is not None and self.usage.steps >= budget.max_steps:
+                self._exceeded = ("max_steps", budget.max_steps, self.usage.steps + 1, "would start step number")
+                return False
+            if attempt and budget.max_attempts is not None and self.usage.attempts >= budget.max_attempts:
+                self._exceeded = (
+                    "max_attempts",
+                    budget.max_attempts,
+                    self.usage.attempts + 1,
+                    "would start attempt number",
+                )
+                return False
+        self.usage.steps += int(new_step)
+        self.usage.attempts += int(attempt)
+        return True
+
+    def _count_usage(self, outcome: Outcome) -> None:
+        usage = outcome.extra.get("usage") if outcome.extra else None
+        if not isinstance(usage, dict):
+            return
+
+        def count(value: Any) -> int:
+            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+        tokens = count(usage.get("total_tokens")) or count(usage.get("input_tokens")) + count(
+            usage.get("output_tokens")
+        )
+        self.usage.tokens += tokens
+        models = usage.get("models")
+        if isinstance(models, dict) and models:
+            for model, row in list(models.items())[:100]:
+                price = self.prices.get(str(model))
+                if not isinstance(row, dict):
+                    continue
+                if price is None:
+                    if str(model) not in self.usage.unpriced:
+                        self.usage.unpriced.append(str(model))
+                    continue
+                spent_in, spent_out = count(row.get("input_tokens")), count(row.get("output_tokens"))
+                self.usage.cost_usd += (spent_in * price[0] + spent_out * price[1]) / 1_000_000
+        elif tokens and "unknown" not in self.usage.unpriced:
+            self.usage.unpriced.append("unknown")
+        budget = self.budget
+        if budget is None or self._exceeded is not None:
+            return
+        if budget.max_tokens is not None and self.usage.tokens > budget.max_tokens:
+            self._exceeded = ("max_tokens", budget.max_tokens, self.usage.tokens, "used tokens")
+        elif budget.max_cost_usd is not None and self.usage.unpriced:
+            self._exceeded = ("max_cost_usd", budget.max_cost_usd, -1, "used models without a price: ")
+        elif budget.max_cost_usd is not None and self.usage.cost_usd > budget.max_cost_usd:
+            self._exceeded = ("max_cost_usd", budget.max_cost_usd, self.usage.cost_usd, "spent (USD, estimated)")
+
+    def _enforce_budget(self) -> None:
+        """Past a budget: stop what is in flight, cancel what is unfinished, fail the run saying why."""
+        if self._exceeded is None or self.budget_error is not None:
+            return
+        name, limit, used, what = self._exceeded
+        if used < 0:
+            self.budget_error = (
+                f"budget reached: {name} {limit:g} cannot be kept, the run {what}{', '.join(self.usage.unpriced)}; "
+                "set their prices in the model_prices setting (FACTORY_MODEL_PRICES)"
+            )
+        else:
+            self.budget_error = (
+                f"budget reached: {name} is {limit:g} and the run {what} {used:g}; "
+                f"`factory resume {self.run_id} --budget {name}=N` continues it with a larger one"
+            )
+        self._changes.append(
+            EventChange(
+                self.run_id,
+                None,
+                "run.budget_exceeded",
+                {"budget": name, "limit": limit, "used": used, "usage": self.usage.data(self._seconds())},
+            )
+        )
+        for token in list(self.tokens):
+            self._actions.append(Stop(token))
+        self.tokens.clear()
+        self._retries.clear()
+        self._deferred.clear()
+        for state in self.states.values():
+            if state.status not in FINAL_STEP_STATUSES:
+                self._change(state, StepStatus.CANCELLED, "step.cancelled", data={"reason": f"budget {name} reached"})
+
+    def _usage_event(self, force: bool = False) -> None:
+        """What the run used so far, as a ``run.usage`` event (when it changed; at most every
+        USAGE_EVENT_SECONDS unless ``force``): a resumed run counts on from it."""
+        if not force and self.budget is None and not self.usage.tokens:
+            return  # without a budget: once per session (at its end), what a later --budget counts on
+        if not force and self._now - self._usage_at < USAGE_EVENT_SECONDS:
+            return
+        data = self.usage.data(self._seconds())
+        if data == self._usage_sent:
+            return
+        self._usage_at, self._usage_sent = self._now, data
+        self._changes.append(EventChange(self.run_id, None, "run.usage", data))
 
     def _try_submit(self, step_id: str) -> None:
         state = self.states[step_id]
@@ -473,17 +682,21 @@ class RunScheduler:
             if self._deps_succeeded(step_id):
                 self._submit_with_values(state)
             return
+        ready = self._deps_succeeded(step_id)
+        if not ready and (not self._eager or len(self.tokens) >= self.max_ahead):
+            return  # submitted when its dependencies succeeded (see _succeed)
+        if ready and not self._mark_running(state):
+            return  # its budget does not admit it: not started at all (the run stops)
         state.submitted = True
         state.available = True
         state.token = self._token(step_id, state.generation, None)
         self._actions.append(SubmitStep(state.token, step_id))
-        if self._deps_succeeded(step_id):
-            self._mark_running(state)
 
     def _submit_with_values(self, state: _StepState) -> None:
         step = state.step
+        if not self._mark_running(state):
+            return
         state.submitted = True
-        self._mark_running(state)
         try:
             if step.for_each is not None:
                 values = resolve(step.for_each, self._context(step))
@@ -542,7 +755,9 @@ class RunScheduler:
             StepStatus.WAITING,
             "step.waiting",
             data={
-                "message": message if isinstance(message, str) else json.dumps(message, default=str),
+                "message": (message if isinstance(message, str) else json.dumps(message, default=str))[
+                    :MAX_GATE_MESSAGE
+                ],
                 "approvers": spec.approvers,
                 "deadline": deadline,
                 "on_timeout": spec.on_timeout,
@@ -556,30 +771,34 @@ class RunScheduler:
             self._gate_timed_out(state)
 
     def _gate_timed_out(self, state: _StepState) -> None:
+        """The decision of the timeout is proposed, not taken: the driver records it unless a
+        person decided first, and hands back the decision that stands."""
         spec = state.step.approval
         assert spec is not None and spec.timeout is not None
-        if spec.on_timeout == "fail":
-            state.attempts = max(state.attempts, 1)
-            self._fail_step(state, f"no decision within its timeout of {spec.timeout:g}s (on_timeout: fail)", logs="")
+        if state.timeout_proposed:
             return
-        decided_at = (state.gate_opened_at or self._wall) + spec.timeout
-        self._decide_gate(
-            state,
-            ApprovalRecord(
-                run_id=self.run_id,
-                step_id=state.step.id,
-                approved=spec.on_timeout == "approve",
-                by="timeout",
-                comment=f"no decision within {spec.timeout:g}s",
-                decided_at=decided_at,
-            ),
-            timed_out=True,
+        state.timeout_proposed = True
+        self._actions.append(
+            ProposeDecision(
+                ApprovalRecord(
+                    run_id=self.run_id,
+                    step_id=state.step.id,
+                    approved=spec.on_timeout == "approve",
+                    by=TIMEOUT,
+                    comment=f"no decision within {spec.timeout:g}s",
+                    decided_at=(state.gate_opened_at or self._wall) + spec.timeout,
+                )
+            )
         )
 
-    def _decide_gate(self, state: _StepState, decision: ApprovalRecord, timed_out: bool = False) -> None:
+    def _decide_gate(self, state: _StepState, decision: ApprovalRecord) -> None:
         spec = state.step.approval
         assert spec is not None
         state.attempts = max(state.attempts, 1)
+        timed_out = decision.by == TIMEOUT
+        if timed_out and spec.on_timeout == "fail":
+            self._fail_step(state, f"no decision within its timeout of {spec.timeout or 0:g}s (on_timeout: fail)", "")
+            return
         output = {
             "approved": decision.approved,
             "by": decision.by,
@@ -606,7 +825,7 @@ class RunScheduler:
         """Submit this step's items due again, then new ones, while fewer than the limit are in flight."""
         if state.status not in _ACTIVE or not state.items:
             return
-        while state.in_flight < self.max_items_in_flight and state.status in _ACTIVE:
+        while state.in_flight < self.max_items_in_flight and state.status in _ACTIVE and self._exceeded is None:
             if state.waiting:
                 index = state.waiting.pop(0)
             else:
@@ -641,6 +860,9 @@ class RunScheduler:
         except Exception as exc:  # noqa: BLE001 - user data; reported on the step
             item.attempts += 1
             self._on_item_result(state, index, Outcome(ok=False, error=f"{type(exc).__name__}: {exc}"), False)
+            return
+        if not self._admit(new_step=False, attempt=True):
+            state.waiting.insert(0, index)  # not started: the run stops (budget)
             return
         cacheable = step.cache and item.attempts == 0
         item.attempts += 1
@@ -732,8 +954,11 @@ class RunScheduler:
         for dependant in self.graph.dependants.get(state.step.id, []):
             dep_state = self.states[dependant]
             if dep_state.submitted:
-                if dep_state.status == StepStatus.PENDING and self._deps_succeeded(dependant):
-                    self._mark_running(dep_state)
+                if (
+                    dep_state.status == StepStatus.PENDING
+                    and self._deps_succeeded(dependant)
+                    and self._mark_running(dep_state)
+                ):
                     deferred = self._deferred.pop(dependant, None)
                     if deferred is not None and deferred[0] == dep_state.generation:
                         self._decide(dep_state, None, deferred[1], deferred[2])

@@ -34,6 +34,13 @@ def mask_secrets(value: str) -> str:
     return _SECRET_URL_RE.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
 
 
+class ModelPrice(BaseModel):
+    """What a model costs, in USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
 class Settings(BaseSettings):
     """Effective configuration of the Factory."""
 
@@ -136,6 +143,13 @@ class Settings(BaseSettings):
     breaker_failure_threshold: int = Field(default=5, ge=1)
     breaker_cooldown_seconds: float = Field(default=30.0, gt=0)
     heartbeat_seconds: float = Field(default=1.0, gt=0, description="How often a coordinator renews its lease.")
+    model_prices: dict[str, ModelPrice] = Field(
+        default_factory=dict,
+        description=(
+            "USD per million tokens by model name, for cost estimates and max_cost_usd budgets, as JSON: "
+            '{"gpt-4.1": {"input": 2.0, "output": 8.0}}'
+        ),
+    )
     max_for_each_items: int = Field(
         default=100_000, ge=1, description="Items one for_each step may fan out over (the step fails beyond)."
     )
@@ -148,6 +162,18 @@ class Settings(BaseSettings):
     supervisor_max_adoptions: int = Field(
         default=3, ge=1, description="Resumes by the supervisor before an orphaned run is failed with the reason."
     )
+    scheduler_interval_seconds: float = Field(
+        default=10.0, gt=0, le=60, description="How often the scheduler of `factory up` looks for due schedule ticks."
+    )
+    schedule_grace_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="A tick at most this late is on time and runs; an older one was missed (catchup decides).",
+    )
+    schedule_min_interval_seconds: float = Field(
+        default=60.0, ge=60, description="The shortest time allowed between two ticks of one schedule."
+    )
+    schedules_max_per_key: int = Field(default=20, ge=1, description="Schedules one API key (or local) may hold.")
     lease_seconds: float = Field(
         default=10.0,
         gt=0,

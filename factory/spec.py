@@ -316,6 +316,79 @@ class Step(_Model):
         raise AssertionError("validated steps have an action")
 
 
+BUDGET_FIELDS = ("max_seconds", "max_steps", "max_attempts", "max_tokens", "max_cost_usd")
+
+
+class Budget(_Model):
+    """Limits a run stops at, cleanly: attempts in flight are stopped, unfinished steps are
+    cancelled, and the run fails saying which limit it reached. Counted over the whole run,
+    across resumes; `factory resume --budget` continues a run with a new one."""
+
+    max_seconds: float | None = Field(
+        default=None, gt=0, description="Seconds the run may run (time parked at approval gates not counted)."
+    )
+    max_steps: int | None = Field(default=None, ge=1, description="Steps the run may start.")
+    max_attempts: int | None = Field(
+        default=None, ge=1, description="Attempts in all: every try of every step, each for_each item counted."
+    )
+    max_tokens: int | None = Field(default=None, ge=1, description="Model tokens (in + out) the agents may use.")
+    max_cost_usd: float | None = Field(
+        default=None,
+        gt=0,
+        description="Estimated model cost in USD, from the agents' recorded usage and the model_prices setting.",
+    )
+
+    def merged(self, other: Budget | None) -> Budget:
+        """This budget with the limits ``other`` sets replacing its own."""
+        if other is None:
+            return self
+        return self.model_copy(update=other.model_dump(exclude_none=True))
+
+    @classmethod
+    def parse(cls, items: list[str]) -> Budget:
+        """From ``name=value`` texts (``max_attempts=20``): the CLI's --budget."""
+        data: dict[str, str] = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not name.startswith("max_"):
+                name = "max_" + name
+            if not sep or name not in BUDGET_FIELDS:
+                raise ValueError(f"--budget {item!r}: write NAME=VALUE with NAME one of {', '.join(BUDGET_FIELDS)}")
+            data[name] = value.strip()
+        return cls.model_validate(data)
+
+
+class Schedule(_Model):
+    """When a registered workflow runs by itself (``factory schedules add``): a cron expression
+    in a time zone, with the inputs of its runs. See docs/schedules.md."""
+
+    cron: str = Field(description="Five cron fields (minute hour day-of-month month day-of-week) or @daily, @hourly...")
+    timezone: str = Field(default="UTC", description="IANA time zone the cron fields are read in (DST handled).")
+    inputs: dict[str, Any] = Field(default_factory=dict, description="Input values of each run, over the defaults.")
+    catchup: Literal["skip", "run_once"] = Field(
+        default="skip",
+        description="Ticks missed while no scheduler ran: skip them, or run the latest of them once.",
+    )
+    overlap: Literal["skip", "allow"] = Field(
+        default="skip", description="A tick while the schedule's previous run still goes on: skip it, or run anyway."
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, value: str) -> str:
+        from factory.cron import check_cron
+
+        return check_cron(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        from factory.cron import check_timezone
+
+        return check_timezone(value)
+
+
 class Workflow(_Model):
     """A named DAG of steps with input defaults."""
 
@@ -323,6 +396,10 @@ class Workflow(_Model):
     description: str = ""
     inputs: dict[str, Any] = Field(default_factory=dict, description="Input names and their default values.")
     steps: list[Step] = Field(min_length=1)
+    budget: Budget | None = Field(default=None, description="Limits every run of this workflow stops at.")
+    schedule: Schedule | None = Field(
+        default=None, description="Run it on a cron schedule once added with `factory schedules add`."
+    )
     base_dir: str | None = Field(
         default=None,
         description="Directory step modules are imported from (set to the YAML file's folder by load_workflow).",

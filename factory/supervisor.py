@@ -87,6 +87,23 @@ def decide(
     return decisions
 
 
+WAITING_PAGE = 500
+MAX_WAITING_SCANNED = 20_000  # parked runs looked at per sweep (oldest ones too: pages, not just the newest)
+
+
+def _waiting_runs(store: Any) -> Iterable[RunRecord]:
+    """Every parked run, page by page (newest first), up to MAX_WAITING_SCANNED."""
+    before: tuple[float, str] | None = None
+    seen = 0
+    while seen < MAX_WAITING_SCANNED:
+        page = store.list_runs(WAITING_PAGE, RunStatus.WAITING, before)
+        yield from page
+        seen += len(page)
+        if len(page) < WAITING_PAGE:
+            return
+        before = (page[-1].created_at, page[-1].id)
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class SupervisorActor:
     """Sweeps the store for orphaned runs in a thread of its own; Ray restarts it if it dies."""
@@ -162,7 +179,7 @@ class SupervisorActor:
 
         woken = []
         now = time.time()
-        for run in store.list_runs(1000, RunStatus.WAITING):
+        for run in _waiting_runs(store):
             if not is_due(store, run, now):
                 continue
             try:

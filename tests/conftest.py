@@ -183,8 +183,9 @@ def api_server(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> It
     finally:
         serve.shutdown()
         from factory.runner import NAMESPACE, runner_name
+        from factory.schedules import cron_scheduler_name
         from factory.supervisor import supervisor_name
 
-        for name in (runner_name(settings), supervisor_name(settings)):
+        for name in (runner_name(settings), supervisor_name(settings), cron_scheduler_name(settings)):
             with contextlib.suppress(ValueError):
                 ray.kill(ray.get_actor(name, namespace=NAMESPACE))

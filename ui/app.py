@@ -18,6 +18,7 @@ from typing import Any
 
 import gradio as gr
 
+from factory.approvals import MAX_COMMENT_CHARS
 from factory.client import ApiError, FactoryClient
 from factory.dag import parse_workflow_text
 from factory.errors import FactoryError
@@ -26,7 +27,7 @@ from ui import render
 from ui.live import EventFollower
 
 FETCHERS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ui-fetch")
-RUN_STATUSES = ["any", "pending", "running", "succeeded", "failed", "cancelled"]
+RUN_STATUSES = ["any", "pending", "running", "waiting", "succeeded", "failed", "cancelled"]
 PAGE_SIZE = 25
 READ_ONLY_NOTE = "your key can read only: cancel, resume, run again and submit need a key with the submit scope"
 MAX_YAML_CHARS = 1_000_000
@@ -69,6 +70,7 @@ class Session:
     run: dict[str, Any] | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)
     pending_action: str | None = None
+    pending_gate: str | None = None  # the approval gate an approve / reject is about
 
     @property
     def can_submit(self) -> bool:
@@ -160,11 +162,19 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                         cancel_btn = gr.Button("Cancel run", variant="stop", elem_id="cancel-btn", interactive=False)
                         resume_btn = gr.Button("Resume", elem_id="resume-btn", interactive=False)
                         rerun_btn = gr.Button("Run again", elem_id="rerun-btn", interactive=False)
+                        approve_btn = gr.Button("Approve gate", elem_id="approve-btn")
+                        reject_btn = gr.Button("Reject gate", elem_id="reject-btn")
                     perm_note = gr.HTML("", elem_id="perm-note")
                     with gr.Column(visible=False) as confirm_box:
                         confirm_text = gr.HTML("", elem_id="confirm-text")
                         rerun_inputs = gr.Code(
                             language="json", label="inputs", visible=False, elem_id="rerun-inputs", max_lines=20
+                        )
+                        gate_comment = gr.Textbox(
+                            label="comment (recorded with the decision)",
+                            visible=False,
+                            max_length=MAX_COMMENT_CHARS,
+                            elem_id="gate-comment",
                         )
                         with gr.Row():
                             confirm_yes = gr.Button("Yes, do it", variant="primary", elem_id="confirm-yes")
@@ -508,36 +518,57 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
         def ask(action: str) -> Any:
             def handler(s: Session | None) -> list[Any]:
                 if not isinstance(s, Session) or s.run_id is None:
-                    return [gr.skip()] * 4
-                if not s.can_submit:
-                    return [gr.update(visible=False), "", gr.skip(), _error(READ_ONLY_NOTE)]
+                    return [gr.skip()] * 5
+                gate = action in ("approve", "reject")
+                if not gate and not s.can_submit:
+                    return [gr.update(visible=False), "", gr.skip(), gr.skip(), _error(READ_ONLY_NOTE)]
+                if gate:  # the gate's approvers decide who may: the API says no to the others
+                    waiting = [st["step_id"] for st in (s.run or {}).get("steps") or [] if st["status"] == "waiting"]
+                    if not waiting:
+                        return [gr.update(visible=False), "", gr.skip(), gr.skip(), _error("no approval gate waits")]
+                    s.pending_gate = waiting[0]
                 s.pending_action = action
                 question = {
                     "cancel": f"Cancel run {s.run_id}? Attempts in flight are stopped.",
                     "resume": f"Resume run {s.run_id}? Steps that succeeded are kept.",
                     "rerun": f"Run workflow {(s.run or {}).get('workflow', '')} again with these inputs?",
+                    "approve": f"Approve gate {s.pending_gate} of run {s.run_id}? The run goes on.",
+                    "reject": f"Reject gate {s.pending_gate} of run {s.run_id}?",
                 }[action]
                 inputs = json.dumps((s.run or {}).get("inputs") or {}, indent=2)
                 return [
                     gr.update(visible=True),
                     f"<b>{escape(question)}</b>",
                     gr.update(visible=action == "rerun", value=inputs),
+                    gr.update(visible=gate, value=""),
                     "",
                 ]
 
             return handler
 
-        ask_outputs = [confirm_box, confirm_text, rerun_inputs, action_result]
+        ask_outputs = [confirm_box, confirm_text, rerun_inputs, gate_comment, action_result]
         cancel_btn.click(ask("cancel"), [session_state], ask_outputs)
         resume_btn.click(ask("resume"), [session_state], ask_outputs)
         rerun_btn.click(ask("rerun"), [session_state], ask_outputs)
+        approve_btn.click(ask("approve"), [session_state], ask_outputs)
+        reject_btn.click(ask("reject"), [session_state], ask_outputs)
 
-        def confirm(s: Session | None, inputs_text: str) -> list[Any]:
+        def confirm(s: Session | None, inputs_text: str, comment: str) -> list[Any]:
             skip_run = [gr.skip()] * len(run_outputs)
             if not isinstance(s, Session) or s.run_id is None or s.pending_action is None:
                 return [gr.update(visible=False), gr.skip(), gr.skip(), *skip_run]
             action, s.pending_action = s.pending_action, None
             try:
+                if action in ("approve", "reject") and s.pending_gate is not None:
+                    gate, s.pending_gate = s.pending_gate, None
+                    answer = s.client.approve(s.run_id, gate, action == "approve", comment or "")
+                    if s.run_follower is None or s.run_follower.ended:
+                        s.run_follower = EventFollower(
+                            s.client, s.run_id, s.run_follower.last_id if s.run_follower else 0
+                        )
+                    done = "approved" if action == "approve" else "rejected"
+                    message = f"{done} gate {gate} as {answer['decision']['by']}"
+                    return [gr.update(visible=False), _ok(message), gr.skip(), *skip_run]
                 if action == "cancel":
                     s.client.cancel(s.run_id)
                     return [gr.update(visible=False), _ok(f"cancelling run {s.run_id}"), gr.skip(), *skip_run]
@@ -568,7 +599,9 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
             opened = open_run(s, new_id)
             return [gr.update(visible=False), _ok(f"started run {new_id}"), opened[0], *opened[3:]]
 
-        confirm_yes.click(confirm, [session_state, rerun_inputs], [confirm_box, action_result, tabs, *run_outputs])
+        confirm_yes.click(
+            confirm, [session_state, rerun_inputs, gate_comment], [confirm_box, action_result, tabs, *run_outputs]
+        )
 
         def dismiss(s: Session | None) -> list[Any]:
             if isinstance(s, Session):

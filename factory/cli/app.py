@@ -94,6 +94,7 @@ COMMAND_MODULES = (
     "factory.cli.runs",
     "factory.cli.keys",
     "factory.cli.workflows",
+    "factory.cli.schedules",
     "factory.cli.agents",
     "factory.cli.sandbox",
     "factory.cli.jobs",

@@ -13,13 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from factory.approvals import Decision
 from factory.auth import Scope
 from factory.engine import Progress, RunResult
 from factory.errors import FactoryError
 from factory.routing.models import RouteDecision, RouteRequest
+from factory.schedules import ScheduleView, TickView
+from factory.spec import Budget
 from factory.store import ApiKeyRecord, ApprovalRecord, AttemptRecord, RunRecord, RunStatus, StepRecord
 
 
@@ -108,13 +110,17 @@ class Backend(Protocol):
 
     def validate(self, workflow: Path, inputs: dict[str, Any], agents: Path | None) -> Checked: ...
 
-    def run(self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch) -> RunResult: ...
+    def run(
+        self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch, budget: Budget | None = None
+    ) -> RunResult: ...
 
-    def resume(self, run_id: str, agents: Path | None, watch: Watch) -> RunResult: ...
+    def resume(self, run_id: str, agents: Path | None, watch: Watch, budget: Budget | None = None) -> RunResult: ...
 
     def cancel(self, run_id: str) -> bool: ...
 
-    def approve(self, decision: Decision, watch: Watch | None) -> tuple[ApprovalRecord, RunResult | None]:
+    def approve(
+        self, decision: Decision, watch: Watch | None, agents: Path | None = None
+    ) -> tuple[ApprovalRecord, RunResult | None]:
         """Record a decision at a gate; with ``watch``, follow the run on to its end (or its next
         wait) when the decision lets it go on. The result is None when not followed."""
         ...
@@ -152,6 +158,16 @@ class Backend(Protocol):
     def start_workflow(
         self, name: str, inputs: dict[str, Any], version: int | None, watch: Watch | None
     ) -> tuple[str, RunResult | None]: ...
+
+    def add_schedule(self, workflow: Path, name: str | None, secrets: list[str], base_dir: str | None) -> ScheduleView:
+        """Register the workflow and schedule it by its ``schedule:``."""
+
+    def list_schedules(self) -> list[ScheduleView]: ...
+
+    def schedule_action(self, name: str, action: Literal["pause", "resume", "remove"]) -> ScheduleView | None:
+        """Pause, resume or remove a schedule; its view after (None once removed)."""
+
+    def schedule_ticks(self, name: str, limit: int) -> list[TickView]: ...
 
     def close(self) -> None: ...
 

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from factory import api
 from factory.approvals import Decision
@@ -28,7 +28,9 @@ from factory.engine import RunResult
 from factory.errors import FactoryError
 from factory.limits import DocumentLimits
 from factory.routing.models import RouteDecision, RouteRequest
+from factory.schedules import ScheduleView, TickView
 from factory.settings import Settings
+from factory.spec import Budget, Workflow
 from factory.store import ApiKeyRecord, ApprovalRecord, AttemptRecord, RunStatus, Store
 
 FOLLOW_SECONDS = 0.25  # how often `factory run` reads its run's new events for the progress bar
@@ -135,7 +137,9 @@ class LocalBackend:
         thread.start()
         return thread
 
-    def run(self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch) -> RunResult:
+    def run(
+        self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch, budget: Budget | None = None
+    ) -> RunResult:
         catalog = load_catalog(agents) if agents is not None else None
         wf = load_workflow(workflow, agents=catalog, limits=self._limits())
         return self._until_deadline(
@@ -150,10 +154,11 @@ class LocalBackend:
                 run_id=watch.run_id,
                 agents=catalog,
                 validated=True,
+                budget=budget,
             ),
         )
 
-    def resume(self, run_id: str, agents: Path | None, watch: Watch) -> RunResult:
+    def resume(self, run_id: str, agents: Path | None, watch: Watch, budget: Budget | None = None) -> RunResult:
         def go(on_start: Any) -> RunResult:
             # on_start once the run is ours and an earlier cancel cleared: a --timeout that
             # passes while Ray starts then still cancels it
@@ -164,6 +169,7 @@ class LocalBackend:
                 on_progress=watch.on_progress,
                 agents=agents,
                 on_start=on_start,
+                budget=budget,
             )
 
         return self._until_deadline(watch, go)
@@ -171,14 +177,16 @@ class LocalBackend:
     def cancel(self, run_id: str) -> bool:
         return api.cancel(run_id, store=self.store, settings=self.settings)
 
-    def approve(self, decision: Decision, watch: Watch | None) -> tuple[ApprovalRecord, RunResult | None]:
+    def approve(
+        self, decision: Decision, watch: Watch | None, agents: Path | None = None
+    ) -> tuple[ApprovalRecord, RunResult | None]:
         record = api.approve(decision, store=self.store, settings=self.settings)
         run = self.store.get_run(decision.run_id)
         stalled = api.run_is_stalled(run, self.settings.lease_seconds, time.time())
         if watch is None or not (run.status == RunStatus.WAITING or stalled):
             return record, None  # a live coordinator runs it: it takes the decision itself
         # parked (nobody runs it) or its coordinator died: go on with it here
-        return record, self.resume(decision.run_id, None, watch)
+        return record, self.resume(decision.run_id, agents, watch)
 
     def list_runs(self, limit: int, status: RunStatus | None) -> list[RunInfo]:
         now = time.time()
@@ -268,15 +276,17 @@ class LocalBackend:
     ) -> Registered:
         from factory import registry
 
-        if base_dir is None:  # the operator's machine: modules are checked, from the YAML's folder
-            loaded = load_workflow(workflow, limits=self._limits())
-        else:
-            if not Path(base_dir).is_dir():
-                raise FactoryError(f"--base-dir {base_dir} is not a folder")
-            data = read_workflow_file(workflow, limits=self._limits())
-            loaded = validate_data(data, str(Path(base_dir).resolve()), str(workflow), True, limits=self._limits())
+        loaded = self._loaded_for_registration(workflow, base_dir)
         record = registry.register(self.store, loaded, name=name, secrets=secrets, created_by="local")
         return Registered(record.name, record.version)
+
+    def _loaded_for_registration(self, workflow: Path, base_dir: str | None) -> Workflow:
+        if base_dir is None:  # the operator's machine: modules are checked, from the YAML's folder
+            return load_workflow(workflow, limits=self._limits())
+        if not Path(base_dir).is_dir():
+            raise FactoryError(f"--base-dir {base_dir} is not a folder")
+        data = read_workflow_file(workflow, limits=self._limits())
+        return validate_data(data, str(Path(base_dir).resolve()), str(workflow), True, limits=self._limits())
 
     def list_workflows(self) -> list[RegisteredInfo]:
         return [
@@ -290,6 +300,33 @@ class LocalBackend:
             )
             for r in self.store.list_registered_workflows()
         ]
+
+    def add_schedule(self, workflow: Path, name: str | None, secrets: list[str], base_dir: str | None) -> ScheduleView:
+        from factory import schedules
+
+        loaded = self._loaded_for_registration(workflow, base_dir)
+        return schedules.add(self.store, self.settings, loaded, principal="local", name=name, secrets=secrets)
+
+    def list_schedules(self) -> list[ScheduleView]:
+        from factory import schedules
+
+        return schedules.list_views(self.store)
+
+    def schedule_action(self, name: str, action: Literal["pause", "resume", "remove"]) -> ScheduleView | None:
+        from factory import schedules
+
+        if action == "pause":
+            return schedules.pause(self.store, name, "paused on the machine (factory schedules pause)")
+        if action == "resume":
+            return schedules.resume(self.store, name)
+        schedules.remove(self.store, name)
+        return None
+
+    def schedule_ticks(self, name: str, limit: int) -> list[TickView]:
+        from factory import schedules
+
+        schedules.lookup(self.store, name)
+        return [TickView.of(t) for t in self.store.schedule_ticks(name, limit)]
 
     def start_workflow(
         self, name: str, inputs: dict[str, Any], version: int | None, watch: Watch | None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from factory.approvals import Decision
 from factory.auth import Scope
@@ -26,6 +26,8 @@ from factory.engine import RunResult
 from factory.errors import FactoryError, NoEligibleAgentError, WorkflowValidationError
 from factory.limits import DocumentLimits
 from factory.routing.models import RouteDecision, RouteRequest
+from factory.schedules import ScheduleView, TickView
+from factory.spec import Budget
 from factory.store import (
     FINAL_RUN_STATUSES,
     ApiKeyRecord,
@@ -112,19 +114,31 @@ class ApiBackend:
             ) from None
         return _result(run)
 
-    def run(self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch) -> RunResult:
+    def run(
+        self, workflow: Path, inputs: dict[str, Any], agents: Path | None, watch: Watch, budget: Budget | None = None
+    ) -> RunResult:
         self._refuse_local("--agents", "agent catalogue", agents)
         if watch.run_id is not None:
             raise FactoryError("with --api the server chooses the run id; drop --run-id")
-        run_id = self.client.submit(workflow, inputs)
+        data: Any = workflow
+        if budget is not None:  # the run's limits travel in its workflow's budget:
+            data = read_workflow_file(workflow, limits=DocumentLimits())
+            if isinstance(data, dict):
+                own = data.get("budget")
+                own = own if isinstance(own, dict) else {}
+                data = {**data, "budget": {**own, **budget.model_dump(exclude_none=True)}}
+        run_id = self.client.submit(data, inputs)
         return self._follow(run_id, watch)
 
-    def resume(self, run_id: str, agents: Path | None, watch: Watch) -> RunResult:
+    def resume(self, run_id: str, agents: Path | None, watch: Watch, budget: Budget | None = None) -> RunResult:
         self._refuse_local("--agents", "agent catalogue", agents)
-        accepted = self.client.resume(run_id)
+        accepted = self.client.resume(run_id, budget.model_dump(exclude_none=True) if budget else None)
         return self._follow(run_id, watch, after=int(accepted.get("after_event_id") or 0))
 
-    def approve(self, decision: Decision, watch: Watch | None) -> tuple[ApprovalRecord, RunResult | None]:
+    def approve(
+        self, decision: Decision, watch: Watch | None, agents: Path | None = None
+    ) -> tuple[ApprovalRecord, RunResult | None]:
+        self._refuse_local("--agents", "agent catalogue", agents)
         answer = self.client.approve(decision.run_id, decision.step_id, decision.approved, decision.comment)
         record = ApprovalRecord.model_validate(answer["decision"])
         if watch is None or answer.get("run_status") != RunStatus.PENDING.value:
@@ -228,6 +242,19 @@ class ApiBackend:
             )
             for v in self.client.list_workflows()
         ]
+
+    def add_schedule(self, workflow: Path, name: str | None, secrets: list[str], base_dir: str | None) -> ScheduleView:
+        return ScheduleView.model_validate(self.client.add_schedule(workflow, name, secrets, base_dir))
+
+    def list_schedules(self) -> list[ScheduleView]:
+        return [ScheduleView.model_validate(v) for v in self.client.list_schedules()]
+
+    def schedule_action(self, name: str, action: Literal["pause", "resume", "remove"]) -> ScheduleView | None:
+        answer = self.client.schedule_action(name, action)
+        return None if answer is None else ScheduleView.model_validate(answer)
+
+    def schedule_ticks(self, name: str, limit: int) -> list[TickView]:
+        return [TickView.model_validate(v) for v in self.client.schedule_ticks(name, limit)]
 
     def start_workflow(
         self, name: str, inputs: dict[str, Any], version: int | None, watch: Watch | None

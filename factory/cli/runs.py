@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -36,6 +37,7 @@ from factory.engine import RunResult
 from factory.errors import FactoryError, WorkflowValidationError
 from factory.limits import DocumentLimits, check_inputs
 from factory.safeyaml import DocumentRefused, read_input_value
+from factory.spec import Budget
 from factory.store import RunStatus
 
 RUN_ID = re.compile(r"^[0-9a-f]{12}$")
@@ -49,6 +51,28 @@ STATUS_STYLE = {
     "skipped": "dim",
     "pending": "dim",
 }
+
+BUDGET_OPTION = typer.Option(
+    "--budget",
+    help=(
+        "A limit the run stops at: NAME=VALUE with NAME max_seconds, max_steps, max_attempts, max_tokens or "
+        "max_cost_usd (the max_ may be left out). Repeatable; replaces the workflow's own limit of that name."
+    ),
+)
+
+
+def parse_budget(items: list[str] | None) -> Budget | None:
+    """The --budget options, or None; a bad one ends the command (exit 2) saying what to fix."""
+    if not items:
+        return None
+    try:
+        return Budget.parse(items)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise fail(f"--budget {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
 
 AGENTS_OPTION = typer.Option("--agents", help="Agent catalogue (agents.yaml) serving the agent: and route: steps.")
 TIMEOUT_OPTION = typer.Option(
@@ -270,6 +294,7 @@ def run_cmd(
             "--run-id", help="Give the run this id (12 hex digits; `factory submit` does, to follow its job's run)."
         ),
     ] = None,
+    budget: Annotated[list[str] | None, BUDGET_OPTION] = None,
 ) -> None:
     """Run a workflow with a live progress bar (a step that reports progress gets a line of its own).
     Exit 0 on success, 1 if the run failed, 3 at --timeout, 4 when it waits at approval gates
@@ -282,8 +307,9 @@ def run_cmd(
     bar = ProgressBar(enabled=not as_json)
     watch = watch_with(bar, as_json, "started", timeout)
     watch.run_id = run_id
+    limits = parse_budget(budget)
     with using_backend() as backend, bar:
-        result = backend.run(workflow, inputs, agents, watch)
+        result = backend.run(workflow, inputs, agents, watch, limits)
     print_result(result, as_json)
     raise typer.Exit(exit_code(result))
 
@@ -293,12 +319,15 @@ def resume(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     agents: Annotated[Path | None, AGENTS_OPTION] = None,
     timeout: Annotated[float | None, TIMEOUT_OPTION] = None,
+    budget: Annotated[list[str] | None, BUDGET_OPTION] = None,
 ) -> None:
     """Finish an interrupted, failed or cancelled run and follow it to its end; steps that
-    committed their output do not run again. Exit codes as for `factory run`."""
+    committed their output do not run again. A run stopped at its budget continues with
+    --budget (what it used so far still counts). Exit codes as for `factory run`."""
+    limits = parse_budget(budget)
     bar = ProgressBar(enabled=not as_json)
     with using_backend() as backend, bar:
-        result = backend.resume(run_id, agents, watch_with(bar, as_json, "resumed", timeout))
+        result = backend.resume(run_id, agents, watch_with(bar, as_json, "resumed", timeout), limits)
     print_result(result, as_json)
     raise typer.Exit(exit_code(result))
 
@@ -315,6 +344,7 @@ def approve(
         bool, typer.Option("--json", help="Print one JSON object: decision, then the run's result.")
     ] = False,
     timeout: Annotated[float | None, TIMEOUT_OPTION] = None,
+    agents: Annotated[Path | None, AGENTS_OPTION] = None,
 ) -> None:
     """Decide at an approval gate that waits: approve (or --reject) with a --comment.
 
@@ -326,7 +356,7 @@ def approve(
     bar = ProgressBar(enabled=not as_json and not no_wait)
     watch = None if no_wait else watch_with(bar, as_json, "goes on", timeout)
     with using_backend() as backend, bar:
-        record, result = backend.approve(decision, watch)
+        record, result = backend.approve(decision, watch, agents)
     verb = "approved" if record.approved else "rejected"
     if as_json:
         data = {"decision": record.model_dump(mode="json"), "result": result.to_dict() if result else None}

@@ -63,11 +63,16 @@ class ReplicaCore:
         with self._lock:
             self.in_flight -= 1
             self.served += 1
+        usage = value.get("usage") if isinstance(value, dict) else None
         return Outcome(
             ok=True,
             output_json=output_json,
             duration=time.perf_counter() - started,
-            extra={"agent": self.agent_name, "replica": self.replica_id},
+            extra={
+                "agent": self.agent_name,
+                "replica": self.replica_id,
+                **({"usage": usage} if isinstance(usage, dict) else {}),  # counted against budgets
+            },
         )
 
     def fail(self, exc: BaseException, retry: RetryPolicy | None, started: float) -> Outcome:
@@ -85,7 +90,11 @@ class ReplicaCore:
             retryable=is_retryable(exc, retry or _DEFAULT_RETRY),
             logs=f"agent {self.agent_name!r} replica {self.replica_id}:\n{tail}"[-MAX_LOG_CHARS:],
             duration=time.perf_counter() - started,
-            extra={"agent": self.agent_name, "replica": self.replica_id},
+            extra={
+                "agent": self.agent_name,
+                "replica": self.replica_id,
+                **({"usage": usage} if isinstance(usage, dict) else {}),
+            },
         )
 
     def report(self, result: Any) -> ReplicaHealth:

@@ -14,6 +14,7 @@ from factory.store.base import (
     EventChange,
     ItemChange,
     ItemRecord,
+    NewRun,
     RegisteredWorkflow,
     RouteCorrection,
     RunChange,
@@ -21,10 +22,12 @@ from factory.store.base import (
     RunRecord,
     RunStatus,
     RunSummary,
+    ScheduleRecord,
     StepChange,
     StepRecord,
     StepStatus,
     Store,
+    TickRecord,
 )
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "EventChange",
     "ItemChange",
     "ItemRecord",
+    "NewRun",
     "RegisteredWorkflow",
     "RouteCorrection",
     "RunChange",
@@ -45,10 +49,12 @@ __all__ = [
     "RunRecord",
     "RunStatus",
     "RunSummary",
+    "ScheduleRecord",
     "StepChange",
     "StepRecord",
     "StepStatus",
     "Store",
+    "TickRecord",
     "open_store",
 ]
 

@@ -49,6 +49,7 @@ class RunGrants(BaseModel):
     secrets: list[str] | None = Field(default=None, description="Secret names container steps may use; None: any.")
     host_mounts: bool = Field(default=False, description="Container steps may mount files of the workflow's folder.")
     workflow_ref: str | None = Field(default=None, description="name@version of the registered workflow, if any.")
+    schedule: str | None = Field(default=None, description="The schedule that started the run, if any.")
 
     def allows_module(self, module: str) -> bool:
         return self.modules is None or any(module == m or module.startswith(m + ".") for m in self.modules)
@@ -167,6 +168,50 @@ class RegisteredWorkflow(BaseModel):
     secrets: list[str] = Field(default_factory=list, description="Secrets granted to the workflow's container steps.")
     created_at: float
     created_by: str = ""
+
+
+class ScheduleRecord(BaseModel):
+    """A registered workflow's schedule (factory.schedules): when its runs start, with what."""
+
+    name: str
+    workflow_name: str
+    workflow_version: int
+    cron: str
+    timezone: str = "UTC"
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    catchup: str = "skip"
+    overlap: str = "skip"
+    paused: bool = False
+    paused_reason: str | None = None
+    created_at: float
+    created_by: str = Field(description="key:<id> whose grants its runs carry, or local.")
+    after: float = Field(description="Ticks after this moment are due: when added or resumed, or the last decided.")
+    last_run_id: str | None = None
+
+
+class TickRecord(BaseModel):
+    """One decided tick of a schedule: a run started, or why it was skipped. Unique per (schedule, tick)."""
+
+    schedule: str
+    tick: int = Field(description="Epoch seconds of the tick.")
+    run_id: str | None = None
+    action: str = Field(description="run or skip")
+    reason: str = ""
+    missed: int = Field(default=0, description="A skip standing for this many missed ticks.")
+    decided_at: float
+    decided_by: str = ""
+
+
+@dataclass
+class NewRun:
+    """A run to create with a decision (the arguments of Store.create_run)."""
+
+    run_id: str
+    workflow_name: str
+    spec_json: str
+    inputs: dict[str, Any]
+    step_ids: list[str]
+    grants: RunGrants | None = None
 
 
 class RouteCorrection(BaseModel):
@@ -301,6 +346,10 @@ class Store(Protocol):
 
     def get_steps(self, run_id: str) -> list[StepRecord]: ...
 
+    def set_run_spec(self, run_id: str, spec_json: str) -> None:
+        """Replace a run's workflow spec (a resume with a new budget); its steps stay as they are."""
+        ...
+
     def decide_approval(self, record: ApprovalRecord) -> tuple[ApprovalRecord, bool]:
         """Record a decision unless the gate has one: returns the decision that stands and
         whether it is this one."""
@@ -366,6 +415,30 @@ class Store(Protocol):
 
     def list_registered_workflows(self) -> list[RegisteredWorkflow]:
         """The latest version of every registered name."""
+
+    def add_schedule(self, record: ScheduleRecord, max_per_owner: int | None = None) -> None:
+        """Store a new schedule. ScheduleConflictError (nothing stored) if one of that name exists,
+        or, with ``max_per_owner``, when its creator holds that many already."""
+
+    def get_schedule(self, name: str) -> ScheduleRecord | None: ...
+
+    def list_schedules(self) -> list[ScheduleRecord]:
+        """Every schedule, by name."""
+
+    def set_schedule_paused(self, name: str, paused: bool, reason: str | None, now: float) -> bool:
+        """Pause (with the reason shown) or resume; a resumed schedule's ticks are due from
+        ``now`` on (none of the paused time). False if there is no such schedule."""
+
+    def remove_schedule(self, name: str) -> bool:
+        """Delete the schedule and its ticks; False if there was none."""
+
+    def decide_tick(self, tick: TickRecord, run: NewRun | None = None) -> bool:
+        """Record a decision on a tick, and create its run (pending) in the same transaction.
+        False, and nothing changed, when that (schedule, tick) was decided already: of several
+        schedulers deciding the same tick, exactly one succeeds."""
+
+    def schedule_ticks(self, name: str, limit: int = 50) -> list[TickRecord]:
+        """The schedule's decided ticks, newest first."""
 
     def add_route_correction(self, record: RouteCorrection) -> RouteCorrection:
         """Store a correction; returns it with its id (ids grow with time)."""

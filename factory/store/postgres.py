@@ -189,6 +189,39 @@ MIGRATIONS: list[tuple[int, str]] = [
         """,
     ),
     (
+        8,
+        """
+        CREATE TABLE schedules (
+            name TEXT PRIMARY KEY,
+            workflow_name TEXT NOT NULL,
+            workflow_version INTEGER NOT NULL,
+            cron TEXT NOT NULL,
+            timezone TEXT NOT NULL,
+            inputs_json TEXT NOT NULL,
+            catchup TEXT NOT NULL,
+            overlap TEXT NOT NULL,
+            paused BOOLEAN NOT NULL DEFAULT FALSE,
+            paused_reason TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            created_by TEXT NOT NULL,
+            after_ts DOUBLE PRECISION NOT NULL,
+            last_run_id TEXT
+        );
+        CREATE INDEX schedules_created_by ON schedules (created_by);
+        CREATE TABLE schedule_ticks (
+            schedule TEXT NOT NULL,
+            tick BIGINT NOT NULL,
+            run_id TEXT,
+            action TEXT NOT NULL,
+            reason TEXT NOT NULL DEFAULT '',
+            missed INTEGER NOT NULL DEFAULT 0,
+            decided_at DOUBLE PRECISION NOT NULL,
+            decided_by TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (schedule, tick)
+        )
+        """,
+    ),
+    (
         9,
         """
         CREATE TABLE approvals (

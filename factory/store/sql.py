@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-from factory.errors import LeaseLostError, RunNotFoundError, StepContextError
+from factory.errors import LeaseLostError, RunNotFoundError, ScheduleConflictError, StepContextError
 from factory.store.base import (
     FINAL_RUN_STATUSES,
     FINAL_STEP_STATUSES,
@@ -27,6 +27,7 @@ from factory.store.base import (
     EventChange,
     ItemChange,
     ItemRecord,
+    NewRun,
     RegisteredWorkflow,
     RouteCorrection,
     RunChange,
@@ -34,9 +35,11 @@ from factory.store.base import (
     RunRecord,
     RunStatus,
     RunSummary,
+    ScheduleRecord,
     StepChange,
     StepRecord,
     StepStatus,
+    TickRecord,
 )
 
 
@@ -128,34 +131,38 @@ class SQLStore(ABC):
         step_ids: list[str],
         grants: RunGrants | None = None,
     ) -> None:
-        now = time.time()
         with self._write() as cur:
-            cur.execute(
-                self._sql(
-                    "INSERT INTO runs (id, workflow_name, status, spec_json, inputs_json, created_at, cancel_requested,"
-                    " principal, grants_json) VALUES (?,?,?,?,?,?,?,?,?)"
-                ),
-                (
-                    run_id,
-                    workflow_name,
-                    RunStatus.PENDING.value,
-                    spec_json,
-                    json.dumps(inputs),
-                    now,
-                    False,
-                    grants.principal if grants else "local",
-                    grants.model_dump_json() if grants else None,
-                ),
-            )
-            cur.executemany(
-                self._sql("INSERT INTO steps (run_id, step_id, status, position) VALUES (?,?,?,?)"),
-                [(run_id, step_id, StepStatus.PENDING.value, i) for i, step_id in enumerate(step_ids)],
-            )
-            rows: list[tuple[Any, ...]] = [
-                (run_id, None, "run.created", json.dumps({"workflow": workflow_name, "steps": len(step_ids)}), now)
-            ]
-            rows += [(run_id, step_id, "step.created", "{}", now) for step_id in step_ids]
-            self._insert_events(cur, rows)
+            self._insert_run(cur, NewRun(run_id, workflow_name, spec_json, inputs, step_ids, grants))
+
+    def _insert_run(self, cur: Cursor, run: NewRun) -> None:
+        now = time.time()
+        run_id, workflow_name, step_ids, grants = run.run_id, run.workflow_name, run.step_ids, run.grants
+        cur.execute(
+            self._sql(
+                "INSERT INTO runs (id, workflow_name, status, spec_json, inputs_json, created_at, cancel_requested,"
+                " principal, grants_json) VALUES (?,?,?,?,?,?,?,?,?)"
+            ),
+            (
+                run_id,
+                workflow_name,
+                RunStatus.PENDING.value,
+                run.spec_json,
+                json.dumps(run.inputs),
+                now,
+                False,
+                grants.principal if grants else "local",
+                grants.model_dump_json() if grants else None,
+            ),
+        )
+        cur.executemany(
+            self._sql("INSERT INTO steps (run_id, step_id, status, position) VALUES (?,?,?,?)"),
+            [(run_id, step_id, StepStatus.PENDING.value, i) for i, step_id in enumerate(step_ids)],
+        )
+        rows: list[tuple[Any, ...]] = [
+            (run_id, None, "run.created", json.dumps({"workflow": workflow_name, "steps": len(step_ids)}), now)
+        ]
+        rows += [(run_id, step_id, "step.created", "{}", now) for step_id in step_ids]
+        self._insert_events(cur, rows)
 
     def record(self, changes: list[Change], owner: str | None = None) -> None:
         if not changes:
@@ -222,6 +229,12 @@ class SQLStore(ABC):
             ),
             rows,
         )
+
+    def set_run_spec(self, run_id: str, spec_json: str) -> None:
+        with self._write() as cur:
+            cur.execute(self._sql("UPDATE runs SET spec_json=? WHERE id=?"), (spec_json, run_id))
+            if cur.rowcount == 0:
+                raise self._not_found(run_id)
 
     def decide_approval(self, record: ApprovalRecord) -> tuple[ApprovalRecord, bool]:
         with self._write() as cur:
@@ -301,7 +314,7 @@ class SQLStore(ABC):
                        attempts=COALESCE(?, attempts),
                        output_json=CASE WHEN ? THEN ? ELSE output_json END,
                        error=?,
-                       started_at=COALESCE(?, started_at),
+                       started_at=CASE WHEN ? THEN COALESCE(started_at, ?) ELSE COALESCE(?, started_at) END,
                        finished_at=?,
                        cached=?
                    WHERE run_id=? AND step_id=?"""
@@ -312,7 +325,10 @@ class SQLStore(ABC):
                 succeeded,
                 change.output_json,
                 change.error,
-                now if status in (StepStatus.RUNNING, StepStatus.WAITING) else None,
+                # an approval gate's wait starts once: reopened after a resume, it keeps its deadline
+                status == StepStatus.WAITING,
+                now,
+                now if status == StepStatus.RUNNING else None,
                 now if status in FINAL_STEP_STATUSES else None,
                 change.cached,
                 change.run_id,
@@ -398,7 +414,8 @@ class SQLStore(ABC):
             ).fetchall()
             cur.execute(
                 self._sql(
-                    "UPDATE steps SET status=?, error=NULL, finished_at=NULL WHERE run_id=? AND status NOT IN (?,?)"
+                    "UPDATE steps SET status=?, error=NULL, started_at=NULL, finished_at=NULL"
+                    " WHERE run_id=? AND status NOT IN (?,?)"
                 ),
                 (StepStatus.PENDING.value, run_id, StepStatus.SUCCEEDED.value, StepStatus.WAITING.value),
             )
@@ -755,6 +772,160 @@ class SQLStore(ABC):
                 " (SELECT MAX(version) FROM registered_workflows v WHERE v.name = w.name) ORDER BY name"
             ).fetchall()
         return [self._registered(row) for row in rows]
+
+    # -- schedules -------------------------------------------------------------------------------
+
+    _SCHEDULE_COLUMNS = (
+        "name, workflow_name, workflow_version, cron, timezone, inputs_json, catchup, overlap, paused,"
+        " paused_reason, created_at, created_by, after_ts, last_run_id"
+    )
+
+    @staticmethod
+    def _schedule(row: Sequence[Any]) -> ScheduleRecord:
+        return ScheduleRecord(
+            name=row[0],
+            workflow_name=row[1],
+            workflow_version=row[2],
+            cron=row[3],
+            timezone=row[4],
+            inputs=json.loads(row[5] or "{}"),
+            catchup=row[6],
+            overlap=row[7],
+            paused=bool(row[8]),
+            paused_reason=row[9],
+            created_at=row[10],
+            created_by=row[11],
+            after=row[12],
+            last_run_id=row[13],
+        )
+
+    def add_schedule(self, record: ScheduleRecord, max_per_owner: int | None = None) -> None:
+        with self._write() as cur:
+            if max_per_owner is not None:
+                row = cur.execute(
+                    self._sql("SELECT COUNT(*) FROM schedules WHERE created_by=?"), (record.created_by,)
+                ).fetchone()
+                if int(row[0]) >= max_per_owner:
+                    raise ScheduleConflictError(
+                        f"{record.created_by} holds {row[0]} schedules, the most allowed (setting "
+                        "schedules_max_per_key); remove one with `factory schedules remove NAME`"
+                    )
+            cur.execute(
+                self._sql(
+                    f"INSERT INTO schedules ({self._SCHEDULE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT (name) DO NOTHING"
+                ),
+                (
+                    record.name,
+                    record.workflow_name,
+                    record.workflow_version,
+                    record.cron,
+                    record.timezone,
+                    json.dumps(record.inputs),
+                    record.catchup,
+                    record.overlap,
+                    record.paused,
+                    record.paused_reason,
+                    record.created_at,
+                    record.created_by,
+                    record.after,
+                    record.last_run_id,
+                ),
+            )
+            if cur.rowcount != 1:
+                raise ScheduleConflictError(
+                    f"a schedule named {record.name!r} exists already; remove it first "
+                    f"(`factory schedules remove {record.name}`) or add this one with another --name"
+                )
+
+    def get_schedule(self, name: str) -> ScheduleRecord | None:
+        with self._read() as cur:
+            row = cur.execute(
+                self._sql(f"SELECT {self._SCHEDULE_COLUMNS} FROM schedules WHERE name=?"), (name,)
+            ).fetchone()
+        return None if row is None else self._schedule(row)
+
+    def list_schedules(self) -> list[ScheduleRecord]:
+        with self._read() as cur:
+            rows = cur.execute(f"SELECT {self._SCHEDULE_COLUMNS} FROM schedules ORDER BY name").fetchall()
+        return [self._schedule(row) for row in rows]
+
+    def set_schedule_paused(self, name: str, paused: bool, reason: str | None, now: float) -> bool:
+        with self._write() as cur:
+            if paused:
+                cur.execute(
+                    self._sql("UPDATE schedules SET paused=?, paused_reason=? WHERE name=?"), (True, reason, name)
+                )
+            else:  # the paused time's ticks are not due: from now on
+                cur.execute(
+                    self._sql(
+                        "UPDATE schedules SET paused=?, paused_reason=NULL,"
+                        " after_ts=CASE WHEN after_ts > ? THEN after_ts ELSE ? END WHERE name=?"
+                    ),
+                    (False, now, now, name),
+                )
+            return bool(cur.rowcount)
+
+    def remove_schedule(self, name: str) -> bool:
+        with self._write() as cur:
+            cur.execute(self._sql("DELETE FROM schedule_ticks WHERE schedule=?"), (name,))
+            cur.execute(self._sql("DELETE FROM schedules WHERE name=?"), (name,))
+            return bool(cur.rowcount)
+
+    def decide_tick(self, tick: TickRecord, run: NewRun | None = None) -> bool:
+        with self._write() as cur:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO schedule_ticks"
+                    " (schedule, tick, run_id, action, reason, missed, decided_at, decided_by)"
+                    " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (schedule, tick) DO NOTHING"
+                ),
+                (
+                    tick.schedule,
+                    tick.tick,
+                    run.run_id if run else None,
+                    tick.action,
+                    tick.reason,
+                    tick.missed,
+                    tick.decided_at,
+                    tick.decided_by,
+                ),
+            )
+            if cur.rowcount != 1:
+                return False  # another scheduler decided this tick first
+            if run is not None:
+                self._insert_run(cur, run)
+            cur.execute(
+                self._sql(
+                    "UPDATE schedules SET after_ts=CASE WHEN after_ts > ? THEN after_ts ELSE ? END,"
+                    " last_run_id=COALESCE(?, last_run_id) WHERE name=?"
+                ),
+                (tick.tick, tick.tick, run.run_id if run else None, tick.schedule),
+            )
+            return True
+
+    def schedule_ticks(self, name: str, limit: int = 50) -> list[TickRecord]:
+        with self._read() as cur:
+            rows = cur.execute(
+                self._sql(
+                    "SELECT schedule, tick, run_id, action, reason, missed, decided_at, decided_by"
+                    " FROM schedule_ticks WHERE schedule=? ORDER BY tick DESC LIMIT ?"
+                ),
+                (name, limit),
+            ).fetchall()
+        return [
+            TickRecord(
+                schedule=r[0],
+                tick=int(r[1]),
+                run_id=r[2],
+                action=r[3],
+                reason=r[4] or "",
+                missed=int(r[5] or 0),
+                decided_at=r[6],
+                decided_by=r[7] or "",
+            )
+            for r in rows
+        ]
 
     # -- routing corrections ---------------------------------------------------------------------
 

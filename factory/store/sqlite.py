@@ -138,6 +138,34 @@ CREATE TABLE IF NOT EXISTS step_once (
     attempt INTEGER NOT NULL,
     created_at REAL NOT NULL,
     PRIMARY KEY (run_id, step_id, item, key)
+);
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY,
+    workflow_name TEXT NOT NULL,
+    workflow_version INTEGER NOT NULL,
+    cron TEXT NOT NULL,
+    timezone TEXT NOT NULL,
+    inputs_json TEXT NOT NULL,
+    catchup TEXT NOT NULL,
+    overlap TEXT NOT NULL,
+    paused INTEGER NOT NULL DEFAULT 0,
+    paused_reason TEXT,
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL,
+    after_ts REAL NOT NULL,
+    last_run_id TEXT
+);
+CREATE INDEX IF NOT EXISTS schedules_created_by ON schedules (created_by);
+CREATE TABLE IF NOT EXISTS schedule_ticks (
+    schedule TEXT NOT NULL,
+    tick INTEGER NOT NULL,
+    run_id TEXT,
+    action TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    missed INTEGER NOT NULL DEFAULT 0,
+    decided_at REAL NOT NULL,
+    decided_by TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (schedule, tick)
 )
 """
 

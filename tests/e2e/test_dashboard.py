@@ -388,3 +388,29 @@ def test_run_again_with_edited_inputs_and_resume(page: tuple[Any, Problems], api
     pg.locator("#action-result").get_by_text(f"resuming run {slow}").wait_for(timeout=WAIT_MS)
     status_is(pg, "running")  # the page follows the resumed run
     cl.cancel(slow)
+
+
+def test_approve_a_waiting_gate_from_the_run_page(page: tuple[Any, Problems], api_server: ApiServer) -> None:
+    pg, _ = page
+    login(pg, api_server)
+    cl = client(api_server)
+    run_id = cl.submit(
+        {
+            "name": "gated",
+            "steps": [
+                {"id": "plan", "python": "tests.fixtures.teststeps:add", "with": {"a": 1, "b": 1}},
+                {"id": "gate", "approval": {"message": "go with ${steps.plan.output}?", "approvers": ["scope:submit"]}},
+                {"id": "act", "python": "tests.fixtures.teststeps:echo", "with": {"value": "${steps.gate.output}"}},
+            ],
+        }
+    )
+    open_run(pg, run_id)
+    status_is(pg, "waiting")
+    pg.locator("#approve-btn").click()
+    pg.locator("#confirm-text").get_by_text(f"Approve gate gate of run {run_id}?").wait_for(timeout=WAIT_MS)
+    box(pg, "gate-comment").fill("fine by me")
+    pg.locator("#confirm-yes").click()
+    pg.locator("#action-result").get_by_text("approved gate gate as key:").wait_for(timeout=WAIT_MS)
+    status_is(pg, "succeeded")
+    act = {s["step_id"]: s for s in cl.get_run(run_id)["steps"]}["act"]
+    assert act["output"]["approved"] is True and act["output"]["comment"] == "fine by me"

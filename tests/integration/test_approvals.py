@@ -185,3 +185,25 @@ def test_a_key_that_is_not_an_approver_is_refused(settings: Settings, factory_ho
         assert record.by == "key:finance"
     finally:
         store.close()
+
+
+def test_a_decision_in_time_stands_and_the_deadline_does_not_move(settings: Settings, factory_home: Path) -> None:
+    """Approved before the deadline, resumed after it: the approval stands (the timeout does not
+    override it). A gate reopened by a resume keeps the deadline it had."""
+    from factory.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(factory_home / "factory.db")
+    try:
+        result = factory.run(gated({**ASK, "timeout": 1.5, "on_timeout": "reject"}), store=store, settings=settings)
+        first = store.latest_events(result.run_id, "step.waiting")[0].data["deadline"]
+        again = factory.resume(result.run_id, store=store, settings=settings)  # nothing decided: parks again
+        assert again.status == RunStatus.WAITING
+        reopened = store.latest_events(result.run_id, "step.waiting")[0].data["deadline"]
+        assert reopened == pytest.approx(first, abs=0.5)  # not pushed back by the resume
+        factory.approve(Decision(result.run_id, "gate", True, "in time"), store=store, settings=settings)
+        time.sleep(max(0.0, first - time.time()) + 0.3)
+        done = factory.resume(result.run_id, store=store, settings=settings)
+        assert done.ok, done.error
+        assert done.outputs["gate"]["by"] == "local" and done.outputs["gate"]["timed_out"] is False
+    finally:
+        store.close()

@@ -285,8 +285,16 @@ def test_every_state_change_is_an_event(store: SQLiteStore, settings: Settings) 
         ("step.succeeded", "a"),
         ("step.started", "b"),
         ("step.succeeded", "b"),
+        ("run.usage", None),  # what the run used: a later `resume --budget` counts on from it
         ("run.succeeded", None),
     ]
+    assert events[-2].data == {
+        "attempts": 2,
+        "steps": 2,
+        "tokens": 0,
+        "cost_usd": 0.0,
+        "seconds": events[-2].data["seconds"],
+    }
 
 
 def test_inputs_must_be_declared(store: SQLiteStore, settings: Settings) -> None:

@@ -297,3 +297,90 @@ def test_correction_sync_learns_a_lower_id_committed_late(db: Store) -> None:
     assert sync.pull(Recorder(), db) == len(seen_late)  # type: ignore[arg-type]
     assert learnt == [("a", "one")]  # ... learns `first` at the next pull, and `second` not twice
     assert sync.pull(Recorder(), db) == 0  # type: ignore[arg-type]
+
+
+# -- schedules --------------------------------------------------------------------------------------
+
+
+def _schedule(name: str = "nightly", by: str = "key:k1", after: float = 1000.0) -> object:
+    from factory.store import ScheduleRecord
+
+    return ScheduleRecord(
+        name=name,
+        workflow_name="wf",
+        workflow_version=1,
+        cron="0 6 * * *",
+        timezone="Europe/Paris",
+        inputs={"n": 1},
+        created_at=after,
+        created_by=by,
+        after=after,
+    )
+
+
+def test_schedules_are_added_once_by_name_and_bounded_per_owner(db: Store) -> None:
+    from factory.errors import ScheduleConflictError
+
+    db.add_schedule(_schedule("a"), max_per_owner=2)  # type: ignore[arg-type]
+    with pytest.raises(ScheduleConflictError, match="exists already"):
+        db.add_schedule(_schedule("a", by="key:k2"))  # type: ignore[arg-type]
+    db.add_schedule(_schedule("b"), max_per_owner=2)  # type: ignore[arg-type]
+    with pytest.raises(ScheduleConflictError, match="holds 2 schedules"):
+        db.add_schedule(_schedule("c"), max_per_owner=2)  # type: ignore[arg-type]
+    db.add_schedule(_schedule("c", by="key:k2"), max_per_owner=2)  # type: ignore[arg-type]
+    assert [s.name for s in db.list_schedules()] == ["a", "b", "c"]
+    got = db.get_schedule("a")
+    assert got is not None and got.inputs == {"n": 1} and got.timezone == "Europe/Paris" and not got.paused
+    assert db.get_schedule("nope") is None
+
+
+def test_pause_keeps_a_reason_and_resume_skips_the_paused_time(db: Store) -> None:
+    db.add_schedule(_schedule(after=1000.0))  # type: ignore[arg-type]
+    assert db.set_schedule_paused("nightly", True, "key:k1 was revoked", 2000.0)
+    paused = db.get_schedule("nightly")
+    assert paused is not None and paused.paused and paused.paused_reason == "key:k1 was revoked"
+    assert db.set_schedule_paused("nightly", False, None, 5000.0)
+    resumed = db.get_schedule("nightly")
+    assert resumed is not None and not resumed.paused and resumed.paused_reason is None and resumed.after == 5000.0
+    assert not db.set_schedule_paused("nope", True, "x", 1.0)
+
+
+def test_a_tick_is_decided_once_with_its_run_in_the_same_transaction(db: Store) -> None:
+    from factory.store import NewRun, TickRecord
+
+    db.add_schedule(_schedule(after=1000.0))  # type: ignore[arg-type]
+    tick = TickRecord(schedule="nightly", tick=1200, action="run", reason="on time", decided_at=1201.0)
+    first = NewRun("run-1", "wf", "{}", {"n": 1}, ["a"])
+    assert db.decide_tick(tick.model_copy(update={"run_id": "run-1", "decided_by": "s1"}), first)
+    # a second scheduler deciding the same tick changes nothing: no second run, no second row
+    second = NewRun("run-2", "wf", "{}", {"n": 1}, ["a"])
+    assert not db.decide_tick(tick.model_copy(update={"run_id": "run-2", "decided_by": "s2"}), second)
+    assert not db.decide_tick(tick.model_copy(update={"action": "skip"}))
+    with pytest.raises(RunNotFoundError):
+        db.get_run("run-2")
+    run = db.get_run("run-1")
+    assert run.status == RunStatus.PENDING and [s.step_id for s in db.get_steps("run-1")] == ["a"]
+    ticks = db.schedule_ticks("nightly")
+    assert [(t.tick, t.run_id, t.decided_by) for t in ticks] == [(1200, "run-1", "s1")]
+    record = db.get_schedule("nightly")
+    assert record is not None and record.after == 1200 and record.last_run_id == "run-1"
+    # a skip moves the schedule on without a run; an older tick decided late never moves it back
+    assert db.decide_tick(TickRecord(schedule="nightly", tick=1500, action="skip", missed=3, decided_at=1600.0))
+    assert db.decide_tick(TickRecord(schedule="nightly", tick=1100, action="skip", decided_at=1600.0))
+    record = db.get_schedule("nightly")
+    assert record is not None and record.after == 1500 and record.last_run_id == "run-1"
+    assert [t.tick for t in db.schedule_ticks("nightly", 2)] == [1500, 1200]
+    assert db.schedule_ticks("nightly")[0].missed == 3
+
+
+def test_removing_a_schedule_forgets_its_ticks_but_keeps_its_runs(db: Store) -> None:
+    from factory.store import NewRun, TickRecord
+
+    db.add_schedule(_schedule())  # type: ignore[arg-type]
+    tick = TickRecord(schedule="nightly", tick=1200, action="run", run_id="run-1", decided_at=1.0)
+    assert db.decide_tick(tick, NewRun("run-1", "wf", "{}", {}, ["a"]))
+    assert db.remove_schedule("nightly") and not db.remove_schedule("nightly")
+    assert db.get_schedule("nightly") is None and db.schedule_ticks("nightly") == []
+    assert db.get_run("run-1").status == RunStatus.PENDING
+    db.add_schedule(_schedule())  # type: ignore[arg-type]  # the name is free again, its ticks decided anew
+    assert db.decide_tick(tick, NewRun("run-2", "wf", "{}", {}, ["a"]))

@@ -23,6 +23,7 @@ from factory.outcome import Outcome
 from factory.scheduler import (
     MAX_NODE_LOSSES,
     Action,
+    ProposeDecision,
     Publish,
     RunScheduler,
     Stop,
@@ -65,10 +66,11 @@ class _Task:
 class FakeRay:
     """A driver for the scheduler with the semantics of Ray and a store, in memory."""
 
-    def __init__(self, workflow: Workflow, max_items_in_flight: int = 3) -> None:
+    def __init__(self, workflow: Workflow, max_items_in_flight: int = 3, max_ahead: int = 4) -> None:
         self.workflow = workflow
         self.graph = build_graph(workflow)
         self.max_items_in_flight = max_items_in_flight
+        self.max_ahead = max_ahead
         self.now = 0.0
         self.steps = {s.id: StepRecord(run_id="r", step_id=s.id, status=StepStatus.PENDING) for s in workflow.steps}
         self.items: dict[tuple[str, int], ItemRecord] = {}
@@ -95,6 +97,7 @@ class FakeRay:
             max_output_bytes=1_000_000,
             max_for_each_items=1000,
             max_items_in_flight=self.max_items_in_flight,
+            max_ahead=self.max_ahead,
         )
         self.refs: dict[str, _Ref] = {}
         self.tasks: dict[int, _Task] = {}
@@ -102,6 +105,9 @@ class FakeRay:
         done = 0
         if resumed:
             done = self.scheduler.restore(self.steps.values(), self.items.values())
+            used = [c for c in self.log if isinstance(c, EventChange) and c.event == "run.usage"]
+            if used:
+                self.scheduler.restore_usage(used[-1].data)
         self._apply(self.scheduler.start(self.now, resumed=resumed, already_done=done))
         for decision in self.decisions.values() if resumed else []:
             self._apply(self.scheduler.on_decision(decision, self.now))
@@ -127,6 +133,9 @@ class FakeRay:
                 self.tasks[action.token] = _Task(action.step_id, action.index, _Ref())
             elif isinstance(action, Publish):
                 self.refs[action.step_id] = _Ref(Outcome(ok=True, output_json=action.output_json))
+            elif isinstance(action, ProposeDecision):  # the store keeps the first decision
+                standing = self.decisions.setdefault(action.decision.step_id, action.decision)
+                self._apply(self.scheduler.on_decision(standing, self.now))
             elif isinstance(action, Stop):
                 self.tasks.pop(action.token, None)
                 self.done = [d for d in self.done if d[0] != action.token]
@@ -416,7 +425,7 @@ def test_after_any_crash_a_run_whose_attempts_succeed_succeeds(workflow: Workflo
     sim.drive_to_end()
     assert sim.finish() == RunStatus.SUCCEEDED
     _check(sim, RunStatus.SUCCEEDED)
-    assert sim.sessions == 1 + ops.count("resume")
+    assert sim.sessions <= 1 + ops.count("resume")
 
 
 # -- examples ------------------------------------------------------------------------------------
@@ -426,6 +435,10 @@ def test_chain_is_submitted_eagerly_and_started_in_order() -> None:
     wf = Workflow(name="w", steps=[_step(0, [], None, 1), _step(1, ["s0"], None, 1), _step(2, ["s1"], None, 1)])
     sim = FakeRay(wf)
     assert sorted(t.step_id for t in sim.tasks.values()) == ["s0", "s1", "s2"]  # all three at once
+    capped = FakeRay(wf, max_ahead=2)  # ahead of their dependencies only while fewer than 2 are in flight
+    assert sorted(t.step_id for t in capped.tasks.values()) == ["s0", "s1"]
+    capped.drive_to_end()
+    assert capped.finish() == RunStatus.SUCCEEDED
     started = [c.step_id for c in sim.pending if isinstance(c, StepChange) and c.event == "step.started"]
     assert started == ["s0"]
     sim.drive_to_end()
@@ -553,3 +566,149 @@ def test_too_many_items_are_refused() -> None:
     scheduler.start(0.0)
     failed: list[Any] = [c for c in scheduler.take_changes() if isinstance(c, StepChange) and c.error]
     assert "the limit is 10" in failed[0].error
+
+
+# -- budgets -------------------------------------------------------------------------------------
+
+
+def _budgeted(sim_budget: dict[str, Any], steps: list[Step], **kw: Any) -> FakeRay:
+    from factory.spec import Budget
+
+    wf = Workflow(name="w", steps=steps, budget=Budget.model_validate(sim_budget))
+    return FakeRay(wf, **kw)
+
+
+def test_max_attempts_stops_the_run_before_the_attempt_past_it() -> None:
+    chain = [_step(0, [], None, 1)] + [_step(i, [f"s{i - 1}"], None, 1) for i in range(1, 5)]
+    sim = _budgeted({"max_attempts": 3}, chain)
+    sim.drive_to_end()
+    assert sim.finish() == RunStatus.FAILED
+    assert sum(sim.runs.values()) == 3  # s3 never ran
+    assert {sid: r.status.value for sid, r in sim.steps.items()} == {
+        "s0": "succeeded",
+        "s1": "succeeded",
+        "s2": "succeeded",
+        "s3": "cancelled",
+        "s4": "cancelled",
+    }
+    error = sim.scheduler.verdict().error or ""
+    assert "budget reached: max_attempts is 3 and the run would start attempt number 4" in error
+    (event,) = [c for c in sim.log if isinstance(c, EventChange) and c.event == "run.budget_exceeded"]
+    assert event.data["budget"] == "max_attempts" and event.data["used"] == 4
+
+
+def test_items_are_attempts_and_retries_count() -> None:
+    sim = _budgeted({"max_attempts": 5}, [_step(0, [], 5, 3)], max_items_in_flight=5)
+    sim.finish_now(sim.ready()[0], "retryable")  # 5 items, then the retry would be the 6th: refused
+    sim.tick(1.0)
+    sim.drive_to_end()
+    assert sim.finish() == RunStatus.FAILED
+    # 5 attempts started (the failed one among them); the stop came before the other 4 ran
+    assert sim.scheduler.usage.attempts == 5 and sum(sim.runs.values()) == 1
+
+
+def test_max_steps_counts_steps_started() -> None:
+    wide = [_step(i, [], None, 1) for i in range(4)]
+    sim = _budgeted({"max_steps": 2}, wide)
+    sim.drive_to_end()
+    assert sim.finish() == RunStatus.FAILED and sum(sim.runs.values()) <= 2
+
+
+def test_max_seconds_stops_a_long_run() -> None:
+    sim = _budgeted({"max_seconds": 5}, [_step(0, [], None, 1), _step(1, ["s0"], None, 1)])
+    sim.finish_now(sim.ready()[0], "ok")
+    sim.tick(6.0)
+    sim.flush()
+    assert sim.scheduler.finished and sim.finish() == RunStatus.FAILED
+    assert "max_seconds is 5" in (sim.scheduler.verdict().error or "")
+    assert sim.tasks == {}  # the attempt in flight was stopped
+
+
+def _usage(tokens_in: int, tokens_out: int, model: str = "m1") -> dict[str, Any]:
+    return {
+        "input_tokens": tokens_in,
+        "output_tokens": tokens_out,
+        "total_tokens": tokens_in + tokens_out,
+        "models": {model: {"input_tokens": tokens_in, "output_tokens": tokens_out}},
+    }
+
+
+def _scheduler_with(budget: dict[str, Any], prices: dict[str, tuple[float, float]] | None = None) -> RunScheduler:
+    from factory.spec import Budget
+
+    wf = Workflow(name="w", steps=[_step(0, [], None, 1), _step(1, [], None, 1), _step(2, ["s0", "s1"], None, 1)])
+    return RunScheduler(
+        wf,
+        build_graph(wf),
+        "r",
+        {},
+        max_output_bytes=10_000,
+        max_for_each_items=10,
+        budget=Budget.model_validate(budget),
+        prices=prices,
+    )
+
+
+def test_max_tokens_and_max_cost_count_the_agents_recorded_usage() -> None:
+    scheduler = _scheduler_with({"max_tokens": 1000})
+    tokens = [a.token for a in scheduler.start(0.0) if isinstance(a, SubmitStep)]
+    scheduler.on_result(tokens[0], Outcome(ok=True, output_json="1", extra={"usage": _usage(300, 200)}), 1.0)
+    assert not scheduler.finished
+    actions = scheduler.on_result(tokens[1], Outcome(ok=False, error="x", extra={"usage": _usage(400, 200)}), 2.0)
+    assert scheduler.finished and scheduler.usage.tokens == 1100  # failed attempts' tokens count too
+    assert any(isinstance(a, Stop) for a in actions)
+    assert "max_tokens is 1000 and the run used tokens 1100" in (scheduler.finish().error or "")
+
+    priced = _scheduler_with({"max_cost_usd": 0.01}, prices={"m1": (2.0, 8.0)})
+    tokens = [a.token for a in priced.start(0.0) if isinstance(a, SubmitStep)]
+    priced.on_result(tokens[0], Outcome(ok=True, output_json="1", extra={"usage": _usage(1000, 500)}), 1.0)
+    assert priced.usage.cost_usd == pytest.approx(0.006) and not priced.finished
+    priced.on_result(tokens[1], Outcome(ok=True, output_json="1", extra={"usage": _usage(1000, 500)}), 1.0)
+    assert priced.finished and "max_cost_usd is 0.01" in (priced.finish().error or "")
+
+    unpriced = _scheduler_with({"max_cost_usd": 5}, prices={"m1": (2.0, 8.0)})
+    tokens = [a.token for a in unpriced.start(0.0) if isinstance(a, SubmitStep)]
+    unpriced.on_result(tokens[0], Outcome(ok=True, output_json="1", extra={"usage": _usage(10, 5, "m2")}), 1.0)
+    assert unpriced.finished
+    assert "used models without a price: m2" in (unpriced.finish().error or "")
+
+
+def test_what_a_run_used_counts_on_after_a_crash() -> None:
+    chain = [_step(0, [], None, 1)] + [_step(i, [f"s{i - 1}"], None, 1) for i in range(1, 6)]
+    sim = _budgeted({"max_attempts": 5}, chain)
+    for _ in range(3):
+        sim.finish_now(sim.ready()[0], "ok")
+    sim.tick(2.0)  # a run.usage event is committed
+    sim.flush()
+    used = [c for c in sim.log if isinstance(c, EventChange) and c.event == "run.usage"][-1]
+    assert used.data["attempts"] == 4  # s0, s1, s2 and s3 (in flight) started
+    sim.crash()
+    assert sim.scheduler.usage.attempts == 5  # counted on: s3 started again
+    sim.drive_to_end()
+    assert sim.finish() == RunStatus.FAILED
+    assert sum(sim.runs.values()) == 4  # s4 was refused: 5 attempts over both sessions
+
+
+def test_a_budget_passed_by_the_last_result_does_not_fail_a_finished_run() -> None:
+    scheduler = _scheduler_with({"max_tokens": 10})
+    tokens = [a.token for a in scheduler.start(0.0) if isinstance(a, SubmitStep)]
+    scheduler.on_result(tokens[0], Outcome(ok=True, output_json="1"), 1.0)
+    actions = scheduler.on_result(tokens[1], Outcome(ok=True, output_json="1"), 1.0)
+    (last,) = [a.token for a in actions if isinstance(a, SubmitStep)] or [tokens[2]]
+    scheduler.on_result(last, Outcome(ok=True, output_json="1", extra={"usage": _usage(30, 5)}), 2.0)
+    assert scheduler.finished and scheduler.finish().status == RunStatus.SUCCEEDED
+    assert any(isinstance(c, EventChange) and c.event == "run.budget_exceeded" for c in scheduler.take_changes())
+
+
+def test_a_budget_of_starts_turns_eager_submission_off() -> None:
+    """With max_steps or max_attempts, a dependant is submitted only once it may start: Ray
+    cannot run it before the budget is checked."""
+    chain = [_step(0, [], None, 1)] + [_step(i, [f"s{i - 1}"], None, 1) for i in range(1, 5)]
+    sim = _budgeted({"max_steps": 2}, chain)
+    assert [t.step_id for t in sim.tasks.values()] == ["s0"]
+    while sim.ready():  # Ray runs whatever was submitted, in any order
+        sim.complete(sim.ready()[0], "ok")
+        while sim.done:
+            sim.collect(0)
+    sim.drive_to_end()
+    assert sim.finish() == RunStatus.FAILED and sum(sim.runs.values()) == 2

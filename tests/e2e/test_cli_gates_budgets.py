@@ -84,3 +84,25 @@ def test_sigkill_while_a_gate_waits_then_approve_finishes_the_run(
         if proc.poll() is None:
             proc.kill()
         store.close()
+
+
+def test_budget_option(cli_env: dict[str, str], tmp_path: Path) -> None:
+    wf = tmp_path / "two.yaml"
+    steps = [
+        {"id": "one", "python": "teststeps:add", "with": {"a": 1, "b": 1}},
+        {"id": "two", "python": "teststeps:add", "with": {"a": "${steps.one.output}", "b": 1}},
+    ]
+    wf.write_text(yaml.safe_dump({"name": "two", "steps": steps}))
+    (tmp_path / "teststeps.py").write_text((FIXTURES / "teststeps.py").read_text())
+    bad = factory(cli_env, "run", str(wf), "--budget", "max_wishes=3")
+    assert bad.returncode == 2 and "NAME one of max_seconds, max_steps" in bad.stderr
+    negative = factory(cli_env, "run", str(wf), "--budget", "attempts=0")
+    assert negative.returncode == 2 and "--budget max_attempts" in negative.stderr
+    stopped = factory(cli_env, "run", str(wf), "--budget", "steps=1", "--json")
+    assert stopped.returncode == 1, stopped.stderr
+    data = json.loads(stopped.stdout)
+    assert data["status"] == "failed" and "budget reached: max_steps is 1" in data["error"]
+    assert f"factory resume {data['run_id']} --budget max_steps=N" in data["error"]
+    status = json.loads(factory(cli_env, "status", data["run_id"], "--json").stdout)
+    assert {s["step_id"]: s["status"] for s in status["steps"]} == {"one": "succeeded", "two": "cancelled"}
+    assert {s["step_id"]: s["attempts"] for s in status["steps"]}["two"] == 0  # never started
