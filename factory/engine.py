@@ -31,7 +31,7 @@ from factory.errors import LeaseLostError, RunStateError
 from factory.outcome import Outcome
 from factory.owner import new_owner_id
 from factory.policy import check_python_grants, owner_namespace
-from factory.runtime import StepCall, execute_item, execute_step
+from factory.runtime import CallPart, StepCall, execute_part, execute_step
 from factory.scheduler import (
     ITEM_PROGRESS_SECONDS,
     MAX_NODE_LOSSES,
@@ -80,9 +80,15 @@ class RayBackend:
         task = execute_step.options(**options) if options else execute_step  # .options() costs, even empty
         return task.remote(call, *deps)
 
-    def submit_call(self, call: StepCall, options: dict[str, Any]) -> Any:
-        task = execute_item.options(**options) if options else execute_item
-        return task.remote(call)
+    def share(self, call: StepCall) -> Any:
+        """Keep the common part of a step's calls once (see :meth:`submit_part`)."""
+        return ray.put(call)
+
+    def submit_part(self, shared: Any, part: CallPart, options: dict[str, Any]) -> Any:
+        """A call made of a shared StepCall (from :meth:`share`) and what is its own: the many
+        items of a for_each cost one pickled StepCall, not one each."""
+        task = execute_part.options(**options) if options else execute_part
+        return task.remote([shared], part)
 
     def get_many(self, refs: list[Any]) -> list[Outcome | RayError]:
         """The outcomes of ready refs in one call; one by one when one of them failed."""
@@ -233,6 +239,8 @@ class Coordinator:
         self._submitted_at: dict[int, float] = {}
         self._cache_keys: dict[int, str] = {}  # token -> cache key its output is stored under
         self._code: dict[str, str] = {}  # python target -> source, for cache keys
+        self._shared: dict[str, Any] = {}  # step id -> its calls' common part in Ray's object store
+        self._options_of: dict[str, dict[str, Any]] = {}
         self._start_actions: list[Action] = []  # what start() decided, carried out by execute()
         self._decided: set[str] = set()  # approval gates whose decision the scheduler was given
 
@@ -306,10 +314,18 @@ class Coordinator:
             else:
                 ref = self.agent_dispatcher.submit(step, action.arguments, route_text=action.route_text)
         else:
-            call = self._call(step, action.arguments, True, action.item, action.has_item)
             item = self.scheduler.states[step.id].items[action.index]  # this attempt's number, the item's index
-            call.attempt, call.item_index = item.attempts, (action.index if action.has_item else None)
-            ref = self.backend.submit_call(call, self._options(step))
+            shared = self._shared.get(step.id)
+            if shared is None:
+                shared = self._shared[step.id] = self.backend.share(self._call(step, {}, True))
+            part = CallPart(
+                arguments=action.arguments,
+                item=action.item,
+                has_item=action.has_item,
+                attempt=item.attempts,
+                item_index=action.index if action.has_item else None,
+            )
+            ref = self.backend.submit_part(shared, part, self._options(step))
         self._track(ref, action.token)
         return []
 
@@ -346,9 +362,11 @@ class Coordinator:
             return step.container.model_dump()
         return step.with_
 
-    @staticmethod
-    def _options(step: Step) -> dict[str, Any]:
-        return step.resources.ray_options()
+    def _options(self, step: Step) -> dict[str, Any]:
+        options = self._options_of.get(step.id)
+        if options is None:
+            options = self._options_of[step.id] = step.resources.ray_options()
+        return options
 
     def _cache_key(self, step: Step, arguments: dict[str, Any]) -> str:
         """Same action, same code, same resolved inputs -> same key."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import faulthandler
 import inspect
 import io
@@ -262,4 +263,47 @@ def execute_step(call: StepCall, *deps: Outcome) -> Outcome:
 @ray.remote(max_retries=0)
 def execute_item(call: StepCall) -> Outcome:
     """Ray task: one item of a for_each step, with arguments the coordinator resolved."""
+    return run_attempt(call, ())
+
+
+@dataclass(slots=True)
+class CallPart:
+    """What differs between the calls of one step (its items, its attempts); the rest of the
+    :class:`StepCall` is shared by all of them through one object in Ray's object store."""
+
+    arguments: dict[str, Any]
+    item: Any = None
+    has_item: bool = False
+    attempt: int = 1
+    item_index: int | None = None
+
+
+_SHARED_CALLS: dict[str, StepCall] = {}  # this worker's copies of shared calls, by object id
+_MAX_SHARED_CALLS = 64
+
+
+def _shared_call(ref: Any) -> StepCall:
+    key = ref.hex()
+    call = _SHARED_CALLS.get(key)
+    if call is None:
+        call = ray.get(ref)
+        if len(_SHARED_CALLS) >= _MAX_SHARED_CALLS:
+            _SHARED_CALLS.pop(next(iter(_SHARED_CALLS)))
+        _SHARED_CALLS[key] = call
+    return call
+
+
+@ray.remote(max_retries=0)
+def execute_part(shared: list[Any], part: CallPart) -> Outcome:
+    """Ray task: one call of a step whose common part (``shared[0]``, an ObjectRef of a
+    StepCall, fetched once per worker) is sent once for all its calls."""
+    base = _shared_call(shared[0])
+    call = dataclasses.replace(
+        base,
+        arguments=part.arguments,
+        item=part.item,
+        has_item=part.has_item,
+        attempt=part.attempt,
+        item_index=part.item_index,
+    )
     return run_attempt(call, ())

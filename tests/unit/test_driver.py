@@ -5,6 +5,7 @@ the store is a real SQLite file."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from factory.engine import Coordinator, RayBackend
 from factory.outcome import Outcome
-from factory.runtime import StepCall, run_attempt
+from factory.runtime import CallPart, StepCall, run_attempt
 from factory.settings import Settings
 from factory.spec import RetryPolicy, Step, Workflow
 from factory.store import RunStatus
@@ -45,9 +46,21 @@ class InProcessRay(RayBackend):
         self.submitted += 1
         return _Ref(call, list(deps))
 
-    def submit_call(self, call: StepCall, options: dict[str, Any]) -> Any:
+    def share(self, call: StepCall) -> Any:
+        return call
+
+    def submit_part(self, shared: Any, part: CallPart, options: dict[str, Any]) -> Any:
         self.submitted += 1
-        return _Ref(call)
+        return _Ref(
+            dataclasses.replace(
+                shared,
+                arguments=part.arguments,
+                item=part.item,
+                has_item=part.has_item,
+                attempt=part.attempt,
+                item_index=part.item_index,
+            )
+        )
 
     def put(self, outcome: Outcome) -> Any:
         return _Ref(value=outcome)
