@@ -17,6 +17,7 @@ import os
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -252,9 +253,9 @@ class Coordinator:
             self.store.record(changes, owner=self.owner)
 
     def _apply(self, actions: list[Action]) -> None:
-        queue = list(actions)
+        queue = deque(actions)
         while queue:
-            action = queue.pop(0)
+            action = queue.popleft()
             if isinstance(action, SubmitStep):
                 step = self._steps[action.step_id]
                 deps = [self._refs[d] for d in self.graph.deps[step.id]]
