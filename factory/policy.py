@@ -189,6 +189,12 @@ def check_inline(
                         f"step {step.id!r} field container.mounts[{target!r}]: host paths cannot be mounted by a "
                         "workflow sent over the API; mount ${steps.ID.artifacts} (or register the workflow)"
                     )
+    if workflow.runtime is not None:
+        invalid.append(
+            "workflow field runtime: pip requirements and py_modules are installed by `factory submit` into a Ray "
+            "job's runtime_env; the API runs steps in the server's own environment, so remove `runtime:` (and have "
+            "the operator install what the steps need there)"
+        )
     if invalid:
         raise WorkflowValidationError(invalid, workflow.name)
     if denied:

@@ -389,6 +389,36 @@ class Schedule(_Model):
         return check_timezone(value)
 
 
+MAX_REQUIREMENTS = 200
+MAX_PY_MODULES = 20
+MAX_RUNTIME_ENTRY_CHARS = 500
+
+
+class Runtime(_Model):
+    """What a Ray job of this workflow installs on the cluster's nodes before its steps run
+    (``factory submit`` puts it in the job's runtime_env, beside the workflow's folder as the
+    working_dir). ``factory run`` and the HTTP API run steps in the environment they are in."""
+
+    requirements: list[Annotated[str, Field(min_length=1, max_length=MAX_RUNTIME_ENTRY_CHARS)]] | str | None = Field(
+        default=None,
+        description="pip requirement specifiers, or the path of a requirements file relative to the workflow's folder.",
+    )
+    py_modules: list[Annotated[str, Field(min_length=1, max_length=MAX_RUNTIME_ENTRY_CHARS)]] = Field(
+        default_factory=list,
+        max_length=MAX_PY_MODULES,
+        description="Local packages (folders), .py or .whl files, relative to the workflow's folder, for every node.",
+    )
+
+    @field_validator("requirements")
+    @classmethod
+    def _bounded(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(value, list) and len(value) > MAX_REQUIREMENTS:
+            raise ValueError(f"at most {MAX_REQUIREMENTS} requirements")
+        if isinstance(value, str) and not 0 < len(value) <= MAX_RUNTIME_ENTRY_CHARS:
+            raise ValueError(f"a requirements file's path has 1 to {MAX_RUNTIME_ENTRY_CHARS} characters")
+        return value
+
+
 class Workflow(_Model):
     """A named DAG of steps with input defaults."""
 
@@ -399,6 +429,9 @@ class Workflow(_Model):
     budget: Budget | None = Field(default=None, description="Limits every run of this workflow stops at.")
     schedule: Schedule | None = Field(
         default=None, description="Run it on a cron schedule once added with `factory schedules add`."
+    )
+    runtime: Runtime | None = Field(
+        default=None, description="pip requirements and py_modules of a Ray job of it (`factory submit`)."
     )
     base_dir: str | None = Field(
         default=None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -34,6 +35,7 @@ from factory.cli.runs import (
 from factory.engine import RunResult, new_run_id
 from factory.errors import FactoryError, NotFoundError, WorkflowValidationError
 from factory.settings import Settings
+from factory.spec import MAX_REQUIREMENTS, Workflow
 from factory.store import FINAL_RUN_STATUSES, Store
 
 JOB_METADATA_KEY = "factory_run_id"
@@ -90,6 +92,36 @@ def job_env(settings: Settings) -> tuple[dict[str, str], list[str]]:
         else:
             env[f"FACTORY_{name.upper()}"] = value
     return env, withheld
+
+
+def job_runtime_env(workflow: Workflow, folder: Path, env_vars: dict[str, str]) -> dict[str, Any]:
+    """The job's runtime_env: the workflow's folder as its working_dir, the environment it
+    shares with this machine, and the workflow's ``runtime:`` (pip requirements, py_modules;
+    paths relative to ``folder``). A file that is not there is a FactoryError naming it."""
+    runtime_env: dict[str, Any] = {"working_dir": str(folder), "env_vars": env_vars}
+    runtime = workflow.runtime
+    if runtime is None:
+        return runtime_env
+    requirements = runtime.requirements
+    if isinstance(requirements, str):
+        path = folder / requirements
+        if not path.is_file():
+            raise FactoryError(f"runtime.requirements: {path} is not a file (give a path relative to {folder})")
+        lines = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        requirements = [line for line in lines if line]
+        if len(requirements) > MAX_REQUIREMENTS:
+            raise FactoryError(f"runtime.requirements: {path} lists {len(requirements)}, at most {MAX_REQUIREMENTS}")
+    if requirements:
+        runtime_env["pip"] = list(requirements)
+    modules = []
+    for entry in runtime.py_modules:
+        path = (folder / entry).resolve()
+        if not path.exists():
+            raise FactoryError(f"runtime.py_modules: {path} does not exist (give a path relative to {folder})")
+        modules.append(str(path))
+    if modules:
+        runtime_env["py_modules"] = modules
+    return runtime_env
 
 
 def entrypoint(workflow: Path, run_id: str, inputs: dict[str, Any], agents: str | None) -> str:
@@ -187,7 +219,7 @@ def submit(
     try:
         job_id = client.submit_job(
             entrypoint=entrypoint(workflow.resolve(), run_id, inputs, agents_rel),
-            runtime_env={"working_dir": str(folder), "env_vars": env},
+            runtime_env=job_runtime_env(wf, folder, env),
             metadata={JOB_METADATA_KEY: run_id, "workflow": wf.name},
             submission_id=f"factory-{run_id}",
         )
@@ -200,7 +232,7 @@ def submit(
         )
     if not follow:
         if as_json:
-            out.print(json.dumps({"run_id": run_id, "job_id": job_id}), markup=False, highlight=False)
+            sys.stdout.write(json.dumps({"run_id": run_id, "job_id": job_id}) + "\n")
         else:
             out.print(f"run {escape(run_id)}  job {escape(job_id)}  (follow: factory status {escape(run_id)})")
         return
@@ -213,7 +245,7 @@ def submit(
     except FactoryError as exc:
         raise fail(str(exc), EXIT_FAILED) from None
     if as_json:
-        out.print(json.dumps({**result.to_dict(), "job_id": job_id}), markup=False, highlight=False)
+        sys.stdout.write(json.dumps({**result.to_dict(), "job_id": job_id}, ensure_ascii=False) + "\n")
     else:
         print_result(result, False)
     raise typer.Exit(0 if result.ok else EXIT_FAILED)
@@ -297,7 +329,7 @@ def jobs(
     finally:
         store.close()
     if as_json:
-        out.print(json.dumps(rows), markup=False, highlight=False)
+        sys.stdout.write(json.dumps(rows) + "\n")  # rich would wrap it at the console width
         return
     table = Table("job", "job status", "run", "workflow", "run status", "started")
     for row in rows:

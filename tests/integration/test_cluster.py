@@ -36,6 +36,12 @@ STEPS_MODULE = textwrap.dedent(
         return {"label": label, "node": ray.get_runtime_context().get_node_id()}
 
 
+    def greet_with_lib(name: str) -> str:
+        import labtools  # shipped by the job's runtime_env (py_modules), from outside the working_dir
+
+        return labtools.greet(name)
+
+
     def record(path: str, value: str, seconds: float) -> str:
         with open(path, "a") as fh:
             fh.write(value + "\\n")
@@ -109,6 +115,32 @@ def test_submit_runs_steps_on_the_nodes_they_ask_for(
     assert listed[result["run_id"]]["job_status"] == "SUCCEEDED"
     status = factory(client_env, "status", result["run_id"], "--json")
     assert json.loads(status.stdout)["status"] == "succeeded"  # the run is in the shared store
+
+
+def test_submit_ships_the_py_modules_the_workflow_declares(
+    cluster: LocalRayCluster, client_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A package beside the workflow's folder (not in its working_dir), named in `runtime.py_modules`,
+    is importable by the steps on the cluster; without it the same step fails to import it."""
+    lib = tmp_path / "labtools"
+    lib.mkdir()
+    (lib / "__init__.py").write_text("def greet(name):\n    return 'hello ' + name + ' from labtools'\n")
+    doc = {
+        "name": "with-lib",
+        "runtime": {"py_modules": ["../labtools"]},
+        "steps": [
+            {"id": "greet", "python": "steps:greet_with_lib", "with": {"name": "ada"}, "retry": {"max_attempts": 1}}
+        ],
+    }
+    workflow = workflow_folder(tmp_path, doc)
+    done = factory(client_env, "submit", str(workflow), "--address", cluster.jobs_address, "--follow", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["outputs"]["greet"] == "hello ada from labtools"
+
+    del doc["runtime"]
+    workflow.write_text(yaml.safe_dump(doc, sort_keys=False))
+    done = factory(client_env, "submit", str(workflow), "--address", cluster.jobs_address, "--follow", "--json")
+    assert done.returncode == 1 and "labtools" in json.loads(done.stdout)["error"], done.stdout + done.stderr
 
 
 def test_a_client_without_the_token_is_told_what_to_set(cluster: LocalRayCluster, client_env: dict[str, str]) -> None:

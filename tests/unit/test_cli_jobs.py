@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import typer
 
-from factory.cli.jobs import check_store_reachable, entrypoint, job_env, jobs_address
+from factory.cli.jobs import check_store_reachable, entrypoint, job_env, job_runtime_env, jobs_address
 from factory.cli.runs import parse_inputs
 from factory.errors import FactoryError
 from factory.settings import Settings
+from factory.spec import Workflow
 
 
 def test_the_entrypoint_gives_the_job_the_inputs_back_as_they_were() -> None:
@@ -52,3 +53,43 @@ def test_the_jobs_address_comes_from_the_option_then_the_environment(monkeypatch
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://head:8265/")
     assert jobs_address(None) == "http://head:8265"
     assert jobs_address("https://other:443") == "https://other:443"
+
+
+def _workflow(runtime: dict[str, object] | None) -> Workflow:
+    data: dict[str, object] = {"name": "w", "steps": [{"id": "a", "python": "steps:f"}]}
+    if runtime is not None:
+        data["runtime"] = runtime
+    return Workflow.model_validate(data)
+
+
+def test_the_job_installs_what_the_workflow_declares(tmp_path: Path) -> None:
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "requirements.txt").write_text("# pinned\nrequests==2.32.3  # http\n\ntabulate\n")
+    env = job_runtime_env(_workflow({"requirements": "requirements.txt", "py_modules": ["lib"]}), tmp_path, {"A": "1"})
+    assert env == {
+        "working_dir": str(tmp_path),
+        "env_vars": {"A": "1"},
+        "pip": ["requests==2.32.3", "tabulate"],
+        "py_modules": [str((tmp_path / "lib").resolve())],
+    }
+    listed = job_runtime_env(_workflow({"requirements": ["tabulate>=0.9"]}), tmp_path, {})
+    assert listed["pip"] == ["tabulate>=0.9"] and "py_modules" not in listed
+    assert job_runtime_env(_workflow(None), tmp_path, {}) == {"working_dir": str(tmp_path), "env_vars": {}}
+
+
+def test_a_runtime_file_that_is_not_there_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FactoryError, match=r"requirements\.txt is not a file"):
+        job_runtime_env(_workflow({"requirements": "requirements.txt"}), tmp_path, {})
+    with pytest.raises(FactoryError, match="shared_lib does not exist"):
+        job_runtime_env(_workflow({"py_modules": ["../shared_lib"]}), tmp_path, {})
+
+
+def test_a_runtime_is_bounded() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="at most 200 requirements"):
+        _workflow({"requirements": [f"p{i}" for i in range(201)]})
+    with pytest.raises(ValidationError):
+        _workflow({"py_modules": [f"m{i}" for i in range(21)]})
+    with pytest.raises(ValidationError):
+        _workflow({"pip": ["x"]})  # unknown field: a typo is an error, not ignored

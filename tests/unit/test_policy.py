@@ -118,3 +118,13 @@ def test_who_may_resume_a_run() -> None:
     assert "revoked or expired" in (resume_problem(grants, False, revoked, 10.0) or "")
     assert "revoked or expired" in (resume_problem(grants, False, expired, 10.0) or "")
     assert resume_problem(grants, True, revoked, 10.0) is None
+
+
+def test_a_workflow_sent_over_the_api_may_not_install_packages() -> None:
+    wf = Workflow.model_validate(
+        {"name": "w", "runtime": {"requirements": ["evil-pkg"]}, "steps": [{"id": "a", "python": "acme.steps:f"}]}
+    )
+    with pytest.raises(WorkflowValidationError) as info:
+        check_inline(wf, KEY, ["acme"])
+    assert "workflow field runtime" in info.value.problems[0] and "factory submit" in info.value.problems[0]
+    check_inline(wf.model_copy(update={"runtime": None}), KEY, ["acme"])  # the rest of it is fine
