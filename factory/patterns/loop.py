@@ -11,7 +11,7 @@ a crash, goes on at the call it was in: finished rounds are read back, not asked
       with: {generator: writer, evaluator: critic, task: "${inputs.task}", max_rounds: 3, min_rating: GOOD}
 
 The output: ``{text, rating, feedback, accepted, rounds, history: [{round, text, rating,
-feedback}]}``: the accepted answer, or after the last round the best rated one (the latest
+feedback}], usage}``: the accepted answer, or after the last round the best rated one (the latest
 of equals). The evaluator may answer with JSON ``{"rating": ..., "feedback": ...}`` (in its
 text, as structured output ``data``, or as its whole result for a Python agent) or with text
 that names a rating; an answer with no rating fails the attempt with ``ModelOutputError``
@@ -154,4 +154,5 @@ def evaluator_optimizer(**fields: Any) -> dict[str, Any]:
         "accepted": RATINGS.index(best["rating"]) >= wanted,
         "rounds": len(history),
         "history": history,
+        "usage": ctx.usage,  # the tokens this attempt's agent calls used (recorded rounds cost none)
     }

@@ -10,7 +10,7 @@ samples it lacks::
       python: factory.patterns:maker
       with: {agent: solver, task: {text: "${inputs.question}"}, k: 5}
 
-The output: ``{answer, result, majority, votes, k, tally: [{answer, votes}], replicas}``.
+The output: ``{answer, result, majority, votes, needed, k, tally: [{answer, votes}], replicas, usage}``.
 Without a majority (a tie, or answers spread thin) ``answer`` and ``result`` are null and
 ``majority`` false; with ``on_no_majority: fail`` the step fails instead with
 ``NoMajorityError`` (not retried: the recorded samples would give the same votes).
@@ -112,6 +112,7 @@ def maker(**fields: Any) -> dict[str, Any]:
         samples = list(pool.map(sample, range(spec.k)))
     vote = tally([s["result"] for s in samples], spec.match, spec.quorum)
     vote["replicas"] = dict(Counter(str(s["replica"]) for s in samples))
+    vote["usage"] = ctx.usage  # the tokens this attempt's samples used (recorded samples cost none)
     ctx.emit({"votes": vote["votes"], "k": spec.k, "majority": vote["majority"]})
     if not vote["majority"] and spec.on_no_majority == "fail":
         shown = ", ".join(f"{row['answer'][:60]!r}: {row['votes']}" for row in vote["tally"][:5])

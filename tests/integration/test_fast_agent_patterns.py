@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +21,17 @@ from typing import Any
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 import factory
 from factory.catalog import AgentSpec, Catalog, load_catalog
+from factory.cli import app
 from factory.pools import DEFAULT_MANAGER_NAME, stop_manager
+from factory.settings import Settings
 from factory.spec import RetryPolicy, Step, Workflow
 from factory.store import RunStatus
 from factory.store.sqlite import SQLiteStore
+from tests.fixtures.chat_standin import COMPLETION_TOKENS, PROMPT_TOKENS, ChatStandIn
 
 if importlib.util.find_spec("fast_agent") is None:
     pytest.skip("fast-agent is not installed (pip install -e '.[fast-agent]')", allow_module_level=True)
@@ -273,3 +278,60 @@ def test_the_vote_example_runs_offline(store: SQLiteStore, settings: Any) -> Non
     out = run.outputs["vote"]
     assert out["majority"] is True and out["answer"] == "42" and out["votes"] == 5 == out["k"]
     assert all(name.startswith("solver-") for name in out["replicas"])
+
+
+# -- usage and cost ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def standin() -> Iterator[ChatStandIn]:
+    server = ChatStandIn().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_patterns_agent_tokens_count_for_the_run_and_show_with_their_cost(
+    factory_home: Path, standin: ChatStandIn
+) -> None:
+    """A vote over a fast-agent agent on the stand-in provider (11 tokens in, 7 out per call): the
+    python step's output sums its samples' usage, the run's usage (budgets) counts it, and
+    `factory status` shows the tokens and the cost estimated from model_prices."""
+    prices = {"tiny-local": {"input": 1.0, "output": 2.0}}  # USD per million tokens
+    settings = Settings(home=factory_home, model_prices=prices)
+    solver = AgentSpec.model_validate(
+        {
+            "name": "fa-voter",
+            "class": "factory.fastagent:FastAgent",
+            "pool": {"num_cpus": 0.1, "max_replicas": 1},
+            "config": {"model": "generic.tiny-local", "base_url": standin.url},
+        }
+    )
+    store = SQLiteStore(factory_home / "factory.db")
+    try:
+        run = factory.run(vote_flow("fa-voter", 3), store=store, settings=settings, agents=Catalog(agents=[solver]))
+        assert run.ok, run.error
+        out = run.outputs["vote"]
+        assert out["answer"] == standin.reply.casefold() and out["votes"] == 3
+        usage = out["usage"]
+        assert (usage["input_tokens"], usage["output_tokens"], usage["requests"]) == (
+            3 * PROMPT_TOKENS,
+            3 * COMPLETION_TOKENS,
+            3,
+        )
+        assert usage["models"]["tiny-local"]["input_tokens"] == 3 * PROMPT_TOKENS
+        counted = [e.data for e in store.events(run_id=run.run_id) if e.type == "run.usage"][-1]
+        cost = 3 * (PROMPT_TOKENS * 1.0 + COMPLETION_TOKENS * 2.0) / 1e6
+        assert counted["tokens"] == 3 * (PROMPT_TOKENS + COMPLETION_TOKENS)
+        assert counted["cost_usd"] == pytest.approx(cost)
+    finally:
+        store.close()
+        stop_manager(DEFAULT_MANAGER_NAME, drain_timeout=0)
+    env = {"COLUMNS": "200", "FACTORY_MODEL_PRICES": json.dumps(prices)}
+    shown = CliRunner().invoke(app, ["status", run.run_id], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert f"{3 * PROMPT_TOKENS} in / {3 * COMPLETION_TOKENS} out" in shown.output
+    assert f"estimated cost ${cost:.6f}" in shown.output
+    unpriced = CliRunner().invoke(app, ["status", run.run_id], env={"COLUMNS": "200"})
+    assert "estimated cost ?" in unpriced.output and "no price for tiny-local" in unpriced.output
