@@ -57,6 +57,7 @@ from factory.errors import (
     StepInputError,
 )
 from factory.fastagent.runtime import FastAgentExit, FastAgentRuntime, quiet_settings
+from factory.stepcontext import StepContext, step_context
 
 MAX_TEXT = 1_000_000
 HEALTH_SECONDS = 2.0
@@ -130,6 +131,10 @@ class FastAgentConfig(BaseModel):
     start_timeout_seconds: float = Field(default=60.0, gt=0, le=600)
     llm_retries: int = Field(default=0, ge=0, le=5, description="fast-agent's own retries; the step's retry follows.")
     max_input_chars: int = Field(default=200_000, ge=1, le=MAX_TEXT)
+    stream: bool = Field(
+        default=True,
+        description="Publish the answer's text as it streams in, as step.emitted events ({delta}) of the step.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FastAgentConfig:
@@ -366,9 +371,11 @@ class FastAgent(Agent):
                 known = ", ".join(sorted(self._outputs)) or "none"
                 raise StepInputError(f"this agent has no structured output {task.output!r} (it has: {known})")
         messages = self.message(task)
+        ctx = step_context()  # the step's context (set by the replica for this job), or a detached one
+        stream = ctx if self.config.stream and not ctx.detached else None
         try:
             return await asyncio.wait_for(
-                self._runtime.arun(self._job(messages, output_model)), self.config.timeout_seconds
+                self._runtime.arun(self._job(messages, output_model, stream)), self.config.timeout_seconds
             )
         except TimeoutError:
             raise ModelTimeoutError(
@@ -380,11 +387,20 @@ class FastAgent(Agent):
         except Exception as exc:  # noqa: BLE001 - every failure becomes a Factory error
             raise classify_exception(exc, self.model) from None
 
-    async def _job(self, messages: str | list[str], output_model: type[BaseModel] | None) -> dict[str, Any]:
+    async def _job(
+        self, messages: str | list[str], output_model: type[BaseModel] | None, stream: StepContext | None = None
+    ) -> dict[str, Any]:
         from fast_agent.constants import FAST_AGENT_ERROR_CHANNEL
         from fast_agent.types import LlmStopReason
 
         agent = await self._new_agent()  # nothing to close afterwards: its MCP connections are the replica's
+        if stream is not None and hasattr(agent.llm, "add_stream_listener"):
+
+            def streamed(chunk: Any) -> None:  # the provider's text as it comes (not its reasoning)
+                if chunk.text and not chunk.is_reasoning and chunk.event == "delta":
+                    stream.emit({"delta": chunk.text})
+
+            agent.llm.add_stream_listener(streamed)
         parsed: BaseModel | None = None
         try:
             if output_model is not None:

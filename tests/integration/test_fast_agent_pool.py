@@ -315,3 +315,32 @@ def test_a_workflow_step_retries_a_rate_limit_and_status_shows_its_tokens(
     assert shown.exit_code == 0, shown.output
     assert f"{PROMPT_TOKENS} in / {COMPLETION_TOKENS} out" in shown.output
     assert f"tokens: {PROMPT_TOKENS} in / {COMPLETION_TOKENS} out" in shown.output
+
+
+def test_an_agent_steps_answer_streams_as_emitted_events(
+    factory_home: Path, settings: Any, standin: ChatStandIn
+) -> None:
+    """The stand-in provider streams its reply word by word; the step publishes each piece as it comes
+    (step.emitted events, `{delta}`), then commits the whole answer; `stream: false` publishes none."""
+    standin.mode = "ok"
+    store = SQLiteStore(factory_home / "factory.db")
+    try:
+        for stream in (True, False):
+            config = {"model": "generic.tiny-local", "base_url": standin.url, "stream": stream}
+            spec = AgentSpec.model_validate(
+                {"name": f"fa-stream-{stream}".lower(), "class": "factory.fastagent:FastAgent", "config": config}
+            )
+            flow = Workflow(name="fa-stream", steps=[Step(id="ask", agent=spec.name, with_={"text": "hi"})])
+            run = factory.run(flow, store=store, settings=settings, agents=Catalog(agents=[spec]))
+            assert run.ok, run.error
+            assert run.outputs["ask"]["result"]["text"] == standin.reply
+            emitted = [e for e in store.events(run_id=run.run_id) if e.type == "step.emitted"]
+            deltas = [item["delta"] for e in emitted for item in e.data["items"]]
+            if stream:
+                assert len(deltas) == len(standin.reply.split()) > 1
+                assert "".join(deltas) == standin.reply and all(e.step_id == "ask" for e in emitted)
+            else:
+                assert deltas == []
+    finally:
+        store.close()
+        stop_manager(DEFAULT_MANAGER_NAME, drain_timeout=0)
