@@ -344,3 +344,33 @@ def test_an_agent_steps_answer_streams_as_emitted_events(
     finally:
         store.close()
         stop_manager(DEFAULT_MANAGER_NAME, drain_timeout=0)
+
+
+def test_an_agent_steps_tool_calls_and_results_are_published_as_events(factory_home: Path, settings: Any) -> None:
+    """A passthrough agent calls a tool of its MCP server (***CALL_TOOL): the call and its result are
+    step.emitted events of the step, and the answer is the tool's result."""
+    server = {"command": sys.executable, "args": [str(Path(FIXTURES) / "mcp_pid_server.py")]}
+    spec = AgentSpec.model_validate(
+        {
+            "name": "fa-tool-events",
+            "class": "factory.fastagent:FastAgent",
+            "pool": {"num_cpus": 0.1},
+            "config": {"model": "passthrough", "servers": {"tools": server}},
+        }
+    )
+    call = "***CALL_TOOL tools__echo " + json.dumps({"text": "through MCP"})
+    flow = Workflow(name="fa-tools", steps=[Step(id="ask", agent=spec.name, with_={"text": call})])
+    store = SQLiteStore(factory_home / "factory.db")
+    try:
+        run = factory.run(flow, store=store, settings=settings, agents=Catalog(agents=[spec]))
+        assert run.ok, run.error
+        assert run.outputs["ask"]["result"]["text"] == "echo: through MCP"
+        items = [i for e in store.events(run_id=run.run_id) if e.type == "step.emitted" for i in e.data["items"]]
+        calls = [i["tool_call"] for i in items if "tool_call" in i]
+        results = [i["tool_result"] for i in items if "tool_result" in i]
+        assert [c["name"] for c in calls] == ["tools__echo"], items
+        assert json.loads(calls[0]["arguments"]) == {"text": "through MCP"}
+        assert results == [{"id": calls[0]["id"], "error": False, "text": "echo: through MCP"}]
+    finally:
+        store.close()
+        stop_manager(DEFAULT_MANAGER_NAME, drain_timeout=0)
