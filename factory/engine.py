@@ -46,6 +46,7 @@ from factory.scheduler import (
 )
 from factory.settings import Settings, container_settings
 from factory.spec import Step, Workflow
+from factory.stepagents import StepAgents
 from factory.store import RunGrants, RunStatus, StepStatus, Store
 
 __all__ = [
@@ -71,6 +72,9 @@ class AgentDispatcher(Protocol):
 
         ``route_text`` is a route step's text with its ``${...}`` resolved (for this item of a for_each).
         """
+
+    def step_agents(self) -> StepAgents | None:
+        """The run's agents as its python steps reach them (``step_context().ask``), or None."""
 
 
 class RayBackend:
@@ -217,6 +221,7 @@ class Coordinator:
         self.on_progress = on_progress
         self.graph = graph or build_graph(workflow)
         self.agent_dispatcher = agent_dispatcher
+        self._step_agents = agent_dispatcher.step_agents() if agent_dispatcher is not None else None
         self.cache: ResultCache = cache or store
         self.backend = backend or RayBackend()
         self.owner = _owner_id()
@@ -354,6 +359,7 @@ class Coordinator:
             run_id=self.run_id,
             grants=self.grants,
             max_output_bytes=self.settings.max_output_bytes,
+            agents=self._step_agents if step.python is not None else None,
         )
 
     @staticmethod

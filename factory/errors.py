@@ -170,6 +170,14 @@ class McpServerError(ModelCallError):
     """An MCP server the agent uses could not be started or reached: retried (another replica may reach it)."""
 
 
+class NoMajorityError(FactoryError):
+    """A vote among an agent's samples (factory.patterns.maker) found no majority answer.
+
+    Not retried: the samples are recorded, so another attempt would count the same votes."""
+
+    retryable = False
+
+
 class UncertainRouteError(FactoryError):
     """The router is not sure enough (below the catalogue's ``routing.min_confidence``) and the
     catalogue says a person decides (``when_uncertain: fail``). Not retried: the same text would

@@ -39,6 +39,7 @@ from factory.policy import check_python_grants
 from factory.refs import Context, resolve
 from factory.retry import is_retryable
 from factory.spec import RetryPolicy
+from factory.stepagents import StepAgents
 from factory.stepcontext import StepContext
 from factory.store import RunGrants
 
@@ -75,6 +76,7 @@ class StepCall:
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES  # the max_output_bytes setting: larger outputs fail
     attempt: int = 1  # this attempt's number (of the step, or of the for_each item)
     item_index: int | None = None  # a for_each item's index
+    agents: StepAgents | None = None  # python steps: the run's agents, for step_context().ask()
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -183,6 +185,7 @@ def step_context_of(call: StepCall) -> StepContext:
         item=call.item_index,
         store_url=call.store_url,
         max_result_bytes=call.max_output_bytes,
+        agents=call.agents if call.action == "python" else None,
     )
 
 
@@ -193,6 +196,7 @@ def run_attempt(call: StepCall, deps: tuple[Outcome, ...]) -> Outcome:
             return Outcome(ok=False, skipped=True, error="a dependency did not succeed")
     started = time.perf_counter()
     buffer = io.StringIO()
+    ctx: StepContext | None = None
     root = logging.getLogger()
     handler = _LogCapture(buffer)
     try:
@@ -223,8 +227,9 @@ def run_attempt(call: StepCall, deps: tuple[Outcome, ...]) -> Outcome:
             check_python_grants(call.grants, call.target, func)
             bind_arguments(func, kwargs, call.target)
             root.addHandler(handler)
+            ctx = step_context_of(call)
             with (
-                step_context_of(call).active(),
+                ctx.active(),
                 contextlib.redirect_stdout(buffer),
                 contextlib.redirect_stderr(buffer),
                 _Timeout(call.timeout),
@@ -244,6 +249,7 @@ def run_attempt(call: StepCall, deps: tuple[Outcome, ...]) -> Outcome:
             retryable=is_retryable(exc, call.retry),
             logs=(logs + ("\n" if logs and not logs.endswith("\n") else "") + tail)[-MAX_LOG_CHARS:],
             duration=time.perf_counter() - started,
+            extra=_usage_extra(ctx),
         )
     root.removeHandler(handler)
     return Outcome(
@@ -251,7 +257,13 @@ def run_attempt(call: StepCall, deps: tuple[Outcome, ...]) -> Outcome:
         output_json=output_json,
         logs=buffer.getvalue()[-MAX_LOG_CHARS:],
         duration=time.perf_counter() - started,
+        extra=_usage_extra(ctx),
     )
+
+
+def _usage_extra(ctx: StepContext | None) -> dict[str, Any]:
+    """The tokens of the agents a python step asked (``ctx.ask``): counted against the run's budget."""
+    return {"usage": ctx.usage} if ctx is not None and ctx.usage is not None else {}
 
 
 @ray.remote(max_retries=0)

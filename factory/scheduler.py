@@ -38,6 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from factory.costs import count_tokens, estimate_cost
 from factory.dag import Graph
 from factory.errors import StepInputError
 from factory.outcome import Outcome, limit_outcome
@@ -590,28 +591,11 @@ class RunScheduler:
         usage = outcome.extra.get("usage") if outcome.extra else None
         if not isinstance(usage, dict):
             return
-
-        def count(value: Any) -> int:
-            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-        tokens = count(usage.get("total_tokens")) or count(usage.get("input_tokens")) + count(
-            usage.get("output_tokens")
-        )
+        tokens = count_tokens(usage)
         self.usage.tokens += tokens
-        models = usage.get("models")
-        if isinstance(models, dict) and models:
-            for model, row in list(models.items())[:100]:
-                price = self.prices.get(str(model))
-                if not isinstance(row, dict):
-                    continue
-                if price is None:
-                    if str(model) not in self.usage.unpriced:
-                        self.usage.unpriced.append(str(model))
-                    continue
-                spent_in, spent_out = count(row.get("input_tokens")), count(row.get("output_tokens"))
-                self.usage.cost_usd += (spent_in * price[0] + spent_out * price[1]) / 1_000_000
-        elif tokens and "unknown" not in self.usage.unpriced:
-            self.usage.unpriced.append("unknown")
+        cost, unpriced = estimate_cost(usage, self.prices)
+        self.usage.cost_usd += cost
+        self.usage.unpriced.extend(model for model in unpriced if model not in self.usage.unpriced)
         budget = self.budget
         if budget is None or self._exceeded is not None:
             return

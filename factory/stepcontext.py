@@ -34,7 +34,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from factory.errors import StepContextError
 from factory.limits import (
@@ -46,6 +46,9 @@ from factory.limits import (
     MAX_PROGRESS_MESSAGE_CHARS,
     STEP_EVENT_INTERVAL_SECONDS,
 )
+
+if TYPE_CHECKING:
+    from factory.stepagents import StepAgents
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +182,7 @@ class StepContext:
         max_result_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
         interval: float = STEP_EVENT_INTERVAL_SECONDS,
         once_allowed: bool = True,
+        agents: StepAgents | None = None,
     ) -> None:
         self.run_id = run_id
         self.step_id = step_id
@@ -187,6 +191,9 @@ class StepContext:
         self.max_result_bytes = max_result_bytes
         self.once_allowed = once_allowed  # False in agent steps: their calls do not know attempt and item yet
         self._store_url = store_url if run_id and step_id else None
+        self.agents = agents  # the run's agents (python steps of a run with a catalogue)
+        self.usage: dict[str, Any] | None = None  # tokens the agents this attempt asked used, summed
+        self._usage_lock = threading.Lock()
         base: dict[str, Any] = {"attempt": attempt, **({"item": item} if item is not None else {})}
         self._publisher = (
             _Publisher(self._store_url, run_id, step_id, base, interval)
@@ -294,6 +301,31 @@ class StepContext:
             f"once({key!r}) was given an async function inside a running event loop: "
             "use `await ctx.once_async(...)` in an async step"
         )
+
+    # -- agents --------------------------------------------------------------------------------
+
+    def ask(self, agent: str, task: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        """Send ``task`` to the run's agent ``agent`` (its pool, as an ``agent:`` step would) and
+        return its output, ``{agent, replica, route, result}``. A failure raises AgentCallError
+        (retryable as the replica said). Not recorded: wrap it in :meth:`once` to ask only once."""
+        (answer,) = self.ask_many([(agent, task)], timeout=timeout)
+        return answer
+
+    def ask_many(
+        self, calls: list[tuple[str, dict[str, Any]]], *, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Send every ``(agent, task)`` at once, to run in parallel on the pools; the outputs, in order."""
+        if self.agents is None:
+            raise StepContextError(
+                "this step has no agents to ask: run the workflow with a catalogue (--agents agents.yaml)"
+            )
+        answers = self.agents.ask_many(calls, step_id=self.step_id, timeout=timeout)
+        from factory.stepagents import add_usage
+
+        with self._usage_lock:
+            for _, usage in answers:
+                self.usage = add_usage(self.usage, usage)
+        return [answer for answer, _ in answers]
 
     # -- live events ---------------------------------------------------------------------------
 

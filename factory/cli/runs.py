@@ -32,6 +32,7 @@ from factory.cli.output import (
     open_backend,
     out,
 )
+from factory.costs import estimate_cost
 from factory.engine import Progress as RunProgress
 from factory.engine import RunResult
 from factory.errors import FactoryError, WorkflowValidationError
@@ -412,9 +413,15 @@ _HIDDEN = {"spec_json", "owner", "heartbeat_at", "cancel_requested", "grants"}
 
 
 def step_usage(output: Any) -> dict[str, Any] | None:
-    """Token usage of an agent step's output (``result.usage``, as fast-agent agents report it), if any."""
-    result = output.get("result") if isinstance(output, dict) else None
-    usage = result.get("usage") if isinstance(result, dict) else None
+    """Token usage of an agent step's output (``result.usage``, as fast-agent agents report it), or of a
+    python step that asked agents and says so (``usage``, as factory.patterns' steps do), if any."""
+    if not isinstance(output, dict):
+        return None
+    if "agent" in output and "replica" in output:  # an agent: or route: step
+        result = output.get("result")
+        usage = result.get("usage") if isinstance(result, dict) else None
+    else:
+        usage = output.get("usage")
     return usage if isinstance(usage, dict) else None
 
 
@@ -422,6 +429,31 @@ def tokens_text(usage: dict[str, Any] | None) -> str:
     if usage is None:
         return ""
     return f"{usage.get('input_tokens', 0)} in / {usage.get('output_tokens', 0)} out"
+
+
+def cost_text(cost: float, unpriced: list[str]) -> str:
+    """An estimated cost: ``$0.000123``; ``>= $...`` when some models had no price; ``?`` with none."""
+    if unpriced and not cost:
+        return "?"
+    return f"{'>= ' if unpriced else ''}${cost:.6f}"
+
+
+def step_costs(usages: list[dict[str, Any] | None]) -> tuple[list[str], float, list[str]]:
+    """Each step's estimated cost (from the ``model_prices`` setting of this command), the total,
+    and the models without a price."""
+    prices = {model: (p.input, p.output) for model, p in cli_settings().model_prices.items()}
+    texts: list[str] = []
+    total = 0.0
+    missing: list[str] = []
+    for usage in usages:
+        if usage is None:
+            texts.append("")
+            continue
+        cost, unpriced = estimate_cost(usage, prices)
+        total += cost
+        missing.extend(m for m in unpriced if m not in missing)
+        texts.append(cost_text(cost, unpriced))
+    return texts, total, missing
 
 
 def status(
@@ -445,18 +477,20 @@ def status(
         out.print(f"[red]{escape(record.error)}[/red]")
     usages = [step_usage(s.output) if s.output_json is not None else None for s in steps]
     with_tokens = any(u is not None for u in usages)
+    costs, total_cost, unpriced = step_costs(usages) if with_tokens else ([""] * len(steps), 0.0, [])
     table = Table()
-    columns = ("step", "status", "attempts", "seconds", *(("tokens",) if with_tokens else ()), "output / error")
+    usage_columns = ("tokens", "est. cost") if with_tokens else ()
+    columns = ("step", "status", "attempts", "seconds", *usage_columns, "output / error")
     for column in columns:
         table.add_column(column, overflow="fold")
-    for s, usage in zip(steps, usages, strict=True):
+    for s, usage, cost in zip(steps, usages, costs, strict=True):
         seconds = f"{s.finished_at - s.started_at:.3f}" if s.finished_at and s.started_at else "-"
         style = STATUS_STYLE.get(s.status.value, "")
         label = s.status.value + (" (cached)" if s.cached else "")
         if s.items_total and s.status.value not in ("succeeded", "skipped"):
             label += f" {s.items_done}/{s.items_total} items"
         detail = s.error if s.error else (short(s.output, 80) if s.output_json is not None else "")
-        tokens = (tokens_text(usage),) if with_tokens else ()
+        tokens = (tokens_text(usage), cost) if with_tokens else ()
         table.add_row(
             escape(s.step_id), f"[{style}]{label}[/]", str(s.attempts), seconds, *tokens, escape(detail or "")
         )
@@ -464,7 +498,16 @@ def status(
     if with_tokens:
         total_in = sum(int(u.get("input_tokens") or 0) for u in usages if u is not None)
         total_out = sum(int(u.get("output_tokens") or 0) for u in usages if u is not None)
-        out.print(f"tokens: {total_in} in / {total_out} out (steps that succeeded)", highlight=False)
+        out.print(
+            f"tokens: {total_in} in / {total_out} out (steps that succeeded), "
+            f"estimated cost {cost_text(total_cost, unpriced)}",
+            highlight=False,
+        )
+        if unpriced:
+            out.print(
+                f"no price for {', '.join(unpriced)}: set model_prices (FACTORY_MODEL_PRICES) to estimate it",
+                highlight=False,
+            )
 
 
 def logs(

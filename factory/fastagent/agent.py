@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import re
@@ -54,11 +55,14 @@ from factory.errors import (
     ModelProviderError,
     ModelRateLimitError,
     ModelTimeoutError,
+    StepContextError,
     StepInputError,
 )
 from factory.fastagent.runtime import FastAgentExit, FastAgentRuntime, quiet_settings
+from factory.stepcontext import StepContext, step_context
 
 MAX_TEXT = 1_000_000
+MAX_TOOL_TEXT = 1000  # characters of a tool call's arguments or result published as an event
 HEALTH_SECONDS = 2.0
 _SECRETISH = re.compile(
     r"(?i)\b(sk-[A-Za-z0-9_-]{6,}|AIza[0-9A-Za-z_-]{20,}|bearer\s+[A-Za-z0-9._~+/-]{6,}"
@@ -130,6 +134,10 @@ class FastAgentConfig(BaseModel):
     start_timeout_seconds: float = Field(default=60.0, gt=0, le=600)
     llm_retries: int = Field(default=0, ge=0, le=5, description="fast-agent's own retries; the step's retry follows.")
     max_input_chars: int = Field(default=200_000, ge=1, le=MAX_TEXT)
+    stream: bool = Field(
+        default=True,
+        description="Publish the answer's text as it streams in, as step.emitted events ({delta}) of the step.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FastAgentConfig:
@@ -148,6 +156,12 @@ class FastAgentTask(BaseModel):
     text: str | None = Field(default=None, max_length=MAX_TEXT)
     messages: list[str] | None = Field(default=None, min_length=1, max_length=100)
     output: str | None = Field(default=None, max_length=100)
+
+
+def _emit(events: StepContext, data: dict[str, Any]) -> None:
+    """Publish ``data``; a piece too large for one event is left out (the answer is committed whole)."""
+    with contextlib.suppress(StepContextError):
+        events.emit(data)
 
 
 def _usage(agent: Any) -> dict[str, Any] | None:
@@ -366,9 +380,11 @@ class FastAgent(Agent):
                 known = ", ".join(sorted(self._outputs)) or "none"
                 raise StepInputError(f"this agent has no structured output {task.output!r} (it has: {known})")
         messages = self.message(task)
+        ctx = step_context()  # the step's context (set by the replica for this job), or a detached one
+        events = None if ctx.detached else ctx
         try:
             return await asyncio.wait_for(
-                self._runtime.arun(self._job(messages, output_model)), self.config.timeout_seconds
+                self._runtime.arun(self._job(messages, output_model, events)), self.config.timeout_seconds
             )
         except TimeoutError:
             raise ModelTimeoutError(
@@ -380,11 +396,50 @@ class FastAgent(Agent):
         except Exception as exc:  # noqa: BLE001 - every failure becomes a Factory error
             raise classify_exception(exc, self.model) from None
 
-    async def _job(self, messages: str | list[str], output_model: type[BaseModel] | None) -> dict[str, Any]:
+    def _publish(self, agent: Any, events: StepContext) -> None:
+        """The job's answer as it streams (``{delta}``, unless ``stream: false``) and its tool calls and
+        results (``{tool_call}``, ``{tool_result}``) as ``step.emitted`` events of the step."""
+        if self.config.stream and hasattr(agent.llm, "add_stream_listener"):
+
+            def streamed(chunk: Any) -> None:  # the provider's text as it comes (not its reasoning)
+                if chunk.text and not chunk.is_reasoning and chunk.event == "delta":
+                    _emit(events, {"delta": chunk.text})
+
+            agent.llm.add_stream_listener(streamed)
+        if not hasattr(agent, "tool_runner_hooks"):
+            return
+        from fast_agent.agents.tool_runner import ToolRunnerHooks
+
+        hooks = agent.tool_runner_hooks or ToolRunnerHooks()
+
+        async def before_tool_call(runner: Any, message: Any) -> None:
+            if hooks.before_tool_call is not None:
+                await hooks.before_tool_call(runner, message)
+            for call_id, request in (getattr(message, "tool_calls", None) or {}).items():
+                arguments = one_line(json.dumps(request.params.arguments or {}, default=str), MAX_TOOL_TEXT)
+                _emit(events, {"tool_call": {"id": call_id, "name": request.params.name, "arguments": arguments}})
+
+        async def after_tool_call(runner: Any, message: Any) -> None:
+            if hooks.after_tool_call is not None:
+                await hooks.after_tool_call(runner, message)
+            for call_id, result in (getattr(message, "tool_results", None) or {}).items():
+                text = " ".join(getattr(block, "text", "") for block in result.content or [])
+                error = bool(result.isError)
+                _emit(events, {"tool_result": {"id": call_id, "error": error, "text": one_line(text, MAX_TOOL_TEXT)}})
+
+        agent.tool_runner_hooks = dataclasses.replace(
+            hooks, before_tool_call=before_tool_call, after_tool_call=after_tool_call
+        )
+
+    async def _job(
+        self, messages: str | list[str], output_model: type[BaseModel] | None, events: StepContext | None = None
+    ) -> dict[str, Any]:
         from fast_agent.constants import FAST_AGENT_ERROR_CHANNEL
         from fast_agent.types import LlmStopReason
 
         agent = await self._new_agent()  # nothing to close afterwards: its MCP connections are the replica's
+        if events is not None:
+            self._publish(agent, events)
         parsed: BaseModel | None = None
         try:
             if output_model is not None:

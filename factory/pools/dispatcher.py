@@ -39,6 +39,7 @@ from factory.refs import find_references
 from factory.runtime import Outcome
 from factory.settings import Settings
 from factory.spec import Step
+from factory.stepagents import StepAgents
 from factory.stepcontext import CONTEXT_META
 
 TRANSIENT: tuple[type[BaseException], ...] = (PoolSaturated, CircuitOpenError)
@@ -240,6 +241,20 @@ class PoolDispatcher:
             return _refused(exc, retryable=exc.retryable)
         except FactoryError as exc:
             return _refused(exc, retryable=False)
+
+    def step_agents(self) -> StepAgents:
+        """The agents python steps of the run may ask (``step_context().ask``): those with a class."""
+        context = {}
+        if self.run_context is not None:
+            store_url, run_id = self.run_context
+            context = {"store_url": store_url, "run_id": run_id}
+        return StepAgents(
+            specs=tuple(spec for spec in self.catalog.agents if spec.class_),
+            search_path=self.search_path,
+            manager_name=self.pools.manager_name,
+            namespace=self.pools.namespace,
+            context=context,
+        )
 
     def close(self) -> None:
         if self._own_pools:

@@ -309,3 +309,61 @@ def test_sigkill_then_resume_at_once_without_waiting_for_the_lease(
         if proc.poll() is None:
             proc.kill()
         store.close()
+
+
+def test_sigkill_mid_loop_then_resume_goes_on_at_the_round_it_was_in(
+    cli_env: dict[str, str], tmp_path: Path, factory_home: Path
+) -> None:
+    """`factory run` of an evaluator-optimizer loop (factory.patterns) SIGKILLed while round 3 waits for
+    its writer: `factory resume` reads rounds 1 and 2 back and asks round 3 again, nothing before it."""
+    from factory.pools import DEFAULT_MANAGER_NAME, stop_manager
+
+    writes, rates = tmp_path / "writes", tmp_path / "rates"
+    (tmp_path / "pattern_agents.py").write_text((FIXTURES / "pattern_agents.py").read_text())
+    pool = {"num_cpus": 0.1, "max_replicas": 1, "max_concurrency": 4}  # the lost call may still sleep there
+    agents = {
+        "agents": [
+            {
+                "name": "e2e-writer",
+                "class": "pattern_agents:NumberedWriter",
+                "pool": pool,
+                "config": {"log": str(writes), "slow_from": 3, "sleep": 30},  # the first time only
+            },
+            {
+                "name": "e2e-critic",
+                "class": "pattern_agents:DraftCritic",
+                "pool": pool,
+                "config": {"log": str(rates), "accept": 3},
+            },
+        ]
+    }
+    (tmp_path / "agents.yaml").write_text(yaml.safe_dump(agents))
+    step = {
+        "id": "refine",
+        "python": "factory.patterns:evaluator_optimizer",
+        "with": {"generator": "e2e-writer", "evaluator": "e2e-critic", "task": "Write.", "max_rounds": 5},
+    }
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(yaml.safe_dump({"name": "loop-killed", "steps": [step]}))
+    env = {**cli_env, "FACTORY_LEASE_SECONDS": "2"}
+    args = [str(wf), "--agents", str(tmp_path / "agents.yaml")]
+    proc = subprocess.Popen([*FACTORY, "run", *args], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_for(lambda: writes.exists() and len(writes.read_text().split()) >= 3, 120)  # round 3 is asked
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        assert len(rates.read_text().split()) == 2
+        store = SQLiteStore(factory_home / "factory.db")
+        run = store.list_runs()[0]
+        store.close()
+        time.sleep(2.5)  # let the dead coordinator's lease expire
+        resumed = factory(env, "resume", run.id, "--json", "--agents", str(tmp_path / "agents.yaml"))
+        assert resumed.returncode == 0, resumed.stderr
+        out = json.loads(resumed.stdout)["outputs"]["refine"]
+        assert out["accepted"] is True and out["rounds"] == 3 and out["text"] == "draft 3"
+        # rounds 1 and 2 asked once each; round 3's writer twice (its first answer was lost with the run)
+        assert len(writes.read_text().split()) == 4 and len(rates.read_text().split()) == 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_manager(DEFAULT_MANAGER_NAME, drain_timeout=0)

@@ -315,3 +315,62 @@ def test_a_workflow_step_retries_a_rate_limit_and_status_shows_its_tokens(
     assert shown.exit_code == 0, shown.output
     assert f"{PROMPT_TOKENS} in / {COMPLETION_TOKENS} out" in shown.output
     assert f"tokens: {PROMPT_TOKENS} in / {COMPLETION_TOKENS} out" in shown.output
+
+
+def test_an_agent_steps_answer_streams_as_emitted_events(
+    factory_home: Path, settings: Any, standin: ChatStandIn
+) -> None:
+    """The stand-in provider streams its reply word by word; the step publishes each piece as it comes
+    (step.emitted events, `{delta}`), then commits the whole answer; `stream: false` publishes none."""
+    standin.mode = "ok"
+    store = SQLiteStore(factory_home / "factory.db")
+    try:
+        for stream in (True, False):
+            config = {"model": "generic.tiny-local", "base_url": standin.url, "stream": stream}
+            spec = AgentSpec.model_validate(
+                {"name": f"fa-stream-{stream}".lower(), "class": "factory.fastagent:FastAgent", "config": config}
+            )
+            flow = Workflow(name="fa-stream", steps=[Step(id="ask", agent=spec.name, with_={"text": "hi"})])
+            run = factory.run(flow, store=store, settings=settings, agents=Catalog(agents=[spec]))
+            assert run.ok, run.error
+            assert run.outputs["ask"]["result"]["text"] == standin.reply
+            emitted = [e for e in store.events(run_id=run.run_id) if e.type == "step.emitted"]
+            deltas = [item["delta"] for e in emitted for item in e.data["items"]]
+            if stream:
+                assert len(deltas) == len(standin.reply.split()) > 1
+                assert "".join(deltas) == standin.reply and all(e.step_id == "ask" for e in emitted)
+            else:
+                assert deltas == []
+    finally:
+        store.close()
+        stop_manager(DEFAULT_MANAGER_NAME, drain_timeout=0)
+
+
+def test_an_agent_steps_tool_calls_and_results_are_published_as_events(factory_home: Path, settings: Any) -> None:
+    """A passthrough agent calls a tool of its MCP server (***CALL_TOOL): the call and its result are
+    step.emitted events of the step, and the answer is the tool's result."""
+    server = {"command": sys.executable, "args": [str(Path(FIXTURES) / "mcp_pid_server.py")]}
+    spec = AgentSpec.model_validate(
+        {
+            "name": "fa-tool-events",
+            "class": "factory.fastagent:FastAgent",
+            "pool": {"num_cpus": 0.1},
+            "config": {"model": "passthrough", "servers": {"tools": server}},
+        }
+    )
+    call = "***CALL_TOOL tools__echo " + json.dumps({"text": "through MCP"})
+    flow = Workflow(name="fa-tools", steps=[Step(id="ask", agent=spec.name, with_={"text": call})])
+    store = SQLiteStore(factory_home / "factory.db")
+    try:
+        run = factory.run(flow, store=store, settings=settings, agents=Catalog(agents=[spec]))
+        assert run.ok, run.error
+        assert run.outputs["ask"]["result"]["text"] == "echo: through MCP"
+        items = [i for e in store.events(run_id=run.run_id) if e.type == "step.emitted" for i in e.data["items"]]
+        calls = [i["tool_call"] for i in items if "tool_call" in i]
+        results = [i["tool_result"] for i in items if "tool_result" in i]
+        assert [c["name"] for c in calls] == ["tools__echo"], items
+        assert json.loads(calls[0]["arguments"]) == {"text": "through MCP"}
+        assert results == [{"id": calls[0]["id"], "error": False, "text": "echo: through MCP"}]
+    finally:
+        store.close()
+        stop_manager(DEFAULT_MANAGER_NAME, drain_timeout=0)
