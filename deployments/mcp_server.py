@@ -12,8 +12,9 @@ and nothing more: the API checks the key's scope as for any other caller.
   A request without one is refused with 401 before any MCP handling.
 
 Tools: submit_workflow, run_status, run_events, cancel_run, resume_run, route_task,
-list_agents, list_runs. Their inputs are bounded; an API error comes back as a tool error
-carrying the API's message.
+list_agents, list_runs. Resources: ``factory://runs/{run_id}`` (a run) and
+``factory://runs/{run_id}/outputs`` (its steps' outputs). Their inputs are bounded; an API
+error comes back as a tool error carrying the API's message.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Annotated, Any
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from pydantic import Field
 
 from factory.client import ApiError, FactoryClient
@@ -53,6 +54,13 @@ def _bearer(ctx: Any) -> str | None:
     header = str(request.headers.get("authorization", ""))
     scheme, _, token = header.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _resource_run_id(value: str) -> str:
+    """The run id of a resource URI, checked as a tool's ``RunId`` is."""
+    if not 0 < len(value) <= 64 or not value.replace("_", "").replace("-", "").isalnum() or not value.isascii():
+        raise ToolError(f"{value[:80]!r} is not a run id")
+    return value
 
 
 def build_server(api_url: str, api_key: str | None = None, *, per_request_keys: bool = False) -> Any:
@@ -169,6 +177,34 @@ def build_server(api_url: str, api_key: str | None = None, *, per_request_keys: 
     ) -> str:
         """Recent runs, newest first, a page at a time."""
         return json.dumps(await call(ctx, lambda c: c.list_runs(status, limit, cursor)))
+
+    async def read_run(ctx: Context, run_id: str) -> dict[str, Any]:
+        """A run for a resource: the errors a client sees as the resource's (with the API's message)."""
+        try:
+            return dict(await call(ctx, lambda c: c.get_run(_resource_run_id(run_id))))
+        except ToolError as exc:
+            raise ResourceError(str(exc)) from None
+
+    async def run_resource(run_id: str, ctx: Context) -> str:
+        """A run as JSON: its status, error and steps (status, attempts, output)."""
+        return json.dumps(await read_run(ctx, run_id))
+
+    async def outputs_resource(run_id: str, ctx: Context) -> str:
+        """The outputs of a run's steps that succeeded, by step id, and the run's status."""
+        run = await read_run(ctx, run_id)
+        steps = run.get("steps") or []
+        outputs = {s["step_id"]: s.get("output") for s in steps if s.get("status") == "succeeded"}
+        return json.dumps({"run_id": run.get("id", run_id), "status": run.get("status"), "outputs": outputs})
+
+    server.resource(
+        "factory://runs/{run_id}", name="run", mime_type="application/json", description=run_resource.__doc__
+    )(run_resource)
+    server.resource(
+        "factory://runs/{run_id}/outputs",
+        name="run_outputs",
+        mime_type="application/json",
+        description=outputs_resource.__doc__,
+    )(outputs_resource)
 
     for tool in (
         submit_workflow,

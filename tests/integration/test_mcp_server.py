@@ -106,6 +106,15 @@ def test_over_stdio_an_mcp_client_runs_follows_cancels_and_resumes(api_server: A
             later = (await call(session, "run_events", run_id=run_id, after=events[1]["id"], limit=1))["events"]
             assert [e["id"] for e in later] == [events[2]["id"]]
 
+            templates = {t.uri_template for t in (await session.list_resource_templates()).resource_templates}
+            assert templates == {"factory://runs/{run_id}", "factory://runs/{run_id}/outputs"}
+            read = await session.read_resource(f"factory://runs/{run_id}/outputs")
+            assert json.loads(read.contents[0].text) == {"run_id": run_id, "status": "succeeded", "outputs": {"a": 42}}
+            whole = json.loads((await session.read_resource(f"factory://runs/{run_id}")).contents[0].text)
+            assert whole["status"] == "succeeded" and whole["steps"][0]["step_id"] == "a"
+            with pytest.raises(Exception, match="404"):
+                await session.read_resource("factory://runs/no-such-run/outputs")
+
             listed = await call(session, "list_runs", limit=50)
             assert run_id in [r["id"] for r in listed["runs"]]
             agents = await call(session, "list_agents")
@@ -178,12 +187,20 @@ def test_over_http_every_request_brings_its_own_key(mcp_http: str, api_server: A
             names = {tool.name for tool in (await session.list_tools()).tools}
             submitted = await session.call_tool("submit_workflow", {"workflow": workflow(5)})
             listed = await session.call_tool("list_runs", {})
+            if submitted.is_error:  # a read key: refused, nothing to read
+                return text_of(submitted), text_of(listed), names
+            run_id = json.loads(text_of(submitted))["run_id"]
+            try:  # the resource is read with the same key
+                read = await session.read_resource(f"factory://runs/{run_id}")
+                names.add("read:" + json.loads(read.contents[0].text)["id"])
+            except Exception as exc:  # noqa: BLE001 - the MCP client raises McpError
+                names.add(f"read failed: {exc}")
             return text_of(submitted), text_of(listed), names
 
     async def scenario() -> None:
         submitted, listed, names = await session_with("submit")
-        assert names == TOOLS
         run_id = json.loads(submitted)["run_id"]
+        assert names == TOOLS | {f"read:{run_id}"}
         assert run_id in listed
         refused, _, _ = await session_with("read")
         assert "403" in refused
