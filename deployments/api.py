@@ -447,6 +447,15 @@ class FactoryAPI:
         await run_in_threadpool(self._start, run_id, False)
         return await self._answer(request, response, key.id, run_id, wait, cancel_on_disconnect)
 
+    async def _validated_body_workflow(self, name: str, data: Any, base_dir: str | None) -> Workflow:
+        """A workflow an admin registers or schedules: ``base_dir`` must be a folder here; its
+        modules are named, never imported (the runner imports them)."""
+        if base_dir is not None and not await run_in_threadpool(Path(base_dir).is_dir):
+            raise ApiProblem(422, f"base_dir {base_dir!r} is not a folder on the API's host")
+        return await run_in_threadpool(
+            partial(validate_data, data, base_dir, f"workflow {name!r}", False, self.catalog, limits=self.limits)
+        )
+
     def _check_wait(self, key_id: str, wait: float, cancel_on_disconnect: bool) -> None:
         """Refuse a wait before the run exists: one without ``wait``, or past the key's places."""
         if cancel_on_disconnect and not wait:
@@ -612,19 +621,7 @@ class FactoryAPI:
             raise ApiProblem(422, f"the body is not a RegisterWorkflow: {_pydantic_detail(exc)}") from None
         if not _NAME_RE.match(name):
             raise ApiProblem(422, f"{name!r} is not a workflow name: letters, digits, '.', '_' and '-', at most 100")
-        if body.base_dir is not None and not await run_in_threadpool(Path(body.base_dir).is_dir):
-            raise ApiProblem(422, f"base_dir {body.base_dir!r} is not a folder on the API's host")
-        workflow = await run_in_threadpool(
-            partial(
-                validate_data,
-                body.workflow,
-                body.base_dir,
-                f"workflow {name!r}",
-                False,
-                self.catalog,
-                limits=self.limits,
-            )
-        )
+        workflow = await self._validated_body_workflow(name, body.workflow, body.base_dir)
         try:
             record = await run_in_threadpool(
                 registry.register, self.store, workflow, name=name, secrets=body.secrets, created_by=f"key:{key.id}"
@@ -707,19 +704,7 @@ class FactoryAPI:
         name = body.name or (body.workflow.get("name") if isinstance(body.workflow.get("name"), str) else None)
         if not name or not _NAME_RE.match(name):
             raise ApiProblem(422, f"{name!r} is not a schedule name: letters, digits, '.', '_' and '-', at most 100")
-        if body.base_dir is not None and not await run_in_threadpool(Path(body.base_dir).is_dir):
-            raise ApiProblem(422, f"base_dir {body.base_dir!r} is not a folder on the API's host")
-        workflow = await run_in_threadpool(
-            partial(
-                validate_data,
-                body.workflow,
-                body.base_dir,
-                f"workflow {name!r}",
-                False,
-                self.catalog,
-                limits=self.limits,
-            )
-        )
+        workflow = await self._validated_body_workflow(name, body.workflow, body.base_dir)
         try:
             return await run_in_threadpool(
                 partial(
