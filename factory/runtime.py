@@ -289,6 +289,17 @@ class CallPart:
     attempt: int = 1
     item_index: int | None = None
 
+    def apply(self, base: StepCall) -> StepCall:
+        """The whole call: ``base`` with this part's fields."""
+        return dataclasses.replace(
+            base,
+            arguments=self.arguments,
+            item=self.item,
+            has_item=self.has_item,
+            attempt=self.attempt,
+            item_index=self.item_index,
+        )
+
 
 _SHARED_CALLS: dict[str, StepCall] = {}  # this worker's copies of shared calls, by object id
 _MAX_SHARED_CALLS = 64
@@ -309,13 +320,4 @@ def _shared_call(ref: Any) -> StepCall:
 def execute_part(shared: list[Any], part: CallPart) -> Outcome:
     """Ray task: one call of a step whose common part (``shared[0]``, an ObjectRef of a
     StepCall, fetched once per worker) is sent once for all its calls."""
-    base = _shared_call(shared[0])
-    call = dataclasses.replace(
-        base,
-        arguments=part.arguments,
-        item=part.item,
-        has_item=part.has_item,
-        attempt=part.attempt,
-        item_index=part.item_index,
-    )
-    return run_attempt(call, ())
+    return run_attempt(part.apply(_shared_call(shared[0])), ())

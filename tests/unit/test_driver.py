@@ -5,7 +5,6 @@ the store is a real SQLite file."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,16 +50,7 @@ class InProcessRay(RayBackend):
 
     def submit_part(self, shared: Any, part: CallPart, options: dict[str, Any]) -> Any:
         self.submitted += 1
-        return _Ref(
-            dataclasses.replace(
-                shared,
-                arguments=part.arguments,
-                item=part.item,
-                has_item=part.has_item,
-                attempt=part.attempt,
-                item_index=part.item_index,
-            )
-        )
+        return _Ref(part.apply(shared))
 
     def put(self, outcome: Outcome) -> Any:
         return _Ref(value=outcome)
