@@ -1,6 +1,7 @@
 """Pool dispatch against raw actor calls to the same actors, in one run.
 
     python -m benchmarks.pools [--replicas 2] [--calls 4000] [--concurrency 16] [--rounds 3]
+    python -m benchmarks.pools --fast-agent [--calls 400] [--concurrency 8]     # the fast-agent row
 
 Starts a pool of N replicas of a trivial agent (so the numbers show dispatch
 cost, not work), then, in alternating rounds on the same replicas:
@@ -106,7 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="calls kept in flight")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each mode counts")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--fast-agent",
+        action="store_true",
+        help="the fast-agent row instead: a pool of fast-agent replicas on the passthrough model against the same "
+        "agent in this process (benchmarks.fastagent_pool; --calls, --concurrency and --rounds pass on)",
+    )
     args = parser.parse_args(argv)
+    if args.fast_agent:
+        from benchmarks import fastagent_pool
+
+        return fastagent_pool.main(
+            ["--calls", str(args.calls), "--concurrency", str(args.concurrency), "--rounds", str(args.rounds)]
+        )
 
     # A Ray of its own (or the one RAY_ADDRESS names): not whatever cluster happens to run here.
     ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
