@@ -312,14 +312,16 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
             note = "" if allowed else f"<div style='color:#92400e'>{escape(READ_ONLY_NOTE)}</div>"
             return [gr.update(interactive=allowed)] * 3 + [note, allowed]
 
-        def login(key: str, old: Session | None) -> list[Any]:
+        def login(key: str, old: Session | None, *filter_values: str) -> list[Any]:
+            """Log in and show the first page of runs in the same answer (one round trip less)."""
             key = (key or "").strip()
+            nothing = [gr.skip()] * 3
             if not key:
-                return [gr.skip(), _error("paste an API key"), gr.skip(), gr.skip(), gr.skip(), *[gr.skip()] * 5, ""]
+                return [gr.skip(), _error("paste an API key"), *[gr.skip()] * 8, "", *nothing]
             try:
                 s = new_session(key)
             except FactoryError as exc:
-                return [gr.skip(), _error(exc), gr.skip(), gr.skip(), gr.skip(), *[gr.skip()] * 5, ""]
+                return [gr.skip(), _error(exc), *[gr.skip()] * 8, "", *nothing]
             _close(old)
             scopes = ", ".join(s.me.get("scopes", []))
             me = f"logged in as key <b>{escape(str(s.me.get('name') or s.me['id']))}</b> ({escape(scopes)})"
@@ -331,6 +333,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                 me,
                 *permission_updates(s),
                 "",
+                *load_runs(s, *filter_values),
             ]
 
         login_outputs = [
@@ -416,12 +419,8 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
         text_filter.change(first_page, [session_state, *filters], list_outputs)
         older_btn.click(older, [session_state, *filters], list_outputs)
         newer_btn.click(newer, [session_state, *filters], list_outputs)
-        login_btn.click(login, [key_box, session_state], login_outputs).then(
-            refresh_list, [session_state, *filters], list_outputs
-        )
-        key_box.submit(login, [key_box, session_state], login_outputs).then(
-            refresh_list, [session_state, *filters], list_outputs
-        )
+        login_btn.click(login, [key_box, session_state, *filters], [*login_outputs, *list_outputs])
+        key_box.submit(login, [key_box, session_state, *filters], [*login_outputs, *list_outputs])
 
         # -- one run ------------------------------------------------------------------------------
 
