@@ -703,7 +703,14 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                 if not gate and not s.can_submit:
                     return [gr.update(visible=False), "", gr.skip(), gr.skip(), _error(READ_ONLY_NOTE)]
                 if gate:  # the gate's approvers decide who may: the API says no to the others
-                    waiting = [st["step_id"] for st in (s.run or {}).get("steps") or [] if st["status"] == "waiting"]
+                    # the graph follows the events; the API's answer may be older than what the page shows
+                    waiting = [n["id"] for n in (s.graph or {}).get("nodes") or [] if n["status"] == "waiting"]
+                    if not waiting:
+                        try:
+                            steps = s.client.get_run(s.run_id).get("steps") or []
+                        except FactoryError as exc:
+                            return [gr.update(visible=False), "", gr.skip(), gr.skip(), _error(exc)]
+                        waiting = [st["step_id"] for st in steps if st["status"] == "waiting"]
                     if not waiting:
                         return [gr.update(visible=False), "", gr.skip(), gr.skip(), _error("no approval gate waits")]
                     s.pending_gate = waiting[0]
