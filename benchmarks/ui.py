@@ -63,7 +63,7 @@ def open_run(page: Any, run_id: str) -> None:
     page.locator("#open-run-btn").click()
 
 
-def bench_live(page: Any, client: FactoryClient, steps: int) -> dict[str, float]:
+def bench_live(page: Any, client: FactoryClient, steps: int) -> dict[str, Any]:
     wf: dict[str, Any] = {"name": "live-bench", "steps": []}
     for i in range(steps):
         step: dict[str, Any] = {"id": f"s{i}", "python": "benchmarks.dagfuncs:nap", "with": {"seconds": 0.3}}
@@ -80,7 +80,9 @@ def bench_live(page: Any, client: FactoryClient, steps: int) -> dict[str, float]
     seen: dict[str, float] = page.evaluate("window.__seen")
     finished = {e["step_id"]: e["ts"] for e in client.events(run_id, follow=False) if e["type"] == "step.succeeded"}
     delays = [seen[s] - ts for s, ts in finished.items() if s in seen]
+    slowest = sorted(((seen[s] - ts, s) for s, ts in finished.items() if s in seen), reverse=True)[:3]
     return {
+        "slowest": ", ".join(f"{s} {d:.2f}s" for d, s in slowest),
         "steps": len(delays),
         "p50": statistics.median(delays),
         "p99": percentile(delays, 99),
@@ -175,7 +177,7 @@ def main() -> None:
             live = bench_live(page, client, args.steps)
             print(
                 f"live: step finished -> browser shows it, over {live['steps']} steps: "
-                f"p50 {live['p50']:.2f}s, p99 {live['p99']:.2f}s, max {live['max']:.2f}s"
+                f"p50 {live['p50']:.2f}s, p99 {live['p99']:.2f}s, max {live['max']:.2f}s (slowest: {live['slowest']})"
             )
             render = bench_render(page, settings, args.big)
             print(f"render: a run of {render['steps']} steps drawn in {render['seconds']:.2f}s")

@@ -842,6 +842,7 @@ class FactoryAPI:
     )
     def run_graph(self, request: Request, run_id: str) -> views.RunGraph:
         key = self.auth.authorize(request, Scope.READ)
+        last_event = self.store.last_event_id()  # before the steps: events after it may be news to the graph
         record = self.store.get_run(run_id)
         steps = self.store.get_steps(run_id)
         progress = reported = None
@@ -850,7 +851,13 @@ class FactoryAPI:
             reported = views.step_progress(self.store.latest_events(run_id, "step.progress", 200))
         # the spec only for keys that may submit it again: it can hold container env values and mounts
         return views.run_graph(
-            record, steps, time.time(), progress, with_spec=has_scope(key, Scope.SUBMIT), step_progress=reported
+            record,
+            steps,
+            time.time(),
+            progress,
+            with_spec=has_scope(key, Scope.SUBMIT),
+            step_progress=reported,
+            last_event_id=last_event,
         )
 
     @app.get("/v1/system", response_model=views.SystemView, summary="Throughput, latency, failures over time; nodes")

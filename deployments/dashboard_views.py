@@ -83,6 +83,11 @@ class RunGraph(BaseModel):
         description="The workflow as submitted, to run it again: only for keys that may submit (a spec can "
         "hold container env values and mounts that a read key has no business seeing).",
     )
+    last_event_id: int = Field(
+        default=0,
+        description="The newest event (of any run) before the steps were read: the graph reflects every event of "
+        "this run up to it; follow the run's events after it to update the graph yourself.",
+    )
 
 
 class SystemPoint(BaseModel):
@@ -137,6 +142,7 @@ def run_graph(
     *,
     with_spec: bool = True,
     step_progress: dict[str, dict[str, Any]] | None = None,
+    last_event_id: int = 0,
 ) -> RunGraph:
     """The run's DAG: one node per step (a for_each step stays one node, its items counted:
     from its output once it succeeded, else from ``item_progress``, the newest ``step.items``
@@ -183,6 +189,7 @@ def run_graph(
         counts=counts,
         workflow_ref=record.grants.workflow_ref if record.grants else None,
         spec=workflow.model_dump(mode="json", by_alias=True, exclude_defaults=True) if with_spec else None,
+        last_event_id=last_event_id,
     )
 
 

@@ -9,13 +9,19 @@ components (tables, text boxes, JSON).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import threading
 import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from html import escape
 from typing import Any
 
+import anyio
 import gradio as gr
 
 from factory.approvals import MAX_COMMENT_CHARS
@@ -26,7 +32,15 @@ from factory.limits import DocumentLimits
 from ui import render
 from ui.live import EventFollower
 
+log = logging.getLogger(__name__)
 FETCHERS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ui-fetch")
+LOOP_TICK = 0.05  # how often a page's live loop looks at its event streams (seconds)
+LOOP_QUIET = 10.0  # a loop with nothing to send says so this often: a closed tab ends it then
+LOOP_STALE = 5.0  # a loop that did not look for this long is taken for gone: the watchdog starts another
+MIN_REFRESH = 0.3  # the run page asks the API again at most this often...
+REFRESH_COST_FACTOR = 4.0  # ...and at most once per this many times what the last answer cost
+MIN_LIST_RELOAD = 0.5
+DELTA_WINDOW = 2.0  # a graph update repeats the changes of the last seconds (updates may arrive batched)
 RUN_STATUSES = ["any", "pending", "running", "waiting", "succeeded", "failed", "cancelled"]
 PAGE_SIZE = 25
 READ_ONLY_NOTE = "your key can read only: cancel, resume, run again and submit need a key with the submit scope"
@@ -62,21 +76,40 @@ class Session:
     next_cursor: str | None = None
     list_follower: EventFollower | None = None
     list_seen: int = -1
+    filters: tuple[str, str, str] = ("any", "", "")
+    list_loaded_at: float = 0.0
     # run page
     run_id: str | None = None
     run_follower: EventFollower | None = None
-    run_seen: int = -1
     graph: dict[str, Any] | None = None
     run: dict[str, Any] | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)
     pending_action: str | None = None
     pending_gate: str | None = None  # the approval gate an approve / reject is about
+    log_step: str | None = None
+    # what the browser's run page shows, so that the live loop sends only what changed
+    gen: int = 0  # which opening of a run page the page's graph belongs to
+    seq: int = 0  # the graph view's updates, in order
+    dag_sent: dict[str, list[str]] = field(default_factory=dict)  # each step's state as the graph shows it
+    dag_recent: deque[tuple[float, str]] = field(default_factory=deque)  # (when, step) sent lately
+    applied_id: int | None = None  # the newest event the graph reflects (None: the API does not say)
+    details_pending: bool = False  # opened: the tables, timeline and logs are still to be sent
+    refreshed_version: int = -1
+    refreshed_at: float = 0.0
+    refresh_cost: float = 0.0
+    sent: dict[str, Any] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    # the page's live loop
+    closed: bool = False
+    loop_token: object | None = None
+    loop_beat: float = 0.0
 
     @property
     def can_submit(self) -> bool:
         return bool(self.me.get("can_submit"))
 
     def close(self) -> None:
+        self.closed = True
         for follower in (self.list_follower, self.run_follower):
             if follower is not None:
                 follower.stop()
@@ -181,7 +214,15 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                             confirm_no = gr.Button("No", elem_id="confirm-no")
                     action_result = gr.HTML("", elem_id="action-result")
                     gr.HTML("<h3>Graph</h3>")
-                    dag = gr.HTML("", elem_id="dag")
+                    dag = gr.HTML(
+                        None,
+                        elem_id="dag",
+                        html_template=(
+                            f'<div class="factory-legend">{render.dag_legend()}</div>'
+                            '<div class="dag-host" style="overflow:auto;max-height:520px"></div>'
+                        ),
+                        js_on_load=render.DAG_JS,
+                    )
                     gr.HTML("<h3>Timeline of attempts</h3>")
                     gantt = gr.HTML("", elem_id="gantt")
                     steps_table = gr.Dataframe(
@@ -261,8 +302,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                     )
                     system_msg = gr.HTML("", elem_id="system-msg")
 
-        list_timer = gr.Timer(1.0)
-        run_timer = gr.Timer(0.5)
+        loop_timer = gr.Timer(1.0)  # starts the page's live loop, and again if it ended (see live())
         slow_timer = gr.Timer(5.0)
 
         # -- login / logout -----------------------------------------------------------------------
@@ -272,14 +312,16 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
             note = "" if allowed else f"<div style='color:#92400e'>{escape(READ_ONLY_NOTE)}</div>"
             return [gr.update(interactive=allowed)] * 3 + [note, allowed]
 
-        def login(key: str, old: Session | None) -> list[Any]:
+        def login(key: str, old: Session | None, *filter_values: str) -> list[Any]:
+            """Log in and show the first page of runs in the same answer (one round trip less)."""
             key = (key or "").strip()
+            nothing = [gr.skip()] * 3
             if not key:
-                return [gr.skip(), _error("paste an API key"), gr.skip(), gr.skip(), gr.skip(), *[gr.skip()] * 5, ""]
+                return [gr.skip(), _error("paste an API key"), *[gr.skip()] * 8, "", *nothing]
             try:
                 s = new_session(key)
             except FactoryError as exc:
-                return [gr.skip(), _error(exc), gr.skip(), gr.skip(), gr.skip(), *[gr.skip()] * 5, ""]
+                return [gr.skip(), _error(exc), *[gr.skip()] * 8, "", *nothing]
             _close(old)
             scopes = ", ".join(s.me.get("scopes", []))
             me = f"logged in as key <b>{escape(str(s.me.get('name') or s.me['id']))}</b> ({escape(scopes)})"
@@ -291,6 +333,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                 me,
                 *permission_updates(s),
                 "",
+                *load_runs(s, *filter_values),
             ]
 
         login_outputs = [
@@ -316,6 +359,8 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
         # -- runs list ----------------------------------------------------------------------------
 
         def load_runs(s: Session, status: str, workflow: str, text: str) -> list[Any]:
+            s.filters = (status, workflow, text)
+            s.list_loaded_at = time.monotonic()
             cursor = s.cursors[-1]
             try:
                 page = s.client.run_summaries(
@@ -360,29 +405,22 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
             s.cursors.pop()
             return load_runs(s, *args)
 
-        def list_tick(s: Session | None, *args: str) -> list[Any]:
-            """Reload the page when the events stream delivered something since the last load."""
-            if not isinstance(s, Session) or s.tab != "runs":
-                return [gr.skip()] * 3
+        def list_due(s: Session) -> bool:
+            """The events stream delivered something since the list was loaded (or it ended)."""
             follower = s.list_follower
             if follower is not None:
                 follower.touch()
-            if follower is not None and follower.version == s.list_seen and not follower.ended:
-                return [gr.skip()] * 3
-            return load_runs(s, *args)
+            if time.monotonic() - s.list_loaded_at < MIN_LIST_RELOAD:
+                return False
+            return follower is None or follower.version != s.list_seen or follower.ended
 
         status_filter.change(first_page, [session_state, *filters], list_outputs)
         workflow_filter.change(first_page, [session_state, *filters], list_outputs)
         text_filter.change(first_page, [session_state, *filters], list_outputs)
         older_btn.click(older, [session_state, *filters], list_outputs)
         newer_btn.click(newer, [session_state, *filters], list_outputs)
-        list_timer.tick(list_tick, [session_state, *filters], list_outputs)
-        login_btn.click(login, [key_box, session_state], login_outputs).then(
-            refresh_list, [session_state, *filters], list_outputs
-        )
-        key_box.submit(login, [key_box, session_state], login_outputs).then(
-            refresh_list, [session_state, *filters], list_outputs
-        )
+        login_btn.click(login, [key_box, session_state, *filters], [*login_outputs, *list_outputs])
+        key_box.submit(login, [key_box, session_state, *filters], [*login_outputs, *list_outputs])
 
         # -- one run ------------------------------------------------------------------------------
 
@@ -400,72 +438,168 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
             resume_btn,
         ]
 
-        def render_run(s: Session, step: str | None, fetch: bool = True) -> list[Any]:
-            assert s.run_id is not None
-            if fetch:  # the three answers at once: the page waits for the slowest, not their sum
-                run_id = s.run_id
-                graph_f = FETCHERS.submit(s.client.run_graph, run_id)
-                run_f = FETCHERS.submit(s.client.get_run, run_id)
-                attempts_f = FETCHERS.submit(s.client.attempts, run_id)
-                s.graph, s.run, s.attempts = graph_f.result(), run_f.result(), attempts_f.result()
+        def fetch_run(s: Session, run_id: str) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+            """The run's graph, record and attempts, asked at once: the page waits for the slowest."""
+            graph_f = FETCHERS.submit(s.client.run_graph, run_id)
+            run_f = FETCHERS.submit(s.client.get_run, run_id)
+            attempts_f = FETCHERS.submit(s.client.attempts, run_id)
+            return graph_f.result(), run_f.result(), attempts_f.result()
+
+        def header_html(s: Session) -> str:
             graph, run = s.graph, s.run
             assert graph is not None and run is not None
-            now = time.time()
             status = str(run["status"])
             counts = " · ".join(f"{n} {k}" for k, n in sorted(graph["counts"].items()))
-            header = (
+            return (
                 f"<div id='run-header'><h3 style='margin:0'>run <code id='run-id'>{escape(run['id'])}</code> "
                 f"{_badge(status)}</h3>"
                 f"<div>workflow <b id='run-workflow'>{escape(str(run['workflow']))}</b>"
                 + (f" ({escape(str(run['workflow_ref']))})" if run.get("workflow_ref") else "")
                 + f" · started {escape(render.when(run.get('started_at') or run.get('created_at')))}"
-                f" · duration {escape(render.seconds(render.run_duration(run, now)))}"
+                f" · duration {escape(render.seconds(render.run_duration(run, time.time())))}"
                 f" · by {escape(str(run.get('started_by', '')))}</div>"
                 f"<div>steps: {escape(counts)}</div>"
                 + (f"<div style='color:#b91c1c'>{escape(str(run['error']))}</div>" if run.get("error") else "")
                 + ("<div style='color:#92400e'>stalled: its coordinator is gone</div>" if run.get("stalled") else "")
                 + "</div>"
             )
+
+        def buttons(s: Session) -> dict[str, Any]:
+            status = str((s.run or {}).get("status"))
+            return {
+                "cancel": gr.update(interactive=s.can_submit and status not in render.FINAL_RUN),
+                "resume": gr.update(interactive=s.can_submit and status != "succeeded"),
+            }
+
+        def dag_full(s: Session) -> dict[str, Any]:
+            """The whole graph for the page's graph view (a new opening: ``s.gen``)."""
+            assert s.graph is not None
+            model = render.dag_model(s.graph)
+            s.seq += 1
+            s.dag_sent = {str(n[0]): list(n[4:7]) for n in model["nodes"]}
+            s.dag_recent.clear()
+            return {"gen": s.gen, "seq": s.seq, "model": model}
+
+        def dag_delta(s: Session, steps: Iterable[str] | None) -> dict[str, Any] | None:
+            """The states of ``steps`` (None: all) that differ from what the graph view shows, with
+            those sent in the last ``DELTA_WINDOW`` seconds; None when nothing changed."""
+            assert s.graph is not None
+            wanted = None if steps is None else set(steps)
+            now = time.monotonic()
+            fresh = False
+            for node in s.graph["nodes"]:
+                if wanted is not None and node["id"] not in wanted:
+                    continue
+                state = render.node_state(node)
+                if s.dag_sent.get(node["id"]) != state:
+                    s.dag_sent[node["id"]] = state
+                    s.dag_recent.append((now, node["id"]))
+                    fresh = True
+            while s.dag_recent and s.dag_recent[0][0] < now - DELTA_WINDOW:
+                s.dag_recent.popleft()
+            if not fresh:
+                return None
+            s.seq += 1
+            nodes = {step: s.dag_sent[step] for _, step in s.dag_recent if step in s.dag_sent}
+            return {"gen": s.gen, "seq": s.seq, "nodes": nodes}
+
+        def details(s: Session) -> dict[str, Any]:
+            """Everything of the run page but its graph, from what the API last answered."""
+            graph, run = s.graph, s.run
+            assert graph is not None and run is not None
             step_ids = [n["id"] for n in graph["nodes"]]
+            step = s.log_step
             if step not in step_ids:
                 step = next((n["id"] for n in graph["nodes"] if n["status"] in ("running", "retrying")), None)
                 step = step or (step_ids[0] if step_ids else None)
+            s.log_step = step
             live = s.run_follower.live_lines(step) if (s.run_follower and step) else []
-            logs = render.step_logs(step, s.attempts, live) if step else ""
-            outputs = {st["step_id"]: st.get("output") for st in run.get("steps") or [] if st.get("output") is not None}
             events = s.run_follower.snapshot()[1] if s.run_follower else []
-            final = status in render.FINAL_RUN
-            return [
-                header,
-                render.dag_svg(graph),
-                render.gantt_svg(graph["nodes"], s.attempts, now),
-                render.step_rows(graph["nodes"]),
-                gr.update(choices=step_ids, value=step),
-                logs,
-                run.get("inputs") or {},
-                outputs,
-                render.event_rows(events),
-                gr.update(interactive=s.can_submit and not final),
-                gr.update(interactive=s.can_submit and status != "succeeded"),
-            ]
+            return {
+                "header": header_html(s),
+                "gantt": render.gantt_svg(graph["nodes"], s.attempts, time.time()),
+                "steps": render.step_rows(graph["nodes"]),
+                "log_step": gr.update(choices=step_ids, value=step),
+                "logs": render.step_logs(step, s.attempts, live) if step else "",
+                "inputs": run.get("inputs") or {},
+                "outputs": {
+                    st["step_id"]: st.get("output") for st in run.get("steps") or [] if st.get("output") is not None
+                },
+                "events": render.event_rows(events),
+                **buttons(s),
+            }
+
+        RUN_KEYS = ["header", "dag", "gantt", "steps", "log_step", "logs", "inputs", "outputs", "events"]
+        RUN_KEYS += ["cancel", "resume"]
+
+        def as_outputs(s: Session, values: dict[str, Any]) -> list[Any]:
+            """``values`` in the order of ``run_outputs``; what the page shows already is skipped."""
+            out: list[Any] = []
+            for key in RUN_KEYS:
+                value = values.get(key)
+                if value is None or (key != "dag" and key in s.sent and s.sent[key] == value):
+                    out.append(gr.skip())
+                else:
+                    s.sent[key] = value
+                    out.append(value)
+            return out
+
+        def adopt(s: Session, graph: dict[str, Any], run: dict[str, Any], attempts: list[dict[str, Any]]) -> None:
+            """Take the API's answers, then what the run's events said since (the graph says up to which)."""
+            s.graph, s.run, s.attempts = graph, run, attempts
+            after = graph.get("last_event_id")
+            if not isinstance(after, int) or s.run_follower is None:
+                s.applied_id = None  # an API that does not say: the graph changes with its answers only
+                return
+            _, newer = s.run_follower.since(after)
+            if newer:
+                _, run_status = render.apply_events(graph, newer)
+                if run_status:
+                    run["status"] = run_status
+            s.applied_id = int(newer[-1]["id"]) if newer else after
 
         def open_run(s: Session | None, run_id: str) -> list[Any]:
-            """Switch to the run's page and follow its events."""
+            """Switch to the run's page and follow its events. The header and the graph come now;
+            the tables, timeline and logs right after, from the page's live loop."""
             if not isinstance(s, Session):
                 return [gr.skip()] * (len(run_outputs) + 3)
             run_id = (run_id or "").strip()
-            if s.run_follower is not None:
-                s.run_follower.stop()
-            s.run_id, s.run_follower, s.pending_action = run_id, None, None
+            with s.lock:
+                s.gen += 1
+                gen = s.gen
+                if s.run_follower is not None:
+                    s.run_follower.stop()
+                s.run_id, s.run_follower, s.pending_action = run_id, None, None
             try:
-                rendered = render_run(s, None)
+                started = time.monotonic()
+                graph, run, attempts = fetch_run(s, run_id)
             except FactoryError as exc:
-                s.run_id = None
+                with s.lock:
+                    if s.gen == gen:
+                        s.run_id = None
                 return [gr.skip(), _error(exc), gr.skip(), *[gr.skip()] * len(run_outputs)]
-            s.run_follower = EventFollower(s.client, run_id, 0)
-            s.run_seen = -1
-            s.tab = "run"
-            return [gr.update(selected="run"), "", gr.update(visible=False), *rendered]
+            with s.lock:
+                if s.gen != gen:  # another run was opened meanwhile
+                    return [gr.skip()] * (len(run_outputs) + 3)
+                s.run_follower = EventFollower(s.client, run_id, 0)
+                adopt(s, graph, run, attempts)
+                s.log_step = None
+                s.sent = {}
+                s.refreshed_version, s.refreshed_at = -1, time.monotonic()
+                s.refresh_cost = s.refreshed_at - started
+                s.details_pending = True
+                s.tab = "run"
+                values = {
+                    "header": header_html(s),
+                    "dag": dag_full(s),
+                    "gantt": "<div class='factory-empty'>loading…</div>",
+                    "steps": [],
+                    "logs": "",
+                    "outputs": {},
+                    "events": [],
+                    **buttons(s),
+                }
+                return [gr.update(selected="run"), "", gr.update(visible=False), *as_outputs(s, values)]
 
         open_outputs = [tabs, runs_msg, confirm_box, *run_outputs]
         open_btn.click(open_run, [session_state, open_id], open_outputs)
@@ -479,37 +613,83 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
 
         runs_table.select(pick_row, [session_state], open_outputs)
 
-        def run_tick(s: Session | None, step: str | None) -> list[Any]:
-            """Apply what the run's event stream delivered since the last tick."""
-            if not isinstance(s, Session) or s.run_id is None or s.run_follower is None:
-                return [gr.skip()] * len(run_outputs)
-            s.run_follower.touch()
-            version = s.run_follower.version
-            if s.run_follower.ended and s.run_follower.error is None and s.run_follower.idle_stop > 0:
-                run = s.run or {}
-                if run.get("status") not in render.FINAL_RUN and not s.run_follower.alive:
-                    # stopped while the tab was elsewhere: follow again from where it was
-                    s.run_follower = EventFollower(s.client, s.run_id, s.run_follower.last_id, carry=s.run_follower)
-            if version == s.run_seen:
-                return [gr.skip()] * len(run_outputs)
+        def run_news(s: Session) -> list[Any] | None:
+            """What the run's events said since the graph was drawn, applied without asking the API:
+            the graph's changed steps and the header. Quick: it runs in the loop itself."""
+            follower = s.run_follower
+            if follower is None or s.graph is None or s.run is None:
+                return None
+            follower.touch()
+            stopped = follower.ended and follower.error is None and follower.idle_stop > 0 and not follower.alive
+            if stopped and s.run.get("status") not in render.FINAL_RUN:
+                # stopped while the tab was elsewhere: follow again from where it was
+                s.run_follower = EventFollower(s.client, s.run_id, follower.last_id, carry=follower)
+            if s.applied_id is None or not s.lock.acquire(blocking=False):
+                return None
             try:
-                rendered = render_run(s, step)
-            except FactoryError:
-                return [gr.skip()] * len(run_outputs)
-            s.run_seen = version
-            return rendered
+                _, newer = follower.since(s.applied_id)
+                if not newer:
+                    return None
+                s.applied_id = int(newer[-1]["id"])
+                changed, run_status = render.apply_events(s.graph, newer)
+                if run_status:
+                    s.run["status"] = run_status
+                if not changed and not run_status:
+                    return None
+                return as_outputs(s, {"dag": dag_delta(s, changed), "header": header_html(s), **buttons(s)})
+            finally:
+                s.lock.release()
 
-        run_timer.tick(run_tick, [session_state, log_step], run_outputs)
+        def run_due(s: Session) -> bool:
+            follower = s.run_follower
+            if s.details_pending:
+                return True
+            if follower is None or follower.version == s.refreshed_version:
+                return False
+            wait = max(MIN_REFRESH, REFRESH_COST_FACTOR * s.refresh_cost)
+            return time.monotonic() - s.refreshed_at >= wait
+
+        def run_refresh(s: Session) -> list[Any] | None:
+            """Ask the API again (or, just opened, use its answers) and send what changed."""
+            with s.lock:
+                gen, run_id, follower = s.gen, s.run_id, s.run_follower
+                pending = s.details_pending
+                s.details_pending = False
+            if run_id is None or follower is None:
+                return None
+            version = follower.version
+            started = time.monotonic()
+            if not pending:
+                try:
+                    graph, run, attempts = fetch_run(s, run_id)
+                except FactoryError as exc:
+                    log.info("run page of %s: %s", run_id, exc)
+                    s.refreshed_at = time.monotonic()
+                    return None
+            with s.lock:
+                if s.gen != gen:
+                    return None
+                if not pending:
+                    adopt(s, graph, run, attempts)
+                    s.refreshed_version = version
+                values = details(s)
+                values["dag"] = dag_delta(s, None)
+                s.refreshed_at = time.monotonic()
+                s.refresh_cost = max(s.refresh_cost if pending else 0.0, s.refreshed_at - started)
+                return as_outputs(s, values)
 
         def pick_step(s: Session | None, step: str | None) -> str:
             if not isinstance(s, Session) or not step:
                 return ""
+            s.log_step = step
             live = s.run_follower.live_lines(step) if s.run_follower else []
             try:
                 attempts = s.client.attempts(s.run_id or "", step)
             except FactoryError as exc:
                 return str(exc)
-            return render.step_logs(step, attempts, live)
+            logs = render.step_logs(step, attempts, live)
+            s.sent["logs"] = logs
+            return logs
 
         log_step.input(pick_step, [session_state, log_step], [step_log])
 
@@ -523,7 +703,14 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                 if not gate and not s.can_submit:
                     return [gr.update(visible=False), "", gr.skip(), gr.skip(), _error(READ_ONLY_NOTE)]
                 if gate:  # the gate's approvers decide who may: the API says no to the others
-                    waiting = [st["step_id"] for st in (s.run or {}).get("steps") or [] if st["status"] == "waiting"]
+                    # the graph follows the events; the API's answer may be older than what the page shows
+                    waiting = [n["id"] for n in (s.graph or {}).get("nodes") or [] if n["status"] == "waiting"]
+                    if not waiting:
+                        try:
+                            steps = s.client.get_run(s.run_id).get("steps") or []
+                        except FactoryError as exc:
+                            return [gr.update(visible=False), "", gr.skip(), gr.skip(), _error(exc)]
+                        waiting = [st["step_id"] for st in steps if st["status"] == "waiting"]
                     if not waiting:
                         return [gr.update(visible=False), "", gr.skip(), gr.skip(), _error("no approval gate waits")]
                     s.pending_gate = waiting[0]
@@ -810,6 +997,60 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
             return skip
 
         slow_timer.tick(slow_tick, [session_state], [pools_table, agents_msg, *system_outputs])
+
+        # -- the live loop ------------------------------------------------------------------------------
+
+        live_outputs = [*list_outputs, *run_outputs]
+
+        async def live(s: Session | None) -> AsyncIterator[list[Any]]:
+            """The page's live loop: every ``LOOP_TICK`` it looks at the streams the page follows and
+            pushes what changed (Gradio sends each yield at once): the runs list when its stream
+            delivered something; on a run page, the graph and header as the run's events say
+            (without asking the API), then the rest from the API, at most every
+            ``MIN_REFRESH`` s or ``REFRESH_COST_FACTOR`` times what the last answer cost. One loop
+            per page: the timer starts it, and again only if it ended (a dropped connection)."""
+            if not isinstance(s, Session) or s.closed or time.monotonic() - s.loop_beat < LOOP_STALE:
+                return
+            token = object()
+            s.loop_token = token
+            skip_list = [gr.skip()] * len(list_outputs)
+            skip_run = [gr.skip()] * len(run_outputs)
+            said = time.monotonic()
+            while not s.closed and s.loop_token is token:
+                s.loop_beat = time.monotonic()
+                out: list[Any] | None = None
+                try:
+                    if s.tab == "runs" and list_due(s):
+                        listed = await anyio.to_thread.run_sync(lambda: load_runs(s, *s.filters))
+                        out = [*listed, *skip_run]
+                    elif s.tab == "run" and s.run_id is not None:
+                        news = run_news(s)
+                        if news is not None:
+                            yield [*skip_list, *news]
+                            said = time.monotonic()
+                        if run_due(s):
+                            s.loop_beat = time.monotonic()
+                            refreshed = await anyio.to_thread.run_sync(run_refresh, s)
+                            if refreshed is not None:
+                                out = [*skip_list, *refreshed]
+                except Exception:  # the loop outlives one bad answer; the next tick tries again
+                    log.exception("dashboard live loop")
+                if out is None and time.monotonic() - said > LOOP_QUIET:
+                    out = [*skip_list, *skip_run]  # nothing new: a closed page is noticed on sending
+                if out is not None:
+                    yield out
+                    said = time.monotonic()
+                await asyncio.sleep(LOOP_TICK)
+
+        loop_timer.tick(
+            live,
+            [session_state],
+            live_outputs,
+            show_progress="hidden",
+            concurrency_limit=None,
+            trigger_mode="once",
+            queue=True,
+        )
 
         # -- which tab is open ------------------------------------------------------------------------
 

@@ -94,6 +94,16 @@ class EventFollower:
         with self._lock:
             return self.version, list(self.events)
 
+    def since(self, after: int) -> tuple[int, list[dict[str, Any]]]:
+        """The version and the events kept with an id above ``after``, oldest first."""
+        with self._lock:
+            newer: list[dict[str, Any]] = []
+            for event in reversed(self.events):
+                if int(event["id"]) <= after:
+                    break
+                newer.append(event)
+            return self.version, newer[::-1]
+
     def live_lines(self, step: str) -> list[str]:
         with self._lock:
             return list(self.logs.get(step, ()))

@@ -89,9 +89,14 @@ def run_rows(runs: list[dict[str, Any]], now: float) -> list[list[str]]:
 # -- the DAG -----------------------------------------------------------------------------------------
 
 
-def dag_layout(graph: dict[str, Any]) -> dict[str, tuple[float, float]]:
-    """Node positions (pixels, top-left of each box): layers of the DAG left to right
-    (networkx's topological generations and multipartite layout), then scaled to boxes."""
+COMPACT_OVER = 120  # more steps than this: each step a small cell in its layer's column, no arrows
+CELL, CELL_GAP, CELLS_PER_COLUMN, LAYER_GAP = 12, 3, 25, 14
+MAX_TIP = 600
+
+
+def dag_positions(graph: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Each step's (layer, row): layers of the DAG by networkx's topological generations,
+    the order within a layer by its multipartite layout."""
     g = nx.DiGraph()
     for node in graph["nodes"]:
         g.add_node(node["id"])
@@ -107,12 +112,20 @@ def dag_layout(graph: dict[str, Any]) -> dict[str, tuple[float, float]]:
     by_layer: dict[int, list[str]] = {}
     for name in g.nodes:
         by_layer.setdefault(layer_of[name], []).append(name)
-    positions: dict[str, tuple[float, float]] = {}
+    positions: dict[str, tuple[int, int]] = {}
     for layer, names in by_layer.items():
         names.sort(key=lambda n: float(raw[n][1]), reverse=True)  # networkx's order within the layer
         for row, name in enumerate(names):
-            positions[name] = (20 + layer * (NODE_W + GAP_X), 20 + row * (NODE_H + GAP_Y))
+            positions[name] = (layer, row)
     return positions
+
+
+def dag_layout(graph: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Node positions (pixels, top-left of each box): layers left to right, then scaled to boxes."""
+    return {
+        name: (20 + layer * (NODE_W + GAP_X), 20 + row * (NODE_H + GAP_Y))
+        for name, (layer, row) in dag_positions(graph).items()
+    }
 
 
 def node_caption(node: dict[str, Any]) -> str:
@@ -128,58 +141,236 @@ def node_caption(node: dict[str, Any]) -> str:
     return caption
 
 
-def dag_svg(graph: dict[str, Any]) -> str:
-    """The run's DAG as SVG: a box per step coloured by status, arrows for dependencies."""
-    positions = dag_layout(graph)
-    if not positions:
-        return '<div class="factory-empty">no steps</div>'
-    width = max(x for x, _ in positions.values()) + NODE_W + 20
-    height = max(y for _, y in positions.values()) + NODE_H + 20
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" id="dag-svg" width="{width:.0f}" height="{height:.0f}" '
-        f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif" font-size="12">',
-        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" '
-        'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#6b7280"/></marker></defs>',
-    ]
-    for edge in graph["edges"]:
-        if edge["source"] not in positions or edge["target"] not in positions:
-            continue
-        x1, y1 = positions[edge["source"]]
-        x2, y2 = positions[edge["target"]]
-        parts.append(
-            f'<line x1="{x1 + NODE_W:.0f}" y1="{y1 + NODE_H / 2:.0f}" x2="{x2:.0f}" y2="{y2 + NODE_H / 2:.0f}" '
-            'stroke="#9ca3af" stroke-width="1.2" marker-end="url(#arrow)"/>'
-        )
+def node_state(node: dict[str, Any]) -> list[str]:
+    """What the graph view shows of a step that changes while it runs: [status, caption, tooltip]."""
+    caption = node_caption(node)
+    tip = f"{node['id']}: {caption}"
+    if node.get("error"):
+        tip += f"\n{node['error']}"
+    return [str(node["status"]), caption, _short(tip, MAX_TIP)]
+
+
+def dag_model(graph: dict[str, Any]) -> dict[str, Any]:
+    """The run's DAG for the page's graph view (``DAG_JS`` draws it with DOM calls, every text as
+    text): positions from :func:`dag_positions`, a state per step. Up to ``COMPACT_OVER`` steps,
+    a labelled box per step and an arrow per dependency; above, a small cell per step (its id
+    and state in the tooltip) in its layer's columns, and no arrows."""
+    positions = dag_positions(graph)
+    compact = len(positions) > COMPACT_OVER
+    nodes: list[list[Any]] = []
+    edges: list[list[int]] = []
+    layers: list[list[Any]] = []
+    if compact:
+        per_layer: dict[int, int] = {}
+        for layer, _ in positions.values():
+            per_layer[layer] = per_layer.get(layer, 0) + 1
+        left, x = {}, 20
+        for layer in sorted(per_layer):
+            left[layer] = x
+            layers.append([x, 14, f"{layer + 1}", per_layer[layer]])
+            columns = -(-per_layer[layer] // CELLS_PER_COLUMN)
+            x += max(columns * (CELL + CELL_GAP), 18) + LAYER_GAP
+        step = CELL + CELL_GAP
+        place = {
+            name: (left[layer] + (row // CELLS_PER_COLUMN) * step, 22 + (row % CELLS_PER_COLUMN) * step)
+            for name, (layer, row) in positions.items()
+        }
+        width = x + 6
+        height = 22 + min(CELLS_PER_COLUMN, max(r for _, r in positions.values()) + 1) * (CELL + CELL_GAP) + 10
+        box = [CELL, CELL]
+    else:
+        place = {n: (20 + la * (NODE_W + GAP_X), 20 + r * (NODE_H + GAP_Y)) for n, (la, r) in positions.items()}
+        width = max((x for x, _ in place.values()), default=0) + NODE_W + 20
+        height = max((y for _, y in place.values()), default=0) + NODE_H + 20
+        box = [NODE_W, NODE_H]
+        for edge in graph["edges"]:
+            if edge["source"] in place and edge["target"] in place:
+                (x1, y1), (x2, y2) = place[edge["source"]], place[edge["target"]]
+                edges.append([x1 + NODE_W, y1 + NODE_H // 2, x2, y2 + NODE_H // 2])
     for node in graph["nodes"]:
-        x, y = positions[node["id"]]
-        step_id = escape(str(node["id"]))
-        tip = f"{node['id']}: {node['status']}"
-        if node.get("error"):
-            tip += f"\n{node['error']}"
-        parts.append(
-            f'<g class="dag-node" data-step="{step_id}" data-status="{escape(str(node["status"]))}">'
-            f"<title>{escape(tip)}</title>"
-            f'<rect x="{x:.0f}" y="{y:.0f}" width="{NODE_W}" height="{NODE_H}" rx="6" '
-            f'fill="{colour(str(node["status"]))}" fill-opacity="0.25" stroke="{colour(str(node["status"]))}" '
-            f'stroke-width="{3 if node.get("for_each") else 2}"/>'
-            f'<text x="{x + 8:.0f}" y="{y + 18:.0f}" font-weight="bold">{escape(_short(str(node["id"])))}</text>'
-            f'<text x="{x + 8:.0f}" y="{y + 35:.0f}" fill="#374151">{escape(node_caption(node))}</text></g>'
-        )
-    parts.append("</svg>")
-    legend = " ".join(
+        if node["id"] in place:
+            x, y = place[node["id"]]
+            nodes.append([str(node["id"]), x, y, bool(node.get("for_each")), *node_state(node)])
+    return {"compact": compact, "w": width, "h": height, "box": box, "nodes": nodes, "edges": edges, "layers": layers}
+
+
+# The browser's graph view: draws ``dag_model`` and applies status updates (see ui.app.DagView).
+# Every value from a run goes in through textContent or setAttribute: nothing is parsed as markup.
+DAG_JS = """
+const SVGNS = 'http://www.w3.org/2000/svg';
+const COLOURS = __COLOURS__;
+const host = element.querySelector('.dag-host');
+const store = window.__factoryDag ||
+  (window.__factoryDag = {gen: null, seq: -1, model: null, states: {}, pending: null});
+function el(name, attrs) {
+  const e = document.createElementNS(SVGNS, name);
+  for (const k in attrs) e.setAttribute(k, String(attrs[k]));
+  return e;
+}
+function colour(status) { return Object.prototype.hasOwnProperty.call(COLOURS, status) ? COLOURS[status] : '#9ca3af'; }
+function paint(g, st) {
+  g.setAttribute('data-status', String(st[0]));
+  const c = colour(st[0]);
+  const r = g.querySelector('rect');
+  r.setAttribute('fill', c);
+  r.setAttribute('stroke', c);
+  g.querySelector('title').textContent = String(st[2]);
+  const cap = g.querySelector('text.cap');
+  if (cap) cap.textContent = String(st[1]);
+}
+function draw() {
+  host.replaceChildren();
+  store.els = {};
+  const m = store.model;
+  if (!m) return;
+  if (!m.nodes.length) {
+    const d = document.createElement('div');
+    d.className = 'factory-empty';
+    d.textContent = 'no steps';
+    host.appendChild(d);
+    return;
+  }
+  const svg = el('svg', {id: 'dag-svg', width: m.w, height: m.h, viewBox: `0 0 ${m.w} ${m.h}`,
+                          'font-family': 'sans-serif', 'font-size': 12, 'data-compact': m.compact ? 'yes' : 'no'});
+  const defs = el('defs', {});
+  const marker = el('marker', {id: 'dag-arrow', viewBox: '0 0 10 10', refX: 10, refY: 5, markerWidth: 6,
+                               markerHeight: 6, orient: 'auto-start-reverse'});
+  marker.appendChild(el('path', {d: 'M 0 0 L 10 5 L 0 10 z', fill: '#6b7280'}));
+  defs.appendChild(marker);
+  svg.appendChild(defs);
+  for (const [x1, y1, x2, y2] of m.edges) {
+    svg.appendChild(el('line', {x1, y1, x2, y2, stroke: '#9ca3af', 'stroke-width': 1.2,
+                                'marker-end': 'url(#dag-arrow)'}));
+  }
+  for (const [x, y, label, count] of m.layers) {
+    const t = el('text', {x, y, fill: '#6b7280', 'font-size': 10});
+    t.textContent = `${label} (${count})`;
+    t.appendChild(el('title', {})).textContent = `layer ${label}: ${count} steps`;
+    svg.appendChild(t);
+  }
+  const [w, h] = m.box;
+  for (const [id, x, y, forEach, status, caption, tip] of m.nodes) {
+    const g = el('g', {class: 'dag-node', 'data-step': id});
+    g.appendChild(el('title', {}));
+    g.appendChild(el('rect', {x, y, width: w, height: h, rx: m.compact ? 2 : 6, 'fill-opacity': m.compact ? 0.85 : 0.25,
+                              'stroke-width': forEach ? 3 : (m.compact ? 0.5 : 2)}));
+    if (!m.compact) {
+      const name = el('text', {x: x + 8, y: y + 18, 'font-weight': 'bold'});
+      name.textContent = id.length > 22 ? id.slice(0, 21) + '…' : id;
+      g.appendChild(name);
+      g.appendChild(el('text', {x: x + 8, y: y + 35, fill: '#374151', class: 'cap'}));
+    }
+    paint(g, store.states[id] || [status, caption, tip]);
+    store.els[id] = g;
+    svg.appendChild(g);
+  }
+  host.appendChild(svg);
+}
+function apply(nodes) {
+  for (const id of Object.keys(nodes)) {
+    store.states[id] = nodes[id];
+    const g = store.els[id];
+    if (g) paint(g, nodes[id]);
+  }
+}
+function update(v) {
+  if (!v || typeof v !== 'object' || v.gen === undefined) return;
+  if (v.model) {
+    if (v.gen === store.gen && v.seq < store.seq) return;
+    store.gen = v.gen; store.seq = v.seq; store.model = v.model; store.states = {};
+    draw();
+    const p = store.pending;
+    store.pending = null;
+    if (p && p.gen === v.gen && p.seq > v.seq) { store.seq = p.seq; apply(p.nodes); }
+  } else if (v.gen === store.gen) {
+    if (v.seq > store.seq) { store.seq = v.seq; apply(v.nodes); }
+  } else {
+    store.pending = v;  // updates of a graph still on its way
+  }
+}
+if (props.value && props.value.model) update(props.value);
+else { if (store.model && store.gen !== null) draw(); update(props.value); }
+watch('value', () => update(props.value));
+""".replace("__COLOURS__", json.dumps(STATUS_COLOURS))
+
+
+def dag_legend() -> str:
+    return " ".join(
         f'<span style="border-left:12px solid {c};padding-left:4px;margin-right:10px">{s}</span>'
         for s, c in STATUS_COLOURS.items()
     )
-    return (
-        f'<div class="factory-legend">{legend}</div><div style="overflow:auto;max-height:520px">{"".join(parts)}</div>'
-    )
+
+
+STEP_EVENT_STATUS = {
+    "step.started": "running",
+    "step.succeeded": "succeeded",
+    "step.cached": "succeeded",
+    "step.failed": "failed",
+    "step.retrying": "retrying",
+    "step.skipped": "skipped",
+    "step.cancelled": "cancelled",
+    "step.waiting": "waiting",
+}
+RUN_EVENT_STATUS = {
+    "run.started": "running",
+    "run.resumed": "running",
+    "run.adopted": "running",
+    "run.waiting": "waiting",
+    "run.succeeded": "succeeded",
+    "run.failed": "failed",
+    "run.cancelled": "cancelled",
+}
+
+
+def apply_events(graph: dict[str, Any], events: list[dict[str, Any]]) -> tuple[set[str], str | None]:
+    """Apply a run's new events to its graph as the API last answered it (in place): a step's
+    status, attempts, items and reported progress, without asking the API. Returns the steps
+    changed and the run's new status (None when no run event came). The next answer of the
+    graph endpoint is the authority; this only shows a change before it comes."""
+    by_id = {n["id"]: n for n in graph["nodes"]}
+    changed: set[str] = set()
+    run_status: str | None = None
+    for event in events:
+        kind, data = str(event.get("type")), event.get("data") or {}
+        if kind in RUN_EVENT_STATUS:
+            run_status = RUN_EVENT_STATUS[kind]
+            continue
+        node = by_id.get(str(event.get("step_id")))
+        if node is None:
+            continue
+        if kind in STEP_EVENT_STATUS:
+            node["status"] = STEP_EVENT_STATUS[kind]
+            if kind == "step.started":
+                node["attempts"] = int(node.get("attempts") or 0) + 1
+                node["progress"] = None
+            if kind == "step.failed" and data.get("error"):
+                node["error"] = str(data["error"])
+        elif kind == "step.items" and {"done", "total"} <= data.keys():
+            node["items_done"], node["items_total"] = data["done"], data["total"]
+        elif kind == "step.progress" and isinstance(data.get("fraction"), int | float):
+            node["progress"] = float(data["fraction"])
+        else:
+            continue
+        changed.add(node["id"])
+    if changed:
+        counts: dict[str, int] = {}
+        for node in graph["nodes"]:
+            counts[node["status"]] = counts.get(node["status"], 0) + 1
+        graph["counts"] = counts
+    return changed, run_status
 
 
 # -- the timeline ------------------------------------------------------------------------------------
 
 
-def gantt_svg(nodes: list[dict[str, Any]], attempts: list[dict[str, Any]], now: float) -> str:
-    """A row per step, a bar per attempt (retries side by side), the running attempt up to now."""
+MAX_GANTT_ROWS = 300
+
+
+def gantt_svg(
+    nodes: list[dict[str, Any]], attempts: list[dict[str, Any]], now: float, max_rows: int = MAX_GANTT_ROWS
+) -> str:
+    """A row per step, a bar per attempt (retries side by side), the running attempt up to now;
+    at most ``max_rows`` rows: the steps whose attempts ended last (or run now)."""
     bars: list[tuple[str, float, float, str, str]] = []  # step, start, end, status, tip
     finished_steps = set()
     for a in attempts:
@@ -197,8 +388,19 @@ def gantt_svg(nodes: list[dict[str, Any]], attempts: list[dict[str, Any]], now: 
             bars.append((node["id"], float(node["started_at"]), now, "running", tip))
     if not bars:
         return '<div class="factory-empty">no attempts yet</div>'
-    rows = list(dict.fromkeys(n["id"] for n in nodes if any(b[0] == n["id"] for b in bars)))
-    rows += [b[0] for b in bars if b[0] not in rows]
+    latest: dict[str, float] = {}
+    for b in bars:
+        latest[b[0]] = max(latest.get(b[0], b[2]), b[2])
+    note = ""
+    if len(latest) > max_rows:
+        kept = set(sorted(latest, key=lambda k: latest[k], reverse=True)[:max_rows])
+        note = f'<div class="factory-empty">the {max_rows} steps whose attempts ended last, of {len(latest)}</div>'
+        bars = [b for b in bars if b[0] in kept]
+        latest = {k: v for k, v in latest.items() if k in kept}
+    rows = [n["id"] for n in nodes if n["id"] in latest]
+    listed = set(rows)
+    rows += [k for k in latest if k not in listed]
+    index = {step: i for i, step in enumerate(rows)}
     t0 = min(b[1] for b in bars)
     t1 = max(max(b[2] for b in bars), t0 + 0.001)
     label_w, plot_w, row_h = 160, 640, 20
@@ -211,7 +413,7 @@ def gantt_svg(nodes: list[dict[str, Any]], attempts: list[dict[str, Any]], now: 
     for i, step in enumerate(rows):
         parts.append(f'<text x="4" y="{i * row_h + 14}">{escape(_short(step, 24))}</text>')
     for step, start, end, status, tip in bars:
-        i = rows.index(step)
+        i = index[step]
         x = label_w + (start - t0) * scale
         w = max(2.0, (end - start) * scale)
         parts.append(
@@ -222,7 +424,7 @@ def gantt_svg(nodes: list[dict[str, Any]], attempts: list[dict[str, Any]], now: 
     parts.append(f'<text x="{label_w}" y="{axis_y}">0s</text>')
     parts.append(f'<text x="{label_w + plot_w - 40}" y="{axis_y}">{escape(seconds(t1 - t0))}</text>')
     parts.append("</svg>")
-    return f'<div style="overflow:auto;max-height:420px">{"".join(parts)}</div>'
+    return f'{note}<div style="overflow:auto;max-height:420px">{"".join(parts)}</div>'
 
 
 # -- steps, events, logs ---------------------------------------------------------------------------

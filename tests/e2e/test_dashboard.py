@@ -414,3 +414,27 @@ def test_approve_a_waiting_gate_from_the_run_page(page: tuple[Any, Problems], ap
     status_is(pg, "succeeded")
     act = {s["step_id"]: s for s in cl.get_run(run_id)["steps"]}["act"]
     assert act["output"]["approved"] is True and act["output"]["comment"] == "fine by me"
+
+
+def test_a_large_run_is_drawn_compact_and_turns_green_live(page: tuple[Any, Problems], api_server: ApiServer) -> None:
+    """Over 120 steps the graph is a cell per step; the cells follow the run's events with no reload."""
+    pg, _ = page
+    login(pg, api_server)
+    cl = client(api_server)
+    steps: list[dict[str, Any]] = [{"id": "first", "python": "tests.fixtures.teststeps:sleepy", "with": {"seconds": 2}}]
+    steps += [
+        {"id": f"s{i}", "python": "tests.fixtures.teststeps:add", "with": {"a": i, "b": 1}, "needs": ["first"]}
+        for i in range(130)
+    ]
+    run_id = cl.submit({"name": "wide", "steps": steps})
+    open_run(pg, run_id)
+    pg.locator("#dag-svg[data-compact=yes]").wait_for(timeout=WAIT_MS)
+    assert pg.locator("#dag g.dag-node").count() == 131
+    pg.evaluate("window.__not_reloaded = true")
+    pg.wait_for_function(
+        "() => document.querySelectorAll('#dag g.dag-node[data-status=succeeded]').length === 131", timeout=WAIT_MS
+    )
+    status_is(pg, "succeeded")
+    assert pg.evaluate("window.__not_reloaded") is True
+    assert pg.locator("#dag g.dag-node[data-step=s7] title").text_content() == "s7: succeeded"
+    cl.wait(run_id, timeout=60)

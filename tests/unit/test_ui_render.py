@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import xml.etree.ElementTree as ET
-
 import pytest
 
 pytest.importorskip("networkx")
@@ -33,7 +30,7 @@ def test_layout_puts_each_step_right_of_its_dependencies() -> None:
     assert len(set(pos.values())) == 6  # no two boxes on top of each other
 
 
-def test_dag_svg_is_valid_svg_with_text_escaped() -> None:
+def test_dag_model_boxes_arrows_and_states_as_data() -> None:
     g = {
         "nodes": [
             {"id": "a", "status": "failed", "attempts": 3, "error": XSS},
@@ -41,14 +38,53 @@ def test_dag_svg_is_valid_svg_with_text_escaped() -> None:
         ],
         "edges": [{"source": "a", "target": "b"}],
     }
-    html = render.dag_svg(g)
-    svg = re.search(r"<svg.*</svg>", html, re.S)
-    assert svg is not None
-    root = ET.fromstring(svg.group(0))  # well-formed: every text escaped
-    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
-    assert "failed · 3 attempts" in texts and "running · 2/5 items" in texts
-    assert XSS not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
-    assert 'data-status="failed"' in html
+    model = render.dag_model(g)
+    assert model["compact"] is False and len(model["edges"]) == 1
+    by_id = {n[0]: n for n in model["nodes"]}
+    assert by_id["a"][4:6] == ["failed", "failed · 3 attempts"] and by_id["b"][5] == "running · 2/5 items"
+    assert by_id["b"][3] is True  # a for_each step
+    assert by_id["a"][6] == f"a: failed · 3 attempts\n{XSS}"  # data: the page sets it as text
+    x1, _, x2, _ = model["edges"][0]
+    assert x1 <= x2 and by_id["a"][1] < by_id["b"][1]
+    # the page's code never parses a run's text as markup
+    assert "innerHTML" not in render.DAG_JS and "insertAdjacentHTML" not in render.DAG_JS
+    assert "textContent" in render.DAG_JS
+
+
+def test_a_large_dag_is_drawn_compact() -> None:
+    g = graph(n_layers=40, width=50)  # 2,000 steps
+    model = render.dag_model(g)
+    assert model["compact"] is True and model["edges"] == []
+    assert len(model["nodes"]) == 2000 and len({(n[1], n[2]) for n in model["nodes"]}) == 2000
+    assert [layer[3] for layer in model["layers"]] == [50] * 40
+    xs = {n[0]: n[1] for n in model["nodes"]}
+    assert xs["s0_0"] < xs["s1_0"] < xs["s39_0"]  # layers left to right
+    assert model["w"] < 5000 and model["h"] < 500  # a page can hold it
+
+
+def test_apply_events_moves_steps_and_the_run() -> None:
+    g = graph(n_layers=2, width=1)
+    g["nodes"][1]["attempts"] = 0  # type: ignore[index]
+    events = [
+        {"id": 1, "type": "run.started", "step_id": None, "data": {}},
+        {"id": 2, "type": "step.started", "step_id": "s1_0", "data": {}},
+        {"id": 3, "type": "step.progress", "step_id": "s1_0", "data": {"fraction": 0.5}},
+        {"id": 4, "type": "step.log", "step_id": "s1_0", "data": {"lines": ["x"]}},
+        {"id": 5, "type": "step.started", "step_id": "nope", "data": {}},
+    ]
+    changed, run_status = render.apply_events(g, events)
+    node = g["nodes"][1]  # type: ignore[index]
+    assert changed == {"s1_0"} and run_status == "running"
+    assert node["status"] == "running" and node["attempts"] == 1 and render.node_state(node)[1] == "running · 50%"
+    assert g["counts"] == {"succeeded": 1, "running": 1}
+    changed, run_status = render.apply_events(
+        g,
+        [
+            {"id": 6, "type": "step.failed", "step_id": "s1_0", "data": {"error": "boom"}},
+            {"id": 7, "type": "run.failed", "step_id": None, "data": {}},
+        ],
+    )
+    assert changed == {"s1_0"} and run_status == "failed" and node["status"] == "failed" and node["error"] == "boom"
 
 
 def test_gantt_shows_every_attempt_and_the_running_one() -> None:
@@ -64,6 +100,14 @@ def test_gantt_shows_every_attempt_and_the_running_one() -> None:
     assert html.count("<rect") == 3 and XSS not in html
     assert "a attempt 1: failed" in html and "b attempt 1: running" in html
     assert "10.00s" in html  # the axis spans 10 s to 20 s
+    many = [{"id": f"s{i}", "status": "succeeded", "attempts": 1} for i in range(500)]
+    done = [
+        {"step_id": f"s{i}", "attempt": 1, "status": "succeeded", "duration": 1.0, "finished_at": float(i)}
+        for i in range(500)
+    ]
+    html = render.gantt_svg(many, done, now=600.0, max_rows=300)
+    assert html.count("<rect") == 300 and ">s499<" in html and ">s199<" not in html  # the latest 300
+    assert "the 300 steps whose attempts ended last, of 500" in html
 
 
 def test_tables_and_logs() -> None:
