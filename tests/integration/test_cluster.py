@@ -42,6 +42,12 @@ STEPS_MODULE = textwrap.dedent(
         return labtools.greet(name)
 
 
+    def figlet_version() -> str:
+        import pyfiglet  # installed on the node by the job's runtime_env (runtime.requirements)
+
+        return pyfiglet.__version__
+
+
     def record(path: str, value: str, seconds: float) -> str:
         with open(path, "a") as fh:
             fh.write(value + "\\n")
@@ -141,6 +147,32 @@ def test_submit_ships_the_py_modules_the_workflow_declares(
     workflow.write_text(yaml.safe_dump(doc, sort_keys=False))
     done = factory(client_env, "submit", str(workflow), "--address", cluster.jobs_address, "--follow", "--json")
     assert done.returncode == 1 and "labtools" in json.loads(done.stdout)["error"], done.stdout + done.stderr
+
+
+def test_submit_installs_the_requirements_the_workflow_declares(
+    cluster: LocalRayCluster, client_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`runtime.requirements`: Ray pip-installs them for the job (from the package index this
+    machine's pip uses); pyfiglet is in none of the project's dependencies."""
+    import importlib.util
+
+    assert importlib.util.find_spec("pyfiglet") is None, "the test needs a package the venv does not have"
+    workflow = workflow_folder(
+        tmp_path,
+        {
+            "name": "with-pip",
+            "runtime": {"requirements": "requirements.txt"},
+            "steps": [{"id": "v", "python": "steps:figlet_version", "retry": {"max_attempts": 1}}],
+        },
+    )
+    (workflow.parent / "requirements.txt").write_text("pyfiglet==1.0.2  # small, pure Python\n")
+    started = time.monotonic()
+    done = factory(
+        client_env, "submit", str(workflow), "--address", cluster.jobs_address, "--follow", "--json", timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["outputs"]["v"] == "1.0.2"
+    print(f"\nfactory submit with a pip requirement: {time.monotonic() - started:.1f}s (the install included)")
 
 
 def test_a_client_without_the_token_is_told_what_to_set(cluster: LocalRayCluster, client_env: dict[str, str]) -> None:
