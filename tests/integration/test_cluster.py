@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fixtures.ray_nodes import LocalRayCluster
+from tests.fixtures.ray_nodes import LocalRayCluster, run_driver
 
 REPO = Path(__file__).parent.parent.parent
 FACTORY = [sys.executable, "-m", "factory.cli"]
@@ -251,24 +251,14 @@ def test_an_agent_pool_spreads_over_the_nodes_and_survives_losing_one(cluster: L
     _settle(cluster)
     victims = {f"node_{n.name}": n.raylet_pids() for n in cluster.nodes if n.name != "head" and n.raylet_pids()}
     started = time.monotonic()
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tests" / "fixtures" / "cluster_pool_driver.py"),
-            cluster.gcs_address,
-            cluster.jobs_address,
-            json.dumps(victims),
-        ],
+    report = run_driver(
+        "cluster_pool_driver.py",
+        cluster.gcs_address,
+        cluster.jobs_address,
+        json.dumps(victims),
         env=cluster.env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=400,
-        stdin=subprocess.DEVNULL,
     )
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    report = _report(done.stdout)
-    assert "error" not in report, report
     before, after, victim = report["replica_nodes_before"], report["replica_nodes_after"], report["victim_node"]
     assert len(set(before)) >= 2, report  # spread: not all on one node
     assert report["relay_node"] == [report["own_node"]], report  # the caller's relay lives beside it
@@ -289,26 +279,16 @@ def test_runs_of_a_runner_whose_node_dies_are_taken_over(
     step each committed before the kill does not run again."""
     node = cluster.add_worker("d", num_cpus=1, resources={"node_d": 1})
     _settle(cluster)
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tests" / "fixtures" / "cluster_runner_driver.py"),
-            cluster.gcs_address,
-            cluster.jobs_address,
-            "node_d",
-            json.dumps(node.raylet_pids()),
-            str(tmp_path),
-        ],
+    report = run_driver(
+        "cluster_runner_driver.py",
+        cluster.gcs_address,
+        cluster.jobs_address,
+        "node_d",
+        json.dumps(node.raylet_pids()),
+        str(tmp_path),
         env={**cluster.env, "FACTORY_STORE_URL": postgres_url},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=400,
-        stdin=subprocess.DEVNULL,
     )
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    report = _report(done.stdout)
-    assert "error" not in report, report
     assert report["runner_node_before"] == report["victim_node"], report
     assert set(report["statuses"].values()) == {"succeeded"}, json.dumps(report, indent=1)
     assert all(report["adopted"].values()), report  # each taken over by the supervisor
@@ -324,9 +304,3 @@ def _settle(cluster: LocalRayCluster, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and cluster.alive_nodes() != live:
         time.sleep(1)
-
-
-def _report(stdout: str) -> Any:
-    """The driver's one JSON line (Ray may print its own log lines beside it)."""
-    (line,) = [line for line in stdout.splitlines() if line.startswith("REPORT ")]
-    return json.loads(line.removeprefix("REPORT "))

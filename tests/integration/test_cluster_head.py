@@ -8,10 +8,8 @@ Factory's event bus in other tests)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 
 from factory.store import RunStatus, open_store
 from tests.fixtures.ports import free_port
-from tests.fixtures.ray_nodes import LocalRayCluster
+from tests.fixtures.ray_nodes import LocalRayCluster, run_driver
 
 REPO = Path(__file__).parent.parent.parent
 
@@ -53,25 +51,14 @@ def test_a_run_survives_the_head_restarting(gcs_redis: str, postgres_url: str, t
     try:
         cluster.start_head(num_cpus=0)
         worker = cluster.add_worker("w", num_cpus=2, resources={"node_w": 1})
-        done = subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "tests" / "fixtures" / "cluster_head_driver.py"),
-                cluster.gcs_address,
-                "node_w",
-                str(tmp_path),
-            ],
+        report = run_driver(
+            "cluster_head_driver.py",
+            cluster.gcs_address,
+            "node_w",
+            str(tmp_path),
             env={**cluster.env, "FACTORY_STORE_URL": postgres_url},
-            cwd=REPO,
-            capture_output=True,
-            text=True,
             timeout=300,
-            stdin=subprocess.DEVNULL,
         )
-        assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-        (line,) = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
-        report = json.loads(line.removeprefix("REPORT "))
-        assert "error" not in report, report
         run_id = report["run_id"]
 
         killed = time.monotonic()
