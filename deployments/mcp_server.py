@@ -20,6 +20,7 @@ error comes back as a tool error carrying the API's message.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -31,7 +32,9 @@ from pydantic import Field
 from factory.client import ApiError, FactoryClient
 from factory.errors import FactoryError
 
-RunId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="A run id.")]
+RUN_ID_CHARS = r"[A-Za-z0-9_-]+"
+MAX_RUN_ID = 64
+RunId = Annotated[str, Field(min_length=1, max_length=MAX_RUN_ID, pattern=f"^{RUN_ID_CHARS}$", description="A run id.")]
 MAX_EVENTS = 500
 MAX_TEXT = 100_000
 MAX_DOCUMENT = 2_000_000
@@ -58,7 +61,7 @@ def _bearer(ctx: Any) -> str | None:
 
 def _resource_run_id(value: str) -> str:
     """The run id of a resource URI, checked as a tool's ``RunId`` is."""
-    if not 0 < len(value) <= 64 or not value.replace("_", "").replace("-", "").isalnum() or not value.isascii():
+    if len(value) > MAX_RUN_ID or not re.fullmatch(RUN_ID_CHARS, value):
         raise ToolError(f"{value[:80]!r} is not a run id")
     return value
 
