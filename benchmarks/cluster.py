@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import factory
 from benchmarks import dagfuncs
@@ -121,9 +122,24 @@ def _connect(cluster: LocalRayCluster) -> None:
     ray.init(address=cluster.gcs_address, logging_level=logging.WARNING, log_to_driver=False)
 
 
+def _warm_every_node() -> None:
+    """Start a worker process on every node with a CPU, by a task pinned there: a node whose
+    first worker is still starting when the others have run every item gets none (seen on a
+    loaded machine), and the three-node figure would then measure one worker."""
+    noop = ray.remote(num_cpus=1)(dagfuncs.numbers)
+    ray.get(
+        [
+            noop.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(1)
+            for node in ray.nodes()
+            if node["Alive"] and node["Resources"].get("CPU", 0) >= 1
+        ]
+    )
+
+
 def _measure_fanout(n: int, repeat: int, store: Store, settings: Settings) -> dict[str, Any]:
     workflow = fanout_workflow(n)
-    raw_fanout(50)  # warm the workers of every node
+    _warm_every_node()
+    raw_fanout(50)
     factory.run(fanout_workflow(50), store=store, settings=settings)
     raw_time, raw_result = _best(lambda: raw_fanout(n), repeat)
     fac_time, result = _best(lambda: factory.run(workflow, store=store, settings=settings), repeat)
@@ -135,6 +151,7 @@ def _measure_fanout(n: int, repeat: int, store: Store, settings: Settings) -> di
         "raw_s": raw_time,
         "factory_s": fac_time,
         "items_per_node": sorted(nodes.values(), reverse=True),
+        "spread": len(nodes) >= 2,
     }
 
 
@@ -288,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_three_over_one": round(ratio, 3),
         "raw_ratio_three_over_one": round(raw_ratio, 3),
         "failover": {k: round(v, 3) if isinstance(v, float) else v for k, v in failover.items()},
-        "targets_met": ratio <= 1.3 and failover["rescheduled_after_s"] <= 10,
+        "targets_met": three["spread"] and ratio <= 1.3 and failover["rescheduled_after_s"] <= 10,
     }
     if args.json:
         sys.stdout.write(json.dumps(summary) + "\n")
@@ -300,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         r = results[label]
         print(f"  {title:<34}{r['raw_s']:>10.3f}{r['factory_s']:>11.3f}  {r['items_per_node']}")
     print(f"ratio three nodes / one node: factory {ratio:.2f} (target <= 1.3), raw Ray {raw_ratio:.2f}")
+    if not three["spread"]:
+        print("  (Ray ran every item of the three-node fan-out on one worker: that figure measures one node)")
     print(
         f"node killed (SIGKILL of its raylet) with {failover['in_flight_on_victim']} item(s) in flight on it: "
         f"all running elsewhere {failover['rescheduled_after_s']:.1f}s later (target <= 10 s); "

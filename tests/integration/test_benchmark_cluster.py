@@ -32,9 +32,11 @@ def test_the_quick_cluster_benchmark_reports_every_figure() -> None:
         figures = report[layout]
         assert figures["raw_s"] > 0 and figures["factory_s"] > 0
         assert sum(figures["items_per_node"]) == 200 and len(figures["items_per_node"]) <= nodes
-    assert len(report["three_nodes"]["items_per_node"]) >= 2  # the fan-out did spread
+    # Whether Ray spread this fan-out is Ray's choice on a loaded machine (CI once saw all 200
+    # on one worker): reported, not asserted here; test_cluster.py pins steps to nodes instead.
+    assert report["three_nodes"]["spread"] == (len(report["three_nodes"]["items_per_node"]) >= 2)
+    assert report["targets_met"] is False or report["three_nodes"]["spread"]
     assert report["ratio_three_over_one"] > 0 and report["raw_ratio_three_over_one"] > 0
     failover = report["failover"]
     assert failover["in_flight_on_victim"] >= 1 and failover["ran_again_elsewhere"] >= 1
     assert 0 < failover["rescheduled_after_s"] <= failover["run_ended_after_s"]
-    assert isinstance(report["targets_met"], bool)
