@@ -35,6 +35,8 @@ import logging
 import random
 import threading
 import time
+import weakref
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,7 @@ from ray.exceptions import RayActorError, RayError, TaskCancelledError
 
 from factory.breaker import CircuitBreaker
 from factory.errors import AgentError, CircuitOpenError, PoolSaturated, StepTimeoutError
+from factory.pools.batching import Batcher, CallArgs, send_alone
 from factory.pools.models import ClientPoolStats, PoolSnapshot
 from factory.runtime import Outcome
 from factory.spec import RetryPolicy
@@ -59,6 +62,7 @@ TIMEOUT_GRACE = 1.0  # the caller waits this much past a step's timeout for the 
 class _Member:
     replica_id: str
     handle: Any
+    batched: bool = False
     in_flight: int = 0
     dead: bool = False
 
@@ -98,10 +102,23 @@ def _lost_outcome(pool: str, dead: list[str]) -> Outcome:
     )
 
 
-def _send(handle: Any, task: Any, meta: Any, retry: Any, timeout: float | None) -> Any:
-    if meta is None and retry is None and timeout is None:
-        return handle.call.remote(task)
-    return handle.call.remote(task, meta, retry, timeout)
+def _send(
+    batcher: Batcher, replica_id: str, handle: Any, batched: bool, args: CallArgs
+) -> tuple[Awaitable[Outcome], Any]:
+    """Send one call: with the others of this loop turn to a replica that batches, else alone.
+    Returns what to await, and what to cancel when the caller stops waiting."""
+    if batched:
+        future = batcher.send(replica_id, handle, args)
+        return future, future
+    ref = send_alone(handle, args)
+    return ref, ref
+
+
+def _cancel(batcher: Batcher, pending: Any) -> None:
+    if isinstance(pending, asyncio.Future):
+        batcher.cancel(pending)
+    else:
+        ray.cancel(pending)
 
 
 class RelayActor:
@@ -113,13 +130,14 @@ class RelayActor:
 
     def __init__(self, manager: Any = None) -> None:
         self.manager = manager
-        self.members: dict[str, tuple[int, dict[str, Any]]] = {}
+        self.members: dict[str, tuple[int, dict[str, tuple[Any, bool]]]] = {}
+        self._batcher: Batcher | None = None
 
-    async def update(self, pool: str, version: int, replicas: list[tuple[str, Any]]) -> None:
+    async def update(self, pool: str, version: int, replicas: list[tuple[str, Any, bool]]) -> None:
         if self.members.get(pool, (-1, {}))[0] <= version:
-            self.members[pool] = (version, dict(replicas))
+            self.members[pool] = (version, {rid: (handle, batched) for rid, handle, batched in replicas})
 
-    async def _known(self, pool: str, version: int) -> dict[str, Any]:
+    async def _known(self, pool: str, version: int) -> dict[str, tuple[Any, bool]]:
         """The pool's handles at ``version`` or later. An async actor may start ``forward`` before the
         ``update`` the caller sent first, so wait a little for it."""
         deadline = time.monotonic() + RELAY_UPDATE_WAIT
@@ -140,8 +158,11 @@ class RelayActor:
         failover_wait: float,
     ) -> Outcome:
         manager = self.manager
+        if self._batcher is None:
+            self._batcher = Batcher(asyncio.get_running_loop())
+        batcher = self._batcher
         known = await self._known(pool, version)
-        candidates = [(rid, known[rid]) for rid in candidate_ids if rid in known]
+        candidates = [(rid, *known[rid]) for rid in candidate_ids if rid in known]
         dead: list[str] = []
         queue = list(candidates)
         for _ in range(max_attempts):
@@ -150,26 +171,27 @@ class RelayActor:
                     snapshot: PoolSnapshot = await asyncio.wait_for(
                         manager.await_replicas.remote(pool, dead, failover_wait), failover_wait + 5
                     )
-                    await self.update(pool, snapshot.version, [(r.replica_id, r.handle) for r in snapshot.replicas])
-                    queue = [(r.replica_id, r.handle) for r in snapshot.replicas if r.replica_id not in dead]
+                    replicas = [(r.replica_id, r.handle, r.batched) for r in snapshot.replicas]
+                    await self.update(pool, snapshot.version, replicas)
+                    queue = [replica for replica in replicas if replica[0] not in dead]
                 except Exception:
                     log.warning("agent manager did not answer for pool %s", pool, exc_info=True)
             if not queue:
                 break
-            replica_id, handle = queue.pop(0)
-            ref = _send(handle, task, meta, retry, timeout)
+            replica_id, handle, batched = queue.pop(0)
+            answer, pending = _send(batcher, replica_id, handle, batched, (task, meta, retry, timeout))
             try:
                 if timeout is not None:
-                    outcome: Outcome = await asyncio.wait_for(ref, timeout + TIMEOUT_GRACE)
+                    outcome: Outcome = await asyncio.wait_for(answer, timeout + TIMEOUT_GRACE)
                 else:
-                    outcome = await ref
+                    outcome = await answer
             except RayActorError:
                 dead.append(replica_id)
                 if manager is not None:
                     manager.replica_died.remote(pool, replica_id)
                 continue
             except TimeoutError:
-                ray.cancel(ref)
+                _cancel(batcher, pending)
                 outcome = _timeout_outcome(pool, timeout or 0, retry)
             except RayError as exc:
                 outcome = _broken_outcome(pool, exc)
@@ -211,6 +233,7 @@ class PoolClient:
         self.rejected = 0
         self.stale = False  # a replica died: the membership should be refreshed
         self._relay_version = -1
+        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Batcher] = weakref.WeakKeyDictionary()
         self.apply(snapshot)
 
     # -- membership ----------------------------------------------------------------------------
@@ -222,7 +245,7 @@ class PoolClient:
             members = []
             for ref in snapshot.replicas:
                 # ids are never reused: a replica seen dead stays dead until the manager drops it
-                members.append(old.get(ref.replica_id) or _Member(ref.replica_id, ref.handle))
+                members.append(old.get(ref.replica_id) or _Member(ref.replica_id, ref.handle, ref.batched))
             self._members = members
             self._live = [m for m in members if not m.dead]
             self.spec = snapshot.spec
@@ -339,6 +362,15 @@ class PoolClient:
 
     # -- calling -------------------------------------------------------------------------------
 
+    def _batcher(self) -> Batcher:
+        """This event loop's batcher (a client may be used from several threads, each its loop)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            batcher = self._batchers.get(loop)
+            if batcher is None:
+                batcher = self._batchers[loop] = Batcher(loop)
+            return batcher
+
     async def call(
         self,
         task: Any,
@@ -349,6 +381,7 @@ class PoolClient:
     ) -> Outcome:
         """Send one task and await its Outcome. Raises PoolSaturated or CircuitOpenError when refused."""
         member = self._start()
+        batcher = self._batcher()
         dead: list[str] = []
         counted = True
         try:
@@ -357,12 +390,13 @@ class PoolClient:
                     member = await self._await_member(dead)
                     if member is None:
                         break
-                ref = _send(member.handle, task, meta, retry, timeout)
+                args = (task, meta, retry, timeout)
+                answer, pending = _send(batcher, member.replica_id, member.handle, member.batched, args)
                 try:
                     if timeout is None:
-                        outcome: Outcome = await ref
+                        outcome: Outcome = await answer
                     else:
-                        outcome = await asyncio.wait_for(ref, timeout + TIMEOUT_GRACE)
+                        outcome = await asyncio.wait_for(answer, timeout + TIMEOUT_GRACE)
                 except RayActorError:
                     dead.append(member.replica_id)
                     self._mark_dead(member.replica_id)
@@ -373,7 +407,7 @@ class PoolClient:
                             self._total -= 1
                     continue
                 except TimeoutError:
-                    ray.cancel(ref)
+                    _cancel(batcher, pending)
                     outcome = _timeout_outcome(self.name, timeout or 0, retry)
                 except RayError as exc:
                     outcome = _broken_outcome(self.name, exc)
@@ -408,7 +442,7 @@ class PoolClient:
             version = self.version
         chosen = [member, *others][: self.max_attempts] if member is not None else others
         if self._relay_version != version:  # the relay learns the handles once per membership
-            self._relay.update.remote(self.name, version, [(m.replica_id, m.handle) for m in members])
+            self._relay.update.remote(self.name, version, [(m.replica_id, m.handle, m.batched) for m in members])
             self._relay_version = version
         ref = self._relay.forward.remote(
             self.name,

@@ -291,7 +291,10 @@ class AgentManager:
             name=pool.spec.name,
             version=pool.version,
             spec=pool.spec,
-            replicas=[ReplicaRef(replica_id=r.replica_id, handle=r.handle) for r in pool.replicas.values()],
+            replicas=[
+                ReplicaRef(replica_id=r.replica_id, handle=r.handle, batched=pool.is_async)
+                for r in pool.replicas.values()
+            ],
             draining=pool.draining,
         )
 

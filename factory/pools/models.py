@@ -46,6 +46,7 @@ class ReplicaRef(BaseModel):
 
     replica_id: str
     handle: Any
+    batched: bool = False  # it takes several calls in one actor call (call_batch): async replicas
 
 
 class PoolSnapshot(BaseModel):

@@ -10,6 +10,7 @@ for an agent's error: it comes back in the Outcome, classified as retryable or n
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
 import json
@@ -32,6 +33,12 @@ from factory.spec import RetryPolicy
 from factory.stepcontext import CONTEXT_META, StepContext
 
 CONTROL_GROUP = "control"
+RESULTS_GROUP = "results"  # awaiting a batch's parked calls never waits behind new work
+# A batch answers when its calls have finished, or earlier when none finished for BATCH_LINGER
+# seconds (BATCH_FIRST_WAIT before the first: calls running side by side tend to finish together)
+BATCH_FIRST_WAIT = 0.05
+BATCH_LINGER = 0.005
+PARKED_TTL = 60.0  # seconds a parked call's outcome waits for its caller to collect it
 _DEFAULT_RETRY = RetryPolicy()
 
 
@@ -177,10 +184,82 @@ class SyncReplicaActor:
 
 
 class AsyncReplicaActor:
-    """A replica for an agent whose ``handle`` is ``async def`` (up to max_concurrency coroutines at once)."""
+    """A replica for an agent whose ``handle`` is ``async def`` (up to max_concurrency coroutines at once).
+
+    Besides ``call``, callers may send several calls at once with ``call_batch`` (one actor call
+    instead of many: most of a fast agent's cost through Ray is the call, not the agent). A batch
+    answers when its calls have finished, or earlier when none of them finished for a moment
+    (``BATCH_FIRST_WAIT``, then ``BATCH_LINGER``): a call still running then is parked and its caller collects it
+    with ``result``, so a slow call never holds back the others. Batched calls share the replica's ``max_concurrency``.
+    """
 
     def __init__(self, replica_id: str, spec: AgentSpec, agent: type[Agent] | str, search_path: Sequence[str]) -> None:
         self._core = ReplicaCore(replica_id, spec, agent, search_path)
+        self._slots = asyncio.Semaphore(spec.pool.max_concurrency)
+        self._parked: dict[int, asyncio.Task[Outcome]] = {}
+        self._next_token = 0
+
+    async def call_batch(self, calls: list[tuple[Any, ...]]) -> list[Outcome | int]:
+        """Run the calls (each the arguments of ``call``): an Outcome for each that finished, a
+        token for ``result`` for each still running when the batch answers."""
+        tasks = [asyncio.ensure_future(self.call(*args)) for args in calls]
+        running, wait = set(tasks), BATCH_FIRST_WAIT
+        while running:
+            done, running = await asyncio.wait(running, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break
+            wait = BATCH_LINGER
+        answers: list[Outcome | int] = []
+        for task in tasks:
+            if task.done():
+                answers.append(task.result())  # call() never raises for an agent's error
+            else:
+                answers.append(self._park(task))
+        return answers
+
+    def _park(self, task: asyncio.Task[Outcome]) -> int:
+        self._next_token += 1
+        token = self._next_token
+        self._parked[token] = task
+        loop = asyncio.get_running_loop()
+
+        def expire(_: object) -> None:  # a caller that never collects (it was cancelled)
+            loop.call_later(PARKED_TTL, self._parked.pop, token, None)
+
+        task.add_done_callback(expire)
+        return token
+
+    @ray.method(concurrency_group=RESULTS_GROUP)
+    async def result(self, token: int) -> Outcome:
+        """The outcome of a parked call. Cancelling this cancels the call.
+
+        Ray runs each concurrency group in an event loop of its own: the parked call lives in
+        the default group's loop, and its outcome crosses to this one through a thread-safe future.
+        """
+        task = self._parked.get(token)
+        if task is None:
+            raise KeyError(f"no parked call {token} on replica {self._core.replica_id} (collected, or expired)")
+        crossing: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
+
+        def pass_on(done: asyncio.Task[Outcome]) -> None:
+            if crossing.done():  # the caller stopped waiting
+                return
+            if done.cancelled():
+                crossing.cancel()
+            elif done.exception() is not None:
+                crossing.set_exception(done.exception())
+            else:
+                crossing.set_result(done.result())
+
+        home = task.get_loop()
+        home.call_soon_threadsafe(task.add_done_callback, pass_on)
+        try:
+            return await asyncio.wrap_future(crossing)
+        except asyncio.CancelledError:
+            home.call_soon_threadsafe(task.cancel)
+            raise
+        finally:
+            self._parked.pop(token, None)
 
     async def call(
         self,
@@ -188,6 +267,12 @@ class AsyncReplicaActor:
         meta: dict[str, Any] | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
+    ) -> Outcome:
+        async with self._slots:  # calls sent alone and batched calls share max_concurrency
+            return await self._run(task, meta, retry, timeout)
+
+    async def _run(
+        self, task: Any, meta: dict[str, Any] | None, retry: RetryPolicy | None, timeout: float | None
     ) -> Outcome:
         core = self._core
         started = core.begin()
@@ -224,9 +309,12 @@ class AsyncReplicaActor:
 
 
 # ray.remote's type hints do not know actor options such as concurrency_groups.
-_actor: Any = ray.remote(concurrency_groups={CONTROL_GROUP: 1}, max_restarts=0)  # type: ignore[call-overload]
-SyncReplica: Any = _actor(SyncReplicaActor)
-AsyncReplica: Any = _actor(AsyncReplicaActor)
+SyncReplica: Any = ray.remote(concurrency_groups={CONTROL_GROUP: 1}, max_restarts=0)(  # type: ignore[call-overload]
+    SyncReplicaActor
+)
+AsyncReplica: Any = ray.remote(  # type: ignore[call-overload]
+    concurrency_groups={CONTROL_GROUP: 1, RESULTS_GROUP: 10_000}, max_restarts=0
+)(AsyncReplicaActor)
 
 
 def replica_actor_options(spec: AgentSpec) -> dict[str, Any]:

@@ -183,3 +183,52 @@ def test_route_steps_score_with_the_settings_they_are_given(tmp_path: Path) -> N
     assert dispatcher.scorer == "embedding"
     with pytest.raises(FactoryError, match=str(elsewhere)):
         dispatcher.router  # noqa: B018 - building the router loads the settings' model
+
+
+def test_calls_sent_together_go_as_one_batch_and_a_slow_one_holds_none_back(pools: Pools) -> None:
+    client = sleeper_pool(pools, cls="AsyncSleeper", min_replicas=1, max_replicas=1, max_concurrency=32)
+    asyncio.run(client.call({"echo": "warm"}))  # the replica is up
+
+    async def scenario() -> tuple[list[Any], int]:
+        finished: list[Any] = []
+
+        async def one(task: dict[str, Any]) -> None:
+            outcome = await client.call(task)
+            assert outcome.ok, outcome.error
+            finished.append(json.loads(outcome.output_json or "null")["echo"])
+
+        await asyncio.gather(one({"sleep": 2.0, "echo": "slow"}), *(one({"echo": i}) for i in range(15)))
+        return finished, client._batcher().actor_calls
+
+    finished, actor_calls = asyncio.run(scenario())
+    assert finished[-1] == "slow" and sorted(finished[:-1]) == list(range(15))  # none waited for the slow one
+    assert actor_calls == 2  # one call_batch for the sixteen, one result for the slow one parked
+
+
+def test_batched_calls_keep_to_the_replicas_max_concurrency(pools: Pools) -> None:
+    client = sleeper_pool(pools, cls="AsyncGauge", min_replicas=1, max_replicas=1, max_concurrency=3)
+
+    async def scenario() -> list[Outcome]:
+        return list(await asyncio.gather(*(client.call({"sleep": 0.2, "echo": i}) for i in range(12))))
+
+    outcomes = asyncio.run(scenario())
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    peaks = [json.loads(o.output_json or "null")["peak"] for o in outcomes]
+    assert max(peaks) == 3
+
+
+def test_a_batch_on_a_killed_replica_fails_over_call_by_call(pools: Pools) -> None:
+    client = sleeper_pool(pools, cls="AsyncSleeper", min_replicas=2, max_replicas=2, max_concurrency=16)
+
+    async def scenario() -> tuple[list[Outcome], str]:
+        calls = [asyncio.ensure_future(client.call({"sleep": 1.5, "echo": i})) for i in range(8)]
+        victim = await asyncio.to_thread(wait_until_serving, client)
+        ray.kill(client.handles()[victim])
+        return list(await asyncio.gather(*calls)), victim
+
+    outcomes, victim = asyncio.run(scenario())
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert sorted(json.loads(o.output_json or "null")["echo"] for o in outcomes) == list(range(8))
+    moved = [o for o in outcomes if o.extra.get("dead")]
+    assert moved and all(o.extra["dead"] == [victim] and o.extra["replica"] != victim for o in moved)
+    assert settled(client) == 0
