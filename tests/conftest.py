@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.chat_standin import ChatStandIn
+
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
 
@@ -189,3 +191,23 @@ def api_server(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> It
         for name in (runner_name(settings), supervisor_name(settings), cron_scheduler_name(settings)):
             with contextlib.suppress(ValueError):
                 ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+
+
+@pytest.fixture(scope="module")
+def standin_server() -> Iterator[ChatStandIn]:
+    """The stand-in for a paid model provider (tests/fixtures/chat_standin.py), one per test module."""
+    server = ChatStandIn().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def standin(standin_server: ChatStandIn) -> ChatStandIn:
+    """The module's stand-in provider, answering normally at the start of each test (fast-agent's
+    ``generic`` provider reaches it at ``standin.url``; its replicas may stay up between tests)."""
+    standin_server.mode = "ok"
+    standin_server.limit_next = 0
+    standin_server.hang_seconds = 30.0
+    return standin_server

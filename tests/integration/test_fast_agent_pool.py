@@ -56,15 +56,6 @@ def pools(ray_cluster: str) -> Iterator[Pools]:
         stop_manager(name, drain_timeout=0)
 
 
-@pytest.fixture(scope="module")
-def standin() -> Iterator[ChatStandIn]:
-    server = ChatStandIn().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def fast_pool(pools: Pools, name: str, config: dict[str, Any], **pool: Any) -> PoolClient:
     spec = AgentSpec.model_validate(
         {
