@@ -320,7 +320,7 @@ class StepContext:
                 "this step has no agents to ask: run the workflow with a catalogue (--agents agents.yaml)"
             )
         answers = self.agents.ask_many(calls, step_id=self.step_id, timeout=timeout)
-        from factory.stepagents import add_usage
+        from factory.costs import add_usage
 
         with self._usage_lock:
             for _, usage in answers:

@@ -16,6 +16,7 @@ from tests.fixtures.chat_standin import ChatStandIn
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
+API_MODEL_PRICES = {"tiny-local": {"input": 1.0, "output": 2.0}}  # the api_server's: USD per million tokens
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -172,6 +173,7 @@ def api_server(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> It
         supervisor_interval_seconds=1,
         supervisor_pending_grace_seconds=3,
         allowed_modules=["tests.fixtures.teststeps", "tests.fixtures.guarded"],
+        model_prices=API_MODEL_PRICES,
     )
     store = store_for(settings)
     keys = {scope.value: create_key(store, [scope], f"test {scope.value}")[0] for scope in Scope}

@@ -1,0 +1,129 @@
+"""Token usage and estimated cost through the real HTTP API (Ray Serve, the `api_server` fixture) and
+`factory --api ... status`, for a run whose fast-agent steps asked the stand-in provider (11 tokens in,
+7 out per request: tests/fixtures/chat_standin.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+import factory
+from factory.api import store_for
+from factory.catalog import AgentSpec, Catalog
+from factory.cli import app
+from factory.pools import DEFAULT_MANAGER_NAME, stop_manager
+from factory.spec import Step, Workflow
+from tests.conftest import API_MODEL_PRICES, ApiServer
+from tests.fixtures.chat_standin import COMPLETION_TOKENS, PROMPT_TOKENS, ChatStandIn
+
+if importlib.util.find_spec("fast_agent") is None:
+    pytest.skip("fast-agent is not installed (pip install -e '.[fast-agent]')", allow_module_level=True)
+
+PRICE_IN = API_MODEL_PRICES["tiny-local"]["input"]
+PRICE_OUT = API_MODEL_PRICES["tiny-local"]["output"]
+
+
+def cost(requests: int) -> float:
+    return requests * (PROMPT_TOKENS * PRICE_IN + COMPLETION_TOKENS * PRICE_OUT) / 1e6
+
+
+@pytest.fixture(scope="module")
+def usage_run(api_server: ApiServer, standin_server: ChatStandIn) -> str:
+    """A run in the API's store: one agent step (1 request), a for_each agent step over 2 items (2 requests)
+    and a plain python step (no usage). Run here, read back through the API."""
+    spec = AgentSpec.model_validate(
+        {
+            "name": "fa-usage",
+            "class": "factory.fastagent:FastAgent",
+            "pool": {"num_cpus": 0.1, "max_replicas": 1},
+            "config": {"model": "generic.tiny-local", "base_url": standin_server.url},
+        }
+    )
+    flow = Workflow(
+        name="fa-usage",
+        steps=[
+            Step(id="ask", agent="fa-usage", with_={"text": "hello"}),
+            Step(id="each", agent="fa-usage", for_each=["one", "two"], with_={"text": "${item}"}),
+            Step(id="plain", python="tests.fixtures.teststeps:add", with_={"a": 1, "b": 2}),
+        ],
+    )
+    store = store_for(api_server.settings)
+    try:
+        run = factory.run(flow, store=store, settings=api_server.settings, agents=Catalog(agents=[spec]))
+        assert run.ok, run.error
+    finally:
+        store.close()
+        stop_manager(DEFAULT_MANAGER_NAME, drain_timeout=0)
+    return run.run_id
+
+
+def test_the_run_view_has_each_steps_usage_and_the_runs_total(api_server: ApiServer, usage_run: str) -> None:
+    with httpx.Client(base_url=api_server.base_url, timeout=30, headers=api_server.headers("read")) as http:
+        run = http.get(f"/v1/runs/{usage_run}").json()
+    steps = {s["step_id"]: s for s in run["steps"]}
+    ask, each = steps["ask"]["usage"], steps["each"]["usage"]
+    assert (ask["input_tokens"], ask["output_tokens"], ask["total_tokens"], ask["requests"]) == (
+        PROMPT_TOKENS,
+        COMPLETION_TOKENS,
+        PROMPT_TOKENS + COMPLETION_TOKENS,
+        1,
+    )
+    assert ask["models"] == {
+        "tiny-local": {"input_tokens": PROMPT_TOKENS, "output_tokens": COMPLETION_TOKENS, "requests": 1}
+    }
+    assert ask["cost_usd"] == pytest.approx(cost(1)) and ask["unpriced_models"] == []
+    assert (each["input_tokens"], each["output_tokens"], each["requests"]) == (
+        2 * PROMPT_TOKENS,
+        2 * COMPLETION_TOKENS,
+        2,
+    )
+    assert each["cost_usd"] == pytest.approx(cost(2))
+    assert steps["plain"]["usage"] is None and steps["plain"]["output"] == 3
+    total = run["usage"]
+    assert (total["input_tokens"], total["output_tokens"], total["requests"]) == (
+        3 * PROMPT_TOKENS,
+        3 * COMPLETION_TOKENS,
+        3,
+    )
+    assert total["models"]["tiny-local"]["input_tokens"] == 3 * PROMPT_TOKENS
+    assert total["cost_usd"] == pytest.approx(cost(3))
+
+
+def test_the_dashboards_graph_has_each_steps_usage(api_server: ApiServer, usage_run: str) -> None:
+    with httpx.Client(base_url=api_server.base_url, timeout=30, headers=api_server.headers("read")) as http:
+        graph = http.get(f"/v1/runs/{usage_run}/graph").json()
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    assert nodes["each"]["usage"]["output_tokens"] == 2 * COMPLETION_TOKENS
+    assert nodes["ask"]["usage"]["cost_usd"] == pytest.approx(cost(1)) and nodes["plain"]["usage"] is None
+    from ui.render import step_rows
+
+    rows = {row[0]: row for row in step_rows(graph["nodes"])}
+    assert rows["ask"][4] == f"{PROMPT_TOKENS} in / {COMPLETION_TOKENS} out · ${cost(1):.6f}"
+
+
+def test_the_openapi_schema_documents_usage(api_server: ApiServer) -> None:
+    schema = httpx.get(f"{api_server.base_url}/openapi.json", timeout=30).json()["components"]["schemas"]
+    for view in ("StepView", "RunView", "GraphNode"):
+        assert "usage" in schema[view]["properties"], view
+    usage = schema["Usage"]["properties"]
+    assert {"input_tokens", "output_tokens", "models", "cost_usd", "unpriced_models"} <= set(usage)
+    assert "model_prices" in usage["cost_usd"]["description"]
+
+
+def test_factory_status_over_the_api_shows_tokens_and_cost(api_server: ApiServer, usage_run: str) -> None:
+    remote = ["--api", api_server.base_url, "--api-key", api_server.keys["read"], "status", usage_run]
+    env: dict[str, Any] = {"COLUMNS": "200", "FACTORY_MODEL_PRICES": json.dumps(API_MODEL_PRICES)}
+    shown = CliRunner().invoke(app, remote, env=env)
+    assert shown.exit_code == 0, shown.output
+    rows = {line.split("│")[1].strip(): line for line in shown.output.splitlines() if line.count("│") > 3}
+    assert f"{PROMPT_TOKENS} in / {COMPLETION_TOKENS} out" in rows["ask"] and f"${cost(1):.6f}" in rows["ask"]
+    assert f"{2 * PROMPT_TOKENS} in / {2 * COMPLETION_TOKENS} out" in rows["each"] and f"${cost(2):.6f}" in rows["each"]
+    assert f"tokens: {3 * PROMPT_TOKENS} in / {3 * COMPLETION_TOKENS} out" in shown.output
+    assert f"estimated cost ${cost(3):.6f}" in shown.output
+    unpriced = CliRunner().invoke(app, remote, env={"COLUMNS": "200", "FACTORY_MODEL_PRICES": "{}"})
+    assert "no price for tiny-local" in unpriced.output and "estimated cost ?" in unpriced.output
