@@ -9,7 +9,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,6 +32,7 @@ from factory.approvals import MAX_COMMENT_CHARS, Decision
 from factory.auth import Scope, has_scope
 from factory.auth import create_key as make_key
 from factory.catalog import load_catalog
+from factory.costs import Usage, price_table, total_usage, usage_of
 from factory.dag import parse_workflow_text, validate_data
 from factory.errors import PermissionDeniedError, RunStateError, StepInputError, WorkflowValidationError
 from factory.limits import MAX_API_WAIT_SECONDS, DocumentLimits, check_data_bounds
@@ -172,20 +173,28 @@ class StepView(BaseModel):
     finished_at: float | None = None
     items_done: int = Field(default=0, description="for_each steps: items whose output is committed.")
     items_total: int = Field(default=0, description="for_each steps: items in the list (0 before it is known).")
+    usage: Usage | None = Field(
+        default=None,
+        description="Tokens the step's agents used, per model, with the cost estimated from the API's model_prices "
+        "setting: from the committed output (agent and route steps, python steps that asked agents and report "
+        "`usage`, summed over a for_each step's items); null when it records none.",
+    )
 
     @classmethod
-    def of(cls, s: StepRecord) -> "StepView":
+    def of(cls, s: StepRecord, prices: Mapping[str, tuple[float, float]] | None = None) -> "StepView":
+        output = s.output
         return cls(
             step_id=s.step_id,
             status=s.status.value,
             attempts=s.attempts,
-            output=s.output,
+            output=output,
             error=s.error,
             cached=s.cached,
             started_at=s.started_at,
             finished_at=s.finished_at,
             items_done=s.items_done,
             items_total=s.items_total,
+            usage=usage_of(output, prices or {}),
         )
 
 
@@ -207,9 +216,22 @@ class RunView(BaseModel):
         "takes it over.",
     )
     steps: list[StepView] | None = None
+    usage: Usage | None = Field(
+        default=None,
+        description="With the steps: the tokens of all its steps' committed outputs, summed per model, with the "
+        "estimated cost (cost_usd); null when no step records usage, and in lists of runs.",
+    )
 
     @classmethod
-    def of(cls, r: RunRecord, steps: list[StepRecord] | None = None, *, lease_seconds: float = 10.0) -> "RunView":
+    def of(
+        cls,
+        r: RunRecord,
+        steps: list[StepRecord] | None = None,
+        *,
+        lease_seconds: float = 10.0,
+        prices: Mapping[str, tuple[float, float]] | None = None,
+    ) -> "RunView":
+        views = None if steps is None else [StepView.of(s, prices) for s in steps]
         return cls(
             id=r.id,
             stalled=run_is_stalled(r, lease_seconds, time.time()),
@@ -223,7 +245,8 @@ class RunView(BaseModel):
             created_at=r.created_at,
             started_at=r.started_at,
             finished_at=r.finished_at,
-            steps=None if steps is None else [StepView.of(s) for s in steps],
+            steps=views,
+            usage=None if views is None else total_usage((v.output for v in views), prices or {}),
         )
 
 
@@ -382,6 +405,7 @@ class FactoryAPI:
         self.catalog = load_catalog(self.settings.agents_file) if self.settings.agents_file else None
         LIMITS["max_body"] = self.settings.api_max_body_bytes
         self.limits = DocumentLimits.from_settings(self.settings)
+        self.prices = price_table(self.settings.model_prices)  # for the estimated cost of runs' usage
         self.requests = 0
         self.started = time.time()
         self._streams: dict[str, int] = {}  # open event streams per key id
@@ -858,6 +882,7 @@ class FactoryAPI:
             with_spec=has_scope(key, Scope.SUBMIT),
             step_progress=reported,
             last_event_id=last_event,
+            prices=self.prices,
         )
 
     @app.get("/v1/system", response_model=views.SystemView, summary="Throughput, latency, failures over time; nodes")
@@ -902,7 +927,9 @@ class FactoryAPI:
     def get_run(self, request: Request, run_id: str) -> RunView:
         self.auth.authorize(request, Scope.READ)
         record = self.store.get_run(run_id)
-        return RunView.of(record, self.store.get_steps(run_id), lease_seconds=self.settings.lease_seconds)
+        return RunView.of(
+            record, self.store.get_steps(run_id), lease_seconds=self.settings.lease_seconds, prices=self.prices
+        )
 
     @app.get(
         "/v1/runs/{run_id}/attempts",

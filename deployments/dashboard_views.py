@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from factory.auth import Scope, has_scope
+from factory.costs import Usage, usage_of
 from factory.dag import build_graph
 from factory.spec import Workflow
 from factory.store import ApiKeyRecord, AttemptRecord, Event, RunRecord, RunStatus, RunSummary, StepRecord, StepStatus
@@ -62,6 +64,9 @@ class GraphNode(BaseModel):
     duration: float | None = None
     error: str | None = None
     cached: bool = False
+    usage: Usage | None = Field(
+        default=None, description="Tokens and estimated cost, from the committed output (as in GET /v1/runs/{id})."
+    )
 
 
 class GraphEdge(BaseModel):
@@ -143,11 +148,13 @@ def run_graph(
     with_spec: bool = True,
     step_progress: dict[str, dict[str, Any]] | None = None,
     last_event_id: int = 0,
+    prices: Mapping[str, tuple[float, float]] | None = None,
 ) -> RunGraph:
     """The run's DAG: one node per step (a for_each step stays one node, its items counted:
     from its output once it succeeded, else from ``item_progress``, the newest ``step.items``
     event's data of each step). ``with_spec``: include the workflow as submitted.
-    ``step_progress``: the newest ``step.progress`` data of each step, shown on running ones."""
+    ``step_progress``: the newest ``step.progress`` data of each step, shown on running ones.
+    ``prices``: the model prices the nodes' usage is estimated with."""
     workflow = Workflow.model_validate_json(record.spec_json)
     graph = build_graph(workflow)
     by_id = {s.step_id: s for s in steps}
@@ -164,6 +171,8 @@ def run_graph(
             node.error, node.cached = state.error, state.cached
             if state.started_at is not None:
                 node.duration = (state.finished_at or now) - state.started_at
+            if state.status == StepStatus.SUCCEEDED and '"usage"' in (state.output_json or ""):  # parse only then
+                node.usage = usage_of(state.output, prices or {})
             if node.for_each:
                 output = state.output if state.status == StepStatus.SUCCEEDED else None
                 progress = (item_progress or {}).get(step.id)

@@ -2,14 +2,17 @@
 
 ``usage`` is ``{input_tokens, output_tokens, total_tokens, models: {model: {input_tokens,
 output_tokens, ...}}}``; ``prices`` are USD per million input and output tokens by model (the
-``model_prices`` setting). Used by the scheduler (budgets) and by ``factory status`` (the
-estimated cost of each step). Pure: no store, no settings.
+``model_prices`` setting). Used by the scheduler (budgets), by ``factory status``, the HTTP API
+and the dashboard (each step's tokens and estimated cost, and the run's total: ``usage_of`` and
+``UsageTotal``). Pure: no store, no settings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+from pydantic import BaseModel, Field
 
 MAX_MODELS = 100  # models read from one usage record
 UNKNOWN_MODEL = "unknown"  # tokens counted without a per-model breakdown
@@ -43,3 +46,119 @@ def estimate_cost(usage: Mapping[str, Any], prices: Mapping[str, tuple[float, fl
     elif count_tokens(usage):
         unpriced.append(UNKNOWN_MODEL)
     return cost, unpriced
+
+
+def add_usage(total: dict[str, Any] | None, usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Token usage summed over several agent calls (the shape FastAgent reports, per model too)."""
+    if usage is None:
+        return total
+    out: dict[str, Any] = dict(total or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "requests": 0})
+    for name in ("input_tokens", "output_tokens", "total_tokens", "requests", "tool_calls"):
+        value = usage.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[name] = out.get(name, 0) + value
+    models = dict(out.get("models") or {})
+    raw = usage.get("models")
+    for model, row in list(raw.items())[:MAX_MODELS] if isinstance(raw, dict) else []:
+        if not isinstance(row, dict):
+            continue
+        mine = dict(models.get(model) or {})
+        for name, value in row.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                mine[name] = mine.get(name, 0) + value
+        models[model] = mine
+    if models:
+        out["models"] = models
+    return out
+
+
+def step_usage(output: Any) -> dict[str, Any] | None:
+    """Token usage recorded in a step's output, if any: an agent or route step's ``result.usage`` (as
+    fast-agent agents report it), a python step's ``usage`` (as factory.patterns' steps report the
+    agents they asked), or for a ``for_each`` step (a list of such outputs) the sum over its items."""
+    if isinstance(output, list):
+        total: dict[str, Any] | None = None
+        for item in output:
+            total = add_usage(total, step_usage(item))
+        return total
+    if not isinstance(output, dict):
+        return None
+    if "agent" in output and "replica" in output:  # an agent: or route: step
+        result = output.get("result")
+        usage = result.get("usage") if isinstance(result, dict) else None
+    else:
+        usage = output.get("usage")
+    return usage if isinstance(usage, dict) else None
+
+
+class ModelUsage(BaseModel):
+    """One model's tokens."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    requests: int = 0
+
+
+class Usage(BaseModel):
+    """Tokens used, as the agents reported them, with the cost estimated from the ``model_prices`` setting."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    requests: int = Field(default=0, description="Model calls.")
+    tool_calls: int = 0
+    models: dict[str, ModelUsage] = Field(default_factory=dict, description="The same tokens by model.")
+    cost_usd: float | None = Field(
+        default=None,
+        description="Estimated USD cost of the tokens of the models that have a price (model_prices); null when "
+        "none has one. A lower bound when unpriced_models is not empty.",
+    )
+    unpriced_models: list[str] = Field(
+        default_factory=list,
+        description="Models used that have no price (`unknown`: tokens counted without a model); not in cost_usd.",
+    )
+
+    @classmethod
+    def of(cls, usage: Mapping[str, Any], prices: Mapping[str, tuple[float, float]]) -> Usage:
+        """A usage record (``step_usage``, ``add_usage``) as counted, with its estimated cost."""
+        cost, unpriced = estimate_cost(usage, prices)
+        raw = usage.get("models")
+        models = {
+            str(name): ModelUsage(
+                input_tokens=_count(row.get("input_tokens")),
+                output_tokens=_count(row.get("output_tokens")),
+                requests=_count(row.get("requests")),
+            )
+            for name, row in (list(raw.items())[:MAX_MODELS] if isinstance(raw, dict) else [])
+            if isinstance(row, dict)
+        }
+        priced = bool(models) and any(str(name) in prices for name in models)
+        return cls(
+            input_tokens=_count(usage.get("input_tokens")),
+            output_tokens=_count(usage.get("output_tokens")),
+            total_tokens=count_tokens(usage),
+            requests=_count(usage.get("requests")),
+            tool_calls=_count(usage.get("tool_calls")),
+            models=models,
+            cost_usd=cost if priced else None,
+            unpriced_models=unpriced,
+        )
+
+
+def usage_of(output: Any, prices: Mapping[str, tuple[float, float]]) -> Usage | None:
+    """A step's usage with its estimated cost, from its committed output; None when it records none."""
+    usage = step_usage(output)
+    return None if usage is None else Usage.of(usage, prices)
+
+
+def total_usage(outputs: Iterable[Any], prices: Mapping[str, tuple[float, float]]) -> Usage | None:
+    """The usage of several steps (a run's), summed from their outputs; None when none records any."""
+    total: dict[str, Any] | None = None
+    for output in outputs:
+        total = add_usage(total, step_usage(output))
+    return None if total is None else Usage.of(total, prices)
+
+
+def price_table(model_prices: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    """The ``model_prices`` setting (``{model: ModelPrice}``) as ``{model: (input, output)}``."""
+    return {str(model): (float(p.input), float(p.output)) for model, p in model_prices.items()}

@@ -27,6 +27,7 @@ from ray.exceptions import NodeDiedError, RayError, TaskCancelledError, WorkerCr
 
 from factory.cache import ResultCache
 from factory.callables import import_callable
+from factory.costs import price_table
 from factory.dag import Graph, build_graph
 from factory.errors import LeaseLostError, RunStateError
 from factory.outcome import Outcome
@@ -236,7 +237,7 @@ class Coordinator:
             max_output_bytes=settings.max_output_bytes,
             max_for_each_items=settings.max_for_each_items,
             rng=random.Random(),
-            prices={model: (p.input, p.output) for model, p in settings.model_prices.items()},
+            prices=price_table(settings.model_prices),
         )
         self._steps = {s.id: s for s in workflow.steps}
         self._refs: dict[str, Any] = {}  # step id -> the result its dependants receive

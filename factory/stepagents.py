@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from factory.catalog import AgentSpec
+from factory.costs import add_usage as add_usage  # where it was first defined
 from factory.errors import AgentError, StepInputError
 
 _POOLS: dict[tuple[str, str], Any] = {}  # this process's connections to agent managers
@@ -112,26 +113,3 @@ class StepAgents:
         refs = [self.submit(name, task, step_id=step_id, timeout=timeout) for name, task in calls]
         outcomes = ray.get(refs)
         return [self.settle(name, outcome) for (name, _), outcome in zip(calls, outcomes, strict=True)]
-
-
-def add_usage(total: dict[str, Any] | None, usage: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Token usage summed over several agent calls (the shape FastAgent reports, per model too)."""
-    if usage is None:
-        return total
-    out: dict[str, Any] = dict(total or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "requests": 0})
-    for name in ("input_tokens", "output_tokens", "total_tokens", "requests", "tool_calls"):
-        value = usage.get(name)
-        if isinstance(value, int) and not isinstance(value, bool):
-            out[name] = out.get(name, 0) + value
-    models = dict(out.get("models") or {})
-    for model, row in (usage.get("models") or {}).items():
-        if not isinstance(row, dict):
-            continue
-        mine = dict(models.get(model) or {})
-        for name, value in row.items():
-            if isinstance(value, int) and not isinstance(value, bool):
-                mine[name] = mine.get(name, 0) + value
-        models[model] = mine
-    if models:
-        out["models"] = models
-    return out

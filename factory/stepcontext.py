@@ -12,7 +12,11 @@ Inside a python step, :func:`factory.step_context` returns the attempt's :class:
 - ``ctx.progress(fraction, message)`` and ``ctx.emit(data)``: ``step.progress`` and
   ``step.emitted`` events while the step runs, at most one of each every
   ``STEP_EVENT_INTERVAL_SECONDS`` (the newest progress, the emitted data batched), the last
-  always published when the attempt ends.
+  always published when the attempt ends;
+- ``ctx.tool_event(ToolCall(...) | ToolResult(...))``: an agent's tool call or its result, as a
+  ``step.tool_call`` / ``step.tool_result`` event of its own, published with the emitted data
+  (same flushes, same bytes bound, in the order they came), its text on one line, cut to
+  ``MAX_TOOL_TEXT`` characters and with anything that looks like a key redacted.
 
 The worker writes once() records and events straight to the store (one connection per worker
 process, :func:`factory.livelog.worker_store`). Every input is bounded (factory.limits); a wrong
@@ -36,6 +40,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, Field, field_validator
+
 from factory.errors import StepContextError
 from factory.limits import (
     DEFAULT_MAX_OUTPUT_BYTES,
@@ -46,6 +52,7 @@ from factory.limits import (
     MAX_PROGRESS_MESSAGE_CHARS,
     STEP_EVENT_INTERVAL_SECONDS,
 )
+from factory.safetext import one_line
 
 if TYPE_CHECKING:
     from factory.stepagents import StepAgents
@@ -54,6 +61,10 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVENT = "step.progress"
 EMITTED_EVENT = "step.emitted"
+TOOL_CALL_EVENT = "step.tool_call"
+TOOL_RESULT_EVENT = "step.tool_result"
+MAX_TOOL_TEXT = 1000  # characters of a tool call's arguments or a result's text in an event
+MAX_TOOL_NAME = 200  # characters of a tool's name or a call's id
 NO_ITEM = -1  # the store's item index of a step that is not a for_each item
 CONTEXT_META = "_factory_step_context"  # an agent call's meta key carrying its run's context to the replica
 
@@ -88,10 +99,49 @@ def encode(value: Any, what: str, max_bytes: int) -> str:
     return text
 
 
+class ToolCall(BaseModel):
+    """A tool call an agent's model made (a ``step.tool_call`` event): ``arguments`` as JSON text.
+    Every field is put on one line, cut and redacted when the model is built."""
+
+    id: str = Field(description="The call's id, as the model gave it: its result has the same.")
+    name: str = Field(description="The tool's name (fast-agent: SERVER__TOOL).")
+    arguments: str = Field(description=f"The arguments as JSON text, cut to {MAX_TOOL_TEXT} characters.")
+
+    @field_validator("id", "name", mode="after")
+    @classmethod
+    def _short(cls, value: str) -> str:
+        return one_line(value, MAX_TOOL_NAME)
+
+    @field_validator("arguments", mode="after")
+    @classmethod
+    def _safe(cls, value: str) -> str:
+        return one_line(value, MAX_TOOL_TEXT)
+
+
+class ToolResult(BaseModel):
+    """What a tool answered (a ``step.tool_result`` event). Put on one line, cut and redacted."""
+
+    id: str = Field(description="The id of the call it answers.")
+    error: bool = Field(description="The tool reported an error (the model gets it as text).")
+    text: str = Field(description=f"The result's text, cut to {MAX_TOOL_TEXT} characters.")
+
+    @field_validator("id", mode="after")
+    @classmethod
+    def _short(cls, value: str) -> str:
+        return one_line(value, MAX_TOOL_NAME)
+
+    @field_validator("text", mode="after")
+    @classmethod
+    def _safe(cls, value: str) -> str:
+        return one_line(value, MAX_TOOL_TEXT)
+
+
 class _Publisher:
     """The attempt's step.progress and step.emitted events, rate-limited: the first at once,
     then at most one flush per ``interval``; the newest progress wins, emitted data is batched
-    (up to MAX_EMIT_BATCH_BYTES, more is counted as dropped); :meth:`close` publishes the rest."""
+    (up to MAX_EMIT_BATCH_BYTES, more is counted as dropped); :meth:`close` publishes the rest.
+    Tool calls and results wait in the same queue (and bound) and become events of their own
+    type, between the batches of emitted data that came before and after them."""
 
     def __init__(self, store_url: str, run_id: str, step_id: str, base: dict[str, Any], interval: float) -> None:
         self.store_url = store_url
@@ -101,7 +151,7 @@ class _Publisher:
         self.interval = interval
         self._lock = threading.Lock()
         self._progress: dict[str, Any] | None = None
-        self._emitted: list[Any] = []
+        self._emitted: list[tuple[str, Any]] = []  # (event type, data), in order
         self._emitted_bytes = 0
         self._dropped = 0
         self._last = -math.inf
@@ -114,12 +164,12 @@ class _Publisher:
             self._progress = data
         self._schedule()
 
-    def emit(self, value: Any, size: int) -> None:
+    def emit(self, value: Any, size: int, kind: str = EMITTED_EVENT) -> None:
         with self._lock:
             if self._emitted_bytes + size > MAX_EMIT_BATCH_BYTES:
                 self._dropped += 1
             else:
-                self._emitted.append(value)
+                self._emitted.append((kind, value))
                 self._emitted_bytes += size
         self._schedule()
 
@@ -155,8 +205,19 @@ class _Publisher:
             if progress is not None:
                 store.append_event(self.run_id, self.step_id, PROGRESS_EVENT, {**progress, **self.base})
                 self.published += 1
-            if emitted or dropped:
-                data: dict[str, Any] = {"items": emitted, **self.base}
+            batch: list[Any] = []
+            for kind, value in emitted:
+                if kind == EMITTED_EVENT:
+                    batch.append(value)
+                    continue
+                if batch:
+                    store.append_event(self.run_id, self.step_id, EMITTED_EVENT, {"items": batch, **self.base})
+                    self.published += 1
+                    batch = []
+                store.append_event(self.run_id, self.step_id, kind, {**value, **self.base})
+                self.published += 1
+            if batch or dropped:
+                data: dict[str, Any] = {"items": batch, **self.base}
                 if dropped:
                     data["dropped"] = dropped
                 store.append_event(self.run_id, self.step_id, EMITTED_EVENT, data)
@@ -320,7 +381,7 @@ class StepContext:
                 "this step has no agents to ask: run the workflow with a catalogue (--agents agents.yaml)"
             )
         answers = self.agents.ask_many(calls, step_id=self.step_id, timeout=timeout)
-        from factory.stepagents import add_usage
+        from factory.costs import add_usage
 
         with self._usage_lock:
             for _, usage in answers:
@@ -355,6 +416,18 @@ class StepContext:
         if self._publisher is None:
             return
         self._publisher.emit(json.loads(text), _size(text))
+
+    def tool_event(self, event: ToolCall | ToolResult) -> None:
+        """Publish an agent's tool call or its result as a ``step.tool_call`` / ``step.tool_result``
+        event (data: the model's fields, ``attempt``, ``item``), in order with the emitted data and
+        within its bound (past it, counted as dropped on the next ``step.emitted`` event)."""
+        if not isinstance(event, ToolCall | ToolResult):
+            raise StepContextError(f"tool_event() takes a ToolCall or a ToolResult, not {type(event).__name__}")
+        if self._publisher is None:
+            return
+        kind = TOOL_CALL_EVENT if isinstance(event, ToolCall) else TOOL_RESULT_EVENT
+        data = event.model_dump(mode="json")
+        self._publisher.emit(data, _size(json.dumps(data, ensure_ascii=False)), kind)
 
     def flush(self) -> None:
         """Publish what waits now (the worker does it when the attempt ends)."""

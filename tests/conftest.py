@@ -12,8 +12,11 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.chat_standin import ChatStandIn
+
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
+API_MODEL_PRICES = {"tiny-local": {"input": 1.0, "output": 2.0}}  # the api_server's: USD per million tokens
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -170,6 +173,7 @@ def api_server(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> It
         supervisor_interval_seconds=1,
         supervisor_pending_grace_seconds=3,
         allowed_modules=["tests.fixtures.teststeps", "tests.fixtures.guarded"],
+        model_prices=API_MODEL_PRICES,
     )
     store = store_for(settings)
     keys = {scope.value: create_key(store, [scope], f"test {scope.value}")[0] for scope in Scope}
@@ -189,3 +193,23 @@ def api_server(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> It
         for name in (runner_name(settings), supervisor_name(settings), cron_scheduler_name(settings)):
             with contextlib.suppress(ValueError):
                 ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+
+
+@pytest.fixture(scope="module")
+def standin_server() -> Iterator[ChatStandIn]:
+    """The stand-in for a paid model provider (tests/fixtures/chat_standin.py), one per test module."""
+    server = ChatStandIn().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def standin(standin_server: ChatStandIn) -> ChatStandIn:
+    """The module's stand-in provider, answering normally at the start of each test (fast-agent's
+    ``generic`` provider reaches it at ``standin.url``; its replicas may stay up between tests)."""
+    standin_server.mode = "ok"
+    standin_server.limit_next = 0
+    standin_server.hang_seconds = 30.0
+    return standin_server

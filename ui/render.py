@@ -429,7 +429,21 @@ def gantt_svg(
 
 # -- steps, events, logs ---------------------------------------------------------------------------
 
-STEP_COLUMNS = ["step", "status", "attempts", "duration", "error"]
+STEP_COLUMNS = ["step", "status", "attempts", "duration", "tokens / est. cost", "error"]
+
+
+def usage_text(usage: Any) -> str:
+    """A node's usage (GraphNode.usage) as ``11 in / 7 out · $0.000025``: ``>= $`` when some models had no
+    price, ``?`` when none had one; empty without usage."""
+    if not isinstance(usage, dict):
+        return ""
+    text = f"{usage.get('input_tokens', 0)} in / {usage.get('output_tokens', 0)} out"
+    cost, unpriced = usage.get("cost_usd"), usage.get("unpriced_models") or []
+    if isinstance(cost, int | float):
+        text += f" · {'>= ' if unpriced else ''}${cost:.6f}"
+    elif unpriced:
+        text += " · ?"
+    return text
 
 
 def step_rows(nodes: list[dict[str, Any]]) -> list[list[str]]:
@@ -449,6 +463,7 @@ def step_rows(nodes: list[dict[str, Any]]) -> list[list[str]]:
                 status,
                 str(node.get("attempts", 0)),
                 seconds(node.get("duration")),
+                usage_text(node.get("usage")),
                 _short(node.get("error") or "", 200),
             ]
         )

@@ -172,8 +172,9 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-# Events a running step publishes without changing its state: its log lines, progress, emitted data.
-LIVE_EVENTS = frozenset({"step.log", "step.progress", "step.emitted"})
+# Events a running step publishes without changing its state: its log lines, progress, emitted data,
+# its agents' tool calls and their results.
+LIVE_EVENTS = frozenset({"step.log", "step.progress", "step.emitted", "step.tool_call", "step.tool_result"})
 
 
 class ProgressCounter:

@@ -32,7 +32,7 @@ from factory.cli.output import (
     open_backend,
     out,
 )
-from factory.costs import estimate_cost
+from factory.costs import Usage, price_table, total_usage, usage_of
 from factory.engine import Progress as RunProgress
 from factory.engine import RunResult
 from factory.errors import FactoryError, WorkflowValidationError
@@ -412,23 +412,10 @@ def runs(
 _HIDDEN = {"spec_json", "owner", "heartbeat_at", "cancel_requested", "grants"}
 
 
-def step_usage(output: Any) -> dict[str, Any] | None:
-    """Token usage of an agent step's output (``result.usage``, as fast-agent agents report it), or of a
-    python step that asked agents and says so (``usage``, as factory.patterns' steps do), if any."""
-    if not isinstance(output, dict):
-        return None
-    if "agent" in output and "replica" in output:  # an agent: or route: step
-        result = output.get("result")
-        usage = result.get("usage") if isinstance(result, dict) else None
-    else:
-        usage = output.get("usage")
-    return usage if isinstance(usage, dict) else None
-
-
-def tokens_text(usage: dict[str, Any] | None) -> str:
+def tokens_text(usage: Usage | None) -> str:
     if usage is None:
         return ""
-    return f"{usage.get('input_tokens', 0)} in / {usage.get('output_tokens', 0)} out"
+    return f"{usage.input_tokens} in / {usage.output_tokens} out"
 
 
 def cost_text(cost: float, unpriced: list[str]) -> str:
@@ -438,22 +425,9 @@ def cost_text(cost: float, unpriced: list[str]) -> str:
     return f"{'>= ' if unpriced else ''}${cost:.6f}"
 
 
-def step_costs(usages: list[dict[str, Any] | None]) -> tuple[list[str], float, list[str]]:
-    """Each step's estimated cost (from the ``model_prices`` setting of this command), the total,
-    and the models without a price."""
-    prices = {model: (p.input, p.output) for model, p in cli_settings().model_prices.items()}
-    texts: list[str] = []
-    total = 0.0
-    missing: list[str] = []
-    for usage in usages:
-        if usage is None:
-            texts.append("")
-            continue
-        cost, unpriced = estimate_cost(usage, prices)
-        total += cost
-        missing.extend(m for m in unpriced if m not in missing)
-        texts.append(cost_text(cost, unpriced))
-    return texts, total, missing
+def step_costs(usages: list[Usage | None]) -> list[str]:
+    """Each step's estimated cost, as text."""
+    return ["" if u is None else cost_text(u.cost_usd or 0.0, u.unpriced_models) for u in usages]
 
 
 def status(
@@ -475,9 +449,13 @@ def status(
     out.print(f"created {when(record.created_at)}  finished {when(record.finished_at)}")
     if record.error:
         out.print(f"[red]{escape(record.error)}[/red]")
-    usages = [step_usage(s.output) if s.output_json is not None else None for s in steps]
-    with_tokens = any(u is not None for u in usages)
-    costs, total_cost, unpriced = step_costs(usages) if with_tokens else ([""] * len(steps), 0.0, [])
+    # the prices of this command's settings (model_prices); tokens from the outputs committed
+    prices = price_table(cli_settings().model_prices)
+    outputs = [s.output if s.output_json is not None else None for s in steps]
+    usages = [usage_of(output, prices) for output in outputs]
+    total = total_usage(outputs, prices)
+    with_tokens = total is not None
+    costs = step_costs(usages)
     table = Table()
     usage_columns = ("tokens", "est. cost") if with_tokens else ()
     columns = ("step", "status", "attempts", "seconds", *usage_columns, "output / error")
@@ -495,17 +473,16 @@ def status(
             escape(s.step_id), f"[{style}]{label}[/]", str(s.attempts), seconds, *tokens, escape(detail or "")
         )
     out.print(table)
-    if with_tokens:
-        total_in = sum(int(u.get("input_tokens") or 0) for u in usages if u is not None)
-        total_out = sum(int(u.get("output_tokens") or 0) for u in usages if u is not None)
+    if total is not None:
         out.print(
-            f"tokens: {total_in} in / {total_out} out (steps that succeeded), "
-            f"estimated cost {cost_text(total_cost, unpriced)}",
+            f"tokens: {tokens_text(total)} (steps that succeeded), "
+            f"estimated cost {cost_text(total.cost_usd or 0.0, total.unpriced_models)}",
             highlight=False,
         )
-        if unpriced:
+        if total.unpriced_models:
             out.print(
-                f"no price for {', '.join(unpriced)}: set model_prices (FACTORY_MODEL_PRICES) to estimate it",
+                f"no price for {', '.join(total.unpriced_models)}: set model_prices (FACTORY_MODEL_PRICES) to "
+                "estimate it",
                 highlight=False,
             )
 

@@ -39,7 +39,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -59,22 +58,11 @@ from factory.errors import (
     StepInputError,
 )
 from factory.fastagent.runtime import FastAgentExit, FastAgentRuntime, quiet_settings
-from factory.stepcontext import StepContext, step_context
+from factory.safetext import one_line
+from factory.stepcontext import StepContext, ToolCall, ToolResult, step_context
 
 MAX_TEXT = 1_000_000
-MAX_TOOL_TEXT = 1000  # characters of a tool call's arguments or result published as an event
 HEALTH_SECONDS = 2.0
-_SECRETISH = re.compile(
-    r"(?i)\b(sk-[A-Za-z0-9_-]{6,}|AIza[0-9A-Za-z_-]{20,}|bearer\s+[A-Za-z0-9._~+/-]{6,}"
-    r"|(?:x-goog-api-key|api[_-]?key)[\"']?\s*[=:]\s*\S+)"
-)
-_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-
-
-def one_line(error: object, limit: int = 500) -> str:
-    """A provider's message on one line, cut to ``limit``, with anything that looks like a key removed."""
-    text = _URL_USERINFO.sub("[redacted]@", _SECRETISH.sub("[redacted]", " ".join(str(error).split())))
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ServerConfig(BaseModel):
@@ -162,6 +150,12 @@ def _emit(events: StepContext, data: dict[str, Any]) -> None:
     """Publish ``data``; a piece too large for one event is left out (the answer is committed whole)."""
     with contextlib.suppress(StepContextError):
         events.emit(data)
+
+
+def _tool_event(events: StepContext, event: ToolCall | ToolResult) -> None:
+    """Publish a tool call or result (its text already on one line, cut and redacted by the model)."""
+    with contextlib.suppress(StepContextError):
+        events.tool_event(event)
 
 
 def _usage(agent: Any) -> dict[str, Any] | None:
@@ -397,8 +391,8 @@ class FastAgent(Agent):
             raise classify_exception(exc, self.model) from None
 
     def _publish(self, agent: Any, events: StepContext) -> None:
-        """The job's answer as it streams (``{delta}``, unless ``stream: false``) and its tool calls and
-        results (``{tool_call}``, ``{tool_result}``) as ``step.emitted`` events of the step."""
+        """The job's answer as it streams (``{delta}`` items of ``step.emitted`` events, unless ``stream:
+        false``) and its tool calls and results (``step.tool_call`` and ``step.tool_result`` events)."""
         if self.config.stream and hasattr(agent.llm, "add_stream_listener"):
 
             def streamed(chunk: Any) -> None:  # the provider's text as it comes (not its reasoning)
@@ -416,16 +410,15 @@ class FastAgent(Agent):
             if hooks.before_tool_call is not None:
                 await hooks.before_tool_call(runner, message)
             for call_id, request in (getattr(message, "tool_calls", None) or {}).items():
-                arguments = one_line(json.dumps(request.params.arguments or {}, default=str), MAX_TOOL_TEXT)
-                _emit(events, {"tool_call": {"id": call_id, "name": request.params.name, "arguments": arguments}})
+                arguments = json.dumps(request.params.arguments or {}, default=str)
+                _tool_event(events, ToolCall(id=str(call_id), name=str(request.params.name), arguments=arguments))
 
         async def after_tool_call(runner: Any, message: Any) -> None:
             if hooks.after_tool_call is not None:
                 await hooks.after_tool_call(runner, message)
             for call_id, result in (getattr(message, "tool_results", None) or {}).items():
                 text = " ".join(getattr(block, "text", "") for block in result.content or [])
-                error = bool(result.isError)
-                _emit(events, {"tool_result": {"id": call_id, "error": error, "text": one_line(text, MAX_TOOL_TEXT)}})
+                _tool_event(events, ToolResult(id=str(call_id), error=bool(result.isError), text=text))
 
         agent.tool_runner_hooks = dataclasses.replace(
             hooks, before_tool_call=before_tool_call, after_tool_call=after_tool_call

@@ -283,15 +283,6 @@ def test_the_vote_example_runs_offline(store: SQLiteStore, settings: Any) -> Non
 # -- usage and cost ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def standin() -> Iterator[ChatStandIn]:
-    server = ChatStandIn().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def test_a_patterns_agent_tokens_count_for_the_run_and_show_with_their_cost(
     factory_home: Path, standin: ChatStandIn
 ) -> None:

@@ -56,15 +56,6 @@ def pools(ray_cluster: str) -> Iterator[Pools]:
         stop_manager(name, drain_timeout=0)
 
 
-@pytest.fixture(scope="module")
-def standin() -> Iterator[ChatStandIn]:
-    server = ChatStandIn().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def fast_pool(pools: Pools, name: str, config: dict[str, Any], **pool: Any) -> PoolClient:
     spec = AgentSpec.model_validate(
         {
@@ -348,7 +339,8 @@ def test_an_agent_steps_answer_streams_as_emitted_events(
 
 def test_an_agent_steps_tool_calls_and_results_are_published_as_events(factory_home: Path, settings: Any) -> None:
     """A passthrough agent calls a tool of its MCP server (***CALL_TOOL): the call and its result are
-    step.emitted events of the step, and the answer is the tool's result."""
+    step.tool_call and step.tool_result events of the step (not step.emitted items), with a key in the
+    arguments redacted, and the answer is the tool's result."""
     server = {"command": sys.executable, "args": [str(Path(FIXTURES) / "mcp_pid_server.py")]}
     spec = AgentSpec.model_validate(
         {
@@ -358,19 +350,27 @@ def test_an_agent_steps_tool_calls_and_results_are_published_as_events(factory_h
             "config": {"model": "passthrough", "servers": {"tools": server}},
         }
     )
-    call = "***CALL_TOOL tools__echo " + json.dumps({"text": "through MCP"})
+    secret = "sk-test-0123456789abcdef"
+    call = "***CALL_TOOL tools__echo " + json.dumps({"text": f"through MCP, key {secret}"})
     flow = Workflow(name="fa-tools", steps=[Step(id="ask", agent=spec.name, with_={"text": call})])
     store = SQLiteStore(factory_home / "factory.db")
     try:
         run = factory.run(flow, store=store, settings=settings, agents=Catalog(agents=[spec]))
         assert run.ok, run.error
-        assert run.outputs["ask"]["result"]["text"] == "echo: through MCP"
-        items = [i for e in store.events(run_id=run.run_id) if e.type == "step.emitted" for i in e.data["items"]]
-        calls = [i["tool_call"] for i in items if "tool_call" in i]
-        results = [i["tool_result"] for i in items if "tool_result" in i]
-        assert [c["name"] for c in calls] == ["tools__echo"], items
-        assert json.loads(calls[0]["arguments"]) == {"text": "through MCP"}
-        assert results == [{"id": calls[0]["id"], "error": False, "text": "echo: through MCP"}]
+        assert run.outputs["ask"]["result"]["text"] == f"echo: through MCP, key {secret}"
+        events = [e for e in store.events(run_id=run.run_id) if e.step_id == "ask"]
+        calls = [e.data for e in events if e.type == "step.tool_call"]
+        results = [e.data for e in events if e.type == "step.tool_result"]
+        assert [c["name"] for c in calls] == ["tools__echo"], events
+        assert json.loads(calls[0]["arguments"]) == {"text": "through MCP, key [redacted]"}
+        assert results == [
+            {"id": calls[0]["id"], "error": False, "text": "echo: through MCP, key [redacted]", "attempt": 1}
+        ]
+        kinds = [e.type for e in events]
+        assert kinds.index("step.tool_call") < kinds.index("step.tool_result") < kinds.index("step.succeeded")
+        items = [i for e in events if e.type == "step.emitted" for i in e.data["items"]]
+        assert not any("tool_call" in i or "tool_result" in i for i in items)
+        assert secret not in json.dumps(calls + results)
     finally:
         store.close()
         stop_manager(DEFAULT_MANAGER_NAME, drain_timeout=0)

@@ -89,6 +89,8 @@ def test_live_events_of_a_running_step_leave_it_running() -> None:
         ("step.started", "a"),
         ("step.progress", "a", {"fraction": 0.5, "message": "half", "attempt": 1}),
         ("step.emitted", "a", {"items": [1], "attempt": 1}),
+        ("step.tool_call", "a", {"id": "c1", "name": "s__t", "arguments": "{}", "attempt": 1}),
+        ("step.tool_result", "a", {"id": "c1", "error": False, "text": "ok", "attempt": 1}),
     )
     assert counts.running == 1
     assert feed(ProgressCounter(counts), ("step.succeeded", "a")).running == 0

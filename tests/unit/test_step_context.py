@@ -14,7 +14,16 @@ import pytest
 from factory import step_context
 from factory.errors import StepContextError
 from factory.limits import MAX_EMIT_BYTES, MAX_ONCE_KEY_CHARS
-from factory.stepcontext import EMITTED_EVENT, PROGRESS_EVENT, StepContext
+from factory.stepcontext import (
+    EMITTED_EVENT,
+    MAX_TOOL_TEXT,
+    PROGRESS_EVENT,
+    TOOL_CALL_EVENT,
+    TOOL_RESULT_EVENT,
+    StepContext,
+    ToolCall,
+    ToolResult,
+)
 from factory.store import Store
 from factory.store.sqlite import SQLiteStore
 
@@ -185,6 +194,42 @@ def test_emit_bounds_and_drops_are_counted(store: Store) -> None:
     dropped = sum(e.get("dropped", 0) for e in emitted)
     assert kept + dropped == 20 and dropped > 0
     assert all(len(json.dumps(e)) < 70_000 for e in emitted)
+
+
+def test_tool_calls_and_results_are_events_of_their_own_in_order_and_redacted(store: Store) -> None:
+    c = ctx(store, attempt=3)
+    secret = "sk-live-abcdefghijklmnop"
+    with c.active():
+        c.emit({"delta": "Let me look. "})
+        c.tool_event(ToolCall(id="c1", name="files__read", arguments=json.dumps({"path": "a", "api_key": secret})))
+        c.tool_event(ToolResult(id="c1", error=False, text="line one\nline two " + "z" * 5000))
+        c.emit({"delta": "Done."})
+    kinds = [(e.type, e.data) for e in store.events(0, "r1") if e.step_id == "a" and e.type != "step.created"]
+    assert [k for k, _ in kinds] == [EMITTED_EVENT, TOOL_CALL_EVENT, TOOL_RESULT_EVENT, EMITTED_EVENT]
+    call, result = kinds[1][1], kinds[2][1]
+    assert call["id"] == "c1" and call["name"] == "files__read" and call["attempt"] == 3
+    assert secret not in json.dumps(kinds) and "[redacted]" in call["arguments"]
+    assert result["text"].startswith("line one line two z") and len(result["text"]) == MAX_TOOL_TEXT
+    assert result["error"] is False and result["id"] == "c1"
+    assert [i for _, d in kinds if "items" in d for i in d["items"]] == [{"delta": "Let me look. "}, {"delta": "Done."}]
+    with pytest.raises(StepContextError, match="ToolCall or a ToolResult"):
+        c.tool_event({"tool_call": "x"})  # type: ignore[arg-type]
+    assert ToolCall(id="i" * 500, name="n", arguments="{}").id.endswith("...")
+
+
+def test_tool_events_share_the_emit_bound(store: Store) -> None:
+    c = ctx(store)
+    with c.active():
+        c.emit("first")  # published at once; the rest waits for the next flush
+        for i in range(100):  # 100 x ~1 KiB, then 10 x 15 KiB: past 64 KiB some are dropped and counted
+            c.tool_event(ToolResult(id=f"c{i}", error=False, text="r" * 2000))
+        for _ in range(10):
+            c.emit("y" * 15_000)
+    results = _events(store, TOOL_RESULT_EVENT)
+    emitted = _events(store, EMITTED_EVENT)
+    kept = len(results) + sum(len(e["items"]) for e in emitted[1:])
+    dropped = sum(e.get("dropped", 0) for e in emitted)
+    assert kept + dropped == 110 and dropped > 0 and 0 < len(results) < 100
 
 
 def test_bad_progress_is_refused(store: Store) -> None:
