@@ -130,7 +130,7 @@ def _warm_every_node() -> None:
     ray.get(
         [
             noop.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(1)
-            for node in ray.nodes()
+            for node in ray.nodes()  # type: ignore[no-untyped-call]
             if node["Alive"] and node["Resources"].get("CPU", 0) >= 1
         ]
     )
