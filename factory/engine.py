@@ -30,6 +30,7 @@ from factory.callables import import_callable
 from factory.costs import price_table
 from factory.dag import Graph, build_graph
 from factory.errors import LeaseLostError, RunStateError
+from factory.lease import LeaseKeeper
 from factory.outcome import Outcome
 from factory.owner import new_owner_id
 from factory.policy import check_python_grants, owner_namespace
@@ -226,6 +227,7 @@ class Coordinator:
         self.cache: ResultCache = cache or store
         self.backend = backend or RayBackend()
         self.owner = _owner_id()
+        self._lease = LeaseKeeper(store, run_id, self.owner, settings.heartbeat_seconds)
         # a run submitted over the API imports only from its workflow's folder and installed packages
         here = _current_dir() if grants is None else None
         self.search_path = tuple(p for p in (workflow.base_dir, here) if p)
@@ -316,10 +318,11 @@ class Coordinator:
                     error_type="factory.errors.StepInputError",
                 )
                 return self.scheduler.on_result(action.token, failed, time.monotonic())
-            if step.route is None:
-                ref = self.agent_dispatcher.submit(step, action.arguments)
-            else:
-                ref = self.agent_dispatcher.submit(step, action.arguments, route_text=action.route_text)
+            with self._lease.blocking():  # the first task to a pool starts its replicas
+                if step.route is None:
+                    ref = self.agent_dispatcher.submit(step, action.arguments)
+                else:
+                    ref = self.agent_dispatcher.submit(step, action.arguments, route_text=action.route_text)
         else:
             item = self.scheduler.states[step.id].items[action.index]  # this attempt's number, the item's index
             shared = self._shared.get(step.id)
@@ -512,6 +515,8 @@ class Coordinator:
             self.scheduler.take_changes()
             self.store.release_run(self.run_id, self.owner)
             raise
+        finally:
+            self._lease.close()
         return self._finish()
 
     def _loop(self) -> None:
@@ -536,7 +541,7 @@ class Coordinator:
                     self.on_progress(self.progress())
             if now - last_beat >= self.settings.heartbeat_seconds:
                 last_beat = now
-                if not self.store.heartbeat(self.run_id, self.owner):
+                if self._lease.lost or not self.store.heartbeat(self.run_id, self.owner):
                     raise LeaseLostError(f"run {self.run_id} was taken over by another coordinator; this one stops")
 
     def _poll_decisions(self) -> None:

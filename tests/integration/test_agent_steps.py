@@ -18,6 +18,7 @@ from factory.engine import RunResult
 from factory.pools import DEFAULT_MANAGER_NAME, Pools, stop_manager
 from factory.settings import Settings
 from factory.spec import RetryPolicy, RouteSpec, Step, Workflow
+from factory.store import RunStatus
 from factory.store.sqlite import SQLiteStore
 
 REPO = Path(__file__).parent.parent.parent
@@ -340,3 +341,32 @@ def test_an_agent_streams_tokens_through_the_step_context(store: SQLiteStore, se
     assert " ".join(tokens) == text
     progress = [e.data for e in events if e.type == "step.progress"]
     assert progress[-1]["fraction"] == 1.0 and progress[-1]["message"] == "token 9"
+
+
+def test_a_pool_that_starts_slowly_does_not_cost_the_run_its_lease(store: SQLiteStore, settings: Settings) -> None:
+    """Starting the pool blocks the coordinator's loop for longer than the lease; the lease is
+    kept meanwhile, so no other coordinator may take the live run over."""
+    quick = settings.model_copy(update={"lease_seconds": 1.0, "heartbeat_seconds": 0.25})
+    spec = AgentSpec.model_validate(
+        {"name": f"slow-{uuid.uuid4().hex[:6]}", "class": "agent_fixtures:SlowStart", "config": {"start_seconds": 4}}
+    )
+    wf = Workflow(name="slow-start", base_dir=FIXTURES, steps=[Step(id="a", agent=spec.name, with_={"echo": 1})])
+    run_id = factory.api.create_run(wf, store=store, settings=quick)
+    results: list[RunResult] = []
+    catalog = Catalog(agents=[spec])
+    runner = threading.Thread(
+        target=lambda: results.append(factory.resume(run_id, store=store, settings=quick, agents=catalog))
+    )
+    runner.start()
+    taken = False
+    while runner.is_alive() and not taken:  # another coordinator tries to take the run all along
+        time.sleep(0.2)
+        run = store.get_run(run_id)
+        if run is not None and run.owner is not None and store.claim_run(run_id, "intruder", quick.lease_seconds):
+            after = store.get_run(run_id)  # (a run that just ended has no lease left to keep)
+            taken = after is not None and after.status in (RunStatus.PENDING, RunStatus.RUNNING)
+    runner.join(timeout=60)
+    assert not taken, "the run was taken over from its live coordinator while its pool started"
+    (result,) = results
+    assert result.ok, result.error
+    assert result.outputs["a"]["result"] == {"echo": 1}
