@@ -38,9 +38,9 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field
 
 from factory.errors import StepContextError
 from factory.limits import (
@@ -99,41 +99,25 @@ def encode(value: Any, what: str, max_bytes: int) -> str:
     return text
 
 
+ToolName = Annotated[str, AfterValidator(lambda value: one_line(value, MAX_TOOL_NAME))]
+ToolText = Annotated[str, AfterValidator(lambda value: one_line(value, MAX_TOOL_TEXT))]
+
+
 class ToolCall(BaseModel):
     """A tool call an agent's model made (a ``step.tool_call`` event): ``arguments`` as JSON text.
     Every field is put on one line, cut and redacted when the model is built."""
 
-    id: str = Field(description="The call's id, as the model gave it: its result has the same.")
-    name: str = Field(description="The tool's name (fast-agent: SERVER__TOOL).")
-    arguments: str = Field(description=f"The arguments as JSON text, cut to {MAX_TOOL_TEXT} characters.")
-
-    @field_validator("id", "name", mode="after")
-    @classmethod
-    def _short(cls, value: str) -> str:
-        return one_line(value, MAX_TOOL_NAME)
-
-    @field_validator("arguments", mode="after")
-    @classmethod
-    def _safe(cls, value: str) -> str:
-        return one_line(value, MAX_TOOL_TEXT)
+    id: ToolName = Field(description="The call's id, as the model gave it: its result has the same.")
+    name: ToolName = Field(description="The tool's name (fast-agent: SERVER__TOOL).")
+    arguments: ToolText = Field(description=f"The arguments as JSON text, cut to {MAX_TOOL_TEXT} characters.")
 
 
 class ToolResult(BaseModel):
     """What a tool answered (a ``step.tool_result`` event). Put on one line, cut and redacted."""
 
-    id: str = Field(description="The id of the call it answers.")
+    id: ToolName = Field(description="The id of the call it answers.")
     error: bool = Field(description="The tool reported an error (the model gets it as text).")
-    text: str = Field(description=f"The result's text, cut to {MAX_TOOL_TEXT} characters.")
-
-    @field_validator("id", mode="after")
-    @classmethod
-    def _short(cls, value: str) -> str:
-        return one_line(value, MAX_TOOL_NAME)
-
-    @field_validator("text", mode="after")
-    @classmethod
-    def _safe(cls, value: str) -> str:
-        return one_line(value, MAX_TOOL_TEXT)
+    text: ToolText = Field(description=f"The result's text, cut to {MAX_TOOL_TEXT} characters.")
 
 
 class _Publisher:
