@@ -27,12 +27,12 @@ from deployments.http import ApiProblem, Authorizer, install_error_handlers
 from factory import __version__, registry, schedules
 from factory.api import approve as approve_gate
 from factory.api import cancel as cancel_run
-from factory.api import create_run, merge_inputs, run_is_stalled, store_for, with_budget
+from factory.api import create_run, merge_inputs, run_is_stalled, run_spent, store_for, with_budget
 from factory.approvals import MAX_COMMENT_CHARS, Decision
 from factory.auth import Scope, has_scope
 from factory.auth import create_key as make_key
 from factory.catalog import load_catalog
-from factory.costs import Usage, price_table, total_usage, usage_of
+from factory.costs import RunSpend, Usage, price_table, total_usage, usage_of
 from factory.dag import parse_workflow_text, validate_data
 from factory.errors import PermissionDeniedError, RunStateError, StepInputError, WorkflowValidationError
 from factory.limits import MAX_API_WAIT_SECONDS, DocumentLimits, check_data_bounds
@@ -221,6 +221,12 @@ class RunView(BaseModel):
         description="With the steps: the tokens of all its steps' committed outputs, summed per model, with the "
         "estimated cost (cost_usd); null when no step records usage, and in lists of runs.",
     )
+    spent: RunSpend | None = Field(
+        default=None,
+        description="With the steps: what the run spent in all its attempts, failed ones included, as it counted "
+        "it against its budgets (tokens, estimated cost, attempts, running seconds); null before it records any, "
+        "and in lists of runs.",
+    )
 
     @classmethod
     def of(
@@ -230,6 +236,7 @@ class RunView(BaseModel):
         *,
         lease_seconds: float = 10.0,
         prices: Mapping[str, tuple[float, float]] | None = None,
+        spent: RunSpend | None = None,
     ) -> "RunView":
         views = None if steps is None else [StepView.of(s, prices) for s in steps]
         return cls(
@@ -247,6 +254,7 @@ class RunView(BaseModel):
             finished_at=r.finished_at,
             steps=views,
             usage=None if views is None else total_usage((v.output for v in views), prices or {}),
+            spent=spent,
         )
 
 
@@ -928,7 +936,11 @@ class FactoryAPI:
         self.auth.authorize(request, Scope.READ)
         record = self.store.get_run(run_id)
         return RunView.of(
-            record, self.store.get_steps(run_id), lease_seconds=self.settings.lease_seconds, prices=self.prices
+            record,
+            self.store.get_steps(run_id),
+            lease_seconds=self.settings.lease_seconds,
+            prices=self.prices,
+            spent=run_spent(self.store, run_id),
         )
 
     @app.get(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from factory.approvals import Decision, decide
 from factory.cache import RedisResultCache, ResultCache
 from factory.catalog import Catalog, load_catalog
+from factory.costs import RunSpend
 from factory.dag import Graph, build_graph, load_workflow, validate_workflow
 from factory.engine import Coordinator, Progress, RunResult, new_run_id
 from factory.errors import RunStateError, WorkflowValidationError
@@ -310,6 +311,14 @@ def run_is_stalled(record: RunRecord, lease_seconds: float, now: float) -> bool:
     if record.status != RunStatus.RUNNING:
         return False
     return (record.heartbeat_at or 0) < now - lease_seconds or owner_is_gone(record.owner)
+
+
+def run_spent(store: Store, run_id: str) -> RunSpend | None:
+    """What a run spent in all its attempts, failed ones included (its latest ``run.usage``
+    event, as it counted it against its budgets); None before it records any."""
+    for event in store.latest_events(run_id, "run.usage", limit=1):
+        return RunSpend.of_event(event.data)
+    return None
 
 
 def cancel(run_id: str, *, store: Store | None = None, settings: Settings | None = None) -> bool:

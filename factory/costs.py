@@ -145,6 +145,36 @@ class Usage(BaseModel):
         )
 
 
+class RunSpend(BaseModel):
+    """What a run spent in all its attempts, failed ones included, as it counted it against its
+    budgets (its latest ``run.usage`` event; the cost with the prices of the process that ran it)."""
+
+    attempts: int = 0
+    steps: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0
+    seconds: float = Field(default=0.0, description="Running time (time parked at approval gates is not counted).")
+    unpriced_models: list[str] = Field(default_factory=list, description="Models used that had no price.")
+
+    @classmethod
+    def of_event(cls, data: Mapping[str, Any]) -> RunSpend:
+        def number(name: str) -> float:
+            value = data.get(name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                return 0.0
+            return float(value)
+
+        unpriced = data.get("unpriced")
+        return cls(
+            attempts=int(number("attempts")),
+            steps=int(number("steps")),
+            tokens=int(number("tokens")),
+            cost_usd=number("cost_usd"),
+            seconds=number("seconds"),
+            unpriced_models=[str(m)[:200] for m in unpriced][:MAX_MODELS] if isinstance(unpriced, list) else [],
+        )
+
+
 def usage_of(output: Any, prices: Mapping[str, tuple[float, float]]) -> Usage | None:
     """A step's usage with its estimated cost, from its committed output; None when it records none."""
     usage = step_usage(output)

@@ -38,7 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from factory.costs import count_tokens, estimate_cost
+from factory.costs import RunSpend, count_tokens, estimate_cost
 from factory.dag import Graph
 from factory.errors import StepInputError
 from factory.outcome import Outcome, limit_outcome
@@ -211,18 +211,14 @@ class Usage:
 
     @classmethod
     def of(cls, data: dict[str, Any]) -> Usage:
-        def number(name: str) -> float:
-            value = data.get(name)
-            return float(value) if isinstance(value, int | float) and value >= 0 else 0.0
-
-        unpriced = data.get("unpriced")
+        spent = RunSpend.of_event(data)
         return cls(
-            attempts=int(number("attempts")),
-            steps=int(number("steps")),
-            tokens=int(number("tokens")),
-            cost_usd=number("cost_usd"),
-            seconds=number("seconds"),
-            unpriced=[str(m) for m in unpriced][:100] if isinstance(unpriced, list) else [],
+            attempts=spent.attempts,
+            steps=spent.steps,
+            tokens=spent.tokens,
+            cost_usd=spent.cost_usd,
+            seconds=spent.seconds,
+            unpriced=spent.unpriced_models,
         )
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 
 from factory.approvals import Decision
 from factory.auth import Scope
+from factory.costs import RunSpend
 from factory.engine import Progress, RunResult
 from factory.errors import FactoryError
 from factory.routing.models import RouteDecision, RouteRequest
@@ -44,6 +45,7 @@ class RunInfo:
     record: RunRecord
     stalled: bool = False
     steps: list[StepRecord] = field(default_factory=list)
+    spent: RunSpend | None = None  # only from ``get_run``: all its attempts, failed ones included
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,8 @@ class LocalBackend:
     def _info(self, run_id: str, with_steps: bool = False) -> RunInfo:
         record = self.store.get_run(run_id)
         steps = self.store.get_steps(run_id) if with_steps else []
-        return RunInfo(record, api.run_is_stalled(record, self.settings.lease_seconds, time.time()), steps)
+        spent = api.run_spent(self.store, run_id) if with_steps else None
+        return RunInfo(record, api.run_is_stalled(record, self.settings.lease_seconds, time.time()), steps, spent)
 
     # -- runs ----------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from factory.cli.backend import (
     Watch,
 )
 from factory.client import ApiError, FactoryClient, WaitTimeoutError
+from factory.costs import RunSpend
 from factory.dag import read_workflow_file
 from factory.engine import RunResult
 from factory.errors import FactoryError, NoEligibleAgentError, WorkflowValidationError
@@ -62,7 +63,8 @@ def run_info(view: dict[str, Any]) -> RunInfo:
         )
         for s in view.get("steps") or []
     ]
-    return RunInfo(record, bool(view.get("stalled")), steps)
+    spent = view.get("spent")
+    return RunInfo(record, bool(view.get("stalled")), steps, RunSpend.model_validate(spent) if spent else None)
 
 
 def _result(run: dict[str, Any]) -> RunResult:

@@ -440,6 +440,7 @@ def status(
     record, steps = info.record, info.steps
     if as_json:
         data = {**record.model_dump(mode="json", exclude=_HIDDEN), "stalled": info.stalled}
+        data["spent"] = info.spent.model_dump(mode="json") if info.spent is not None else None
         data["steps"] = [
             {**s.model_dump(mode="json", exclude={"output_json", "run_id"}), "output": s.output} for s in steps
         ]
@@ -485,6 +486,13 @@ def status(
                 "estimate it",
                 highlight=False,
             )
+    spent = info.spent
+    if spent is not None and (spent.tokens or spent.cost_usd):
+        out.print(
+            f"spent in all {spent.attempts} attempt(s), failed ones included: {spent.tokens} tokens, "
+            f"estimated cost {cost_text(spent.cost_usd, spent.unpriced_models)} (what its budgets count)",
+            highlight=False,
+        )
 
 
 def logs(

@@ -22,7 +22,6 @@ from factory.catalog import AgentSpec, Catalog
 from factory.cli import app
 from factory.pools import DEFAULT_MANAGER_NAME, stop_manager
 from factory.spec import Step, Workflow
-from factory.store.sqlite import SQLiteStore
 from tests.conftest import API_MODEL_PRICES, ApiServer
 from tests.fixtures.chat_standin import COMPLETION_TOKENS, PROMPT_TOKENS, ChatStandIn
 
@@ -70,15 +69,10 @@ def usage_run(api_server: ApiServer, standin_server: ChatStandIn, tmp_path_facto
             Step(id="tool", agent="fa-usage-tools", with_={"text": call}),
         ],
     )
-    # the same run first in a store of its own, which starts the pools, their MCP server and this process's
-    # relay: the API's supervisor (lease 3 s in the api_server fixture) adopts a run whose coordinator does
-    # not renew its lease in time, and a cold start of all that takes longer on this machine
+    # the pools, their MCP server and this process's relay start cold, for longer than the lease of the
+    # api_server fixture (3 s): the run keeps its lease meanwhile (factory/lease.py), so the API's supervisor
+    # does not adopt it
     catalog = Catalog(agents=[spec, tools])
-    warm = SQLiteStore(tmp_path_factory.mktemp("warm-up") / "factory.db")
-    try:
-        assert factory.run(flow, store=warm, settings=api_server.settings, agents=catalog).ok
-    finally:
-        warm.close()
     store = store_for(api_server.settings)
     try:
         run = factory.run(flow, store=store, settings=api_server.settings, agents=catalog)
@@ -119,6 +113,9 @@ def test_the_run_view_has_each_steps_usage_and_the_runs_total(api_server: ApiSer
     )
     assert total["models"]["tiny-local"]["input_tokens"] == 3 * PROMPT_TOKENS
     assert total["cost_usd"] == pytest.approx(cost(3))
+    spent = run["spent"]  # as the run counted it for its budgets: no attempt failed, so the same tokens
+    assert spent["tokens"] == 3 * (PROMPT_TOKENS + COMPLETION_TOKENS) and spent["cost_usd"] == pytest.approx(cost(3))
+    assert spent["attempts"] >= 5 and spent["unpriced_models"] == []
 
 
 def test_the_dashboards_graph_has_each_steps_usage(api_server: ApiServer, usage_run: str) -> None:
@@ -137,6 +134,7 @@ def test_the_openapi_schema_documents_usage(api_server: ApiServer) -> None:
     schema = httpx.get(f"{api_server.base_url}/openapi.json", timeout=30).json()["components"]["schemas"]
     for view in ("StepView", "RunView", "GraphNode"):
         assert "usage" in schema[view]["properties"], view
+    assert "failed ones included" in schema["RunView"]["properties"]["spent"]["description"]
     usage = schema["Usage"]["properties"]
     assert {"input_tokens", "output_tokens", "models", "cost_usd", "unpriced_models"} <= set(usage)
     assert "model_prices" in usage["cost_usd"]["description"]
@@ -152,6 +150,7 @@ def test_factory_status_over_the_api_shows_tokens_and_cost(api_server: ApiServer
     assert f"{2 * PROMPT_TOKENS} in / {2 * COMPLETION_TOKENS} out" in rows["each"] and f"${cost(2):.6f}" in rows["each"]
     assert f"tokens: {3 * PROMPT_TOKENS} in / {3 * COMPLETION_TOKENS} out" in shown.output
     assert f"estimated cost ${cost(3):.6f}" in shown.output
+    assert f"failed ones included: {3 * (PROMPT_TOKENS + COMPLETION_TOKENS)} tokens" in shown.output
     unpriced = CliRunner().invoke(app, remote, env={"COLUMNS": "200", "FACTORY_MODEL_PRICES": "{}"})
     assert "no price for tiny-local" in unpriced.output and "estimated cost ?" in unpriced.output
 

@@ -106,3 +106,15 @@ def test_the_dashboard_graph_and_step_table_show_tokens_and_cost() -> None:
     assert usage_text({"input_tokens": 1, "output_tokens": 2, "cost_usd": 0.5, "unpriced_models": ["m"]}) == (
         "1 in / 2 out · >= $0.500000"
     )
+
+
+def test_a_runs_spend_is_read_from_its_usage_event_and_bad_values_count_nothing() -> None:
+    from factory.costs import RunSpend
+
+    spent = RunSpend.of_event(
+        {"attempts": 4, "steps": 3, "tokens": 120, "cost_usd": 0.25, "seconds": 1.5, "unpriced": ["m"] * 500}
+    )
+    assert (spent.attempts, spent.steps, spent.tokens, spent.cost_usd, spent.seconds) == (4, 3, 120, 0.25, 1.5)
+    assert len(spent.unpriced_models) == 100
+    odd = RunSpend.of_event({"attempts": True, "tokens": -5, "cost_usd": "1", "unpriced": "m"})
+    assert (odd.attempts, odd.tokens, odd.cost_usd, odd.unpriced_models) == (0, 0, 0.0, [])
