@@ -61,6 +61,11 @@ class ReplicaCore:
             self.in_flight += 1
         return time.perf_counter()
 
+    def abandon(self) -> None:
+        """A call stopped from outside (cancelled): no longer in flight, neither served nor failed."""
+        with self._lock:
+            self.in_flight -= 1
+
     def succeed(self, value: Any, meta: dict[str, Any] | None, started: float) -> Outcome:
         try:
             wrapped = value if meta is None else {**meta, "replica": self.replica_id, "result": value}
@@ -289,6 +294,9 @@ class AsyncReplicaActor:
                         ) from None
                 else:
                     value = await pending
+        except asyncio.CancelledError:  # ray.cancel(): the caller stopped waiting, or the run was cancelled
+            core.abandon()
+            raise
         except Exception as exc:  # noqa: BLE001 - an agent's error goes back in the Outcome
             return core.fail(exc, retry, started)
         return core.succeed(value, meta, started)

@@ -370,3 +370,35 @@ def test_a_pool_that_starts_slowly_does_not_cost_the_run_its_lease(store: SQLite
     (result,) = results
     assert result.ok, result.error
     assert result.outputs["a"]["result"] == {"echo": 1}
+
+
+def test_cancelling_a_run_stops_its_async_agents_call_on_the_replica(store: SQLiteStore, settings: Settings) -> None:
+    """The run's cancel reaches the replica: the async agent's call is cancelled there (the replica
+    has nothing in flight long before the agent's 30 s sleep would end), not left running."""
+    spec = AgentSpec.model_validate(
+        {"name": f"async-sleeper-{uuid.uuid4().hex[:6]}", "class": "agent_fixtures:AsyncSleeper"}
+    )
+    wf = Workflow(name="cancel-async", base_dir=FIXTURES, steps=[Step(id="slow", agent=spec.name, with_={"sleep": 30})])
+    started: list[str] = []
+    results: list[RunResult] = []
+    catalog = Catalog(agents=[spec])
+    runner = threading.Thread(
+        target=lambda: results.append(
+            factory.run(wf, store=store, settings=settings, agents=catalog, on_start=started.append)
+        )
+    )
+    runner.start()
+    watcher = Pools()
+    try:
+        victim = _serving_replica(watcher, spec.name)
+        handle = watcher.client(spec.name).handles()[victim]
+        assert factory.cancel(started[0], store=store)
+        runner.join(30)
+        assert results and results[0].status.value == "cancelled"
+        deadline = time.monotonic() + 10
+        while ray.get(handle.health.remote()).in_flight and time.monotonic() < deadline:
+            time.sleep(0.1)
+        health = ray.get(handle.health.remote())
+    finally:
+        watcher.close()
+    assert health.in_flight == 0 and health.served == 0  # cancelled: neither served nor still running
