@@ -16,6 +16,7 @@ from typing import Any
 
 from factory.client import FactoryClient
 from factory.errors import FactoryError
+from ui.render import LiveLine, live_lines
 
 MAX_EVENTS = 500
 MAX_LOG_LINES = 2000
@@ -40,7 +41,7 @@ class EventFollower:
         self.touched = time.monotonic()
         self.run_id = run_id
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
-        self.logs: dict[str, deque[str]] = {}
+        self.logs: dict[str, deque[LiveLine]] = {}
         self.version = 0
         self.last_id = after
         self.error: str | None = None
@@ -79,11 +80,11 @@ class EventFollower:
             self.last_id = max(self.last_id, int(event["id"]))
             self.events.append(event)
             step = event.get("step_id")
-            lines = (event.get("data") or {}).get("lines")
-            if event.get("type") == "step.log" and step and isinstance(lines, list):
+            data = event.get("data")
+            if event.get("type") == "step.log" and step and isinstance(data, dict):
                 if step not in self.logs and len(self.logs) >= MAX_LOGGED_STEPS:
                     self.logs.pop(next(iter(self.logs)))
-                self.logs.setdefault(step, deque(maxlen=MAX_LOG_LINES)).extend(str(line) for line in lines)
+                self.logs.setdefault(step, deque(maxlen=MAX_LOG_LINES)).extend(live_lines(data))
             self.version += 1
 
     def touch(self) -> None:
@@ -104,7 +105,8 @@ class EventFollower:
                 newer.append(event)
             return self.version, newer[::-1]
 
-    def live_lines(self, step: str) -> list[str]:
+    def live_lines(self, step: str) -> list[LiveLine]:
+        """The step's lines from step.log events, with the attempt and item of each."""
         with self._lock:
             return list(self.logs.get(step, ()))
 

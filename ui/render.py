@@ -475,19 +475,46 @@ def event_rows(events: list[dict[str, Any]], limit: int = 200) -> list[list[str]
     return rows
 
 
-def step_logs(step: str, attempts: list[dict[str, Any]], live: list[str]) -> str:
-    """A step's finished attempts' logs, then the lines it printed since (it may still run)."""
+LiveLine = tuple[int | None, int | None, str]  # a step.log line: (attempt, for_each item, text)
+
+
+def live_lines(data: dict[str, Any]) -> list[LiveLine]:
+    """The lines of one ``step.log`` event's data, with the attempt and item they came from
+    (None when the event does not say: events of an older Factory)."""
+    lines = data.get("lines")
+    if not isinstance(lines, list):
+        return []
+    attempt, item = data.get("attempt"), data.get("item")
+    attempt = attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None
+    item = item if isinstance(item, int) and not isinstance(item, bool) else None
+    out: list[LiveLine] = []
+    skipped = data.get("skipped")
+    if isinstance(skipped, int) and skipped > 0:
+        out.append((attempt, item, f"[{skipped} lines not shown live: printed faster than they are sent]"))
+    out.extend((attempt, item, str(line)) for line in lines)
+    return out
+
+
+def step_logs(step: str, attempts: list[dict[str, Any]], live: list[LiveLine]) -> str:
+    """A step's finished attempts' logs, then the lines its running attempts printed since
+    (``step.log`` events): lines of an attempt that has ended are in its log already, and a
+    for_each item's are in the step's log once the step has ended."""
     parts = []
-    for a in attempts:
-        if a["step_id"] != step:
-            continue
+    mine = [a for a in attempts if a["step_id"] == step]
+    for a in mine:
         head = f"--- attempt {a['attempt']}: {a['status']} ({seconds(a.get('duration'))})"
         parts.append(head + (f"\n{a['error']}" if a.get("error") else ""))
         if a.get("logs"):
             parts.append(str(a["logs"]).rstrip("\n"))
-    if live:
-        parts.append("--- live")
-        parts.extend(live)
+    ended = {a["attempt"] for a in mine}
+    group: int | str | None = ""
+    for attempt, item, line in live:
+        if (item is None and attempt in ended) or (item is not None and mine):
+            continue
+        if attempt != group:
+            group = attempt
+            parts.append("--- live" if attempt is None else f"--- attempt {attempt}: running (live)")
+        parts.append(line if item is None else f"[item {item}] {line}")
     return "\n".join(parts) if parts else f"(no logs of step {step} yet)"
 
 

@@ -235,6 +235,33 @@ def test_step_logs_and_markup_shown_as_text(page: tuple[Any, Problems], api_serv
     shot(pg, "xss")
 
 
+def test_a_running_python_steps_logs_follow_live(page: tuple[Any, Problems], api_server: ApiServer) -> None:
+    """The lines a python step prints show while it runs (its step.log events), then once each
+    when its attempt's log is there."""
+    pg, _ = page
+    login(pg, api_server)
+    cl = client(api_server)
+    drip = {
+        "id": "drip",
+        "python": "tests.fixtures.teststeps:drip",
+        "with": {"lines": 30, "pause": 0.3, "prefix": "tick"},
+    }
+    run_id = cl.submit({"name": "live-logs", "steps": [drip]})
+    open_run(pg, run_id)  # the step running is the one whose logs show
+    logs = "document.querySelector('#step-logs textarea').value"
+    pg.wait_for_function(f"() => {logs}.split('\\n').includes('tick 3')", timeout=WAIT_MS)
+    shown = pg.locator("#step-logs textarea").input_value()
+    step = {s["step_id"]: s for s in cl.get_run(run_id)["steps"]}["drip"]
+    assert step["status"] == "running", "the lines came before the step ended"
+    assert "--- attempt 1: running (live)" in shown and "tick 29" not in shown
+    shot(pg, "logs-live")
+    status_is(pg, "succeeded")
+    pg.wait_for_function(f"() => {logs}.includes('--- attempt 1: succeeded')", timeout=WAIT_MS)
+    lines = pg.locator("#step-logs textarea").input_value().split("\n")
+    assert [line for line in lines if line.startswith("tick ")] == [f"tick {i}" for i in range(30)]  # each once
+    assert "--- attempt 1: running (live)" not in lines
+
+
 def test_read_key_sees_but_cannot_act(page: tuple[Any, Problems], api_server: ApiServer) -> None:
     pg, _ = page
     cl = client(api_server)

@@ -131,9 +131,49 @@ def test_tables_and_logs() -> None:
     logs = render.step_logs(
         "a",
         [{"step_id": "a", "attempt": 1, "status": "failed", "duration": 0.5, "logs": "hello\n", "error": "boom"}],
-        ["live 1"],
+        [(None, None, "live 1")],
     )
     assert logs.splitlines() == ["--- attempt 1: failed (0.50s)", "boom", "hello", "--- live", "live 1"]
+
+
+def test_live_log_lines_of_running_attempts_only() -> None:
+    """Lines of an attempt that ended are in its log: shown once, not again as live lines."""
+    live = render.live_lines({"lines": ["one", "two"], "attempt": 1})
+    live += render.live_lines({"lines": ["three"], "attempt": 2, "skipped": 4})
+    assert live == [
+        (1, None, "one"),
+        (1, None, "two"),
+        (2, None, "[4 lines not shown live: printed faster than they are sent]"),
+        (2, None, "three"),
+    ]
+    assert render.live_lines({"lines": "not a list"}) == []
+    assert render.live_lines({"lines": [1], "attempt": True}) == [(None, None, "1")]  # not an attempt number
+    running = render.step_logs("a", [], live)
+    assert running.splitlines() == [
+        "--- attempt 1: running (live)",
+        "one",
+        "two",
+        "--- attempt 2: running (live)",
+        "[4 lines not shown live: printed faster than they are sent]",
+        "three",
+    ]
+    first_failed = [{"step_id": "a", "attempt": 1, "status": "retrying", "duration": 1.0, "logs": "one\ntwo\n"}]
+    lines = render.step_logs("a", first_failed, live).splitlines()
+    assert lines.count("one") == 1 and lines[-2:] == [
+        "[4 lines not shown live: printed faster than they are sent]",
+        "three",
+    ]
+    # a for_each step's items: prefixed while it runs, gone once the step's log (all items) is there
+    items = render.live_lines({"lines": ["x"], "attempt": 1, "item": 7})
+    assert render.step_logs("a", [], items).splitlines() == ["--- attempt 1: running (live)", "[item 7] x"]
+    done = [{"step_id": "a", "attempt": 1, "status": "succeeded", "duration": 1.0, "logs": "[item 7] x\n"}]
+    assert render.step_logs("a", done, items).splitlines() == ["--- attempt 1: succeeded (1.00s)", "[item 7] x"]
+    # another step's attempts change nothing
+    other = [{"step_id": "b", "attempt": 1, "status": "succeeded", "duration": 1.0}]
+    assert "one" in render.step_logs("a", other, live)
+
+
+def test_event_rows_are_bounded() -> None:
     events = [
         {"id": i, "ts": 0.0, "type": "step.log", "step_id": "a", "data": {"lines": ["x" * 500]}} for i in range(300)
     ]
