@@ -518,6 +518,37 @@ def step_logs(step: str, attempts: list[dict[str, Any]], live: list[LiveLine]) -
     return "\n".join(parts) if parts else f"(no logs of step {step} yet)"
 
 
+# -- schedules ----------------------------------------------------------------------------------------
+
+SCHEDULE_COLUMNS = ["name", "workflow", "cron", "next run", "last run", "enabled"]
+
+
+def schedule_rows(schedules: list[dict[str, Any]]) -> list[list[str]]:
+    """``GET /v1/schedules`` as table rows (text only): a paused schedule says why, the last
+    decided tick the run it started or why it was skipped."""
+    rows = []
+    for sc in schedules:
+        nexts = sc.get("next_ticks") or []
+        last = sc.get("last_tick")
+        if isinstance(last, dict):
+            done = f"run {last.get('run_id')}" if last.get("action") == "run" else f"skipped: {last.get('reason', '')}"
+            last_text = f"{when(last.get('tick'))} · {done}"
+        else:
+            last_text = "never"
+        paused = sc.get("state") == "paused"
+        rows.append(
+            [
+                str(sc.get("name", "")),
+                str(sc.get("workflow_ref", "")),
+                f"{sc.get('cron', '')} ({sc.get('timezone', '')})",
+                when(nexts[0]) if nexts and not paused else "",
+                last_text,
+                f"no: {sc.get('paused_reason') or 'paused'}" if paused else "yes",
+            ]
+        )
+    return rows
+
+
 # -- agents -------------------------------------------------------------------------------------------
 
 POOL_COLUMNS = ["agent", "capabilities", "replicas", "in flight", "queued", "health", "breaker"]

@@ -8,6 +8,7 @@ Chromium is Debian's (`apt-get install chromium`); CHROMIUM_PATH overrides where
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -48,8 +49,9 @@ def browser() -> Iterator[Any]:
             launched.close()
 
 
-@pytest.fixture
-def page(browser: Any, api_server: ApiServer) -> Iterator[tuple[Any, Problems]]:
+@contextlib.contextmanager
+def watched_page(browser: Any) -> Iterator[tuple[Any, Problems]]:
+    """A page in a context of its own (its own session), its problems recorded; none allowed."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     pg = context.new_page()
     problems = Problems()
@@ -67,6 +69,12 @@ def page(browser: Any, api_server: ApiServer) -> Iterator[tuple[Any, Problems]]:
     finally:
         context.close()
     assert problems.seen == [], problems.seen
+
+
+@pytest.fixture
+def page(browser: Any, api_server: ApiServer) -> Iterator[tuple[Any, Problems]]:
+    with watched_page(browser) as watched:
+        yield watched
 
 
 def client(api_server: ApiServer, scope: str = "submit") -> FactoryClient:
@@ -277,6 +285,61 @@ def test_read_key_sees_but_cannot_act(page: tuple[Any, Problems], api_server: Ap
     for button in ("#cancel-btn", "#resume-btn", "#rerun-btn"):
         assert pg.locator(button).is_disabled()
     pg.locator("#perm-note").get_by_text("your key can read only").wait_for(timeout=WAIT_MS)
+
+
+def test_schedules_listed_read_only_and_paused_by_an_admin(
+    page: tuple[Any, Problems], browser: Any, api_server: ApiServer
+) -> None:
+    """The Schedules tab: each schedule with its workflow, cron, next and last run, enabled; a read
+    key sees the pause / resume buttons disabled with the reason, an admin key uses them."""
+    import datetime as dt
+
+    import ray
+
+    from factory import schedules
+    from factory.runner import NAMESPACE
+
+    pg, _ = page
+    admin = client(api_server, "admin")
+    name = "dash-yearly"
+    step = {"id": "a", "python": "tests.fixtures.teststeps:add", "with": {"a": "${inputs.x}", "b": 1}}
+    schedule = {"cron": "0 0 1 1 *", "timezone": "Europe/Paris", "inputs": {"x": 41}}
+    view = admin.add_schedule({"name": name, "inputs": {"x": 1}, "steps": [step], "schedule": schedule})
+    try:
+        # the API's scheduler decides the next tick now (asked, not waited for): a last run to show
+        actor = ray.get_actor(schedules.cron_scheduler_name(api_server.settings), namespace=NAMESPACE)
+        ray.get(actor.sweep.remote(view["next_ticks"][0] + 1), timeout=60)
+        run_id = admin.schedule_ticks(name)[0]["run_id"]
+        admin.wait(run_id, timeout=60)
+        (now,) = [v for v in admin.list_schedules() if v["name"] == name]
+        next_run = dt.datetime.fromtimestamp(now["next_ticks"][0], tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+        login(pg, api_server, "read")
+        pg.get_by_role("tab", name="Schedules").click()
+        cell(pg, "schedules-table", name).first.wait_for(timeout=WAIT_MS)
+        for text in (view["workflow_ref"], "0 0 1 1 * (Europe/Paris)", next_run, "yes"):
+            cell(pg, "schedules-table", text).first.wait_for(timeout=WAIT_MS)
+        cell(pg, "schedules-table", re.compile(rf"· run {run_id}\s*$")).first.wait_for(timeout=WAIT_MS)
+        cell(pg, "schedules-table", name).first.click()  # picked: still nothing a read key may do
+        pg.locator("#schedule-note").get_by_text("needs a key with the admin scope").wait_for(timeout=WAIT_MS)
+        assert pg.locator("#schedule-pause-btn").is_disabled() and pg.locator("#schedule-resume-btn").is_disabled()
+        shot(pg, "schedules")
+
+        with watched_page(browser) as (apg, _):  # an admin, in a session of their own
+            login(apg, api_server, "admin")
+            apg.get_by_role("tab", name="Schedules").click()
+            cell(apg, "schedules-table", name).first.wait_for(timeout=WAIT_MS)
+            assert apg.locator("#schedule-pause-btn").is_disabled()  # nothing picked yet
+            pick(apg, "schedule-pick", name)
+            apg.locator("#schedule-pause-btn:not([disabled])").click()
+            apg.locator("#schedule-note").get_by_text(f"paused schedule {name}").wait_for(timeout=WAIT_MS)
+            cell(apg, "schedules-table", re.compile(r"^\s*no: paused by key:")).first.wait_for(timeout=WAIT_MS)
+            assert [v["state"] for v in admin.list_schedules() if v["name"] == name] == ["paused"]
+            apg.locator("#schedule-resume-btn:not([disabled])").click()
+            apg.locator("#schedule-note").get_by_text(f"resumed schedule {name}").wait_for(timeout=WAIT_MS)
+            assert [v["state"] for v in admin.list_schedules() if v["name"] == name] == ["active"]
+    finally:
+        admin.schedule_action(name, "remove")
 
 
 def test_agents_pool_and_routing_playground(page: tuple[Any, Problems], api_server: ApiServer) -> None:

@@ -233,3 +233,42 @@ def test_inputs_form_types() -> None:
         render.parse_input("int", 2.5)
     with pytest.raises(ValueError, match="not JSON"):
         render.parse_input("json", "{nope")
+
+
+def test_schedule_rows() -> None:
+    active = {
+        "name": "nightly",
+        "workflow_ref": "sales@3",
+        "cron": "30 6 * * 1-5",
+        "timezone": "Europe/Paris",
+        "state": "active",
+        "next_ticks": [86400.0, 172800.0],
+        "last_tick": {"tick": 3600.0, "action": "run", "run_id": "abc123", "reason": ""},
+    }
+    paused = {
+        "name": "yearly",
+        "workflow_ref": XSS + "@1",
+        "cron": "0 0 1 1 *",
+        "timezone": "UTC",
+        "state": "paused",
+        "paused_reason": "the key that added it was revoked",
+        "next_ticks": [],
+        "last_tick": {"tick": 0.0, "action": "skip", "run_id": None, "reason": "the previous run still runs"},
+    }
+    fresh = {**active, "name": "new", "last_tick": None}
+    rows = render.schedule_rows([active, paused, fresh])
+    assert rows[0] == [
+        "nightly",
+        "sales@3",
+        "30 6 * * 1-5 (Europe/Paris)",
+        "1970-01-02 00:00:00",
+        "1970-01-01 01:00:00 · run abc123",
+        "yes",
+    ]
+    assert rows[1][1] == XSS + "@1"  # a table cell shows text as it is
+    assert rows[1][3:] == [
+        "",
+        "1970-01-01 00:00:00 · skipped: the previous run still runs",
+        "no: the key that added it was revoked",
+    ]
+    assert rows[2][4] == "never"
