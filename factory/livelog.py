@@ -87,6 +87,14 @@ _TICKER = _Ticker()
 class LiveLog(io.StringIO):
     """A StringIO whose complete lines are also published as ``step.log`` events."""
 
+    # Class defaults, set on an instance by its first publication: a log nobody writes to
+    # (a step that prints nothing) costs its construction and a ``tell()`` at the end.
+    published = 0  # events written
+    _sent = 0  # characters of the buffer published (or dropped), up to a line's end
+    _armed = False  # a publication is scheduled
+    _closed = False
+    _failed = False
+
     def __init__(
         self,
         store_url: str,
@@ -99,17 +107,9 @@ class LiveLog(io.StringIO):
         """``base``: added to each event's data (the attempt, the item); ``hold_short``: publish
         nothing when the attempt ends before its first publication (see the module's text)."""
         super().__init__()
-        self.store_url = store_url
-        self.run_id = run_id
-        self.step_id = step_id
+        self._target = (store_url, run_id, step_id, base)
         self.interval = interval
-        self.base = base or {}
         self.hold_short = hold_short
-        self.published = 0  # events written
-        self._sent = 0  # characters of the buffer published (or dropped), up to a line's end
-        self._armed = False  # a publication is scheduled
-        self._closed = False
-        self._failed = False
         self._lock = threading.Lock()  # one publication at a time, in the buffer's order
 
     def write(self, text: str) -> int:
@@ -127,6 +127,9 @@ class LiveLog(io.StringIO):
     def flush_events(self, final: bool = False) -> None:
         """Publish the complete lines now; ``final``: the attempt ended, publish the rest too
         (nothing, for a ``hold_short`` log that has published nothing) and stop publishing."""
+        if final and not self.tell():  # never written to: nothing scheduled, nothing to publish
+            self._closed = True
+            return
         self._publish(final)
 
     def _publish(self, final: bool) -> None:
@@ -147,19 +150,20 @@ class LiveLog(io.StringIO):
             self._sent = end
             if self._failed:
                 return
+            store_url, run_id, step_id, base = self._target
             lines = chunk.removesuffix("\n").split("\n")
             skipped = max(0, len(lines) - MAX_LINES_PER_PUBLISH)
             lines = [
                 line if len(line) <= MAX_LINE_CHARS else line[:MAX_LINE_CHARS] + " [cut]" for line in lines[skipped:]
             ]
             try:
-                store = worker_store(self.store_url)
+                store = worker_store(store_url)
                 for start in range(0, len(lines), MAX_LINES_PER_EVENT):
-                    data: dict[str, Any] = {"lines": lines[start : start + MAX_LINES_PER_EVENT], **self.base}
+                    data: dict[str, Any] = {"lines": lines[start : start + MAX_LINES_PER_EVENT], **(base or {})}
                     if skipped and start == 0:
                         data["skipped"] = skipped
-                    store.append_event(self.run_id, self.step_id, "step.log", data)
+                    store.append_event(run_id, step_id, "step.log", data)
                     self.published += 1
             except Exception as exc:  # noqa: BLE001 - live lines are a convenience; the attempt's log is kept anyway
                 self._failed = True
-                log.warning("cannot stream log lines of step %s as events: %s", self.step_id, exc)
+                log.warning("cannot stream log lines of step %s as events: %s", step_id, exc)
