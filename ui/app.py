@@ -246,9 +246,19 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                         wrap=True,
                     )
                     with gr.Row():
-                        log_step = gr.Dropdown([], label="step logs", elem_id="log-step", allow_custom_value=False)
+                        log_step = gr.Dropdown(
+                            [], label="step (its logs and emitted data)", elem_id="log-step", allow_custom_value=False
+                        )
                     step_log = gr.Textbox(
                         label="logs", lines=10, max_lines=30, interactive=False, elem_id="step-logs", autoscroll=True
+                    )
+                    step_emitted = gr.Textbox(
+                        label="emitted data (ctx.emit: partial results, streamed tokens)",
+                        lines=3,
+                        max_lines=20,
+                        interactive=False,
+                        elem_id="step-emitted",
+                        autoscroll=True,
                     )
                     with gr.Row():
                         inputs_json = gr.JSON(label="inputs", elem_id="run-inputs")
@@ -462,6 +472,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
             steps_table,
             log_step,
             step_log,
+            step_emitted,
             inputs_json,
             outputs_json,
             events_table,
@@ -545,6 +556,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                 step = step or (step_ids[0] if step_ids else None)
             s.log_step = step
             live = s.run_follower.live_lines(step) if (s.run_follower and step) else []
+            emitted = s.run_follower.emitted_values(step) if (s.run_follower and step) else []
             events = s.run_follower.snapshot()[1] if s.run_follower else []
             return {
                 "header": header_html(s),
@@ -552,6 +564,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                 "steps": render.step_rows(graph["nodes"]),
                 "log_step": gr.update(choices=step_ids, value=step),
                 "logs": render.step_logs(step, s.attempts, live) if step else "",
+                "emitted": render.step_emitted(step, emitted) if step else "",
                 "inputs": run.get("inputs") or {},
                 "outputs": {
                     st["step_id"]: st.get("output") for st in run.get("steps") or [] if st.get("output") is not None
@@ -560,7 +573,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                 **buttons(s),
             }
 
-        RUN_KEYS = ["header", "dag", "gantt", "steps", "log_step", "logs", "inputs", "outputs", "events"]
+        RUN_KEYS = ["header", "dag", "gantt", "steps", "log_step", "logs", "emitted", "inputs", "outputs", "events"]
         RUN_KEYS += ["cancel", "resume"]
 
         def as_outputs(s: Session, values: dict[str, Any]) -> list[Any]:
@@ -626,6 +639,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                     "gantt": "<div class='factory-empty'>loading…</div>",
                     "steps": [],
                     "logs": "",
+                    "emitted": "",
                     "outputs": {},
                     "events": [],
                     **buttons(s),
@@ -709,20 +723,22 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                 s.refresh_cost = max(s.refresh_cost if pending else 0.0, s.refreshed_at - started)
                 return as_outputs(s, values)
 
-        def pick_step(s: Session | None, step: str | None) -> str:
+        def pick_step(s: Session | None, step: str | None) -> list[str]:
             if not isinstance(s, Session) or not step:
-                return ""
+                return ["", ""]
             s.log_step = step
             live = s.run_follower.live_lines(step) if s.run_follower else []
+            emitted = render.step_emitted(step, s.run_follower.emitted_values(step) if s.run_follower else [])
+            s.sent["emitted"] = emitted
             try:
                 attempts = s.client.attempts(s.run_id or "", step)
             except FactoryError as exc:
-                return str(exc)
+                return [str(exc), emitted]
             logs = render.step_logs(step, attempts, live)
             s.sent["logs"] = logs
-            return logs
+            return [logs, emitted]
 
-        log_step.input(pick_step, [session_state, log_step], [step_log])
+        log_step.input(pick_step, [session_state, log_step], [step_log, step_emitted])
 
         # -- actions, each confirmed ----------------------------------------------------------------
 

@@ -518,6 +518,38 @@ def step_logs(step: str, attempts: list[dict[str, Any]], live: list[LiveLine]) -
     return "\n".join(parts) if parts else f"(no logs of step {step} yet)"
 
 
+EmittedLine = tuple[int | None, int | None, str]  # a step.emitted value: (attempt, item, its JSON)
+
+
+def emitted_lines(data: dict[str, Any]) -> list[EmittedLine]:
+    """The values of one ``step.emitted`` event's data as JSON text, with their attempt and item."""
+    items = data.get("items")
+    if not isinstance(items, list):
+        return []
+    attempt, item = data.get("attempt"), data.get("item")
+    attempt = attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None
+    item = item if isinstance(item, int) and not isinstance(item, bool) else None
+    out = [(attempt, item, json.dumps(value, ensure_ascii=False)) for value in items]
+    dropped = data.get("dropped")
+    if isinstance(dropped, int) and dropped > 0:
+        out.append((attempt, item, f"[{dropped} values dropped: emitted faster than they are sent]"))
+    return out
+
+
+def step_emitted(step: str, emitted: list[EmittedLine]) -> str:
+    """What a step emitted (``ctx.emit``: partial results, streamed tokens), one value a line, oldest
+    first; a later attempt's and a for_each item's marked."""
+    if not emitted:
+        return f"(nothing emitted by step {step})"
+    lines = []
+    for attempt, item, text in emitted:
+        prefix = f"[item {item}] " if item is not None else ""
+        if attempt is not None and attempt > 1:
+            prefix = f"[attempt {attempt}] " + prefix
+        lines.append(prefix + text)
+    return "\n".join(lines)
+
+
 # -- schedules ----------------------------------------------------------------------------------------
 
 SCHEDULE_COLUMNS = ["name", "workflow", "cron", "next run", "last run", "enabled"]

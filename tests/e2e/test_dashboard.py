@@ -9,6 +9,7 @@ Chromium is Debian's (`apt-get install chromium`); CHROMIUM_PATH overrides where
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -102,6 +103,8 @@ def cell(pg: Any, table: str, text: str | re.Pattern[str]) -> Any:
 
 
 def pick(pg: Any, dropdown: str, option: str) -> None:
+    # in the middle of the window: its list of options opens below it, inside the window
+    pg.locator(f"#{dropdown}").evaluate("el => el.scrollIntoView({block: 'center'})")
     pg.locator(f"#{dropdown} input").click()
     pg.get_by_role("option", name=option, exact=True).click()
 
@@ -268,6 +271,30 @@ def test_a_running_python_steps_logs_follow_live(page: tuple[Any, Problems], api
     lines = pg.locator("#step-logs textarea").input_value().split("\n")
     assert [line for line in lines if line.startswith("tick ")] == [f"tick {i}" for i in range(30)]  # each once
     assert "--- attempt 1: running (live)" not in lines
+
+
+def test_a_steps_emitted_data_shows_on_the_run_page(page: tuple[Any, Problems], api_server: ApiServer) -> None:
+    """What a step emits (ctx.emit, e.g. streamed tokens) shows for the step picked, as text."""
+    pg, _ = page
+    login(pg, api_server)
+    cl = client(api_server)
+    steps = [
+        {"id": "quiet", "python": "tests.fixtures.teststeps:add", "with": {"a": 1, "b": 2}},
+        {"id": "stream", "python": "tests.fixtures.teststeps:report_progress", "with": {"n": 12, "delay": 0.1}},
+    ]
+    run_id = cl.submit({"name": "emits", "steps": steps})
+    cl.wait(run_id, timeout=60)
+    open_run(pg, run_id)
+    status_is(pg, "succeeded")
+    emitted = "document.querySelector('#step-emitted textarea').value"
+    # the first step's, picked by the page itself
+    pg.wait_for_function(f"() => {emitted} === '(nothing emitted by step quiet)'", timeout=WAIT_MS)
+    pick(pg, "log-step", "stream")
+    pg.wait_for_function(f"() => {emitted}.includes('{{\"i\": 11}}')", timeout=WAIT_MS)
+    lines = pg.locator("#step-emitted textarea").input_value().split("\n")
+    assert lines == [json.dumps({"i": i}) for i in range(12)]  # each value once, in order
+    pick(pg, "log-step", "quiet")
+    pg.wait_for_function(f"() => {emitted} === '(nothing emitted by step quiet)'", timeout=WAIT_MS)
 
 
 def test_read_key_sees_but_cannot_act(page: tuple[Any, Problems], api_server: ApiServer) -> None:

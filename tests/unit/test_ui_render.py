@@ -272,3 +272,20 @@ def test_schedule_rows() -> None:
         "no: the key that added it was revoked",
     ]
     assert rows[2][4] == "never"
+
+
+def test_emitted_values_of_a_step() -> None:
+    first = render.emitted_lines({"items": [{"delta": "Hel"}, {"delta": XSS}], "attempt": 1})
+    retry = render.emitted_lines({"items": ["x"], "attempt": 2, "dropped": 3})
+    item = render.emitted_lines({"items": [1.5], "attempt": 1, "item": 4})
+    assert render.emitted_lines({"items": {"not": "a list"}}) == []
+    assert first == [(1, None, '{"delta": "Hel"}'), (1, None, '{"delta": "' + XSS + '"}')]
+    text = render.step_emitted("a", first + retry + item)
+    assert text.splitlines() == [
+        '{"delta": "Hel"}',
+        '{"delta": "<img src=x onerror=alert(1)>"}',  # text in a text box: shown as it is
+        '[attempt 2] "x"',
+        "[attempt 2] [3 values dropped: emitted faster than they are sent]",
+        "[item 4] 1.5",
+    ]
+    assert render.step_emitted("a", []) == "(nothing emitted by step a)"
