@@ -863,7 +863,9 @@ class FactoryAPI:
     ) -> views.SummaryPage:
         self.auth.authorize(request, Scope.READ)
         before = _parse_cursor(cursor) if cursor else None
-        last_event = self.store.last_event_id()  # before the query: following from here misses nothing
+        # before the query: following from here misses nothing. The store's newest id, not a run's: the
+        # list follows every run's events (GET /v1/events, which any read key may follow anyway)
+        last_event = self.store.last_event_id()
         records = self.store.run_summaries(limit + 1, status, workflow or None, q or None, before)
         return views.summary_page(records, limit, last_event)
 
@@ -874,7 +876,9 @@ class FactoryAPI:
     )
     def run_graph(self, request: Request, run_id: str) -> views.RunGraph:
         key = self.auth.authorize(request, Scope.READ)
-        last_event = self.store.last_event_id()  # before the steps: events after it may be news to the graph
+        # the run's own newest event (not the store's: that would tell how busy other runs are), read
+        # before the steps: ids follow commit order, so its events after this id may be news to the graph
+        last_event = self.store.last_event_id(run_id)
         record = self.store.get_run(run_id)
         steps = self.store.get_steps(run_id)
         progress = reported = None

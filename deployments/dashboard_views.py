@@ -90,8 +90,8 @@ class RunGraph(BaseModel):
     )
     last_event_id: int = Field(
         default=0,
-        description="The newest event (of any run) before the steps were read: the graph reflects every event of "
-        "this run up to it; follow the run's events after it to update the graph yourself.",
+        description="The run's newest event before the steps were read (0: none yet): the graph reflects every "
+        "event of this run up to it; follow the run's events after it to update the graph yourself.",
     )
 
 

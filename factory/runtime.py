@@ -32,6 +32,7 @@ import ray
 from factory.callables import bind_arguments, import_callable
 from factory.errors import OutputNotSerializableError, OutputTooLargeError, StepInputError, StepTimeoutError
 from factory.limits import DEFAULT_MAX_OUTPUT_BYTES
+from factory.livelog import LiveLog
 from factory.outcome import Outcome as Outcome  # re-exported: workers and pools build it here
 from factory.outcome import json_size
 from factory.outcome import limit_outcome as limit_outcome
@@ -195,7 +196,28 @@ def run_attempt(call: StepCall, deps: tuple[Outcome, ...]) -> Outcome:
         if not dep.ok:
             return Outcome(ok=False, skipped=True, error="a dependency did not succeed")
     started = time.perf_counter()
-    buffer = io.StringIO()
+    live = _live_log(call)
+    buffer = live if live is not None else io.StringIO()
+    try:
+        return _run_attempt(call, deps, buffer, started)
+    finally:
+        if live is not None:  # before the outcome goes back: its last lines come before the step's end
+            live.flush_events(final=True)
+
+
+def _live_log(call: StepCall) -> LiveLog | None:
+    """Where the attempt's printed lines go: a LiveLog that publishes them as ``step.log`` events
+    while the attempt runs (a python step's only once it has run for the interval), or None
+    outside a run with a store."""
+    if not (call.store_url and call.run_id):
+        return None
+    base: dict[str, Any] = {"attempt": call.attempt}
+    if call.item_index is not None:
+        base["item"] = call.item_index
+    return LiveLog(call.store_url, call.run_id, call.step_id, base=base, hold_short=call.action != "container")
+
+
+def _run_attempt(call: StepCall, deps: tuple[Outcome, ...], buffer: io.StringIO, started: float) -> Outcome:
     ctx: StepContext | None = None
     root = logging.getLogger()
     handler = _LogCapture(buffer)
@@ -208,16 +230,7 @@ def run_attempt(call: StepCall, deps: tuple[Outcome, ...]) -> Outcome:
             }
             kwargs = resolve(call.arguments, Context(call.inputs, outputs, call.item, call.has_item))
         if call.action == "container":
-            live = None
-            if call.store_url and call.run_id:
-                from factory.livelog import LiveLog
-
-                live = buffer = LiveLog(call.store_url, call.run_id, call.step_id)
-            try:
-                value = _run_container(call, kwargs, buffer)
-            finally:
-                if live is not None:
-                    live.flush_events(final=True)
+            value = _run_container(call, kwargs, buffer)
         else:
             check_python_grants(call.grants, call.target)
             try:

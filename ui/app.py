@@ -1,4 +1,4 @@
-"""The dashboard's Gradio Blocks: Runs, Run, Submit, Agents, System.
+"""The dashboard's Gradio Blocks: Runs, Run, Submit, Schedules, Agents, System.
 
 It talks to the Factory only through :class:`factory.client.FactoryClient` (the HTTP API)
 with the API key of the person logged in; the key lives in the session on the server, never
@@ -44,6 +44,10 @@ DELTA_WINDOW = 2.0  # a graph update repeats the changes of the last seconds (up
 RUN_STATUSES = ["any", "pending", "running", "waiting", "succeeded", "failed", "cancelled"]
 PAGE_SIZE = 25
 READ_ONLY_NOTE = "your key can read only: cancel, resume, run again and submit need a key with the submit scope"
+SCHEDULE_ADMIN_NOTE = (
+    "pausing and resuming schedules needs a key with the admin scope (adding and removing them too: "
+    "`factory schedules`); yours has: {scopes}"
+)
 MAX_YAML_CHARS = 1_000_000
 
 EXAMPLE_YAML = """\
@@ -87,6 +91,9 @@ class Session:
     pending_action: str | None = None
     pending_gate: str | None = None  # the approval gate an approve / reject is about
     log_step: str | None = None
+    # schedules
+    schedules: list[dict[str, Any]] = field(default_factory=list)
+    schedule: str | None = None  # the one picked (to pause or resume)
     # what the browser's run page shows, so that the live loop sends only what changed
     gen: int = 0  # which opening of a run page the page's graph belongs to
     seq: int = 0  # the graph view's updates, in order
@@ -107,6 +114,10 @@ class Session:
     @property
     def can_submit(self) -> bool:
         return bool(self.me.get("can_submit"))
+
+    @property
+    def can_admin(self) -> bool:
+        return bool(self.me.get("can_admin"))
 
     def close(self) -> None:
         self.closed = True
@@ -235,9 +246,19 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                         wrap=True,
                     )
                     with gr.Row():
-                        log_step = gr.Dropdown([], label="step logs", elem_id="log-step", allow_custom_value=False)
+                        log_step = gr.Dropdown(
+                            [], label="step (its logs and emitted data)", elem_id="log-step", allow_custom_value=False
+                        )
                     step_log = gr.Textbox(
                         label="logs", lines=10, max_lines=30, interactive=False, elem_id="step-logs", autoscroll=True
+                    )
+                    step_emitted = gr.Textbox(
+                        label="emitted data (ctx.emit: partial results, streamed tokens)",
+                        lines=3,
+                        max_lines=20,
+                        interactive=False,
+                        elem_id="step-emitted",
+                        autoscroll=True,
                     )
                     with gr.Row():
                         inputs_json = gr.JSON(label="inputs", elem_id="run-inputs")
@@ -261,6 +282,26 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                     declared: gr.State = gr.State(None)
                     can_submit = gr.State(False)
                     form_area = gr.Column()
+
+                # -- schedules -------------------------------------------------------------------
+                with gr.Tab("Schedules", id="schedules", elem_id="tab-schedules") as schedules_tab:
+                    schedules_table = gr.Dataframe(
+                        headers=render.SCHEDULE_COLUMNS,
+                        datatype="str",
+                        interactive=False,
+                        label="schedules (times in UTC)",
+                        elem_id="schedules-table",
+                        max_height=600,
+                        wrap=True,
+                    )
+                    schedules_msg = gr.HTML("", elem_id="schedules-msg")
+                    with gr.Row():
+                        schedule_pick = gr.Dropdown(
+                            [], label="schedule", elem_id="schedule-pick", allow_custom_value=False, scale=3
+                        )
+                        pause_btn = gr.Button("Pause", elem_id="schedule-pause-btn", interactive=False, scale=1)
+                        unpause_btn = gr.Button("Resume", elem_id="schedule-resume-btn", interactive=False, scale=1)
+                    schedule_note = gr.HTML("", elem_id="schedule-note")
 
                 # -- agents ----------------------------------------------------------------------
                 with gr.Tab("Agents", id="agents", elem_id="tab-agents") as agents_tab:
@@ -431,6 +472,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
             steps_table,
             log_step,
             step_log,
+            step_emitted,
             inputs_json,
             outputs_json,
             events_table,
@@ -514,6 +556,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                 step = step or (step_ids[0] if step_ids else None)
             s.log_step = step
             live = s.run_follower.live_lines(step) if (s.run_follower and step) else []
+            emitted = s.run_follower.emitted_values(step) if (s.run_follower and step) else []
             events = s.run_follower.snapshot()[1] if s.run_follower else []
             return {
                 "header": header_html(s),
@@ -521,6 +564,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                 "steps": render.step_rows(graph["nodes"]),
                 "log_step": gr.update(choices=step_ids, value=step),
                 "logs": render.step_logs(step, s.attempts, live) if step else "",
+                "emitted": render.step_emitted(step, emitted) if step else "",
                 "inputs": run.get("inputs") or {},
                 "outputs": {
                     st["step_id"]: st.get("output") for st in run.get("steps") or [] if st.get("output") is not None
@@ -529,7 +573,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                 **buttons(s),
             }
 
-        RUN_KEYS = ["header", "dag", "gantt", "steps", "log_step", "logs", "inputs", "outputs", "events"]
+        RUN_KEYS = ["header", "dag", "gantt", "steps", "log_step", "logs", "emitted", "inputs", "outputs", "events"]
         RUN_KEYS += ["cancel", "resume"]
 
         def as_outputs(s: Session, values: dict[str, Any]) -> list[Any]:
@@ -595,6 +639,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                     "gantt": "<div class='factory-empty'>loading…</div>",
                     "steps": [],
                     "logs": "",
+                    "emitted": "",
                     "outputs": {},
                     "events": [],
                     **buttons(s),
@@ -678,20 +723,22 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                 s.refresh_cost = max(s.refresh_cost if pending else 0.0, s.refreshed_at - started)
                 return as_outputs(s, values)
 
-        def pick_step(s: Session | None, step: str | None) -> str:
+        def pick_step(s: Session | None, step: str | None) -> list[str]:
             if not isinstance(s, Session) or not step:
-                return ""
+                return ["", ""]
             s.log_step = step
             live = s.run_follower.live_lines(step) if s.run_follower else []
+            emitted = render.step_emitted(step, s.run_follower.emitted_values(step) if s.run_follower else [])
+            s.sent["emitted"] = emitted
             try:
                 attempts = s.client.attempts(s.run_id or "", step)
             except FactoryError as exc:
-                return str(exc)
+                return [str(exc), emitted]
             logs = render.step_logs(step, attempts, live)
             s.sent["logs"] = logs
-            return logs
+            return [logs, emitted]
 
-        log_step.input(pick_step, [session_state, log_step], [step_log])
+        log_step.input(pick_step, [session_state, log_step], [step_log, step_emitted])
 
         # -- actions, each confirmed ----------------------------------------------------------------
 
@@ -929,6 +976,76 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                     [submit_msg, tabs, confirm_box, *run_outputs],
                 )
 
+        # -- schedules ----------------------------------------------------------------------------------
+
+        def schedule_controls(s: Session, message: str = "") -> list[Any]:
+            """The picker, the pause and resume buttons (usable by admin keys, for a schedule in the
+            state they change) and the note saying why they are not."""
+            names = [str(sc["name"]) for sc in s.schedules]
+            if s.schedule not in names:
+                s.schedule = None
+            picked = next((sc for sc in s.schedules if sc["name"] == s.schedule), None)
+            paused = picked is not None and picked.get("state") == "paused"
+            if not s.can_admin:
+                scopes = ", ".join(str(x) for x in s.me.get("scopes", []))
+                note = f"<div style='color:#92400e'>{escape(SCHEDULE_ADMIN_NOTE.format(scopes=scopes))}</div>"
+            elif picked is None:
+                note = "<div class='factory-empty'>pick a schedule to pause or resume it</div>"
+            else:
+                note = ""
+            return [
+                gr.update(choices=names, value=s.schedule),
+                gr.update(interactive=s.can_admin and picked is not None and not paused),
+                gr.update(interactive=s.can_admin and paused),
+                message or note,
+            ]
+
+        def load_schedules(s: Session | None) -> list[Any]:
+            if not isinstance(s, Session):
+                return [gr.skip()] * 6
+            try:
+                s.schedules = s.client.list_schedules()
+            except FactoryError as exc:
+                return [gr.skip(), _error(exc), *[gr.skip()] * 4]
+            empty = "<div class='factory-empty'>no schedules: `factory schedules add` adds one</div>"
+            return [render.schedule_rows(s.schedules), "" if s.schedules else empty, *schedule_controls(s)]
+
+        schedule_outputs = [schedules_table, schedules_msg, schedule_pick, pause_btn, unpause_btn, schedule_note]
+
+        def pick_schedule(s: Session | None, name: str | None) -> list[Any]:
+            if not isinstance(s, Session):
+                return [gr.skip()] * 4
+            s.schedule = name or None
+            return schedule_controls(s)
+
+        def pick_schedule_row(s: Session | None, evt: gr.SelectData) -> list[Any]:
+            row = evt.row_value if isinstance(evt.row_value, list) else None
+            return pick_schedule(s, str(row[0]) if row else None)
+
+        schedule_pick.input(pick_schedule, [session_state, schedule_pick], schedule_outputs[2:])
+        schedules_table.select(pick_schedule_row, [session_state], schedule_outputs[2:])
+
+        def schedule_action(action: str) -> Any:
+            def handler(s: Session | None) -> list[Any]:
+                if not isinstance(s, Session) or s.schedule is None:
+                    return [gr.skip()] * 6
+                if not s.can_admin:  # the button is disabled; the API would say no anyway
+                    return [*[gr.skip()] * 5, schedule_controls(s)[-1]]
+                name = s.schedule
+                try:
+                    s.client.schedule_action(name, action)
+                except FactoryError as exc:
+                    return [gr.skip(), _error(exc), *[gr.skip()] * 4]
+                out = load_schedules(s)
+                done = "paused" if action == "pause" else "resumed"
+                out[-1] = _ok(f"{done} schedule {name}")
+                return out
+
+            return handler
+
+        pause_btn.click(schedule_action("pause"), [session_state], schedule_outputs)
+        unpause_btn.click(schedule_action("resume"), [session_state], schedule_outputs)
+
         # -- agents -------------------------------------------------------------------------------------
 
         def load_agents(s: Session | None) -> list[Any]:
@@ -987,16 +1104,19 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
         system_outputs = [throughput_plot, latency_plot, trouble_plot, status_plot, queue_plot, nodes_table, system_msg]
 
         def slow_tick(s: Session | None) -> list[Any]:
-            skip = [gr.skip()] * (2 + len(system_outputs))
+            skip_agents, skip_system = [gr.skip()] * 2, [gr.skip()] * len(system_outputs)
+            skip_schedules = [gr.skip()] * len(schedule_outputs)
             if not isinstance(s, Session):
-                return skip
+                return [*skip_agents, *skip_system, *skip_schedules]
             if s.tab == "agents":
-                return [*load_agents(s), *[gr.skip()] * len(system_outputs)]
+                return [*load_agents(s), *skip_system, *skip_schedules]
             if s.tab == "system":
-                return [gr.skip(), gr.skip(), *load_system(s)]
-            return skip
+                return [*skip_agents, *load_system(s), *skip_schedules]
+            if s.tab == "schedules":  # the next and last runs move; the note keeps what an action said
+                return [*skip_agents, *skip_system, *load_schedules(s)[:5], gr.skip()]
+            return [*skip_agents, *skip_system, *skip_schedules]
 
-        slow_timer.tick(slow_tick, [session_state], [pools_table, agents_msg, *system_outputs])
+        slow_timer.tick(slow_tick, [session_state], [pools_table, agents_msg, *system_outputs, *schedule_outputs])
 
         # -- the live loop ------------------------------------------------------------------------------
 
@@ -1066,6 +1186,9 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
         )
         run_tab.select(on_tab("run"), [session_state], None)
         submit_tab.select(on_tab("submit"), [session_state], None)
+        schedules_tab.select(on_tab("schedules"), [session_state], None).then(
+            load_schedules, [session_state], schedule_outputs
+        )
         agents_tab.select(on_tab("agents"), [session_state], None).then(
             load_agents, [session_state], [pools_table, agents_msg]
         )

@@ -16,9 +16,11 @@ from typing import Any
 
 from factory.client import FactoryClient
 from factory.errors import FactoryError
+from ui.render import EmittedLine, LiveLine, emitted_lines, live_lines
 
 MAX_EVENTS = 500
 MAX_LOG_LINES = 2000
+MAX_EMITTED = 1000  # emitted values kept per step (the newest)
 MAX_LOGGED_STEPS = 200
 IDLE_STOP_SECONDS = 30.0  # a follower nobody looked at for this long (a closed tab) stops
 
@@ -40,7 +42,8 @@ class EventFollower:
         self.touched = time.monotonic()
         self.run_id = run_id
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
-        self.logs: dict[str, deque[str]] = {}
+        self.logs: dict[str, deque[LiveLine]] = {}
+        self.emitted: dict[str, deque[EmittedLine]] = {}
         self.version = 0
         self.last_id = after
         self.error: str | None = None
@@ -50,6 +53,7 @@ class EventFollower:
         if carry is not None:
             self.events.extend(carry.events)
             self.logs = carry.logs
+            self.emitted = carry.emitted
         self._thread = threading.Thread(target=self._follow, name=f"ui-events-{run_id or 'all'}", daemon=True)
         self._thread.start()
         threading.Thread(target=self._watch_idle, name="ui-events-idle", daemon=True).start()
@@ -79,11 +83,15 @@ class EventFollower:
             self.last_id = max(self.last_id, int(event["id"]))
             self.events.append(event)
             step = event.get("step_id")
-            lines = (event.get("data") or {}).get("lines")
-            if event.get("type") == "step.log" and step and isinstance(lines, list):
+            data = event.get("data")
+            if event.get("type") == "step.log" and step and isinstance(data, dict):
                 if step not in self.logs and len(self.logs) >= MAX_LOGGED_STEPS:
                     self.logs.pop(next(iter(self.logs)))
-                self.logs.setdefault(step, deque(maxlen=MAX_LOG_LINES)).extend(str(line) for line in lines)
+                self.logs.setdefault(step, deque(maxlen=MAX_LOG_LINES)).extend(live_lines(data))
+            elif event.get("type") == "step.emitted" and step and isinstance(data, dict):
+                if step not in self.emitted and len(self.emitted) >= MAX_LOGGED_STEPS:
+                    self.emitted.pop(next(iter(self.emitted)))
+                self.emitted.setdefault(step, deque(maxlen=MAX_EMITTED)).extend(emitted_lines(data))
             self.version += 1
 
     def touch(self) -> None:
@@ -104,9 +112,15 @@ class EventFollower:
                 newer.append(event)
             return self.version, newer[::-1]
 
-    def live_lines(self, step: str) -> list[str]:
+    def live_lines(self, step: str) -> list[LiveLine]:
+        """The step's lines from step.log events, with the attempt and item of each."""
         with self._lock:
             return list(self.logs.get(step, ()))
+
+    def emitted_values(self, step: str) -> list[EmittedLine]:
+        """What the step emitted (step.emitted events), oldest first, with the attempt and item of each."""
+        with self._lock:
+            return list(self.emitted.get(step, ()))
 
     def stop(self) -> None:
         """Stop following; the thread ends at its next event or keep-alive."""

@@ -490,20 +490,110 @@ def event_rows(events: list[dict[str, Any]], limit: int = 200) -> list[list[str]
     return rows
 
 
-def step_logs(step: str, attempts: list[dict[str, Any]], live: list[str]) -> str:
-    """A step's finished attempts' logs, then the lines it printed since (it may still run)."""
+LiveLine = tuple[int | None, int | None, str]  # a step.log line: (attempt, for_each item, text)
+
+
+def live_lines(data: dict[str, Any]) -> list[LiveLine]:
+    """The lines of one ``step.log`` event's data, with the attempt and item they came from
+    (None when the event does not say: events of an older Factory)."""
+    lines = data.get("lines")
+    if not isinstance(lines, list):
+        return []
+    attempt, item = data.get("attempt"), data.get("item")
+    attempt = attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None
+    item = item if isinstance(item, int) and not isinstance(item, bool) else None
+    out: list[LiveLine] = []
+    skipped = data.get("skipped")
+    if isinstance(skipped, int) and skipped > 0:
+        out.append((attempt, item, f"[{skipped} lines not shown live: printed faster than they are sent]"))
+    out.extend((attempt, item, str(line)) for line in lines)
+    return out
+
+
+def step_logs(step: str, attempts: list[dict[str, Any]], live: list[LiveLine]) -> str:
+    """A step's finished attempts' logs, then the lines its running attempts printed since
+    (``step.log`` events): lines of an attempt that has ended are in its log already, and a
+    for_each item's are in the step's log once the step has ended."""
     parts = []
-    for a in attempts:
-        if a["step_id"] != step:
-            continue
+    mine = [a for a in attempts if a["step_id"] == step]
+    for a in mine:
         head = f"--- attempt {a['attempt']}: {a['status']} ({seconds(a.get('duration'))})"
         parts.append(head + (f"\n{a['error']}" if a.get("error") else ""))
         if a.get("logs"):
             parts.append(str(a["logs"]).rstrip("\n"))
-    if live:
-        parts.append("--- live")
-        parts.extend(live)
+    ended = {a["attempt"] for a in mine}
+    group: int | str | None = ""
+    for attempt, item, line in live:
+        if (item is None and attempt in ended) or (item is not None and mine):
+            continue
+        if attempt != group:
+            group = attempt
+            parts.append("--- live" if attempt is None else f"--- attempt {attempt}: running (live)")
+        parts.append(line if item is None else f"[item {item}] {line}")
     return "\n".join(parts) if parts else f"(no logs of step {step} yet)"
+
+
+EmittedLine = tuple[int | None, int | None, str]  # a step.emitted value: (attempt, item, its JSON)
+
+
+def emitted_lines(data: dict[str, Any]) -> list[EmittedLine]:
+    """The values of one ``step.emitted`` event's data as JSON text, with their attempt and item."""
+    items = data.get("items")
+    if not isinstance(items, list):
+        return []
+    attempt, item = data.get("attempt"), data.get("item")
+    attempt = attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None
+    item = item if isinstance(item, int) and not isinstance(item, bool) else None
+    out = [(attempt, item, json.dumps(value, ensure_ascii=False)) for value in items]
+    dropped = data.get("dropped")
+    if isinstance(dropped, int) and dropped > 0:
+        out.append((attempt, item, f"[{dropped} values dropped: emitted faster than they are sent]"))
+    return out
+
+
+def step_emitted(step: str, emitted: list[EmittedLine]) -> str:
+    """What a step emitted (``ctx.emit``: partial results, streamed tokens), one value a line, oldest
+    first; a later attempt's and a for_each item's marked."""
+    if not emitted:
+        return f"(nothing emitted by step {step})"
+    lines = []
+    for attempt, item, text in emitted:
+        prefix = f"[item {item}] " if item is not None else ""
+        if attempt is not None and attempt > 1:
+            prefix = f"[attempt {attempt}] " + prefix
+        lines.append(prefix + text)
+    return "\n".join(lines)
+
+
+# -- schedules ----------------------------------------------------------------------------------------
+
+SCHEDULE_COLUMNS = ["name", "workflow", "cron", "next run", "last run", "enabled"]
+
+
+def schedule_rows(schedules: list[dict[str, Any]]) -> list[list[str]]:
+    """``GET /v1/schedules`` as table rows (text only): a paused schedule says why, the last
+    decided tick the run it started or why it was skipped."""
+    rows = []
+    for sc in schedules:
+        nexts = sc.get("next_ticks") or []
+        last = sc.get("last_tick")
+        if isinstance(last, dict):
+            done = f"run {last.get('run_id')}" if last.get("action") == "run" else f"skipped: {last.get('reason', '')}"
+            last_text = f"{when(last.get('tick'))} · {done}"
+        else:
+            last_text = "never"
+        paused = sc.get("state") == "paused"
+        rows.append(
+            [
+                str(sc.get("name", "")),
+                str(sc.get("workflow_ref", "")),
+                f"{sc.get('cron', '')} ({sc.get('timezone', '')})",
+                when(nexts[0]) if nexts and not paused else "",
+                last_text,
+                f"no: {sc.get('paused_reason') or 'paused'}" if paused else "yes",
+            ]
+        )
+    return rows
 
 
 # -- agents -------------------------------------------------------------------------------------------

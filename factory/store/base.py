@@ -391,7 +391,9 @@ class Store(Protocol):
     def latest_events(self, run_id: str, type: str, limit: int = 1000) -> list[Event]:
         """The run's newest events of this type, newest first."""
 
-    def last_event_id(self) -> int: ...
+    def last_event_id(self, run_id: str | None = None) -> int:
+        """The newest event's id (0 when there is none); with ``run_id``, the newest of that run's
+        events. Ids follow commit order, so following from it misses none of the events to come."""
 
     def wait_for_events(self, timeout: float) -> None:
         """Return when new events may have been appended, or after ``timeout`` seconds."""

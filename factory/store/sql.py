@@ -653,10 +653,13 @@ class SQLStore(ABC):
             for row in rows
         ]
 
-    def last_event_id(self) -> int:
+    def last_event_id(self, run_id: str | None = None) -> int:
         with self._read() as cur:
-            row = cur.execute("SELECT MAX(id) FROM events").fetchone()
-        return int(row[0] or 0)
+            if run_id is None:
+                row = cur.execute("SELECT MAX(id) FROM events").fetchone()
+            else:
+                row = cur.execute(self._sql(RUN_LAST_EVENT_SQL), (run_id,)).fetchone()
+        return int(row[0] or 0) if row else 0
 
     def wait_for_events(self, timeout: float) -> None:
         """Block until new events may exist or ``timeout`` passes (polling by default)."""
@@ -1007,6 +1010,10 @@ class SQLStore(ABC):
                 ),
                 (key, output_json, time.time()),
             )
+
+
+# a run's newest event: the last entry of the run in the events (run_id, id) index, one probe
+RUN_LAST_EVENT_SQL = "SELECT id FROM events WHERE run_id=? ORDER BY id DESC LIMIT 1"
 
 
 def iter_statements(script: str) -> Iterator[str]:

@@ -8,6 +8,8 @@ Chromium is Debian's (`apt-get install chromium`); CHROMIUM_PATH overrides where
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import time
@@ -48,8 +50,9 @@ def browser() -> Iterator[Any]:
             launched.close()
 
 
-@pytest.fixture
-def page(browser: Any, api_server: ApiServer) -> Iterator[tuple[Any, Problems]]:
+@contextlib.contextmanager
+def watched_page(browser: Any) -> Iterator[tuple[Any, Problems]]:
+    """A page in a context of its own (its own session), its problems recorded; none allowed."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     pg = context.new_page()
     problems = Problems()
@@ -67,6 +70,12 @@ def page(browser: Any, api_server: ApiServer) -> Iterator[tuple[Any, Problems]]:
     finally:
         context.close()
     assert problems.seen == [], problems.seen
+
+
+@pytest.fixture
+def page(browser: Any, api_server: ApiServer) -> Iterator[tuple[Any, Problems]]:
+    with watched_page(browser) as watched:
+        yield watched
 
 
 def client(api_server: ApiServer, scope: str = "submit") -> FactoryClient:
@@ -94,6 +103,8 @@ def cell(pg: Any, table: str, text: str | re.Pattern[str]) -> Any:
 
 
 def pick(pg: Any, dropdown: str, option: str) -> None:
+    # in the middle of the window: its list of options opens below it, inside the window
+    pg.locator(f"#{dropdown}").evaluate("el => el.scrollIntoView({block: 'center'})")
     pg.locator(f"#{dropdown} input").click()
     pg.get_by_role("option", name=option, exact=True).click()
 
@@ -235,6 +246,57 @@ def test_step_logs_and_markup_shown_as_text(page: tuple[Any, Problems], api_serv
     shot(pg, "xss")
 
 
+def test_a_running_python_steps_logs_follow_live(page: tuple[Any, Problems], api_server: ApiServer) -> None:
+    """The lines a python step prints show while it runs (its step.log events), then once each
+    when its attempt's log is there."""
+    pg, _ = page
+    login(pg, api_server)
+    cl = client(api_server)
+    drip = {
+        "id": "drip",
+        "python": "tests.fixtures.teststeps:drip",
+        "with": {"lines": 30, "pause": 0.3, "prefix": "tick"},
+    }
+    run_id = cl.submit({"name": "live-logs", "steps": [drip]})
+    open_run(pg, run_id)  # the step running is the one whose logs show
+    logs = "document.querySelector('#step-logs textarea').value"
+    pg.wait_for_function(f"() => {logs}.split('\\n').includes('tick 3')", timeout=WAIT_MS)
+    shown = pg.locator("#step-logs textarea").input_value()
+    step = {s["step_id"]: s for s in cl.get_run(run_id)["steps"]}["drip"]
+    assert step["status"] == "running", "the lines came before the step ended"
+    assert "--- attempt 1: running (live)" in shown and "tick 29" not in shown
+    shot(pg, "logs-live")
+    status_is(pg, "succeeded")
+    pg.wait_for_function(f"() => {logs}.includes('--- attempt 1: succeeded')", timeout=WAIT_MS)
+    lines = pg.locator("#step-logs textarea").input_value().split("\n")
+    assert [line for line in lines if line.startswith("tick ")] == [f"tick {i}" for i in range(30)]  # each once
+    assert "--- attempt 1: running (live)" not in lines
+
+
+def test_a_steps_emitted_data_shows_on_the_run_page(page: tuple[Any, Problems], api_server: ApiServer) -> None:
+    """What a step emits (ctx.emit, e.g. streamed tokens) shows for the step picked, as text."""
+    pg, _ = page
+    login(pg, api_server)
+    cl = client(api_server)
+    steps = [
+        {"id": "quiet", "python": "tests.fixtures.teststeps:add", "with": {"a": 1, "b": 2}},
+        {"id": "stream", "python": "tests.fixtures.teststeps:report_progress", "with": {"n": 12, "delay": 0.1}},
+    ]
+    run_id = cl.submit({"name": "emits", "steps": steps})
+    cl.wait(run_id, timeout=60)
+    open_run(pg, run_id)
+    status_is(pg, "succeeded")
+    emitted = "document.querySelector('#step-emitted textarea').value"
+    # the first step's, picked by the page itself
+    pg.wait_for_function(f"() => {emitted} === '(nothing emitted by step quiet)'", timeout=WAIT_MS)
+    pick(pg, "log-step", "stream")
+    pg.wait_for_function(f"() => {emitted}.includes('{{\"i\": 11}}')", timeout=WAIT_MS)
+    lines = pg.locator("#step-emitted textarea").input_value().split("\n")
+    assert lines == [json.dumps({"i": i}) for i in range(12)]  # each value once, in order
+    pick(pg, "log-step", "quiet")
+    pg.wait_for_function(f"() => {emitted} === '(nothing emitted by step quiet)'", timeout=WAIT_MS)
+
+
 def test_read_key_sees_but_cannot_act(page: tuple[Any, Problems], api_server: ApiServer) -> None:
     pg, _ = page
     cl = client(api_server)
@@ -250,6 +312,61 @@ def test_read_key_sees_but_cannot_act(page: tuple[Any, Problems], api_server: Ap
     for button in ("#cancel-btn", "#resume-btn", "#rerun-btn"):
         assert pg.locator(button).is_disabled()
     pg.locator("#perm-note").get_by_text("your key can read only").wait_for(timeout=WAIT_MS)
+
+
+def test_schedules_listed_read_only_and_paused_by_an_admin(
+    page: tuple[Any, Problems], browser: Any, api_server: ApiServer
+) -> None:
+    """The Schedules tab: each schedule with its workflow, cron, next and last run, enabled; a read
+    key sees the pause / resume buttons disabled with the reason, an admin key uses them."""
+    import datetime as dt
+
+    import ray
+
+    from factory import schedules
+    from factory.runner import NAMESPACE
+
+    pg, _ = page
+    admin = client(api_server, "admin")
+    name = "dash-yearly"
+    step = {"id": "a", "python": "tests.fixtures.teststeps:add", "with": {"a": "${inputs.x}", "b": 1}}
+    schedule = {"cron": "0 0 1 1 *", "timezone": "Europe/Paris", "inputs": {"x": 41}}
+    view = admin.add_schedule({"name": name, "inputs": {"x": 1}, "steps": [step], "schedule": schedule})
+    try:
+        # the API's scheduler decides the next tick now (asked, not waited for): a last run to show
+        actor = ray.get_actor(schedules.cron_scheduler_name(api_server.settings), namespace=NAMESPACE)
+        ray.get(actor.sweep.remote(view["next_ticks"][0] + 1), timeout=60)
+        run_id = admin.schedule_ticks(name)[0]["run_id"]
+        admin.wait(run_id, timeout=60)
+        (now,) = [v for v in admin.list_schedules() if v["name"] == name]
+        next_run = dt.datetime.fromtimestamp(now["next_ticks"][0], tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+        login(pg, api_server, "read")
+        pg.get_by_role("tab", name="Schedules").click()
+        cell(pg, "schedules-table", name).first.wait_for(timeout=WAIT_MS)
+        for text in (view["workflow_ref"], "0 0 1 1 * (Europe/Paris)", next_run, "yes"):
+            cell(pg, "schedules-table", text).first.wait_for(timeout=WAIT_MS)
+        cell(pg, "schedules-table", re.compile(rf"· run {run_id}\s*$")).first.wait_for(timeout=WAIT_MS)
+        cell(pg, "schedules-table", name).first.click()  # picked: still nothing a read key may do
+        pg.locator("#schedule-note").get_by_text("needs a key with the admin scope").wait_for(timeout=WAIT_MS)
+        assert pg.locator("#schedule-pause-btn").is_disabled() and pg.locator("#schedule-resume-btn").is_disabled()
+        shot(pg, "schedules")
+
+        with watched_page(browser) as (apg, _):  # an admin, in a session of their own
+            login(apg, api_server, "admin")
+            apg.get_by_role("tab", name="Schedules").click()
+            cell(apg, "schedules-table", name).first.wait_for(timeout=WAIT_MS)
+            assert apg.locator("#schedule-pause-btn").is_disabled()  # nothing picked yet
+            pick(apg, "schedule-pick", name)
+            apg.locator("#schedule-pause-btn:not([disabled])").click()
+            apg.locator("#schedule-note").get_by_text(f"paused schedule {name}").wait_for(timeout=WAIT_MS)
+            cell(apg, "schedules-table", re.compile(r"^\s*no: paused by key:")).first.wait_for(timeout=WAIT_MS)
+            assert [v["state"] for v in admin.list_schedules() if v["name"] == name] == ["paused"]
+            apg.locator("#schedule-resume-btn:not([disabled])").click()
+            apg.locator("#schedule-note").get_by_text(f"resumed schedule {name}").wait_for(timeout=WAIT_MS)
+            assert [v["state"] for v in admin.list_schedules() if v["name"] == name] == ["active"]
+    finally:
+        admin.schedule_action(name, "remove")
 
 
 def test_agents_pool_and_routing_playground(page: tuple[Any, Problems], api_server: ApiServer) -> None:

@@ -48,8 +48,11 @@ def test_run_graph(client: FactoryClient, api_server: ApiServer) -> None:
     assert all(n["status"] == "succeeded" and n["attempts"] == 1 for n in graph["nodes"])
     assert graph["counts"] == {"succeeded": 2} and graph["status"] == "succeeded"
     assert graph["spec"]["name"] == "api-test"  # a submit key may run it again
-    # every event of the run is at or before the graph's last_event_id: the graph reflects them all
-    assert max(e["id"] for e in client.events(run_id, follow=False)) <= graph["last_event_id"]
+    # the graph's last_event_id is the run's newest event: the graph reflects them all, and it says
+    # nothing of other runs (another run's events after it do not move it)
+    assert max(e["id"] for e in client.events(run_id, follow=False)) == graph["last_event_id"]
+    client.wait(client.submit(workflow(2)), timeout=60)
+    assert client.run_graph(run_id)["last_event_id"] == graph["last_event_id"]
     reader = FactoryClient(api_server.base_url, api_server.keys["read"])
     assert reader.run_graph(run_id)["spec"] is None  # a read key sees no env values or mounts
     with pytest.raises(ApiError) as missing:

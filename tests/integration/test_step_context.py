@@ -130,6 +130,56 @@ def test_progress_is_published_while_the_step_runs(store: Store, settings: Setti
     assert types.index("step.succeeded") > max(i for i, t in enumerate(types) if t == "step.progress")
 
 
+def test_a_python_steps_log_lines_are_events_while_it_runs(store: Store, settings: Settings) -> None:
+    """A step that prints across more than a second: step.log events before it ends, the rest
+    when it ends (before its step.succeeded), each line once; the attempt's log has them all."""
+    step = Step(id="drip", python="teststeps:drip", with_={"lines": 6, "pause": 0.3})
+    seen_while_running: list[str] = []
+    done = threading.Event()
+    started: list[str] = []
+
+    def watch() -> None:
+        while not started and not done.is_set():
+            time.sleep(0.02)
+        while not done.is_set() and not seen_while_running:
+            status = {s.step_id: s.status.value for s in store.get_steps(started[0])}.get("drip")
+            lines = [line for e in store.events(0, started[0]) if e.type == "step.log" for line in e.data["lines"]]
+            if lines and status == "running":
+                seen_while_running.extend(lines)
+            time.sleep(0.05)
+
+    follower = threading.Thread(target=watch)
+    follower.start()
+    try:
+        result = factory.run(wf(step), store=store, settings=settings, on_start=started.append)
+    finally:
+        done.set()
+        follower.join()
+    assert result.ok, result.error
+    assert "line 0" in seen_while_running and "line 5" not in seen_while_running
+    events = [e for e in store.events(0, result.run_id) if e.step_id == "drip"]
+    lines = [line for e in events if e.type == "step.log" for line in e.data["lines"]]
+    assert lines == [f"line {i}" for i in range(6)]
+    assert all(e.data["attempt"] == 1 for e in events if e.type == "step.log")
+    types = [e.type for e in events]
+    assert types.index("step.succeeded") > max(i for i, t in enumerate(types) if t == "step.log")
+    assert "line 5" in store.get_attempts(result.run_id, "drip")[0].logs
+
+
+def test_quick_printing_steps_publish_no_log_events(store: Store, settings: Settings) -> None:
+    """Steps (and for_each items) that end within the interval: their lines come with the attempt only."""
+    steps = [
+        Step(id="say", python="teststeps:chatty", with_={"x": 3}),
+        Step(id="items", python="teststeps:drip", for_each=[1, 2, 3], with_={"lines": "${item}", "pause": 0}),
+    ]
+    result = factory.run(wf(*steps), store=store, settings=settings)
+    assert result.ok, result.error
+    time.sleep(1.0)  # past the interval: nothing was scheduled to come late either
+    assert [e for e in store.events(0, result.run_id) if e.type == "step.log"] == []
+    assert "printing 3" in store.get_attempts(result.run_id, "say")[0].logs
+    assert "[item 2] line 0\nline 1\nline 2" in store.get_attempts(result.run_id, "items")[0].logs
+
+
 def test_factory_run_hears_the_steps_progress(settings: Settings) -> None:
     """`factory run`'s bar: the local backend hands the run's events, progress included, to the watch."""
     from factory.cli.backend import Watch

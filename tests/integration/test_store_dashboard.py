@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from factory.store import RunChange, RunStatus, StepChange, StepStatus
+from factory.store.sql import RUN_LAST_EVENT_SQL
 
 
 def make_runs(store: Any) -> None:
@@ -72,3 +73,26 @@ def test_latest_events_of_a_type(store: Any) -> None:
     latest = store.latest_events("run-01", "step.items", 2)
     assert [e.data["done"] for e in latest] == [2, 1] and all(e.run_id == "run-01" for e in latest)
     assert store.latest_events("run-03", "step.items") == []
+
+
+def test_last_event_id_of_a_run(store: Any) -> None:
+    """A run's newest event id, through the (run_id, id) index; the store's newest without a run."""
+    assert store.last_event_id() == 0 and store.last_event_id("run-00") == 0
+    make_runs(store)
+    ids = {f"run-{i:02d}": max(e.id for e in store.events(0, f"run-{i:02d}", 10_000)) for i in range(12)}
+    store.append_event("run-03", "a", "step.log", {"lines": ["x"]})
+    newest = store.last_event_id()
+    assert newest > max(ids.values())
+    assert store.last_event_id("run-03") == newest  # the event just appended
+    assert store.last_event_id("run-05") == ids["run-05"] < newest  # other runs' events do not move it
+    assert store.last_event_id("no-such-run") == 0
+    query = RUN_LAST_EVENT_SQL
+    if store.url.startswith("sqlite"):
+        with store._read() as cur:
+            plan = " ".join(str(row[-1]) for row in cur.execute("EXPLAIN QUERY PLAN " + query, ("run-05",)))
+        assert "INDEX events_run" in plan and "TEMP B-TREE" not in plan, plan
+    else:  # a scan of the events would be possible too: ask whether the index answers it, in order
+        with store._write() as cur:
+            cur.execute("SET LOCAL enable_seqscan = off")
+            plan = " ".join(row[0] for row in cur.execute("EXPLAIN " + query.replace("?", "%s"), ("run-05",)))
+        assert "events_run" in plan and "Sort" not in plan, plan

@@ -131,9 +131,49 @@ def test_tables_and_logs() -> None:
     logs = render.step_logs(
         "a",
         [{"step_id": "a", "attempt": 1, "status": "failed", "duration": 0.5, "logs": "hello\n", "error": "boom"}],
-        ["live 1"],
+        [(None, None, "live 1")],
     )
     assert logs.splitlines() == ["--- attempt 1: failed (0.50s)", "boom", "hello", "--- live", "live 1"]
+
+
+def test_live_log_lines_of_running_attempts_only() -> None:
+    """Lines of an attempt that ended are in its log: shown once, not again as live lines."""
+    live = render.live_lines({"lines": ["one", "two"], "attempt": 1})
+    live += render.live_lines({"lines": ["three"], "attempt": 2, "skipped": 4})
+    assert live == [
+        (1, None, "one"),
+        (1, None, "two"),
+        (2, None, "[4 lines not shown live: printed faster than they are sent]"),
+        (2, None, "three"),
+    ]
+    assert render.live_lines({"lines": "not a list"}) == []
+    assert render.live_lines({"lines": [1], "attempt": True}) == [(None, None, "1")]  # not an attempt number
+    running = render.step_logs("a", [], live)
+    assert running.splitlines() == [
+        "--- attempt 1: running (live)",
+        "one",
+        "two",
+        "--- attempt 2: running (live)",
+        "[4 lines not shown live: printed faster than they are sent]",
+        "three",
+    ]
+    first_failed = [{"step_id": "a", "attempt": 1, "status": "retrying", "duration": 1.0, "logs": "one\ntwo\n"}]
+    lines = render.step_logs("a", first_failed, live).splitlines()
+    assert lines.count("one") == 1 and lines[-2:] == [
+        "[4 lines not shown live: printed faster than they are sent]",
+        "three",
+    ]
+    # a for_each step's items: prefixed while it runs, gone once the step's log (all items) is there
+    items = render.live_lines({"lines": ["x"], "attempt": 1, "item": 7})
+    assert render.step_logs("a", [], items).splitlines() == ["--- attempt 1: running (live)", "[item 7] x"]
+    done = [{"step_id": "a", "attempt": 1, "status": "succeeded", "duration": 1.0, "logs": "[item 7] x\n"}]
+    assert render.step_logs("a", done, items).splitlines() == ["--- attempt 1: succeeded (1.00s)", "[item 7] x"]
+    # another step's attempts change nothing
+    other = [{"step_id": "b", "attempt": 1, "status": "succeeded", "duration": 1.0}]
+    assert "one" in render.step_logs("a", other, live)
+
+
+def test_event_rows_are_bounded() -> None:
     events = [
         {"id": i, "ts": 0.0, "type": "step.log", "step_id": "a", "data": {"lines": ["x" * 500]}} for i in range(300)
     ]
@@ -193,3 +233,59 @@ def test_inputs_form_types() -> None:
         render.parse_input("int", 2.5)
     with pytest.raises(ValueError, match="not JSON"):
         render.parse_input("json", "{nope")
+
+
+def test_schedule_rows() -> None:
+    active = {
+        "name": "nightly",
+        "workflow_ref": "sales@3",
+        "cron": "30 6 * * 1-5",
+        "timezone": "Europe/Paris",
+        "state": "active",
+        "next_ticks": [86400.0, 172800.0],
+        "last_tick": {"tick": 3600.0, "action": "run", "run_id": "abc123", "reason": ""},
+    }
+    paused = {
+        "name": "yearly",
+        "workflow_ref": XSS + "@1",
+        "cron": "0 0 1 1 *",
+        "timezone": "UTC",
+        "state": "paused",
+        "paused_reason": "the key that added it was revoked",
+        "next_ticks": [],
+        "last_tick": {"tick": 0.0, "action": "skip", "run_id": None, "reason": "the previous run still runs"},
+    }
+    fresh = {**active, "name": "new", "last_tick": None}
+    rows = render.schedule_rows([active, paused, fresh])
+    assert rows[0] == [
+        "nightly",
+        "sales@3",
+        "30 6 * * 1-5 (Europe/Paris)",
+        "1970-01-02 00:00:00",
+        "1970-01-01 01:00:00 · run abc123",
+        "yes",
+    ]
+    assert rows[1][1] == XSS + "@1"  # a table cell shows text as it is
+    assert rows[1][3:] == [
+        "",
+        "1970-01-01 00:00:00 · skipped: the previous run still runs",
+        "no: the key that added it was revoked",
+    ]
+    assert rows[2][4] == "never"
+
+
+def test_emitted_values_of_a_step() -> None:
+    first = render.emitted_lines({"items": [{"delta": "Hel"}, {"delta": XSS}], "attempt": 1})
+    retry = render.emitted_lines({"items": ["x"], "attempt": 2, "dropped": 3})
+    item = render.emitted_lines({"items": [1.5], "attempt": 1, "item": 4})
+    assert render.emitted_lines({"items": {"not": "a list"}}) == []
+    assert first == [(1, None, '{"delta": "Hel"}'), (1, None, '{"delta": "' + XSS + '"}')]
+    text = render.step_emitted("a", first + retry + item)
+    assert text.splitlines() == [
+        '{"delta": "Hel"}',
+        '{"delta": "<img src=x onerror=alert(1)>"}',  # text in a text box: shown as it is
+        '[attempt 2] "x"',
+        "[attempt 2] [3 values dropped: emitted faster than they are sent]",
+        "[item 4] 1.5",
+    ]
+    assert render.step_emitted("a", []) == "(nothing emitted by step a)"
