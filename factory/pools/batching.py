@@ -123,7 +123,10 @@ class Batcher:
             if isinstance(answer, Outcome):
                 if not future.done():
                     future.set_result(answer)
-            elif not future.done():  # (a call whose caller is gone meanwhile expires on the replica)
+            elif future.cancelled():  # its caller stopped waiting meanwhile: stop the call too
+                self.actor_calls += 1
+                handle.drop.remote(answer)
+            elif not future.done():
                 self.actor_calls += 1
                 parked = handle.result.remote(answer)
                 self._refs[future] = parked

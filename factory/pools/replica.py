@@ -266,6 +266,13 @@ class AsyncReplicaActor:
         finally:
             self._parked.pop(token, None)
 
+    @ray.method(concurrency_group=RESULTS_GROUP)
+    async def drop(self, token: int) -> None:
+        """Cancel a parked call whose caller stopped waiting before the batch answered."""
+        task = self._parked.pop(token, None)
+        if task is not None:
+            task.get_loop().call_soon_threadsafe(task.cancel)
+
     async def call(
         self,
         task: Any,

@@ -232,3 +232,30 @@ def test_a_batch_on_a_killed_replica_fails_over_call_by_call(pools: Pools) -> No
     moved = [o for o in outcomes if o.extra.get("dead")]
     assert moved and all(o.extra["dead"] == [victim] and o.extra["replica"] != victim for o in moved)
     assert settled(client) == 0
+
+
+def test_a_parked_call_is_collected_or_dropped_on_the_replica(pools: Pools) -> None:
+    client = sleeper_pool(pools, cls="AsyncSleeper", min_replicas=1, max_replicas=1, max_concurrency=8)
+    (handle,) = client.handles().values()
+    answers = ray.get(
+        handle.call_batch.remote(
+            [
+                ({"echo": "quick"}, None, None, None),
+                ({"sleep": 1.0}, None, None, None),
+                ({"sleep": 30}, None, None, None),
+            ]
+        )
+    )
+    quick, parked, dropped = answers
+    assert isinstance(quick, Outcome) and quick.ok and isinstance(parked, int) and isinstance(dropped, int)
+    assert ray.get(handle.health.remote()).in_flight == 2
+    ray.get(handle.drop.remote(dropped))
+    collected: Outcome = ray.get(handle.result.remote(parked))
+    assert collected.ok
+    deadline = time.monotonic() + 10
+    while ray.get(handle.health.remote()).in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    health = ray.get(handle.health.remote())
+    assert (health.in_flight, health.served) == (0, 3 - 1)  # the dropped call neither ran on nor counted
+    with pytest.raises(ray.exceptions.RayTaskError, match="no parked call"):
+        ray.get(handle.result.remote(parked))  # collected once

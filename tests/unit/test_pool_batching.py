@@ -27,7 +27,9 @@ class FakeReplica:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]] = []
-        self.call, self.call_batch, self.result = (FakeMethod(self, n) for n in ("call", "call_batch", "result"))
+        self.call, self.call_batch, self.result, self.drop = (
+            FakeMethod(self, n) for n in ("call", "call_batch", "result", "drop")
+        )
 
 
 def ok(text: str) -> Outcome:
@@ -98,5 +100,19 @@ def test_a_caller_that_stopped_waiting_is_left_out_of_the_batch() -> None:
         assert [(name, sent) for name, sent, _ in replica.sent] == [("call", ("kept",))]
         replica.sent[0][2].set_result(ok("kept"))
         assert (await kept).output_json == '"kept"'
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_that_stops_waiting_while_its_batch_runs_has_its_parked_call_dropped() -> None:
+    async def scenario() -> None:
+        batcher = Batcher(asyncio.get_running_loop())
+        replica = FakeReplica()
+        gone, kept = (batcher.send("r1", replica, args(i)) for i in ("gone", "kept"))
+        await asyncio.sleep(0)
+        gone.cancel()  # e.g. its run was cancelled while the batch ran
+        replica.sent[0][2].set_result([5, ok("kept")])  # the first still running on the replica: token 5
+        assert (await kept).output_json == '"kept"'
+        assert [(name, sent) for name, sent, _ in replica.sent[1:]] == [("drop", (5,))]
 
     asyncio.run(scenario())
