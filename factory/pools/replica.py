@@ -194,8 +194,9 @@ class AsyncReplicaActor:
     Besides ``call``, callers may send several calls at once with ``call_batch`` (one actor call
     instead of many: most of a fast agent's cost through Ray is the call, not the agent). A batch
     answers when its calls have finished, or earlier when none of them finished for a moment
-    (``BATCH_FIRST_WAIT``, then ``BATCH_LINGER``): a call still running then is parked and its caller collects it
-    with ``result``, so a slow call never holds back the others. Batched calls share the replica's ``max_concurrency``.
+    (``BATCH_FIRST_WAIT``, then ``BATCH_LINGER``): a call still running then is parked, and its
+    caller collects it with ``result`` (or stops it with ``drop``), so a slow call never holds
+    back the others. Calls sent alone and batched calls share the replica's ``max_concurrency``.
     """
 
     def __init__(self, replica_id: str, spec: AgentSpec, agent: type[Agent] | str, search_path: Sequence[str]) -> None:
