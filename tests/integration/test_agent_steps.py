@@ -274,6 +274,21 @@ def test_router_passes_over_an_agent_no_node_can_place(store: SQLiteStore, setti
     assert "lacks resources: GPU 1" in (result.error or "")
 
 
+def run_in_background(
+    wf: Workflow, store: SQLiteStore, settings: Settings, catalog: Catalog
+) -> tuple[threading.Thread, list[str], list[RunResult]]:
+    """factory.run in a thread of its own: the thread, the run's id once started, its result once done."""
+    started: list[str] = []
+    results: list[RunResult] = []
+    runner = threading.Thread(
+        target=lambda: results.append(
+            factory.run(wf, store=store, settings=settings, agents=catalog, on_start=started.append)
+        )
+    )
+    runner.start()
+    return runner, started, results
+
+
 def test_cancel_stops_an_agent_step_in_flight(store: SQLiteStore, settings: Settings) -> None:
     spec = AgentSpec.model_validate({"name": "sleeper", "class": "agent_fixtures:Sleeper"})
     wf = Workflow(
@@ -284,15 +299,7 @@ def test_cancel_stops_an_agent_step_in_flight(store: SQLiteStore, settings: Sett
             Step(id="after", python="teststeps:echo", with_={"value": "${steps.slow.output}"}),
         ],
     )
-    started: list[str] = []
-    results: list[RunResult] = []
-    catalog = Catalog(agents=[spec])
-    runner = threading.Thread(
-        target=lambda: results.append(
-            factory.run(wf, store=store, settings=settings, agents=catalog, on_start=started.append)
-        )
-    )
-    runner.start()
+    runner, started, results = run_in_background(wf, store, settings, Catalog(agents=[spec]))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not (
         started and {s.step_id: s.status.value for s in store.get_steps(started[0])}.get("slow") == "running"
@@ -379,15 +386,7 @@ def test_cancelling_a_run_stops_its_async_agents_call_on_the_replica(store: SQLi
         {"name": f"async-sleeper-{uuid.uuid4().hex[:6]}", "class": "agent_fixtures:AsyncSleeper"}
     )
     wf = Workflow(name="cancel-async", base_dir=FIXTURES, steps=[Step(id="slow", agent=spec.name, with_={"sleep": 30})])
-    started: list[str] = []
-    results: list[RunResult] = []
-    catalog = Catalog(agents=[spec])
-    runner = threading.Thread(
-        target=lambda: results.append(
-            factory.run(wf, store=store, settings=settings, agents=catalog, on_start=started.append)
-        )
-    )
-    runner.start()
+    runner, started, results = run_in_background(wf, store, settings, Catalog(agents=[spec]))
     watcher = Pools()
     try:
         victim = _serving_replica(watcher, spec.name)
