@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import factory
+from factory.engine import RunResult
 from factory.settings import Settings
 from factory.spec import RetryPolicy, Step, Workflow
 from factory.store import RunStatus, Store
@@ -93,30 +95,38 @@ def test_for_each_items_have_their_own_records(store: Store, settings: Settings,
     assert len({o["key"] for o in outs}) == 3
 
 
-def test_progress_is_published_while_the_step_runs(store: Store, settings: Settings) -> None:
-    step = Step(id="work", python="teststeps:report_progress", with_={"n": 12, "delay": 0.15})
-    seen: list[dict[str, Any]] = []
+def run_watched(workflow: Workflow, store: Store, settings: Settings, look: Callable[[str], None]) -> RunResult:
+    """factory.run, with ``look(run_id)`` called every 50 ms from another thread while it runs
+    (what a follower sees before the run ends)."""
     done = threading.Event()
     started: list[str] = []
 
-    def watch() -> None:  # what a follower sees before the step ends
+    def watch() -> None:
         while not started and not done.is_set():
             time.sleep(0.02)
         while not done.is_set():
-            running = [s for s in store.get_steps(started[0]) if s.status.value == "running"]
-            if running:
-                seen.extend(
-                    e.data for e in store.events(0, started[0]) if e.type == "step.progress" and e.data not in seen
-                )
+            look(started[0])
             time.sleep(0.05)
 
     follower = threading.Thread(target=watch)
     follower.start()
     try:
-        result = factory.run(wf(step), store=store, settings=settings, on_start=started.append)
+        return factory.run(workflow, store=store, settings=settings, on_start=started.append)
     finally:
         done.set()
         follower.join()
+
+
+def test_progress_is_published_while_the_step_runs(store: Store, settings: Settings) -> None:
+    step = Step(id="work", python="teststeps:report_progress", with_={"n": 12, "delay": 0.15})
+    seen: list[dict[str, Any]] = []
+
+    def watch(run_id: str) -> None:  # what a follower sees before the step ends
+        running = [s for s in store.get_steps(run_id) if s.status.value == "running"]
+        if running:
+            seen.extend(e.data for e in store.events(0, run_id) if e.type == "step.progress" and e.data not in seen)
+
+    result = run_watched(wf(step), store, settings, watch)
     assert result.ok, result.error
     assert seen and seen[0]["fraction"] < 1  # progress arrived while the step was running
     events = [e for e in store.events(0, result.run_id) if e.type in ("step.progress", "step.emitted")]
@@ -135,26 +145,16 @@ def test_a_python_steps_log_lines_are_events_while_it_runs(store: Store, setting
     when it ends (before its step.succeeded), each line once; the attempt's log has them all."""
     step = Step(id="drip", python="teststeps:drip", with_={"lines": 6, "pause": 0.3})
     seen_while_running: list[str] = []
-    done = threading.Event()
-    started: list[str] = []
 
-    def watch() -> None:
-        while not started and not done.is_set():
-            time.sleep(0.02)
-        while not done.is_set() and not seen_while_running:
-            status = {s.step_id: s.status.value for s in store.get_steps(started[0])}.get("drip")
-            lines = [line for e in store.events(0, started[0]) if e.type == "step.log" for line in e.data["lines"]]
-            if lines and status == "running":
-                seen_while_running.extend(lines)
-            time.sleep(0.05)
+    def watch(run_id: str) -> None:
+        if seen_while_running:
+            return
+        status = {s.step_id: s.status.value for s in store.get_steps(run_id)}.get("drip")
+        lines = [line for e in store.events(0, run_id) if e.type == "step.log" for line in e.data["lines"]]
+        if lines and status == "running":
+            seen_while_running.extend(lines)
 
-    follower = threading.Thread(target=watch)
-    follower.start()
-    try:
-        result = factory.run(wf(step), store=store, settings=settings, on_start=started.append)
-    finally:
-        done.set()
-        follower.join()
+    result = run_watched(wf(step), store, settings, watch)
     assert result.ok, result.error
     assert "line 0" in seen_while_running and "line 5" not in seen_while_running
     events = [e for e in store.events(0, result.run_id) if e.step_id == "drip"]
