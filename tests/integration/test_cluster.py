@@ -243,11 +243,16 @@ def _lines(path: Path) -> list[str]:
 
 
 def test_an_agent_pool_spreads_over_the_nodes_and_survives_losing_one(cluster: LocalRayCluster) -> None:
-    """Five replicas spread over the four nodes; a worker holding one is killed while calls go on:
+    """Five replicas spread over the nodes; a worker holding one is killed while calls go on:
     no call fails, and the manager brings the pool back to five on the nodes that remain."""
-    live = {n.name for n in cluster.nodes if n.raylet_pids()}
-    if "c" not in live:  # the fan-out test killed b: a fresh worker keeps three nodes up
-        cluster.add_worker("c", num_cpus=1, resources={"node_c": 1})
+    # Three live workers at least (the fan-out test killed b): the manager may sit on one and this
+    # test's driver on another (Ray attaches a driver to any raylet of its host: all of them are on
+    # this machine), and a third must still hold a replica to be killed
+    live = {n.name for n in cluster.nodes if n.raylet_pids()} - {"head"}
+    for name in ("c", "e"):  # (the runner test adds a "d" of its own)
+        if len(live) < 3 and name not in live:
+            cluster.add_worker(name, num_cpus=1, resources={f"node_{name}": 1})
+            live.add(name)
     _settle(cluster)
     victims = {f"node_{n.name}": n.raylet_pids() for n in cluster.nodes if n.name != "head" and n.raylet_pids()}
     started = time.monotonic()
