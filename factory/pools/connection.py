@@ -57,6 +57,7 @@ class Pools:
         self.clients: dict[str, PoolClient] = {}
         self.client_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
+        self._pool_locks: dict[str, threading.Lock] = {}  # one registration per pool at a time
         self._relay: Any = None
         self._reporter = Reporter(self.manager, self.clients, self.client_id, report_interval)
 
@@ -90,6 +91,19 @@ class Pools:
         existing = self.clients.get(spec.name)
         if existing is not None and existing.spec == spec:
             return existing
+        # Threads that ask at once (a maker's samples) share one client: clients of their own
+        # would each count only their own calls, and power of two choices would not spread them
+        with self._pool_lock(spec.name):
+            existing = self.clients.get(spec.name)
+            if existing is not None and existing.spec == spec:
+                return existing
+            return self._register(spec, agent, search_path)
+
+    def _pool_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._pool_locks.setdefault(name, threading.Lock())
+
+    def _register(self, spec: AgentSpec, agent: type[Agent] | None, search_path: Sequence[str]) -> PoolClient:
         if agent is None:
             if spec.class_ is None:
                 raise AgentError(
@@ -116,14 +130,18 @@ class Pools:
         existing = self.clients.get(name)
         if existing is not None:
             return existing
-        try:
-            snapshot = ray.get(self.manager.snapshot.remote(name, self.client_id))
-        except RayTaskError as exc:
-            raise _unwrap(exc) from None
-        client = self._client(snapshot)
-        with self._lock:
-            self.clients[name] = client
-        return client
+        with self._pool_lock(name):
+            existing = self.clients.get(name)
+            if existing is not None:
+                return existing
+            try:
+                snapshot = ray.get(self.manager.snapshot.remote(name, self.client_id))
+            except RayTaskError as exc:
+                raise _unwrap(exc) from None
+            client = self._client(snapshot)
+            with self._lock:
+                self.clients[name] = client
+            return client
 
     def discover(
         self, name: str | None = None, capability: str | None = None, refresh: bool = False

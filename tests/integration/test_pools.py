@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -259,3 +260,30 @@ def test_a_parked_call_is_collected_or_dropped_on_the_replica(pools: Pools) -> N
     assert (health.in_flight, health.served) == (0, 3 - 1)  # the dropped call neither ran on nor counted
     with pytest.raises(ray.exceptions.RayTaskError, match="no parked call"):
         ray.get(handle.result.remote(parked))  # collected once
+
+
+def test_threads_that_ensure_a_pool_at_once_share_one_client(pools: Pools) -> None:
+    """Each thread's own client would count only its own calls: power of two choices could then
+    send them all to one replica (a maker's samples once all went to one of two)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from factory.catalog import AgentSpec
+
+    spec = AgentSpec.model_validate(
+        {
+            "name": "sleeper-once",
+            "class": "agent_fixtures:Sleeper",
+            "pool": {"num_cpus": 0.1, "min_replicas": 2, "max_replicas": 2},
+        }
+    )
+    barrier = threading.Barrier(4)
+
+    def ensure(_: int) -> PoolClient:
+        barrier.wait()
+        return pools.ensure(spec, search_path=[FIXTURES])
+
+    with ThreadPoolExecutor(4) as run:
+        clients = list(run.map(ensure, range(4)))
+    assert all(client is clients[0] for client in clients)
+    outcomes = ray.get([clients[0].submit({"sleep": 0.5, "echo": i}) for i in range(2)])
+    assert len({o.extra["replica"] for o in outcomes}) == 2  # one client: the two calls spread
