@@ -4,7 +4,7 @@
 output_tokens, ...}}}``; ``prices`` are USD per million input and output tokens by model (the
 ``model_prices`` setting). Used by the scheduler (budgets), by ``factory status``, the HTTP API
 and the dashboard (each step's tokens and estimated cost, and the run's total: ``usage_of`` and
-``UsageTotal``). Pure: no store, no settings.
+``total_usage``); what a run spent in all its attempts (``RunSpend``). Pure: no store, no settings.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from factory.catalog import AgentSpec
-from factory.costs import add_usage as add_usage  # where it was first defined
 from factory.errors import AgentError, StepInputError
 
 _POOLS: dict[tuple[str, str], Any] = {}  # this process's connections to agent managers

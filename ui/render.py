@@ -493,15 +493,22 @@ def event_rows(events: list[dict[str, Any]], limit: int = 200) -> list[list[str]
 LiveLine = tuple[int | None, int | None, str]  # a step.log line: (attempt, for_each item, text)
 
 
+def _attempt_and_item(data: dict[str, Any]) -> tuple[int | None, int | None]:
+    """The attempt and for_each item a step event's data says it came from (None: it does not say)."""
+    attempt, item = data.get("attempt"), data.get("item")
+    return (
+        attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
+        item if isinstance(item, int) and not isinstance(item, bool) else None,
+    )
+
+
 def live_lines(data: dict[str, Any]) -> list[LiveLine]:
     """The lines of one ``step.log`` event's data, with the attempt and item they came from
     (None when the event does not say: events of an older Factory)."""
     lines = data.get("lines")
     if not isinstance(lines, list):
         return []
-    attempt, item = data.get("attempt"), data.get("item")
-    attempt = attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None
-    item = item if isinstance(item, int) and not isinstance(item, bool) else None
+    attempt, item = _attempt_and_item(data)
     out: list[LiveLine] = []
     skipped = data.get("skipped")
     if isinstance(skipped, int) and skipped > 0:
@@ -541,9 +548,7 @@ def emitted_lines(data: dict[str, Any]) -> list[EmittedLine]:
     items = data.get("items")
     if not isinstance(items, list):
         return []
-    attempt, item = data.get("attempt"), data.get("item")
-    attempt = attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None
-    item = item if isinstance(item, int) and not isinstance(item, bool) else None
+    attempt, item = _attempt_and_item(data)
     out = [(attempt, item, json.dumps(value, ensure_ascii=False)) for value in items]
     dropped = data.get("dropped")
     if isinstance(dropped, int) and dropped > 0:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from factory.costs import add_usage
 from factory.errors import ModelOutputError, NoMajorityError, StepContextError, StepInputError
 from factory.patterns import answer_key, evaluator_optimizer, maker, parse_evaluation, tally
-from factory.stepagents import add_usage
 from factory.stepcontext import StepContext
 
 
