@@ -283,7 +283,13 @@ def resume(
         ) as coordinator:
             # an owner that died on this machine holds no lease, however fresh its last heartbeat
             dead_owner = record.owner if owner_is_gone(record.owner) else None
-            if not store.claim_run(run_id, coordinator.owner, settings.lease_seconds, dead_owner=dead_owner):
+            claimed = store.claim_run(
+                run_id, coordinator.owner, settings.lease_seconds, dead_owner=dead_owner, pending_only=pending_only
+            )
+            if not claimed and pending_only and (now := store.get_run(run_id).status) != RunStatus.PENDING:
+                # started, failed or cancelled (by the supervisor) since it was read: not run twice
+                return RunResult(run_id, now, {}, f"the run is {now.value}, no longer pending")
+            if not claimed:
                 raise RunStateError(
                     f"run {run_id} is still being run by a live process (its lease was renewed less than "
                     f"{settings.lease_seconds:g}s ago); wait for it or `factory cancel {run_id}`"

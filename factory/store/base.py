@@ -317,10 +317,19 @@ class Store(Protocol):
     def append_event(self, run_id: str, step_id: str | None, type: str, data: dict[str, Any]) -> None:
         """An event that changes no state (e.g. step.log lines of a running step)."""
 
-    def claim_run(self, run_id: str, owner: str, lease_seconds: float, dead_owner: str | None = None) -> bool:
+    def claim_run(
+        self,
+        run_id: str,
+        owner: str,
+        lease_seconds: float,
+        dead_owner: str | None = None,
+        pending_only: bool = False,
+    ) -> bool:
         """Become the run's coordinator unless another owner holds a fresh lease. ``dead_owner``:
         an owner the caller knows to be dead (factory.owner), whose lease counts as expired; the
-        claim still fails if the run has another owner by now."""
+        claim still fails if the run has another owner by now. ``pending_only``: only while the run
+        is still pending, checked in the claim's own transaction (a start that came late does not
+        run a run the supervisor has meanwhile failed, cancelled or started)."""
 
     def heartbeat(self, run_id: str, owner: str) -> bool:
         """Renew the lease; False when ``owner`` no longer holds it."""

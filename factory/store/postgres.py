@@ -425,7 +425,7 @@ class PostgresStore(SQLStore):
                 delay = min(delay * 2, 1.0)
 
     def _lock_run(self, cur: Cursor, run_id: str) -> Any:
-        return cur.execute("SELECT owner, heartbeat_at FROM runs WHERE id=%s FOR UPDATE", (run_id,)).fetchone()
+        return cur.execute("SELECT owner, heartbeat_at, status FROM runs WHERE id=%s FOR UPDATE", (run_id,)).fetchone()
 
     def _before_events(self, cur: Cursor) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_EVENTS_LOCK,))

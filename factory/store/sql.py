@@ -73,8 +73,8 @@ class SQLStore(ABC):
         """A cursor for reading."""
 
     def _lock_run(self, cur: Cursor, run_id: str) -> Any:
-        """Select the run's owner row for update (the transaction holds it until it ends)."""
-        return cur.execute(self._sql("SELECT owner, heartbeat_at FROM runs WHERE id=?"), (run_id,)).fetchone()
+        """Select the run's owner, heartbeat and status for update (the transaction holds the row until it ends)."""
+        return cur.execute(self._sql("SELECT owner, heartbeat_at, status FROM runs WHERE id=?"), (run_id,)).fetchone()
 
     def _before_events(self, cur: Cursor) -> None:
         """Called in a transaction before it appends events (PostgreSQL serialises them here)."""
@@ -379,13 +379,22 @@ class SQLStore(ABC):
         with self._write() as cur:
             self._insert_events(cur, [(run_id, step_id, type, json.dumps(data), time.time())])
 
-    def claim_run(self, run_id: str, owner: str, lease_seconds: float, dead_owner: str | None = None) -> bool:
+    def claim_run(
+        self,
+        run_id: str,
+        owner: str,
+        lease_seconds: float,
+        dead_owner: str | None = None,
+        pending_only: bool = False,
+    ) -> bool:
         now = time.time()
         with self._write() as cur:
             row = self._lock_run(cur, run_id)
             if row is None:
                 raise self._not_found(run_id)
-            current, heartbeat = row[0], row[1]
+            current, heartbeat, status = row[0], row[1], row[2]
+            if pending_only and status != RunStatus.PENDING.value:
+                return False
             lease_fresh = (heartbeat or 0) > now - lease_seconds
             if current and current != owner and current != dead_owner and lease_fresh:
                 return False

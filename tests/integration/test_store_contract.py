@@ -121,6 +121,18 @@ def test_a_dead_owner_holds_no_lease(db: Store) -> None:
     assert not db.claim_run("r1", "third", lease_seconds=60, dead_owner="dead")  # "new" owns it now
 
 
+def test_a_start_that_came_late_does_not_claim_a_run_that_is_no_longer_pending(db: Store) -> None:
+    """A submitted run's start claims it only while it is pending, in the claim's transaction: the
+    supervisor may have failed it meanwhile (nobody started it in time), and it must not run after."""
+    db.create_run("r1", "wf", "{}", {}, ["a"])
+    db.create_run("r2", "wf", "{}", {}, ["a"])
+    db.record([RunChange("r1", RunStatus.FAILED, "run.failed", error="nobody started it within 3s")])
+    assert not db.claim_run("r1", "late", lease_seconds=60, pending_only=True)
+    assert db.get_run("r1").owner is None and db.get_run("r1").status == RunStatus.FAILED
+    assert db.claim_run("r1", "resumer", lease_seconds=60)  # resuming a failed run on purpose still claims it
+    assert db.claim_run("r2", "starter", lease_seconds=60, pending_only=True)  # pending: claimed
+
+
 def test_store_id_is_made_once_and_kept_in_the_store(db: Store) -> None:
     store_id = db.store_id()
     assert store_id and store_id == db.store_id()
