@@ -15,6 +15,9 @@ decision (``Router.route``), measured after a warm-up of 100 decisions on the
 catalogue's own examples. ``--ablation`` adds the embedding scorer's parts side by side:
 ``emb-plain`` (the cosine alone: no whitening, no lexical blend), ``emb-nowhiten``,
 ``emb-nolexical`` and ``emb-numpy`` (the numpy backend instead of ONNX Runtime).
+``--all --learning`` prints the learning curves over 0, 1, 3 and 5 corrections per agent in two
+protocols: "random" (k random tasks per agent taught) and "mistakes" (the wrong decisions of a
+stream corrected, at most k per agent); docs/routing.md describes both.
 """
 
 from __future__ import annotations
@@ -186,43 +189,119 @@ def run_all(scorers: list[str], show_misses: bool = False, only_sets: list[str] 
 COVERAGE_LEVELS = (0.0, 0.3, 0.5, 0.7, 0.9)
 LEARNING_STEPS = (0, 1, 3, 5)
 LEARNING_SEEDS = 3
+LEARNING_FOLDS = 3
+
+
+def _random_corrections(
+    catalog: Catalog, tasks: list[Task], scorer: str, seed: int
+) -> tuple[dict[int, float], list[float]]:
+    """Protocol "random": k random tasks of each agent are taught (most of them already routed
+    right: confirmations); accuracy on the tasks never used as corrections (the same at every k),
+    and the latencies (ms) of the decisions made with the most corrections."""
+    import random
+
+    rng = random.Random(seed)
+    by_agent: dict[str, list[Task]] = {}
+    for task in tasks:
+        by_agent.setdefault(task.expected, []).append(task)
+    for group in by_agent.values():
+        rng.shuffle(group)
+    used = {id(t) for group in by_agent.values() for t in group[: max(LEARNING_STEPS)]}
+    held_back = [t for t in tasks if id(t) not in used]
+    router = Router(catalog, make_scorer(scorer, catalog))
+    taught = 0
+    accuracy: dict[int, float] = {}
+    for k in LEARNING_STEPS:
+        for group in by_agent.values():
+            for task in group[taught:k]:
+                router.learn(task.expected, task.text)
+        taught = k
+        hits = 0
+        latencies = []
+        for task in held_back:
+            t0 = time.perf_counter()
+            hits += router.route(RouteRequest(text=task.text)).agent == task.expected
+            latencies.append((time.perf_counter() - t0) * 1000.0)
+        accuracy[k] = hits / len(held_back)
+    return accuracy, latencies
+
+
+def _mistake_corrections(
+    catalog: Catalog, tasks: list[Task], scorer: str, seed: int
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Protocol "mistakes": the tasks, in a seeded random order, are split into LEARNING_FOLDS parts;
+    for each part, the other parts are streamed through the router, and a task it routes wrong is
+    corrected (``Router.learn``) while its right agent has fewer than k corrections; then the part,
+    never used as a correction, is measured. Every task is measured once, so k = 0 is the set's
+    plain accuracy. Returns the accuracy and the corrections made per stream, for each k."""
+    import random
+
+    order = list(tasks)
+    random.Random(1000 + seed).shuffle(order)
+    hits = dict.fromkeys(LEARNING_STEPS, 0)
+    made = dict.fromkeys(LEARNING_STEPS, 0.0)
+    for fold in range(LEARNING_FOLDS):
+        measured = [t for i, t in enumerate(order) if i % LEARNING_FOLDS == fold]
+        stream = [t for i, t in enumerate(order) if i % LEARNING_FOLDS != fold]
+        for k in LEARNING_STEPS:
+            router = Router(catalog, make_scorer(scorer, catalog))
+            count: dict[str, int] = {}
+            for task in stream:
+                if count.get(task.expected, 0) >= k:
+                    continue
+                if router.route(RouteRequest(text=task.text)).agent != task.expected:
+                    router.learn(task.expected, task.text)
+                    count[task.expected] = count.get(task.expected, 0) + 1
+            made[k] += sum(count.values()) / LEARNING_FOLDS
+            hits[k] += sum(router.route(RouteRequest(text=t.text)).agent == t.expected for t in measured)
+    return {k: hits[k] / len(tasks) for k in LEARNING_STEPS}, made
 
 
 def learning_curve(scorer: str, only_sets: list[str] | None = None) -> int:
-    """Accuracy after 0, 1, 3 and 5 corrections per agent (``Router.learn``), on each set's tasks
-    that were never used as corrections (the same held-back tasks at every step), averaged over
-    LEARNING_SEEDS random draws of the corrections."""
-    import random
-
+    """Accuracy after 0, 1, 3 and 5 corrections per agent (``Router.learn``), in two protocols,
+    each the mean of LEARNING_SEEDS draws: "random" teaches k random tasks per agent (mostly
+    confirmations of right decisions); "mistakes" corrects the mistakes of a stream of tasks, at
+    most k per agent, as a person watching the decisions would. Both measure only tasks that were
+    never used as corrections."""
     sets = [s for s in task_sets() if s.agents.is_file() and s.tasks.is_file()]
     if only_sets:
         sets = [s for s in sets if s.name in only_sets]
-    print(f"learning curve ({scorer}): accuracy on the tasks not used as corrections, mean of {LEARNING_SEEDS} draws")
-    print(f"{'set':<10} {'role':<12} " + " ".join(f"{f'{k}/agent':>9}" for k in LEARNING_STEPS))
+    steps = " ".join(f"{f'{k}/agent':>9}" for k in LEARNING_STEPS)
+    print(f"learning curves ({scorer}): accuracy on tasks never used as corrections, mean of {LEARNING_SEEDS} draws")
+    print("random:   k random tasks of each agent taught (mostly already right); the rest measured")
+    print(
+        f"mistakes: stream {LEARNING_FOLDS - 1}/{LEARNING_FOLDS} of the tasks, correct each wrong decision while "
+        f"its agent has < k corrections, measure the other 1/{LEARNING_FOLDS} (every task once per draw)"
+    )
+    print(f"{'set':<10} {'role':<12} {'protocol':<9} {steps}   (mistakes: corrections made per stream)")
     for task_set in sets:
         catalog = load_catalog(task_set.agents)
         tasks = read_tasks(task_set.tasks)
-        sums = dict.fromkeys(LEARNING_STEPS, 0.0)
+        random_sums = dict.fromkeys(LEARNING_STEPS, 0.0)
+        mistake_sums = dict.fromkeys(LEARNING_STEPS, 0.0)
+        made_sums = dict.fromkeys(LEARNING_STEPS, 0.0)
+        latencies: list[float] = []
         for seed in range(LEARNING_SEEDS):
-            rng = random.Random(seed)
-            by_agent: dict[str, list[Task]] = {}
-            for task in tasks:
-                by_agent.setdefault(task.expected, []).append(task)
-            for group in by_agent.values():
-                rng.shuffle(group)
-            used = {id(t) for group in by_agent.values() for t in group[: max(LEARNING_STEPS)]}
-            held_back = [t for t in tasks if id(t) not in used]
-            router = Router(catalog, make_scorer(scorer, catalog))
-            taught = 0
+            learnt, timed = _random_corrections(catalog, tasks, scorer, seed)
+            latencies += timed
+            for k, value in learnt.items():
+                random_sums[k] += value / LEARNING_SEEDS
+            accuracy, made = _mistake_corrections(catalog, tasks, scorer, seed)
             for k in LEARNING_STEPS:
-                for group in by_agent.values():
-                    for task in group[taught:k]:
-                        router.learn(task.expected, task.text)
-                taught = k
-                hits = sum(router.route(RouteRequest(text=t.text)).agent == t.expected for t in held_back)
-                sums[k] += hits / len(held_back)
-        cells = " ".join(f"{sums[k] / LEARNING_SEEDS:>9.3f}" for k in LEARNING_STEPS)
-        print(f"{task_set.name:<10} {task_set.role:<12} {cells}")
+                mistake_sums[k] += accuracy[k] / LEARNING_SEEDS
+                made_sums[k] += made[k] / LEARNING_SEEDS
+        label = f"{task_set.name:<10} {task_set.role:<12}"
+        print(
+            f"{label} {'random':<9} "
+            + " ".join(f"{random_sums[k]:>9.3f}" for k in LEARNING_STEPS)
+            + f"   decision p50 {statistics.median(latencies):.1f} ms at {max(LEARNING_STEPS)}/agent"
+        )
+        print(
+            f"{label} {'mistakes':<9} "
+            + " ".join(f"{mistake_sums[k]:>9.3f}" for k in LEARNING_STEPS)
+            + "   "
+            + " ".join(f"{made_sums[k]:.1f}" for k in LEARNING_STEPS)
+        )
     return 0
 
 
@@ -233,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sets", help="with --all: only these sets (comma-separated names)")
     parser.add_argument(
-        "--learning", action="store_true", help="with --all: the learning curve over 0, 1, 3, 5 corrections per agent"
+        "--learning",
+        action="store_true",
+        help="with --all: the learning curves over 0, 1, 3, 5 corrections per agent (random and mistakes protocols)",
     )
     parser.add_argument("--agents", type=Path, help="agent catalogue (agents.yaml)")
     parser.add_argument("--tasks", type=Path, help="TSV with columns expected, description")

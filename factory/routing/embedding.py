@@ -21,6 +21,9 @@ themselves ("query"). Both were chosen on held-out task sets written without
 reading the development tasks (benchmarks/data); docs/routing.md has the figures
 of each part (``python -m benchmarks.routing --ablation``).
 
+Corrections (``remember``; factory.routing.corrections) join their agent's prototypes at
+``CORRECTION_WEIGHT`` each, moving its centroid, and near copies of one get a bonus.
+
 The model is read from disk only (see ``factory.models.files``): run
 ``factory models pull`` once, or set ``FACTORY_EMBEDDING_MODEL_PATH``.
 """
@@ -32,7 +35,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from factory.catalog import AgentSpec, Catalog
-from factory.routing.corrections import MAX_CORRECTIONS, MEMORY_FLOOR, Recalled, memory_bonus
+from factory.routing.corrections import (
+    CORRECTION_WEIGHT,
+    MAX_CORRECTIONS,
+    MEMORY_FLOOR,
+    Recalled,
+    memory_bonus,
+)
 from factory.routing.intents import intent_whitening
 from factory.routing.lexical import LexicalScorer
 
@@ -92,16 +101,18 @@ class EmbeddingScorer:
                 texts.append(text)
                 owner.append(i)
         vectors = self._project(self.encoder.encode(texts))
-        centroids = np.zeros((len(self.agents), self.encoder.hidden), dtype=np.float32)
-        np.add.at(centroids, np.asarray(owner, dtype=np.int64), vectors)
-        norms = np.linalg.norm(centroids, axis=1, keepdims=True)
-        self._centroids = centroids / np.maximum(norms, 1e-12)
+        # the sum of each agent's prototype vectors; its centroid is this plus its corrections, normalised
+        self._sums = np.zeros((len(self.agents), self.encoder.hidden), dtype=np.float32)
+        np.add.at(self._sums, np.asarray(owner, dtype=np.int64), vectors)
+        self._centroids = self._normalised(self._sums)
         # corrections (factory.routing.corrections): agent index, text, and the vectors as one matrix
         self._memory: tuple[list[int], list[str], npt.NDArray[np.float32]] = (
             [],
             [],
             np.zeros((0, self.encoder.hidden), dtype=np.float32),
         )
+        # the last text fitted alone and its vector: ``recall`` for the same decision reuses it
+        self._last: tuple[str, npt.NDArray[np.float32]] | None = None
 
     def remember(self, agent: str, text: str) -> bool:
         """A correction: ``text`` is an example of ``agent``. Replaced whole, so a decision
@@ -117,6 +128,7 @@ class EmbeddingScorer:
             [*texts[-keep:], text],
             np.vstack([vectors[-keep:], self.embed(text)[None, :]]),
         )
+        self._centroids = self._shifted()
         return True
 
     def remember_many(self, corrections: Sequence[tuple[str, str]]) -> int:
@@ -134,13 +146,32 @@ class EmbeddingScorer:
             [*(texts[-keep:] if keep else []), *(t for _, t in known)],
             np.vstack([memory[-keep:] if keep else memory[:0], vectors]),
         )
+        self._centroids = self._shifted()
         return len(known)
+
+    @staticmethod
+    def _normalised(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        import numpy as np
+
+        norms = np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        return (rows / norms).astype(np.float32, copy=False)
+
+    def _shifted(self) -> npt.NDArray[np.float32]:
+        """The centroids with the kept corrections in: each counts CORRECTION_WEIGHT of a prototype."""
+        import numpy as np
+
+        owners, _, vectors = self._memory
+        sums = self._sums.copy()
+        if owners:
+            np.add.at(sums, np.asarray(owners, dtype=np.int64), CORRECTION_WEIGHT * vectors)
+        return self._normalised(sums)
 
     def recall(self, text: str, limit: int = 3) -> list[Recalled]:
         owners, texts, vectors = self._memory
         if not owners:
             return []
-        sims = vectors @ self.embed(text)
+        last = self._last
+        sims = vectors @ (last[1] if last is not None and last[0] == text else self.embed(text))
         order = sims.argsort()[::-1][:limit]
         return [
             Recalled(agent=self.agents[owners[i]], text=texts[i], similarity=round(float(sims[i]), 6))
@@ -171,6 +202,8 @@ class EmbeddingScorer:
         if not self.agents or not texts:
             return [{} for _ in texts]
         queries = self._project(self.encoder.encode(texts))
+        if len(texts) == 1:
+            self._last = (texts[0], queries[0])
         scores = queries @ self._centroids.T
         owners, _, memory = self._memory
         if owners:
