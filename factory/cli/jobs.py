@@ -42,6 +42,10 @@ JOB_METADATA_KEY = "factory_run_id"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # settings the job's `factory run` must share with this machine; passed in its runtime_env
 SHARED_SETTINGS = ("store_url", "events_url", "cache_url")
+# after the run ends, how long --follow waits for its job's process to exit (ray.shutdown, the
+# job supervisor noticing): long enough for a quiet or busy cluster, short enough for a hung exit
+JOB_EXIT_GRACE_S = 30.0
+JOB_END_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 ADDRESS_HELP = "The cluster's Ray dashboard: http://HEAD:8265 (else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS)."
 
 
@@ -244,8 +248,18 @@ def submit(
         raise fail(f"run {run_id} did not end within {timeout:g}s; it goes on in job {job_id}", EXIT_TIMEOUT) from None
     except FactoryError as exc:
         raise fail(str(exc), EXIT_FAILED) from None
+    job_status = wait_for_job_end(client, job_id, JOB_EXIT_GRACE_S)
+    if job_status not in JOB_END_STATUSES:
+        err.print(
+            f"[yellow]the run ended; its job {escape(job_id)} was {escape(job_status)} {JOB_EXIT_GRACE_S:g}s "
+            f"later[/yellow] (see `factory jobs` or `ray job logs {escape(job_id)}`)"
+        )
+    elif result.ok and job_status != "SUCCEEDED":
+        err.print(f"[yellow]the run succeeded, then job {escape(job_id)} ended {job_status}[/yellow]")
     if as_json:
-        sys.stdout.write(json.dumps({**result.to_dict(), "job_id": job_id}, ensure_ascii=False) + "\n")
+        sys.stdout.write(
+            json.dumps({**result.to_dict(), "job_id": job_id, "job_status": job_status}, ensure_ascii=False) + "\n"
+        )
     else:
         print_result(result, False)
     raise typer.Exit(0 if result.ok else EXIT_FAILED)
@@ -287,6 +301,20 @@ def follow_job(
                 time.sleep(0.5)
     finally:
         store.close()
+
+
+def wait_for_job_end(client: Any, job_id: str, grace: float) -> str:
+    """The job's status once its process has exited (the run it carries has already ended),
+    or its status as it stands after ``grace`` seconds."""
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            status = str(client.get_job_status(job_id)).rsplit(".", 1)[-1]
+        except Exception:  # noqa: BLE001 - the Jobs API's errors come in many types; the run's end is known
+            return "UNREACHABLE"
+        if status in JOB_END_STATUSES or time.monotonic() >= deadline:
+            return status
+        time.sleep(0.25)
 
 
 def _run_or_none(store: Store, run_id: str) -> Any:

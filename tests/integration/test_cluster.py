@@ -113,6 +113,7 @@ def test_submit_runs_steps_on_the_nodes_they_ask_for(
     on_a, on_b = result["outputs"]["on_a"], result["outputs"]["on_b"]
     assert on_a["label"] == "t1" and on_b["label"] == "b"  # the input reached the job as given
     assert on_a["node"] != on_b["node"]  # each on the node holding its resource
+    assert result["job_status"] == "SUCCEEDED"  # --follow returns once the job's process has exited too
 
     jobs = factory(client_env, "jobs", "--address", cluster.jobs_address, "--json")
     assert jobs.returncode == 0, jobs.stderr

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import typer
 
-from factory.cli.jobs import check_store_reachable, entrypoint, job_env, job_runtime_env, jobs_address
+from factory.cli.jobs import (
+    check_store_reachable,
+    entrypoint,
+    job_env,
+    job_runtime_env,
+    jobs_address,
+    wait_for_job_end,
+)
 from factory.cli.runs import parse_inputs
 from factory.errors import FactoryError
 from factory.settings import Settings
@@ -93,3 +100,37 @@ def test_a_runtime_is_bounded() -> None:
         _workflow({"py_modules": [f"m{i}" for i in range(21)]})
     with pytest.raises(ValidationError):
         _workflow({"pip": ["x"]})  # unknown field: a typo is an error, not ignored
+
+
+class ScriptedJobs:
+    """Stands in for Ray's JobSubmissionClient (unit tests have no cluster): answers
+    get_job_status from a script, the last answer repeating."""
+
+    def __init__(self, *answers: str | Exception) -> None:
+        self.answers = list(answers)
+        self.asked = 0
+
+    def get_job_status(self, job_id: str) -> str:
+        answer = self.answers[min(self.asked, len(self.answers) - 1)]
+        self.asked += 1
+        if isinstance(answer, Exception):
+            raise answer
+        return f"JobStatus.{answer}"
+
+
+def test_following_a_job_waits_for_its_process_to_exit_after_the_run_ended() -> None:
+    # the run's end is in the store before the job's process has exited (ray.shutdown, the
+    # job supervisor noticing): `factory submit --follow` reports the job's own end
+    jobs = ScriptedJobs("RUNNING", "RUNNING", "SUCCEEDED")
+    assert wait_for_job_end(jobs, "factory-x", grace=10) == "SUCCEEDED"
+    assert jobs.asked == 3
+
+
+def test_a_job_that_does_not_exit_is_reported_as_it_stands_after_the_grace() -> None:
+    jobs = ScriptedJobs("RUNNING")
+    assert wait_for_job_end(jobs, "factory-x", grace=0.3) == "RUNNING"
+    assert 1 < jobs.asked < 10
+
+
+def test_a_cluster_gone_after_the_run_ended_does_not_hide_the_runs_result() -> None:
+    assert wait_for_job_end(ScriptedJobs(ConnectionError("refused")), "factory-x", grace=10) == "UNREACHABLE"
