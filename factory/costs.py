@@ -189,6 +189,14 @@ def total_usage(outputs: Iterable[Any], prices: Mapping[str, tuple[float, float]
     return None if total is None else Usage.of(total, prices)
 
 
+def cost_text(cost: float | None, unpriced: list[str]) -> str:
+    """An estimated cost as text: ``$0.000123``; ``>= $...`` when some models had no price; ``?``
+    when none had one (no cost)."""
+    if unpriced and not cost:
+        return "?"
+    return f"{'>= ' if unpriced else ''}${cost or 0.0:.6f}"
+
+
 def price_table(model_prices: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
     """The ``model_prices`` setting (``{model: ModelPrice}``) as ``{model: (input, output)}``."""
     return {str(model): (float(p.input), float(p.output)) for model, p in model_prices.items()}

@@ -213,3 +213,63 @@ def standin(standin_server: ChatStandIn) -> ChatStandIn:
     standin_server.limit_next = 0
     standin_server.hang_seconds = 30.0
     return standin_server
+
+
+@pytest.fixture(scope="session")
+def usage_run(api_server: ApiServer) -> str:
+    """A run in the API's store whose agents used tokens, for the API's and the dashboard's tests: one agent
+    step (1 request to the stand-in provider: PROMPT_TOKENS in, COMPLETION_TOKENS out), a for_each agent step
+    over 2 items (2 requests), a plain python step (no usage), and a passthrough agent's step that calls its
+    MCP server's tool (no usage: passthrough counts none). Run once per session with a stand-in provider of
+    its own; read back through the API."""
+    import json
+    import sys
+
+    import factory
+    from factory.api import store_for
+    from factory.catalog import AgentSpec, Catalog
+    from factory.pools import DEFAULT_MANAGER_NAME, stop_manager
+    from factory.spec import Step, Workflow
+
+    pytest.importorskip("fast_agent", reason="fast-agent is not installed (pip install -e '.[fast-agent]')")
+    provider = ChatStandIn().start()
+    spec = AgentSpec.model_validate(
+        {
+            "name": "fa-usage",
+            "class": "factory.fastagent:FastAgent",
+            "pool": {"num_cpus": 0.1, "max_replicas": 1},
+            "config": {"model": "generic.tiny-local", "base_url": provider.url},
+        }
+    )
+    server = {"command": sys.executable, "args": [str(Path(__file__).parent / "fixtures" / "mcp_pid_server.py")]}
+    tools = AgentSpec.model_validate(
+        {
+            "name": "fa-usage-tools",
+            "class": "factory.fastagent:FastAgent",
+            "pool": {"num_cpus": 0.1, "max_replicas": 1},
+            "config": {"model": "passthrough", "servers": {"tools": server}},
+        }
+    )
+    call = "***CALL_TOOL tools__echo " + json.dumps({"text": "from the API test"})
+    flow = Workflow(
+        name="fa-usage",
+        steps=[
+            Step(id="ask", agent="fa-usage", with_={"text": "hello"}),
+            Step(id="each", agent="fa-usage", for_each=["one", "two"], with_={"text": "${item}"}),
+            Step(id="plain", python="tests.fixtures.teststeps:add", with_={"a": 1, "b": 2}),
+            Step(id="tool", agent="fa-usage-tools", with_={"text": call}),
+        ],
+    )
+    # the pools, their MCP server and this process's relay start cold, for longer than the lease of the
+    # api_server fixture (3 s): the run keeps its lease meanwhile (factory/lease.py), so the API's supervisor
+    # does not adopt it
+    catalog = Catalog(agents=[spec, tools])
+    store = store_for(api_server.settings)
+    try:
+        run = factory.run(flow, store=store, settings=api_server.settings, agents=catalog)
+        assert run.ok, run.error
+    finally:
+        store.close()
+        stop_manager(DEFAULT_MANAGER_NAME, drain_timeout=0)
+        provider.stop()
+    return run.run_id

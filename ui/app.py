@@ -41,6 +41,11 @@ MIN_REFRESH = 0.3  # the run page asks the API again at most this often...
 REFRESH_COST_FACTOR = 4.0  # ...and at most once per this many times what the last answer cost
 MIN_LIST_RELOAD = 0.5
 DELTA_WINDOW = 2.0  # a graph update repeats the changes of the last seconds (updates may arrive batched)
+# the run page sends all it shows again, without asking the API, RESEND_FIRST s after it last sent
+# something new, then twice as long each time up to RESEND_MAX: an update the browser lost (Gradio can
+# drop one that reaches a tab whose components are still mounting) is mended, not kept for good
+RESEND_FIRST = 3.0
+RESEND_MAX = 60.0
 RUN_STATUSES = ["any", "pending", "running", "waiting", "succeeded", "failed", "cancelled"]
 PAGE_SIZE = 25
 READ_ONLY_NOTE = "your key can read only: cancel, resume, run again and submit need a key with the submit scope"
@@ -104,6 +109,9 @@ class Session:
     refreshed_version: int = -1
     refreshed_at: float = 0.0
     refresh_cost: float = 0.0
+    resent_at: float = 0.0  # when the run page's details were last sent in full...
+    resend_gap: float = RESEND_FIRST  # ...and how long after that they are sent again
+    picked_at: float = 0.0  # when a step was last picked for the logs (its own answer shows them)
     sent: dict[str, Any] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
     # the page's live loop
@@ -118,6 +126,10 @@ class Session:
     @property
     def can_admin(self) -> bool:
         return bool(self.me.get("can_admin"))
+
+    def had_news(self, at: float) -> None:
+        """The run page sent (or was shown) something new at ``at``: all of it again RESEND_FIRST s later."""
+        self.resent_at, self.resend_gap = at, RESEND_FIRST
 
     def close(self) -> None:
         self.closed = True
@@ -134,6 +146,11 @@ def _close(session: Session | None) -> None:
 
 def _error(exc: BaseException | str) -> str:
     return f'<div class="factory-error" style="color:#b91c1c">{escape(str(exc))}</div>'
+
+
+def _skipped(value: Any) -> bool:
+    """Whether an output is ``gr.skip()``: the component keeps what it shows."""
+    return bool(value == gr.skip())
 
 
 def _ok(text: str) -> str:
@@ -501,6 +518,12 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                 f" · duration {escape(render.seconds(render.run_duration(run, time.time())))}"
                 f" · by {escape(str(run.get('started_by', '')))}</div>"
                 f"<div>steps: {escape(counts)}</div>"
+                + (
+                    f"<div id='run-spent' title='what its budgets count: every attempt, failed ones included'>"
+                    f"spent: {escape(spent)}</div>"
+                    if (spent := render.spent_text(run.get("spent")))
+                    else ""
+                )
                 + (f"<div style='color:#b91c1c'>{escape(str(run['error']))}</div>" if run.get("error") else "")
                 + ("<div style='color:#92400e'>stalled: its coordinator is gone</div>" if run.get("stalled") else "")
                 + "</div>"
@@ -575,6 +598,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
 
         RUN_KEYS = ["header", "dag", "gantt", "steps", "log_step", "logs", "emitted", "inputs", "outputs", "events"]
         RUN_KEYS += ["cancel", "resume"]
+        PICK_KEYS = {"log_step", "logs", "emitted"}  # what picking a step sends itself
 
         def as_outputs(s: Session, values: dict[str, Any]) -> list[Any]:
             """``values`` in the order of ``run_outputs``; what the page shows already is skipped."""
@@ -630,6 +654,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                 s.log_step = None
                 s.sent = {}
                 s.refreshed_version, s.refreshed_at = -1, time.monotonic()
+                s.had_news(s.refreshed_at)
                 s.refresh_cost = s.refreshed_at - started
                 s.details_pending = True
                 s.tab = "run"
@@ -681,6 +706,7 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                     s.run["status"] = run_status
                 if not changed and not run_status:
                     return None
+                s.had_news(time.monotonic())
                 return as_outputs(s, {"dag": dag_delta(s, changed), "header": header_html(s), **buttons(s)})
             finally:
                 s.lock.release()
@@ -688,6 +714,11 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
         def run_due(s: Session) -> bool:
             follower = s.run_follower
             if s.details_pending:
+                return True
+            if follower is not None and time.monotonic() - s.resent_at >= s.resend_gap:
+                with s.lock:  # everything again, from what the page has (what changed comes as usual)
+                    s.details_pending, s.sent = True, {}
+                    s.resend_gap = min(2 * s.resend_gap, RESEND_MAX)
                 return True
             if follower is None or follower.version == s.refreshed_version:
                 return False
@@ -719,14 +750,23 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                     s.refreshed_version = version
                 values = details(s)
                 values["dag"] = dag_delta(s, None)
+                if pending:  # the graph's every step too, as a delta the graph view applies in order
+                    s.seq += 1
+                    values["dag"] = {"gen": s.gen, "seq": s.seq, "nodes": dict(s.dag_sent)}
+                    s.resent_at = time.monotonic()
                 s.refreshed_at = time.monotonic()
                 s.refresh_cost = max(s.refresh_cost if pending else 0.0, s.refreshed_at - started)
-                return as_outputs(s, values)
+                out = as_outputs(s, values)
+                if not pending and any(not _skipped(v) for v in out):
+                    s.had_news(s.refreshed_at)
+                return out
 
         def pick_step(s: Session | None, step: str | None) -> list[str]:
             if not isinstance(s, Session) or not step:
                 return ["", ""]
-            s.log_step = step
+            with s.lock:
+                s.log_step, s.picked_at = step, time.monotonic()
+                s.had_news(s.picked_at)  # all again soon: whatever crossed the pick is mended
             live = s.run_follower.live_lines(step) if s.run_follower else []
             emitted = render.step_emitted(step, s.run_follower.emitted_values(step) if s.run_follower else [])
             s.sent["emitted"] = emitted
@@ -1149,9 +1189,12 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                             yield [*skip_list, *news]
                             said = time.monotonic()
                         if run_due(s):
-                            s.loop_beat = time.monotonic()
+                            s.loop_beat = asked = time.monotonic()
                             refreshed = await anyio.to_thread.run_sync(run_refresh, s)
                             if refreshed is not None:
+                                if s.picked_at >= asked:  # a step was picked meanwhile: not the one before
+                                    keys = zip(RUN_KEYS, refreshed, strict=True)
+                                    refreshed = [gr.skip() if k in PICK_KEYS else v for k, v in keys]
                                 out = [*skip_list, *refreshed]
                 except Exception:  # the loop outlives one bad answer; the next tick tries again
                     log.exception("dashboard live loop")

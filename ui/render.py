@@ -13,6 +13,8 @@ from typing import Any
 
 import networkx as nx
 
+from factory.costs import cost_text
+
 STATUS_COLOURS = {
     "pending": "#9ca3af",
     "running": "#3b82f6",
@@ -438,12 +440,27 @@ def usage_text(usage: Any) -> str:
     if not isinstance(usage, dict):
         return ""
     text = f"{usage.get('input_tokens', 0)} in / {usage.get('output_tokens', 0)} out"
-    cost, unpriced = usage.get("cost_usd"), usage.get("unpriced_models") or []
-    if isinstance(cost, int | float):
-        text += f" · {'>= ' if unpriced else ''}${cost:.6f}"
-    elif unpriced:
-        text += " · ?"
+    cost, unpriced = usage.get("cost_usd"), [str(m) for m in usage.get("unpriced_models") or []]
+    if isinstance(cost, int | float) or unpriced:
+        text += f" · {cost_text(cost if isinstance(cost, int | float) else None, unpriced)}"
     return text
+
+
+def spent_text(spent: Any) -> str:
+    """A run's ``spent`` (RunSpend, as the API sends it) as ``120 tokens · est. $0.000250 · 4 attempts``:
+    what its budgets count, failed attempts included; empty before it used any model."""
+    if not isinstance(spent, dict) or not (spent.get("tokens") or spent.get("cost_usd")):
+        return ""
+    unpriced = [str(m) for m in spent.get("unpriced_models") or []]
+    cost = spent.get("cost_usd")
+    parts = [
+        f"{spent.get('tokens', 0)} tokens",
+        f"est. {cost_text(cost if isinstance(cost, int | float) else None, unpriced)}",
+        f"{spent.get('attempts', 0)} attempt(s)",
+    ]
+    if unpriced:
+        parts.append(f"no price for {', '.join(unpriced)}")
+    return " · ".join(parts)
 
 
 def step_rows(nodes: list[dict[str, Any]]) -> list[list[str]]:

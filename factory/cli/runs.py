@@ -32,7 +32,7 @@ from factory.cli.output import (
     open_backend,
     out,
 )
-from factory.costs import Usage, price_table, total_usage, usage_of
+from factory.costs import Usage, cost_text, price_table, total_usage, usage_of
 from factory.engine import Progress as RunProgress
 from factory.engine import RunResult
 from factory.errors import FactoryError, WorkflowValidationError
@@ -418,16 +418,9 @@ def tokens_text(usage: Usage | None) -> str:
     return f"{usage.input_tokens} in / {usage.output_tokens} out"
 
 
-def cost_text(cost: float, unpriced: list[str]) -> str:
-    """An estimated cost: ``$0.000123``; ``>= $...`` when some models had no price; ``?`` with none."""
-    if unpriced and not cost:
-        return "?"
-    return f"{'>= ' if unpriced else ''}${cost:.6f}"
-
-
 def step_costs(usages: list[Usage | None]) -> list[str]:
     """Each step's estimated cost, as text."""
-    return ["" if u is None else cost_text(u.cost_usd or 0.0, u.unpriced_models) for u in usages]
+    return ["" if u is None else cost_text(u.cost_usd, u.unpriced_models) for u in usages]
 
 
 def status(
@@ -477,7 +470,7 @@ def status(
     if total is not None:
         out.print(
             f"tokens: {tokens_text(total)} (steps that succeeded), "
-            f"estimated cost {cost_text(total.cost_usd or 0.0, total.unpriced_models)}",
+            f"estimated cost {cost_text(total.cost_usd, total.unpriced_models)}",
             highlight=False,
         )
         if total.unpriced_models:

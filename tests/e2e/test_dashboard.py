@@ -297,6 +297,32 @@ def test_a_steps_emitted_data_shows_on_the_run_page(page: tuple[Any, Problems], 
     pg.wait_for_function(f"() => {emitted} === '(nothing emitted by step quiet)'", timeout=WAIT_MS)
 
 
+def test_the_run_page_shows_tokens_and_what_the_run_spent(
+    page: tuple[Any, Problems], api_server: ApiServer, usage_run: str
+) -> None:
+    """A run whose fast-agent steps asked the stand-in provider (tests/conftest.py ``usage_run``): the steps
+    table shows each step's tokens and estimated cost, the header what the run spent in all its attempts
+    (what its budgets count), at the api_server's prices."""
+    from tests.conftest import API_MODEL_PRICES
+    from tests.fixtures.chat_standin import COMPLETION_TOKENS, PROMPT_TOKENS
+
+    prices = API_MODEL_PRICES["tiny-local"]
+    cost = (PROMPT_TOKENS * prices["input"] + COMPLETION_TOKENS * prices["output"]) / 1e6
+    pg, _ = page
+    login(pg, api_server, "read")
+    open_run(pg, usage_run)
+    status_is(pg, "succeeded")
+    cell(pg, "steps-table", f"{PROMPT_TOKENS} in / {COMPLETION_TOKENS} out · ${cost:.6f}").wait_for(timeout=WAIT_MS)
+    cell(pg, "steps-table", f"{2 * PROMPT_TOKENS} in / {2 * COMPLETION_TOKENS} out · ${2 * cost:.6f}").wait_for(
+        timeout=WAIT_MS
+    )
+    spent = pg.locator("#run-spent")
+    spent.wait_for(timeout=WAIT_MS)
+    tokens = 3 * (PROMPT_TOKENS + COMPLETION_TOKENS)
+    assert spent.inner_text().startswith(f"spent: {tokens} tokens · est. ${3 * cost:.6f} · "), spent.inner_text()
+    shot(pg, "run-usage")
+
+
 def test_read_key_sees_but_cannot_act(page: tuple[Any, Problems], api_server: ApiServer) -> None:
     pg, _ = page
     cl = client(api_server)

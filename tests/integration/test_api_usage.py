@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +15,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-import factory
-from factory.api import store_for
-from factory.catalog import AgentSpec, Catalog
 from factory.cli import app
-from factory.pools import DEFAULT_MANAGER_NAME, stop_manager
-from factory.spec import Step, Workflow
 from tests.conftest import API_MODEL_PRICES, ApiServer
-from tests.fixtures.chat_standin import COMPLETION_TOKENS, PROMPT_TOKENS, ChatStandIn
+from tests.fixtures.chat_standin import COMPLETION_TOKENS, PROMPT_TOKENS
 
 if importlib.util.find_spec("fast_agent") is None:
     pytest.skip("fast-agent is not installed (pip install -e '.[fast-agent]')", allow_module_level=True)
@@ -35,52 +29,6 @@ PRICE_OUT = API_MODEL_PRICES["tiny-local"]["output"]
 
 def cost(requests: int) -> float:
     return requests * (PROMPT_TOKENS * PRICE_IN + COMPLETION_TOKENS * PRICE_OUT) / 1e6
-
-
-@pytest.fixture(scope="module")
-def usage_run(api_server: ApiServer, standin_server: ChatStandIn, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A run in the API's store: one agent step (1 request), a for_each agent step over 2 items (2 requests),
-    a plain python step (no usage), and a passthrough agent's step that calls its MCP server's tool (no
-    usage: passthrough counts none). Run here, read back through the API."""
-    spec = AgentSpec.model_validate(
-        {
-            "name": "fa-usage",
-            "class": "factory.fastagent:FastAgent",
-            "pool": {"num_cpus": 0.1, "max_replicas": 1},
-            "config": {"model": "generic.tiny-local", "base_url": standin_server.url},
-        }
-    )
-    server = {"command": sys.executable, "args": [str(FIXTURES / "mcp_pid_server.py")]}
-    tools = AgentSpec.model_validate(
-        {
-            "name": "fa-usage-tools",
-            "class": "factory.fastagent:FastAgent",
-            "pool": {"num_cpus": 0.1, "max_replicas": 1},
-            "config": {"model": "passthrough", "servers": {"tools": server}},
-        }
-    )
-    call = "***CALL_TOOL tools__echo " + json.dumps({"text": "from the API test"})
-    flow = Workflow(
-        name="fa-usage",
-        steps=[
-            Step(id="ask", agent="fa-usage", with_={"text": "hello"}),
-            Step(id="each", agent="fa-usage", for_each=["one", "two"], with_={"text": "${item}"}),
-            Step(id="plain", python="tests.fixtures.teststeps:add", with_={"a": 1, "b": 2}),
-            Step(id="tool", agent="fa-usage-tools", with_={"text": call}),
-        ],
-    )
-    # the pools, their MCP server and this process's relay start cold, for longer than the lease of the
-    # api_server fixture (3 s): the run keeps its lease meanwhile (factory/lease.py), so the API's supervisor
-    # does not adopt it
-    catalog = Catalog(agents=[spec, tools])
-    store = store_for(api_server.settings)
-    try:
-        run = factory.run(flow, store=store, settings=api_server.settings, agents=catalog)
-        assert run.ok, run.error
-    finally:
-        store.close()
-        stop_manager(DEFAULT_MANAGER_NAME, drain_timeout=0)
-    return run.run_id
 
 
 def test_the_run_view_has_each_steps_usage_and_the_runs_total(api_server: ApiServer, usage_run: str) -> None:
@@ -128,6 +76,19 @@ def test_the_dashboards_graph_has_each_steps_usage(api_server: ApiServer, usage_
 
     rows = {row[0]: row for row in step_rows(graph["nodes"])}
     assert rows["ask"][4] == f"{PROMPT_TOKENS} in / {COMPLETION_TOKENS} out · ${cost(1):.6f}"
+
+
+def test_a_step_that_waited_for_its_pool_to_start_shows_that_time(api_server: ApiServer, usage_run: str) -> None:
+    """The run's first agent tasks started its pools (several seconds, the session's first fast-agent app):
+    the step's and the run's times include that wait, as its attempt's does (they were once committed only
+    after it, so the dashboard said 0.01 s for a step whose attempt took 18 s)."""
+    with httpx.Client(base_url=api_server.base_url, timeout=30, headers=api_server.headers("read")) as http:
+        nodes = {n["id"]: n for n in http.get(f"/v1/runs/{usage_run}/graph").json()["nodes"]}
+        attempt = http.get(f"/v1/runs/{usage_run}/attempts", params={"step": "ask"}).json()[0]
+        run = http.get(f"/v1/runs/{usage_run}").json()
+    assert attempt["duration"] > 1.0  # the pool started cold: the check below means something
+    assert nodes["ask"]["duration"] >= attempt["duration"] - 0.5, (nodes["ask"], attempt)
+    assert run["finished_at"] - run["started_at"] >= attempt["duration"] - 0.5
 
 
 def test_the_openapi_schema_documents_usage(api_server: ApiServer) -> None:

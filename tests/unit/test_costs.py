@@ -118,3 +118,17 @@ def test_a_runs_spend_is_read_from_its_usage_event_and_bad_values_count_nothing(
     assert len(spent.unpriced_models) == 100
     odd = RunSpend.of_event({"attempts": True, "tokens": -5, "cost_usd": "1", "unpriced": "m"})
     assert (odd.attempts, odd.tokens, odd.cost_usd, odd.unpriced_models) == (0, 0, 0.0, [])
+
+
+def test_the_run_page_shows_what_a_run_spent_with_its_unpriced_models() -> None:
+    from factory.costs import RunSpend
+    from ui.render import spent_text
+
+    spent = RunSpend(attempts=3, steps=2, tokens=54, cost_usd=0.000075).model_dump(mode="json")
+    assert spent_text(spent) == "54 tokens · est. $0.000075 · 3 attempt(s)"
+    unpriced = RunSpend(attempts=1, tokens=9, unpriced_models=["local.m"]).model_dump(mode="json")
+    assert spent_text(unpriced) == "9 tokens · est. ? · 1 attempt(s) · no price for local.m"
+    partly = RunSpend(attempts=2, tokens=9, cost_usd=0.5, unpriced_models=["local.m"]).model_dump(mode="json")
+    assert spent_text(partly).startswith("9 tokens · est. >= $0.500000")
+    assert spent_text(RunSpend(attempts=5).model_dump(mode="json")) == ""  # no model used: no line
+    assert spent_text(None) == ""
