@@ -103,6 +103,7 @@ class Session:
     gen: int = 0  # which opening of a run page the page's graph belongs to
     seq: int = 0  # the graph view's updates, in order
     dag_sent: dict[str, list[str]] = field(default_factory=dict)  # each step's state as the graph shows it
+    dag_drawn: dict[str, Any] | None = None  # the graph view's model as first sent (its layout)
     dag_recent: deque[tuple[float, str]] = field(default_factory=deque)  # (when, step) sent lately
     applied_id: int | None = None  # the newest event the graph reflects (None: the API does not say)
     details_pending: bool = False  # opened: the tables, timeline and logs are still to be sent
@@ -542,8 +543,17 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
             model = render.dag_model(s.graph)
             s.seq += 1
             s.dag_sent = {str(n[0]): list(n[4:7]) for n in model["nodes"]}
+            s.dag_drawn = model
             s.dag_recent.clear()
             return {"gen": s.gen, "seq": s.seq, "model": model}
+
+        def dag_again(s: Session) -> dict[str, Any]:
+            """The whole graph again, its layout as first sent and every step as the view shows it now:
+            a page that lost the drawing draws it; one that has it only paints the states."""
+            assert s.dag_drawn is not None
+            s.seq += 1
+            nodes = [[*n[:4], *s.dag_sent.get(str(n[0]), n[4:7])] for n in s.dag_drawn["nodes"]]
+            return {"gen": s.gen, "seq": s.seq, "model": {**s.dag_drawn, "nodes": nodes}}
 
         def dag_delta(s: Session, steps: Iterable[str] | None) -> dict[str, Any] | None:
             """The states of ``steps`` (None: all) that differ from what the graph view shows, with
@@ -750,9 +760,8 @@ def build_app(api_url: str, *, client_timeout: float = 30.0) -> gr.Blocks:
                     s.refreshed_version = version
                 values = details(s)
                 values["dag"] = dag_delta(s, None)
-                if pending:  # the graph's every step too, as a delta the graph view applies in order
-                    s.seq += 1
-                    values["dag"] = {"gen": s.gen, "seq": s.seq, "nodes": dict(s.dag_sent)}
+                if pending:  # the whole graph too (the drawing itself may be what the page lost)
+                    values["dag"] = dag_again(s)
                     s.resent_at = time.monotonic()
                 s.refreshed_at = time.monotonic()
                 s.refresh_cost = max(s.refresh_cost if pending else 0.0, s.refreshed_at - started)

@@ -279,6 +279,14 @@ function update(v) {
   if (!v || typeof v !== 'object' || v.gen === undefined) return;
   if (v.model) {
     if (v.gen === store.gen && v.seq < store.seq) return;
+    if (v.gen === store.gen && store.model && host.querySelector('#dag-svg')) {
+      // drawn already (a page sends its graph again, in case one was lost): the states only
+      store.seq = v.seq;
+      const states = {};
+      for (const n of v.model.nodes) states[n[0]] = n.slice(4);
+      apply(states);
+      return;
+    }
     store.gen = v.gen; store.seq = v.seq; store.model = v.model; store.states = {};
     draw();
     const p = store.pending;

@@ -581,3 +581,29 @@ def test_a_large_run_is_drawn_compact_and_turns_green_live(page: tuple[Any, Prob
     assert pg.evaluate("window.__not_reloaded") is True
     assert pg.locator("#dag g.dag-node[data-step=s7] title").text_content() == "s7: succeeded"
     cl.wait(run_id, timeout=60)
+
+
+def test_a_graph_the_page_lost_is_drawn_again(page: tuple[Any, Problems], api_server: ApiServer) -> None:
+    """The run page sends its whole graph again now and then: a page whose drawing was lost (as when
+    Gradio drops the update that carried it) draws it again, with no reload and its steps' states."""
+    pg, _ = page
+    login(pg, api_server)
+    cl = client(api_server)
+    steps = [
+        {"id": "one", "python": "tests.fixtures.teststeps:add", "with": {"a": 1, "b": 2}},
+        {"id": "two", "python": "tests.fixtures.teststeps:add", "with": {"a": 3, "b": 4}, "needs": ["one"]},
+    ]
+    run_id = cl.submit({"name": "redrawn", "steps": steps})
+    cl.wait(run_id, timeout=60)
+    open_run(pg, run_id)
+    status_is(pg, "succeeded")
+    pg.locator("#dag-svg").wait_for(timeout=WAIT_MS)
+    # the drawing and what the graph view knew of it, gone (the page itself stays)
+    pg.evaluate(
+        "window.__not_reloaded = true; document.querySelector('#dag .dag-host').replaceChildren();"
+        " Object.assign(window.__factoryDag, {gen: null, seq: -1, model: null, states: {}})"
+    )
+    assert pg.locator("#dag-svg").count() == 0
+    pg.locator("#dag-svg").wait_for(timeout=WAIT_MS)
+    assert pg.evaluate("window.__not_reloaded") is True
+    assert pg.locator("#dag g.dag-node[data-step=two]").get_attribute("data-status") == "succeeded"
