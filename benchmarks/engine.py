@@ -5,6 +5,7 @@
     python -m benchmarks.engine --concurrent 200 [--per-run-store]
     python -m benchmarks.engine --huge 10000,100000 [--huge-kinds chains,for_each]
     python -m benchmarks.engine --profile [--profile-dir DIR]
+    python -m benchmarks.engine --no-fuse    # each python step and item its own Ray task
 
 All run in this process on one Ray instance; for each DAG it prints the best
 wall time of each and the ratio Factory/raw. With --store (and --events), the
@@ -21,6 +22,9 @@ SIZE items, each in a fresh child process: wall time and that process's peak RSS
 ``--profile``: the chain, fan-out and lattice once more under cProfile (the coordinator
 runs in this thread): the top functions by own and cumulative time.
 Given any of these three, the DAG table runs only if ``--only`` names its DAGs.
+``--no-fuse``: a chain of python steps is not run as one Ray task, nor short for_each items
+several per task (``fuse_chains=False``, ``batch_items=False``): each step and each item is its
+own task, as raw Ray runs them.
 """
 
 from __future__ import annotations
@@ -186,24 +190,37 @@ def main() -> None:
         action="store_true",
         help="each DAG also as the Factory's worker tasks alone and with a store that commits nothing",
     )
+    parser.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="each python step and item its own Ray task (fuse_chains and batch_items off)",
+    )
     args = parser.parse_args()
     if args.only is None:
         special = args.concurrent or args.huge or args.profile or args.breakdown
         args.only = "" if special else "chain,fanout,lattice"
 
     home = tempfile.mkdtemp(prefix="factory-bench-")
-    settings = Settings(home=home)
+    fuse = not args.no_fuse
+    settings = Settings(home=home, fuse_chains=fuse, batch_items=fuse)
     store = SQLiteStore(os.path.join(home, "factory.db"))
     backends: list[tuple[str, Store, Settings]] = [("sqlite", store, settings)]
     if args.store:
         label = "postgres" if args.store.startswith("postgres") else "store"
         if args.events:
             label += "+redis"
-        backends.append((label, open_store(args.store), Settings(home=home, events_url=args.events)))
+        backends.append(
+            (
+                label,
+                open_store(args.store),
+                Settings(home=home, events_url=args.events, fuse_chains=fuse, batch_items=fuse),
+            )
+        )
     ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cpus, "
-        f"Python {platform.python_version()}, Ray {ray.__version__}; {engine_scale.load()} at the start"
+        f"Python {platform.python_version()}, Ray {ray.__version__}; {engine_scale.load()} at the start; "
+        f"{'chains in one task, short items several a task' if fuse else 'a task a step and an item (--no-fuse)'}"
     )
     for label, backend, backend_settings in backends:
         events = mask_secrets(backend_settings.events_url or "embedded (the store's event log)")

@@ -461,6 +461,7 @@ def profile_run(label: str, workflow: Workflow, store: Store, settings: Settings
     profiled = time.perf_counter() - start
     assert result.ok, result.error
     if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
         profiler.dump_stats(os.path.join(out_dir, f"{label}.prof"))
     text = io.StringIO()
     stats = pstats.Stats(profiler, stream=text)

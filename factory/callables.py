@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import sys
@@ -42,7 +43,7 @@ def import_callable(target: str, search_path: Sequence[str] = ()) -> Callable[..
 def check_arguments(func: Callable[..., Any], names: set[str], target: str) -> list[str]:
     """Problems with calling ``func`` with keyword arguments ``names``."""
     try:
-        signature = inspect.signature(func)
+        signature = signature_of(func)
     except (TypeError, ValueError):
         return []
     params = signature.parameters
@@ -68,10 +69,23 @@ def check_arguments(func: Callable[..., Any], names: set[str], target: str) -> l
     return problems
 
 
+@functools.lru_cache(maxsize=1024)
+def _cached_signature(func: Callable[..., Any]) -> inspect.Signature:
+    return inspect.signature(func)
+
+
+def signature_of(func: Callable[..., Any]) -> inspect.Signature:
+    """``inspect.signature(func)``, kept per function (a step's function is bound at every attempt)."""
+    try:
+        return _cached_signature(func)
+    except TypeError:  # not hashable: computed each time (inspect's own TypeErrors come back the same)
+        return inspect.signature(func)
+
+
 def bind_arguments(func: Callable[..., Any], kwargs: dict[str, Any], target: str) -> None:
     """Raise StepInputError when ``kwargs`` do not fit the signature (before calling it)."""
     try:
-        inspect.signature(func).bind(**kwargs)
+        signature_of(func).bind(**kwargs)
     except TypeError as exc:
         raise StepInputError(f"{target}(): {exc}") from exc
     except ValueError:

@@ -18,15 +18,17 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import ray
 from ray.exceptions import NodeDiedError, RayError, TaskCancelledError, WorkerCrashedError
 
+from factory.batches import ItemBatcher
 from factory.cache import ResultCache
 from factory.callables import import_callable
+from factory.chains import MAX_CHAIN_STEPS, NOT_RUN, ChainBook, Waiting
 from factory.costs import price_table
 from factory.dag import Graph, build_graph
 from factory.errors import LeaseLostError, RunStateError
@@ -34,7 +36,7 @@ from factory.lease import LeaseKeeper
 from factory.outcome import Outcome
 from factory.owner import new_owner_id
 from factory.policy import check_python_grants, owner_namespace
-from factory.runtime import CallPart, StepCall, execute_part, execute_step
+from factory.runtime import CallPart, StepCall, execute_chain, execute_part, execute_parts, execute_step
 from factory.scheduler import (
     ITEM_PROGRESS_SECONDS,
     MAX_NODE_LOSSES,
@@ -97,6 +99,34 @@ class RayBackend:
         task = execute_part.options(**options) if options else execute_part
         return task.remote([shared], part)
 
+    def submit_parts(self, shared: Any, parts: list[CallPart], options: dict[str, Any]) -> Any:
+        """Several calls of one step in one task (runtime.execute_parts): a stream of their
+        outcomes in order, taken like a chain's (:meth:`next_result`)."""
+        task = execute_parts.options(**options) if options else execute_parts
+        return task.remote([shared], parts)
+
+    def parallelism(self) -> int:
+        """The CPUs of the cluster, as Ray counts them now."""
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))  # type: ignore[no-untyped-call]
+
+    def submit_chain(self, calls: list[StepCall], deps: list[Any], options: dict[str, Any]) -> Any:
+        """Steps that follow one another, in one task (runtime.execute_chain): a stream of their
+        outcomes in order, waited for like a ref; :meth:`next_result` takes each one."""
+        task = execute_chain.options(**options) if options else execute_chain
+        return task.remote(calls, *deps)
+
+    def next_result(self, stream: Any) -> tuple[Any, Outcome | RayError] | None:
+        """A ready stream's next outcome with the ref that holds it (what dependants are given);
+        None once the stream has ended."""
+        try:
+            ref = next(stream)
+        except StopIteration:
+            return None
+        try:
+            return ref, ray.get(ref)
+        except RayError as exc:
+            return ref, exc
+
     def get_many(self, refs: list[Any]) -> list[Outcome | RayError]:
         """The outcomes of ready refs in one call; one by one when one of them failed."""
         try:
@@ -129,6 +159,46 @@ class RayBackend:
             ray.cancel(ref, force=True)
         except ValueError:  # "force=True is not supported for actor tasks"
             ray.cancel(ref)
+
+
+class _Queue(deque[Action]):
+    """The actions a driver carries out, in order, and (with ``chains``) its steps' submissions by
+    step: a chain takes the submissions of its next steps wherever they are in the queue."""
+
+    def __init__(self, actions: list[Action], chains: bool) -> None:
+        super().__init__(actions)
+        self._chains = chains
+        self._submits: dict[str, SubmitStep] = {}  # step id -> its first submission still queued
+        self._taken: set[int] = set()  # id() of submissions that went out in a chain
+        if chains:
+            self._index(actions)
+
+    def _index(self, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SubmitStep):
+                self._submits.setdefault(action.step_id, action)
+
+    def extend(self, actions: Iterable[Action]) -> None:
+        actions = list(actions)
+        super().extend(actions)
+        if self._chains:
+            self._index(actions)
+
+    def take_submit(self, step_id: str) -> SubmitStep | None:
+        """The submission of ``step_id`` still queued, taken out of its turn (None: none is)."""
+        action = self._submits.pop(step_id, None) if self._chains else None
+        if action is not None:
+            self._taken.add(id(action))
+        return action
+
+    def went_out(self, action: SubmitStep) -> bool:
+        """Whether ``action`` (just popped) went out in a chain already; else it goes now."""
+        if id(action) in self._taken:
+            self._taken.discard(id(action))
+            return True
+        if self._submits.get(action.step_id) is action:
+            del self._submits[action.step_id]
+        return False
 
 
 @dataclass
@@ -244,6 +314,12 @@ class Coordinator:
         self._steps = {s.id: s for s in workflow.steps}
         self._refs: dict[str, Any] = {}  # step id -> the result its dependants receive
         self._inflight: dict[Any, int] = {}  # ref -> scheduler token
+        # Refs worth waiting for: those whose dependencies' attempts were collected. A step submitted
+        # ahead of its dependencies cannot finish before them, and ray.wait costs as many refs as it is
+        # given: a chain of 500 submitted at once would be 500 refs a turn instead of one.
+        self._waitable: dict[Any, None] = {}
+        self._blocked: dict[Any, set[Any]] = {}  # ref -> its dependencies' refs still in flight
+        self._dependants: dict[Any, list[Any]] = {}  # ref in flight -> refs blocked on it
         self._token_refs: dict[int, Any] = {}
         self._submitted_at: dict[int, float] = {}
         self._cache_keys: dict[int, str] = {}  # token -> cache key its output is stored under
@@ -252,6 +328,9 @@ class Coordinator:
         self._options_of: dict[str, dict[str, Any]] = {}
         self._start_actions: list[Action] = []  # what start() decided, carried out by execute()
         self._decided: set[str] = set()  # approval gates whose decision the scheduler was given
+        self._agent_steps_sent: set[str] = set()  # agent and route steps with a task sent to a pool
+        self._book = ChainBook()  # chains in flight (one task each), and submissions waiting for their steps
+        self._items: ItemBatcher | None = None  # short for_each items, several per task (made when needed)
 
     # -- carrying out the scheduler's actions ----------------------------------------------------
 
@@ -261,18 +340,20 @@ class Coordinator:
             self.store.record(changes, owner=self.owner)
 
     def _apply(self, actions: list[Action]) -> None:
-        queue = deque(actions)
+        queue: _Queue = _Queue(actions, self.settings.fuse_chains)
         while queue:
             action = queue.popleft()
             if isinstance(action, SubmitStep):
-                step = self._steps[action.step_id]
-                deps = [self._refs[d] for d in self.graph.deps[step.id]]
-                call = self._call(step, self._arguments(step), False)
-                state = self.scheduler.states[step.id]  # this attempt's number (step_context().attempt)
-                call.attempt = state.attempts + (state.status != StepStatus.RUNNING)  # counted when it runs
-                ref = self.backend.submit_step(call, deps, self._options(step))
-                self._refs[step.id] = ref
-                self._track(ref, action.token)
+                if queue.went_out(action):  # already submitted in a chain
+                    continue
+                chain = [action]
+                while len(chain) < MAX_CHAIN_STEPS:
+                    after = self._successor(chain[-1].step_id)
+                    follow = queue.take_submit(after) if after is not None else None
+                    if follow is None:
+                        break
+                    chain.append(follow)
+                queue.extend(self._submit_steps(chain))
             elif isinstance(action, SubmitCall):
                 queue.extend(self._submit_call(action))
             elif isinstance(action, Publish):
@@ -286,14 +367,184 @@ class Coordinator:
                 ref = self._token_refs.pop(action.token, None)
                 self._submitted_at.pop(action.token, None)
                 self._cache_keys.pop(action.token, None)
-                if ref is not None:
-                    self._inflight.pop(ref, None)
+                if ref is None and self._items is not None:
+                    self._items.drop(action.token)  # a held item: it never goes
+                elif self._items is not None and ref in self._items.batches:
+                    self._stop_in_batch(ref, action.token)
+                elif ref is not None and ref in self._book.chains:
+                    if self._book.chains[ref].tokens[0] == action.token:  # the step it runs: the task stops
+                        tokens, dropped = self._end_chain(ref)
+                        queue.extend(self._not_run(tokens[1:], dropped))  # the steps after it never ran
+                        self.backend.stop(ref)
+                    # else a step it has not reached: its outcome, if it comes, is for a forgotten token
+                elif ref is not None:
+                    self._untrack(ref)
                     self.backend.stop(ref)
+        self._send_items()
 
-    def _track(self, ref: Any, token: int) -> None:
+    def _stop_in_batch(self, stream: Any, token: int) -> None:
+        """An item of a task of several is stopped; the task stops once all its items left are."""
+        assert self._items is not None
+        batch = self._items.batches[stream]
+        batch.stopped.add(token)
+        if batch.all_stopped():
+            del self._items.batches[stream]
+            self._untrack(stream)
+            for left in batch.tokens:
+                self._token_refs.pop(left, None)
+                self._submitted_at.pop(left, None)
+            self.backend.stop(stream)
+
+    def _successor(self, before: str) -> str | None:
+        """The step that may run in the same task as ``before``, right after it: it needs
+        ``before``'s result only, nothing else needs that result, and both are python steps that
+        ask Ray for nothing in particular (no resources: any worker will do)."""
+        dependants = self.graph.dependants.get(before)
+        if not dependants or len(dependants) > 1:
+            return None
+        after = dependants[0]
+        if self.graph.deps[after] == [before] and self._chainable(before) and self._chainable(after):
+            return after
+        return None
+
+    def _chainable(self, step_id: str) -> bool:
+        step = self._steps[step_id]
+        return step.python is not None and not self._options(step)
+
+    def _step_call(self, action: SubmitStep) -> StepCall:
+        step = self._steps[action.step_id]
+        call = self._call(step, self._arguments(step), False)
+        state = self.scheduler.states[step.id]  # this attempt's number (step_context().attempt)
+        call.attempt = state.attempts + (state.status != StepStatus.RUNNING)  # counted when it runs
+        return call
+
+    def _submit_steps(self, actions: list[SubmitStep]) -> list[Action]:
+        """One step's attempt as a task, or a chain of steps (each the only dependant of the one
+        before) as one task whose outcomes stream back one by one (RayBackend.submit_chain).
+        A dependency pending in a chain that has not reported it: they go once it has."""
+        dep_ids = self.graph.deps[actions[0].step_id]
+        deps: dict[str, Any] = {}
+        for dep_id in dep_ids:
+            pending = self._book.pending(dep_id)
+            deps[dep_id] = None if pending else self._refs.get(dep_id)
+            if deps[dep_id] is None and not pending:  # its chain stopped before it
+                return self._not_run([a.token for a in actions], [])
+        if any(ref is None for ref in deps.values()):
+            self._book.wait(actions, deps)
+            return []
+        self._send(actions, [deps[d] for d in dep_ids])
+        return []
+
+    def _send(self, actions: list[SubmitStep], deps: list[Any]) -> None:
+        first = self._steps[actions[0].step_id]
+        calls = [self._step_call(action) for action in actions]
+        if len(actions) == 1:
+            ref = self.backend.submit_step(calls[0], deps, self._options(first))
+            self._refs[first.id] = ref
+            self._book.sent_alone(first.id)
+            self._track(ref, actions[0].token, deps)
+            return
+        stream = self.backend.submit_chain(calls, deps, self._options(first))
+        self._track(stream, actions[0].token, deps)
+        for action in actions:
+            self._refs.pop(action.step_id, None)  # each result is known as it comes back
+            self._token_refs[action.token] = stream
+        self._book.add(stream, actions)
+
+    def _send_waiting(self, waiting: list[Waiting]) -> None:
+        """Waiting submissions whose dependencies are all known go; then those waiting for them."""
+        queue = deque(waiting)
+        while queue:
+            each = queue.popleft()
+            self._send(each.actions, [each.deps[d] for d in self.graph.deps[each.actions[0].step_id]])
+            queue.extend(self._book.went(each, self._refs))
+
+    def _take_from_chain(self, stream: Any) -> None:
+        """The next outcome of a chain in flight: the step it is for is decided; a chain stops at
+        its first step that did not succeed, and the steps after it never ran."""
+        chain = self._book.chains[stream]
+        taken = self.backend.next_result(stream)
+        if taken is None:  # it ended without a word for the step it ran (cannot happen with execute_chain)
+            tokens, waiting = self._end_chain(stream)
+            self._deliver(tokens[0], Outcome(ok=False, error="its task ended without its outcome", retryable=True))
+            self._apply(self._not_run(tokens[1:], waiting))
+            return
+        ref, result = taken
+        token, step_id = chain.tokens.popleft(), chain.step_ids.popleft()
+        self._token_refs.pop(token, None)
+        ok = isinstance(result, Outcome) and result.ok
+        if ok and self._book.pending_in.get(step_id) is stream:  # (not if the step went again since)
+            self._refs[step_id] = ref
+        settled = self._book.reported(stream, step_id, ref if ok else None)
+        rest: list[int] = []
+        dropped: list[Waiting] = []
+        if ok and chain.tokens:
+            self._inflight[stream] = chain.tokens[0]
+            self._submitted_at[chain.tokens[0]] = time.monotonic()  # it starts as the one before ends
+        else:
+            rest, dropped = self._end_chain(stream)
+        if ok:
+            self._send_waiting(settled)  # its dependants outside the chain go, as on Ray they would have
+        else:
+            dropped += settled
+        self._deliver(token, result)  # first: the scheduler then knows the attempts after it are stale
+        self._apply(self._not_run(rest, dropped))
+
+    def _end_chain(self, stream: Any) -> tuple[list[int], list[Waiting]]:
+        """Forget a chain that stopped: the tokens of its steps that did not report, in order, and
+        the submissions that waited for one of them."""
+        tokens, dropped = self._book.end(stream)
+        self._untrack(stream)
+        for token in tokens:
+            self._token_refs.pop(token, None)
+            self._submitted_at.pop(token, None)
+        return tokens, dropped
+
+    def _not_run(self, tokens: list[int], dropped: list[Waiting]) -> list[Action]:
+        """Attempts that will not run, for a dependency of theirs did not succeed (or its chain
+        stopped before it): the scheduler is told so, as it would be by a task given that result
+        (they are stale by then: the scheduler retried or failed that dependency)."""
+        actions: list[Action] = []
+        now = time.monotonic()
+        tokens = list(tokens)
+        gone = deque(dropped)
+        while gone:  # and the submissions that waited for those
+            each = gone.popleft()
+            tokens += [a.token for a in each.actions]
+            gone.extend(self._book.dropped(each))
+        for token in tokens:
+            actions += self.scheduler.on_result(token, NOT_RUN, now)
+        return actions
+
+    def _track(self, ref: Any, token: int, deps: Sequence[Any] = ()) -> None:
         self._inflight[ref] = token
         self._token_refs[token] = ref
         self._submitted_at[token] = time.monotonic()
+        pending = {dep for dep in deps if dep in self._inflight}
+        if pending:
+            self._blocked[ref] = pending
+            for dep in pending:
+                self._dependants.setdefault(dep, []).append(ref)
+        else:
+            self._waitable[ref] = None
+
+    def _untrack(self, ref: Any) -> int | None:
+        """Forget a ref that left flight (collected or stopped); the refs waiting on it may be waited for."""
+        token = self._inflight.pop(ref, None)
+        self._waitable.pop(ref, None)
+        for dep in self._blocked.pop(ref, ()):
+            dependants = self._dependants.get(dep)
+            if dependants is not None and ref in dependants:
+                dependants.remove(ref)
+        for dependant in self._dependants.pop(ref, ()):
+            pending = self._blocked.get(dependant)
+            if pending is None:
+                continue
+            pending.discard(ref)
+            if not pending:
+                del self._blocked[dependant]
+                self._waitable[dependant] = None
+        return token
 
     def _submit_call(self, action: SubmitCall) -> list[Action]:
         step = self._steps[action.step_id]
@@ -318,6 +569,11 @@ class Coordinator:
                     error_type="factory.errors.StepInputError",
                 )
                 return self.scheduler.on_result(action.token, failed, time.monotonic())
+            if step.id not in self._agent_steps_sent:
+                # the first task to a pool may wait for its replicas to start: what was decided before
+                # (the run and this step running) is committed first, to be seen meanwhile
+                self._agent_steps_sent.add(step.id)
+                self._flush()
             with self._lease.blocking():  # the first task to a pool starts its replicas
                 if step.route is None:
                     ref = self.agent_dispatcher.submit(step, action.arguments)
@@ -335,9 +591,68 @@ class Coordinator:
                 attempt=item.attempts,
                 item_index=action.index if action.has_item else None,
             )
+            if self._batchable(step, action) and not self._batcher().take(step.id, action.token, part):
+                return []  # held: it goes in a task of several, once an item's time is known
             ref = self.backend.submit_part(shared, part, self._options(step))
         self._track(ref, action.token)
         return []
+
+    def _batchable(self, step: Step, action: SubmitCall) -> bool:
+        return (
+            self.settings.batch_items
+            and action.has_item
+            and not action.cacheable
+            and step.python is not None
+            and not self._options(step)
+        )
+
+    def _batcher(self) -> ItemBatcher:
+        if self._items is None:
+            self._items = ItemBatcher(probe=2 * self.backend.parallelism())
+        return self._items
+
+    def _send_items(self) -> None:
+        """Held items whose step's item time is known go, several per task (or one each)."""
+        if self._items is None or not self._items.held:
+            return
+        for step_id, items in self._items.ready():
+            step = self._steps[step_id]
+            shared = self._shared[step_id]
+            if len(items) == 1:
+                token, part = items[0]
+                self._track(self.backend.submit_part(shared, part, self._options(step)), token)
+                continue
+            stream = self.backend.submit_parts(shared, [part for _, part in items], self._options(step))
+            self._track(stream, items[0][0])
+            for token, _ in items:
+                self._token_refs[token] = stream
+                self._submitted_at[token] = time.monotonic()
+            self._items.add(stream, step_id, items)
+
+    def _take_from_batch(self, stream: Any) -> None:
+        """The next outcome of a task of several items. A worker that died fails the item it was
+        running; the items after it had not started: they go again (the same attempts)."""
+        assert self._items is not None
+        batch = self._items.batches[stream]
+        taken = self.backend.next_result(stream)
+        if taken is None:  # ended without a word for the item it ran (cannot happen with execute_parts)
+            result: Outcome | RayError = Outcome(ok=False, error="its task ended without its outcome", retryable=True)
+        else:
+            result = taken[1]
+        token = batch.tokens.popleft()
+        batch.parts.popleft()
+        self._token_refs.pop(token, None)
+        if taken is not None and isinstance(result, Outcome) and batch.tokens:
+            self._inflight[stream] = batch.tokens[0]
+            self._submitted_at[batch.tokens[0]] = time.monotonic()
+        else:
+            self._untrack(stream)
+            del self._items.batches[stream]
+            again = [(t, p) for t, p in zip(batch.tokens, batch.parts, strict=True) if t not in batch.stopped]
+            self._items.hold_again(batch.step_id, again)  # sent once the scheduler has this outcome
+            for held, _ in again:
+                self._token_refs.pop(held, None)
+        self._deliver(token, result)
 
     def _call(
         self, step: Step, arguments: dict[str, Any], resolved: bool, item: Any = None, has_item: bool = False
@@ -402,13 +717,19 @@ class Coordinator:
     # -- results ---------------------------------------------------------------------------------
 
     def _collect(self, ref: Any, result: Outcome | RayError) -> None:
-        token = self._inflight.pop(ref, None)
+        token = self._untrack(ref)
         if token is None:
             return
         self._token_refs.pop(token, None)
+        self._deliver(token, result)
+
+    def _deliver(self, token: int, result: Outcome | RayError) -> None:
+        """An attempt's outcome (or what Ray raised for it) to the scheduler."""
         started = self._submitted_at.pop(token, time.monotonic())
         key = self._cache_keys.pop(token, None)
         attempt = self.scheduler.tokens.get(token)
+        if self._items is not None and attempt is not None and attempt.step_id in self._items.probed:
+            self._items.learn(attempt.step_id, result.duration if isinstance(result, Outcome) else None)
         node_lost = False
         if isinstance(result, Outcome):
             outcome = result
@@ -433,16 +754,35 @@ class Coordinator:
         if not self._inflight:
             time.sleep(timeout)
             return
-        ready = self.backend.wait(list(self._inflight), timeout)
+        # none waitable cannot happen in a DAG; waiting for all of them then is merely slower
+        ready = self.backend.wait(list(self._waitable or self._inflight), timeout)
         if ready:
-            for ref, result in zip(ready, self.backend.get_many(ready), strict=True):
-                self._collect(ref, result)
+            batches = self._items.batches if self._items is not None else {}
+            refs = [ref for ref in ready if ref not in self._book.chains and ref not in batches]
+            if refs:
+                for ref, result in zip(refs, self.backend.get_many(refs), strict=True):
+                    self._collect(ref, result)
+            for stream in ready:
+                # what a task of several has reported since the last turn, all in this turn's commit
+                while stream in self._book.chains or stream in batches:
+                    if stream in batches:
+                        self._take_from_batch(stream)
+                    else:
+                        self._take_from_chain(stream)
+                    if not (stream in self._book.chains or stream in batches) or not self.backend.wait([stream], 0.0):
+                        break
 
     def _stop_all(self) -> None:
         for ref in list(self._inflight):
             self.backend.stop(ref)
         self._inflight.clear()
+        self._waitable.clear()
+        self._blocked.clear()
+        self._dependants.clear()
         self._token_refs.clear()
+        self._book.clear()
+        if self._items is not None:
+            self._items.clear()
 
     # -- the loop ------------------------------------------------------------------------------
 

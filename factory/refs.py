@@ -8,6 +8,7 @@ a longer string is interpolated as text (JSON for lists and dicts).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -71,6 +72,7 @@ def _parse_path(rest: str, text: str) -> tuple[PathPart, ...]:
     return tuple(parts)
 
 
+@functools.lru_cache(maxsize=4096)  # the same few texts, at every attempt of a step
 def parse_reference(text: str) -> Reference:
     expr = text.strip()
     head = _HEAD_RE.match(expr)

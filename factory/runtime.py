@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -144,11 +145,14 @@ class _Timeout:
             signal.signal(signal.SIGALRM, self._previous)
 
 
+_LOG_FORMAT = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+
+
 class _LogCapture(logging.Handler):
     def __init__(self, sink: io.StringIO) -> None:
         super().__init__(logging.INFO)
         self.sink = sink
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.formatter = _LOG_FORMAT
 
     def emit(self, record: logging.LogRecord) -> None:
         self.sink.write(self.format(record) + "\n")
@@ -286,6 +290,21 @@ def execute_step(call: StepCall, *deps: Outcome) -> Outcome:
 
 
 @ray.remote(max_retries=0)
+def execute_chain(calls: list[StepCall], *deps: Outcome) -> Iterator[Outcome]:
+    """Ray streaming generator task: steps that follow one another, each the only dependant of
+    the one before (a chain), run one after another in this worker. Each outcome goes back to
+    the coordinator as it ends (committed then, as any step's), and the chain stops at the
+    first attempt that did not succeed: the coordinator decides what comes next."""
+    outcome = run_attempt(calls[0], deps)
+    yield outcome
+    for call in calls[1:]:
+        if not outcome.ok:
+            return
+        outcome = run_attempt(call, (outcome,))
+        yield outcome
+
+
+@ray.remote(max_retries=0)
 def execute_item(call: StepCall) -> Outcome:
     """Ray task: one item of a for_each step, with arguments the coordinator resolved."""
     return run_attempt(call, ())
@@ -334,3 +353,12 @@ def execute_part(shared: list[Any], part: CallPart) -> Outcome:
     """Ray task: one call of a step whose common part (``shared[0]``, an ObjectRef of a
     StepCall, fetched once per worker) is sent once for all its calls."""
     return run_attempt(part.apply(_shared_call(shared[0])), ())
+
+
+@ray.remote(max_retries=0)
+def execute_parts(shared: list[Any], parts: list[CallPart]) -> Iterator[Outcome]:
+    """Ray streaming generator task: several calls of one step (short for_each items), one
+    after another in this worker; each outcome goes back as it ends (factory.batches)."""
+    base = _shared_call(shared[0])
+    for part in parts:
+        yield run_attempt(part.apply(base), ())

@@ -14,7 +14,8 @@ its event, in the order they happened.
 
 Python and container steps are submitted *eagerly*: as soon as each of their dependencies has
 been submitted (:class:`SubmitStep`), with the dependencies' pending results as arguments,
-so that Ray pipelines a chain without a round trip through the coordinator. Such an attempt
+so that Ray pipelines a chain without a round trip through the coordinator (a step submitted
+eagerly lets its dependants go in the same turn, also after a retry or a ``for_each``). Such an attempt
 runs the user's code only once its dependencies succeeded; when one failed, it returns
 ``skipped`` at once. Steps whose arguments need values (``for_each``, ``cache``, agent and
 route steps) are submitted with resolved arguments (:class:`SubmitCall`), one call per item,
@@ -254,6 +255,8 @@ class RunScheduler:
         self.states: dict[str, _StepState] = {s.id: _StepState(s) for s in workflow.steps}
         self._unfinished = len(self.states)  # steps not in a final status (kept by _change)
         self._fan_outs = [self.states[s.id] for s in workflow.steps if s.for_each is not None]
+        # only approval gates wait for people: the scans for waiting steps look at these alone
+        self._gates = [self.states[s.id] for s in workflow.steps if s.approval is not None]
         self.tokens: dict[int, Attempt] = {}
         self._next_token = 0
         self._retries: list[tuple[float, int, str, int | None, int]] = []  # (due, seq, step, item, generation)
@@ -266,6 +269,7 @@ class RunScheduler:
         self._deferred: dict[str, tuple[int, Outcome, bool]] = {}
         self._decisions: dict[str, ApprovalRecord] = {}  # approval decisions known, not yet applied
         self._wall = 0.0
+        self._wall_offset: float | None = None  # time of day minus the driver's monotonic clock
         self.budget = budget if budget is not None else workflow.budget
         # a budget of starts is kept exactly: a step is submitted only once it may start
         self._eager = self.budget is None or (self.budget.max_steps is None and self.budget.max_attempts is None)
@@ -306,11 +310,11 @@ class RunScheduler:
             and not self._retries
             and not self.cancelled
             and self._unfinished > 0
-            and any(s.status == StepStatus.WAITING for s in self.states.values())
+            and any(s.status == StepStatus.WAITING for s in self._gates)
         )
 
     def waiting_gates(self) -> list[str]:
-        return [sid for sid, s in self.states.items() if s.status == StepStatus.WAITING]
+        return [s.step.id for s in self._gates if s.status == StepStatus.WAITING]
 
     def gate_deadline(self, step_id: str) -> float | None:
         """When the gate's timeout passes (wall clock), or None."""
@@ -375,13 +379,17 @@ class RunScheduler:
         """``now``: the driver's monotonic clock; ``wall``: the time of day (approval deadlines)."""
         self._now = now
         self._wall = wall
+        if wall:
+            self._wall_offset = wall - now
         self._session_start = now
         if resumed:
             self._changes.append(
-                RunChange(self.run_id, RunStatus.RUNNING, "run.resumed", data={"already_done": already_done})
+                RunChange(
+                    self.run_id, RunStatus.RUNNING, "run.resumed", data={"already_done": already_done}, at=self._at()
+                )
             )
         else:
-            self._changes.append(RunChange(self.run_id, RunStatus.RUNNING, "run.started"))
+            self._changes.append(RunChange(self.run_id, RunStatus.RUNNING, "run.started", at=self._at()))
         for state in self.states.values():
             if state.status == StepStatus.SUCCEEDED:
                 state.available = True
@@ -464,7 +472,8 @@ class RunScheduler:
         self._now = now
         if wall is not None:
             self._wall = wall
-            for state in self.states.values():
+            self._wall_offset = wall - now
+            for state in self._gates:
                 deadline = self.gate_deadline(state.step.id) if state.status == StepStatus.WAITING else None
                 if deadline is not None and wall >= deadline:
                     self._gate_timed_out(state)
@@ -508,7 +517,9 @@ class RunScheduler:
         verdict = self.verdict()
         self._usage_event(force=True)
         data = {"steps": self.waiting_gates()} if verdict.status == RunStatus.WAITING else {}
-        self._changes.append(RunChange(self.run_id, verdict.status, verdict.event, error=verdict.error, data=data))
+        self._changes.append(
+            RunChange(self.run_id, verdict.status, verdict.event, error=verdict.error, data=data, at=self._at())
+        )
         return verdict
 
     # -- internals -----------------------------------------------------------------------------
@@ -526,7 +537,11 @@ class RunScheduler:
         if status in FINAL_STEP_STATUSES and state.status not in FINAL_STEP_STATUSES:
             self._unfinished -= 1
         state.status = status
-        self._changes.append(StepChange(self.run_id, state.step.id, status, event, **kw))
+        self._changes.append(StepChange(self.run_id, state.step.id, status, event, at=self._at(), **kw))
+
+    def _at(self) -> float | None:
+        """The time of day of the moment being decided (the driver's clocks), or None before it gave one."""
+        return None if self._wall_offset is None else self._now + self._wall_offset
 
     def _value(self, step_id: str) -> Any:
         if step_id not in self._values:
@@ -648,29 +663,40 @@ class RunScheduler:
         self._changes.append(EventChange(self.run_id, None, "run.usage", data))
 
     def _try_submit(self, step_id: str) -> None:
+        """Submit the step if it can go; a step submitted eagerly lets its dependants go too (a
+        chain after a retry, or after a for_each, is submitted at once, as at the start)."""
+        work = [step_id]
+        while work:
+            current = work.pop()
+            if self._submit_if_ready(current) and self._eager:
+                work.extend(reversed(self.graph.dependants.get(current, [])))
+
+    def _submit_if_ready(self, step_id: str) -> bool:
+        """Whether the step was submitted as an attempt of its own (:class:`SubmitStep`)."""
         state = self.states[step_id]
         if state.submitted or state.status in FINAL_STEP_STATUSES or state.status == StepStatus.RETRYING:
-            return
+            return False
         deps = self.graph.deps[step_id]
         if not all(self.states[d].available for d in deps):
-            return
+            return False
         if state.step.approval is not None:
             if state.status != StepStatus.WAITING and self._deps_succeeded(step_id):
                 self._open_gate(state)
-            return
+            return False
         if self.needs_values(state.step):
             if self._deps_succeeded(step_id):
                 self._submit_with_values(state)
-            return
+            return False
         ready = self._deps_succeeded(step_id)
         if not ready and (not self._eager or len(self.tokens) >= self.max_ahead):
-            return  # submitted when its dependencies succeeded (see _succeed)
+            return False  # submitted when its dependencies succeeded (see _succeed)
         if ready and not self._mark_running(state):
-            return  # its budget does not admit it: not started at all (the run stops)
+            return False  # its budget does not admit it: not started at all (the run stops)
         state.submitted = True
         state.available = True
         state.token = self._token(step_id, state.generation, None)
         self._actions.append(SubmitStep(state.token, step_id))
+        return True
 
     def _submit_with_values(self, state: _StepState) -> None:
         step = state.step

@@ -150,6 +150,20 @@ class Settings(BaseSettings):
             '{"gpt-4.1": {"input": 2.0, "output": 8.0}}'
         ),
     )
+    fuse_chains: bool = Field(
+        default=True,
+        description=(
+            "Run a chain of python steps (each the only dependant of the one before, none asking for "
+            "resources) in one Ray task; each step's outcome still comes back and is committed as it ends."
+        ),
+    )
+    batch_items: bool = Field(
+        default=True,
+        description=(
+            "Run the for_each items of a python step that prove shorter than a task costs several per Ray "
+            "task (sized to about 20 ms); each item's outcome still comes back and is committed as it ends."
+        ),
+    )
     max_for_each_items: int = Field(
         default=100_000, ge=1, description="Items one for_each step may fan out over (the step fails beyond)."
     )

@@ -244,6 +244,7 @@ class RunChange:
     event: str
     error: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    at: float | None = None  # when it happened (time of day); None: when it is committed
 
 
 @dataclass
@@ -261,6 +262,10 @@ class StepChange:
     attempt_logs: str | None = None  # set when an attempt finished: recorded in the attempts table
     attempt_duration: float | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    # When it happened (time of day): the step's start or end and its attempt's end. Changes are
+    # committed in groups (a chain's steps end within one commit), so the commit's time would tie
+    # them. None: when it is committed.
+    at: float | None = None
 
 
 @dataclass

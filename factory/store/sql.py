@@ -306,6 +306,7 @@ class SQLStore(ABC):
         ]
 
     def _apply_step(self, cur: Cursor, change: StepChange, now: float) -> None:
+        now = change.at if change.at is not None else now
         status = change.status
         succeeded = status == StepStatus.SUCCEEDED
         cur.execute(
@@ -357,6 +358,7 @@ class SQLStore(ABC):
             )
 
     def _apply_run(self, cur: Cursor, change: RunChange, now: float) -> None:
+        now = change.at if change.at is not None else now
         status = change.status
         cur.execute(
             self._sql(
@@ -622,9 +624,9 @@ class SQLStore(ABC):
             query += " AND step_id=?"
             args.append(step_id)
         if limit is None:
-            query += " ORDER BY finished_at, attempt"
+            query += " ORDER BY finished_at, step_id, attempt"  # ties (one commit) read the same either way
         else:  # the newest ``limit``, read newest first and turned round: no more rows than asked leave the store
-            query += " ORDER BY finished_at DESC, attempt DESC LIMIT ?"
+            query += " ORDER BY finished_at DESC, step_id DESC, attempt DESC LIMIT ?"
             args.append(limit)
         with self._read() as cur:
             rows = cur.execute(self._sql(query), args).fetchall()

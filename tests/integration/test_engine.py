@@ -382,3 +382,156 @@ def test_the_cli_run_path_validates_the_workflow_and_reads_the_catalogue_once(
         backend.close()
     assert result.ok, result.error
     assert counts == {"validate": 1, "catalog": 1}
+
+
+def _counted_chain(tmp_path: Path, middle: Step) -> tuple[Workflow, Path, Path]:
+    """first -> middle -> last, each the only dependant of the one before: one Ray task."""
+    first_counter, last_counter = tmp_path / "first", tmp_path / "last"
+    return (
+        wf(
+            Step(id="first", python="teststeps:count_and_echo", with_={"counter": str(first_counter), "value": 1}),
+            middle,
+            Step(
+                id="last",
+                python="teststeps:count_and_echo",
+                with_={"counter": str(last_counter), "value": "${steps.middle.output}"},
+                needs=["middle"],
+            ),
+        ),
+        first_counter,
+        last_counter,
+    )
+
+
+def test_a_worker_killed_in_the_middle_of_a_chain_reruns_only_that_step(
+    store: SQLiteStore, settings: Settings, tmp_path: Path
+) -> None:
+    """The chain's task dies with the step that SIGKILLs its worker: the step before it (committed)
+    does not run again, the step is retried (its once() side effect not repeated), and the step
+    after it runs once, after the retry."""
+    charge = tmp_path / "charge"
+    middle = Step(
+        id="middle",
+        python="teststeps:once_then_fail",
+        with_={"counter": str(charge), "fail_times": 1, "kill": True},
+        retry=RetryPolicy(max_attempts=2, backoff=0.01),
+        needs=["first"],
+    )
+    workflow, first_counter, last_counter = _counted_chain(tmp_path, middle)
+    result = factory.run(workflow, store=store, settings=settings)
+    assert result.ok, result.error
+    assert result.outputs["last"] == {"charged": 1, "attempt": 2, "key": result.outputs["last"]["key"], "item": None}
+    assert calls(first_counter) == 1 and calls(last_counter) == 1 and calls(charge) == 1
+    assert {s.step_id: s.attempts for s in store.get_steps(result.run_id)} == {"first": 1, "middle": 2, "last": 1}
+    retrying = [e for e in store.events(0, result.run_id) if e.type == "step.retrying"]
+    assert [e.step_id for e in retrying] == ["middle"]
+
+
+def test_a_step_that_times_out_in_a_chain_fails_it_and_skips_the_rest(
+    store: SQLiteStore, settings: Settings, tmp_path: Path
+) -> None:
+    """A step stuck where the timeout's interrupt cannot reach is stopped with its worker, which
+    ran the chain: the step fails, the steps before it stay succeeded, the one after is skipped."""
+    middle = Step(
+        id="middle",
+        python="teststeps:stuck_in_native",
+        with_={"seconds": 60, "counter": str(tmp_path / "stuck")},
+        timeout=0.5,
+        needs=["first"],
+    )
+    workflow, first_counter, last_counter = _counted_chain(tmp_path, middle)
+    start = time.monotonic()
+    result = factory.run(workflow, store=store, settings=settings)
+    assert time.monotonic() - start < 30
+    assert result.status == RunStatus.FAILED and "worker process was killed" in (result.error or "")
+    assert statuses(store, result.run_id) == {"first": "succeeded", "middle": "failed", "last": "skipped"}
+    assert calls(first_counter) == 1 and calls(last_counter) == 0
+
+
+def test_cancel_in_the_middle_of_a_long_chain_stops_it_there(
+    store: SQLiteStore, settings: Settings, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    steps = [Step(id="s0", python="teststeps:slow_record", with_={"path": str(log), "value": 0, "seconds": 0.2})]
+    steps += [
+        Step(
+            id=f"s{i}",
+            python="teststeps:slow_record",
+            with_={"path": str(log), "value": i, "seconds": 0.2},
+            needs=[f"s{i - 1}"],
+        )
+        for i in range(1, 40)
+    ]
+    started: list[str] = []
+    results: list[factory.RunResult] = []
+    thread = threading.Thread(
+        target=lambda: results.append(factory.run(wf(*steps), store=store, settings=settings, on_start=started.append))
+    )
+    thread.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (started and statuses(store, started[0]).get("s3") == "succeeded"):
+        time.sleep(0.05)
+    assert factory.cancel(started[0], store=store)
+    thread.join(30)
+    assert results and results[0].status == RunStatus.CANCELLED
+    final = statuses(store, started[0])
+    done = [s for s, status in final.items() if status == "succeeded"]
+    assert 4 <= len(done) < 40 and set(final.values()) == {"succeeded", "cancelled"}
+    time.sleep(1)
+    ran = [int(line) for line in log.read_text().split()]
+    assert ran == list(range(len(ran))) and len(ran) <= len(done) + 1  # nothing ran after the cancel
+
+
+def test_a_worker_killed_in_a_task_of_several_items_reruns_only_that_item(
+    store: SQLiteStore, settings: Settings, tmp_path: Path
+) -> None:
+    """Quick items go several per task once their time is known; the item that kills its worker
+    fails (and is retried), the items after it in that task, which had not started, go again
+    in a new task: every item runs once, the killed one twice."""
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    fan = Step(
+        id="fan",
+        python="teststeps:die_once_at",
+        for_each=list(range(400)),
+        with_={"folder": str(folder), "item": "${item}", "at": 300},
+        retry=RetryPolicy(max_attempts=2, backoff=0.01),
+    )
+    result = factory.run(wf(fan), store=store, settings=settings)
+    assert result.ok, result.error
+    assert result.outputs["fan"] == [2 * i for i in range(400)]
+    runs = {int(p.name): len(p.read_text()) for p in folder.iterdir()}
+    assert runs == {i: 2 if i == 300 else 1 for i in range(400)}
+    items = store.get_items(result.run_id, "fan")
+    assert [i.attempts for i in items] == [2 if i == 300 else 1 for i in range(400)]
+
+
+def test_cancel_in_the_middle_of_a_fan_out_of_quick_items(
+    store: SQLiteStore, settings: Settings, tmp_path: Path
+) -> None:
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    fan = Step(
+        id="fan",
+        python="teststeps:die_once_at",
+        for_each=list(range(2000)),
+        with_={"folder": str(folder), "item": "${item}", "at": -1, "seconds": 0.005},
+    )
+    started: list[str] = []
+    results: list[factory.RunResult] = []
+    thread = threading.Thread(
+        target=lambda: results.append(factory.run(wf(fan), store=store, settings=settings, on_start=started.append))
+    )
+    thread.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (started and len(store.get_items(started[0], "fan")) >= 100):
+        time.sleep(0.05)
+    assert factory.cancel(started[0], store=store)
+    thread.join(30)
+    assert results and results[0].status == RunStatus.CANCELLED
+    committed = len(store.get_items(started[0], "fan"))
+    time.sleep(1)
+    ran = sum(len(p.read_text()) for p in folder.iterdir())
+    assert 100 <= committed < 2000 and ran < 2000  # the tasks of items in flight stopped
+    # no item ran twice (a file can be empty: its item's worker was killed as it began to write)
+    assert all(len(p.read_text()) <= 1 for p in folder.iterdir())

@@ -6,11 +6,14 @@ the store is a real SQLite file."""
 from __future__ import annotations
 
 import itertools
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from factory.engine import Coordinator, RayBackend
 from factory.outcome import Outcome
@@ -32,6 +35,31 @@ class _Ref:
     value: Outcome | None = None
 
 
+@dataclass(eq=False)
+class _Stream:
+    """A chain's task (RayBackend.submit_chain): its steps run one after another, each outcome
+    taken as it ends, stopping at the first that did not succeed (as runtime.execute_chain)."""
+
+    calls: list[StepCall]
+    deps: list[_Ref]
+    taken: int = 0
+    last: Outcome | None = None
+
+    def ready(self) -> bool:
+        return all(d.value is not None for d in self.deps)
+
+
+@dataclass(eq=False)
+class _PartsStream:
+    """A task of several items of one step (RayBackend.submit_parts): each runs in turn."""
+
+    calls: list[StepCall]
+    taken: int = 0
+
+    def ready(self) -> bool:
+        return True
+
+
 class InProcessRay(RayBackend):
     """Ray's semantics, in this process: an attempt runs once the results it was given are
     there; stopping one drops it. Counts what it was asked to do."""
@@ -39,6 +67,8 @@ class InProcessRay(RayBackend):
     def __init__(self) -> None:
         self.submitted = 0
         self.stopped = 0
+        self.chains: list[list[str]] = []  # the steps of each chain submitted as one task
+        self.item_tasks: list[int] = []  # items in each task of several items
         self._ids = itertools.count()
 
     def submit_step(self, call: StepCall, deps: list[Any], options: dict[str, Any]) -> Any:
@@ -52,12 +82,43 @@ class InProcessRay(RayBackend):
         self.submitted += 1
         return _Ref(part.apply(shared))
 
+    def submit_chain(self, calls: list[StepCall], deps: list[Any], options: dict[str, Any]) -> Any:
+        self.submitted += 1
+        self.chains.append([call.step_id for call in calls])
+        return _Stream(calls, list(deps))
+
+    def submit_parts(self, shared: Any, parts: list[CallPart], options: dict[str, Any]) -> Any:
+        self.submitted += 1
+        self.item_tasks.append(len(parts))
+        return _PartsStream([part.apply(shared) for part in parts])
+
+    def parallelism(self) -> int:
+        return 1
+
+    def next_result(self, stream: Any) -> tuple[Any, Outcome] | None:
+        if isinstance(stream, _PartsStream):
+            if stream.taken == len(stream.calls):
+                return None
+            outcome = run_attempt(stream.calls[stream.taken], ())
+            stream.taken += 1
+            return _Ref(value=outcome), outcome
+        if stream.taken == len(stream.calls) or (stream.last is not None and not stream.last.ok):
+            return None
+        given = tuple(d.value for d in stream.deps) if stream.taken == 0 else (stream.last,)
+        stream.last = run_attempt(stream.calls[stream.taken], given)
+        stream.taken += 1
+        return _Ref(value=stream.last), stream.last
+
     def put(self, outcome: Outcome) -> Any:
         return _Ref(value=outcome)
 
     def wait(self, refs: list[Any], timeout: float) -> list[Any]:
         ready = []
         for ref in refs:
+            if isinstance(ref, (_Stream, _PartsStream)):
+                if ref.ready():
+                    ready.append(ref)
+                continue
             if ref.value is None and all(d.value is not None for d in ref.deps):
                 assert ref.call is not None
                 ref.value = run_attempt(ref.call, tuple(d.value for d in ref.deps))
@@ -72,12 +133,13 @@ class InProcessRay(RayBackend):
         self.stopped += 1
 
 
-def run(tmp_path: Path, workflow: Workflow) -> tuple[Any, SQLiteStore, InProcessRay]:
+def run(tmp_path: Path, workflow: Workflow, fuse_chains: bool = True) -> tuple[Any, SQLiteStore, InProcessRay]:
     store = SQLiteStore(tmp_path / "factory.db")
     backend = InProcessRay()
     graph_order = [s.id for s in workflow.steps]
     store.create_run("r1", workflow.name, workflow.model_dump_json(by_alias=True), {}, graph_order)
-    coordinator = Coordinator(store, workflow, "r1", {}, Settings(home=tmp_path), backend=backend)
+    settings = Settings(home=tmp_path, fuse_chains=fuse_chains, batch_items=fuse_chains)
+    coordinator = Coordinator(store, workflow, "r1", {}, settings, backend=backend)
     coordinator.start()
     return coordinator.execute(), store, backend
 
@@ -110,7 +172,7 @@ def test_a_dag_with_a_retry_and_a_fan_out_runs_without_ray(tmp_path: Path) -> No
         assert [i.output_json for i in store.get_items("r1", "fan")] == ["4", "5", "6"]
         types = [e.type for e in store.events(0, "r1")]
         assert types.count("step.retrying") == 1 and types[-1] == "run.succeeded"
-        assert backend.submitted == 1 + 2 + 3 + 1  # a, flaky twice, three items, total
+        assert backend.submitted == 1 + 2 + 2 + 1 + 1  # a, flaky twice, two items alone then one task, total
     finally:
         store.close()
 
@@ -133,5 +195,292 @@ def test_a_fatal_failure_skips_descendants_without_ray(tmp_path: Path) -> None:
             "after": "skipped",
             "other": "succeeded",
         }
+    finally:
+        store.close()
+
+
+class CountingRay(InProcessRay):
+    """Records how many refs each wait was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited: list[int] = []
+
+    def wait(self, refs: list[Any], timeout: float) -> list[Any]:
+        self.waited.append(len(refs))
+        return super().wait(refs, timeout)
+
+
+def _run_counting(tmp_path: Path, workflow: Workflow) -> tuple[Any, CountingRay]:
+    store = SQLiteStore(tmp_path / f"{workflow.name}.db")
+    backend = CountingRay()
+    store.create_run("r1", workflow.name, workflow.model_dump_json(by_alias=True), {}, [s.id for s in workflow.steps])
+    settings = Settings(home=tmp_path, fuse_chains=False, batch_items=False)  # each step its own task
+    coordinator = Coordinator(store, workflow, "r1", {}, settings, backend=backend)
+    coordinator.start()
+    try:
+        return coordinator.execute(), backend
+    finally:
+        store.close()
+
+
+def test_the_driver_waits_only_for_attempts_whose_dependencies_came_back(tmp_path: Path) -> None:
+    """A chain is submitted at once (each step ahead of its dependencies), but a step cannot finish
+    before them: each wait is given the one attempt that can, not the whole chain. A dependency
+    that failed and is retried releases the steps submitted behind it all the same."""
+    chain = [Step(id="s0", python="teststeps:add", with_={"a": 0, "b": 1})] + [
+        Step(id=f"s{i}", python="teststeps:add", with_={"a": f"${{steps.s{i - 1}.output}}", "b": 1})
+        for i in range(1, 30)
+    ]
+    result, backend = _run_counting(tmp_path, Workflow(name="chain", base_dir=FIXTURES, steps=chain))
+    assert result.status == RunStatus.SUCCEEDED, result.error
+    assert result.outputs["s29"] == 30
+    assert backend.submitted == 30
+    assert max(backend.waited) == 1, backend.waited  # 30 when every ref in flight was waited for
+
+    flaky = Step(
+        id="flaky",
+        python="teststeps:flaky",
+        with_={"counter": str(tmp_path / "flaky"), "fail_times": 1},
+        retry=RetryPolicy(max_attempts=2, backoff=0.0),
+    )
+    after = [Step(id="s1", python="teststeps:echo", with_={"value": "${steps.flaky.output}"})] + [
+        Step(id=f"s{i}", python="teststeps:echo", with_={"value": f"${{steps.s{i - 1}.output}}"}) for i in range(2, 20)
+    ]
+    result, backend = _run_counting(tmp_path, Workflow(name="retried", base_dir=FIXTURES, steps=[flaky, *after]))
+    assert result.status == RunStatus.SUCCEEDED, result.error
+    assert result.outputs["s19"] == "ok after 2 attempts"
+    assert max(backend.waited) < 19, backend.waited
+
+
+def _chain(n: int, first: Step | None = None) -> list[Step]:
+    steps = [first or Step(id="s0", python="teststeps:add", with_={"a": 0, "b": 1})]
+    for i in range(1, n):
+        steps.append(Step(id=f"s{i}", python="teststeps:add", with_={"a": f"${{steps.s{i - 1}.output}}", "b": 1}))
+    return steps
+
+
+def test_a_chain_runs_as_one_task_and_each_step_is_committed_as_it_ends(tmp_path: Path) -> None:
+    """Steps that follow one another (each the only dependant of the one before) go to Ray as one
+    task; each step's outcome still comes back on its own, with its own state change and event."""
+    after = Step(id="after", python="teststeps:echo", with_={"value": ["${steps.s29.output}", "${steps.side.output}"]})
+    side = Step(id="side", python="teststeps:add", with_={"a": 100, "b": 1})
+    result, store, backend = run(tmp_path, Workflow(name="chain", base_dir=FIXTURES, steps=[*_chain(30), side, after]))
+    try:
+        assert result.status == RunStatus.SUCCEEDED, result.error
+        assert result.outputs["after"] == [30, 101]  # the step after the chain had the chain's last result
+        assert backend.chains == [[f"s{i}" for i in range(30)]]  # `after` needs two results: not in it
+        assert backend.submitted == 3
+        succeeded = [e.step_id for e in store.events(0, "r1") if e.type == "step.succeeded"]
+        assert [s for s in succeeded if s and s.startswith("s") and s != "side"] == [f"s{i}" for i in range(30)]
+        assert {s.step_id: s.output_json for s in store.get_steps("r1")}["s17"] == "18"
+    finally:
+        store.close()
+
+
+def test_a_chain_is_not_fused_where_a_result_is_needed_twice_or_a_step_asks_for_resources(tmp_path: Path) -> None:
+    steps = _chain(6)
+    steps.append(Step(id="branch", python="teststeps:echo", with_={"value": "${steps.s2.output}"}))
+    steps[4] = Step(
+        id="s4", python="teststeps:add", with_={"a": "${steps.s3.output}", "b": 1}, resources={"num_cpus": 0.5}
+    )
+    result, store, backend = run(tmp_path, Workflow(name="forks", base_dir=FIXTURES, steps=steps))
+    try:
+        assert result.status == RunStatus.SUCCEEDED, result.error
+        assert result.outputs["s5"] == 6 and result.outputs["branch"] == 3
+        # s2's result goes to s3 and to branch: the chain ends at s2; s4 asks Ray for CPUs: alone
+        assert backend.chains == [["s0", "s1", "s2"]]
+        assert backend.submitted == 1 + 1 + 1 + 1 + 1  # s0-s2, s3, s4, s5, branch
+    finally:
+        store.close()
+
+
+def test_a_step_that_fails_in_a_chain_is_retried_and_the_steps_after_it_run_once(tmp_path: Path) -> None:
+    """The chain's task stops at the failed attempt (the steps after it never ran); the retry
+    and the steps after it go again as one chain, and each step runs once it succeeded."""
+    seen = tmp_path / "seen"
+    flaky = Step(
+        id="s0",
+        python="teststeps:flaky",
+        with_={"counter": str(tmp_path / "flaky"), "fail_times": 1},
+        retry=RetryPolicy(max_attempts=2, backoff=0.0),
+    )
+    steps = [
+        flaky,
+        Step(id="s1", python="teststeps:count_and_echo", with_={"counter": str(seen), "value": "${steps.s0.output}"}),
+        Step(id="s2", python="teststeps:echo", with_={"value": "${steps.s1.output}"}),
+    ]
+    result, store, backend = run(tmp_path, Workflow(name="retry-in-chain", base_dir=FIXTURES, steps=steps))
+    try:
+        assert result.status == RunStatus.SUCCEEDED, result.error
+        assert result.outputs["s2"] == "ok after 2 attempts"
+        assert backend.chains == [["s0", "s1", "s2"], ["s0", "s1", "s2"]]
+        assert seen.read_text() == "x"  # s1 ran once: not after the failed attempt
+        assert {s.step_id: s.attempts for s in store.get_steps("r1")} == {"s0": 2, "s1": 1, "s2": 1}
+        events = [(e.type, e.step_id) for e in store.events(0, "r1")]
+        assert ("step.retrying", "s0") in events and events.count(("step.started", "s1")) == 1
+    finally:
+        store.close()
+
+
+def test_a_fatal_failure_in_a_chain_skips_the_rest_of_it(tmp_path: Path) -> None:
+    steps = _chain(3)
+    steps.append(Step(id="s3", python="teststeps:always_fails", with_={"message": "${steps.s2.output}"}))
+    steps += [Step(id=f"s{i}", python="teststeps:echo", with_={"value": f"${{steps.s{i - 1}.output}}"}) for i in (4, 5)]
+    result, store, backend = run(tmp_path, Workflow(name="fatal-in-chain", base_dir=FIXTURES, steps=steps))
+    try:
+        assert result.status == RunStatus.FAILED and "ValueError: 3" in (result.error or "")
+        assert backend.submitted == 1
+        assert {s.step_id: s.status.value for s in store.get_steps("r1")} == {
+            "s0": "succeeded",
+            "s1": "succeeded",
+            "s2": "succeeded",
+            "s3": "failed",
+            "s4": "skipped",
+            "s5": "skipped",
+        }
+    finally:
+        store.close()
+
+
+def test_without_fusion_each_step_is_its_own_task(tmp_path: Path) -> None:
+    result, store, backend = run(tmp_path, Workflow(name="unfused", base_dir=FIXTURES, steps=_chain(10)), False)
+    try:
+        assert result.status == RunStatus.SUCCEEDED and result.outputs["s9"] == 10
+        assert backend.chains == [] and backend.submitted == 10
+    finally:
+        store.close()
+
+
+@st.composite
+def chained_dags(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Mostly chains (a step given the one before), with forks, joins and steps on their own;
+    each step fails retryably a few times, and some fail for good."""
+    shapes = []
+    for i in range(draw(st.integers(2, 14))):
+        shape = draw(st.sampled_from(["after", "after", "after", "join", "alone"])) if i else "alone"
+        needs = (
+            [] if shape == "alone" else [i - 1] if shape == "after" or i < 2 else [i - 1, draw(st.integers(0, i - 2))]
+        )
+        shapes.append(
+            {
+                "needs": needs,
+                "fail_times": draw(st.sampled_from([0, 0, 0, 1, 2])),
+                "max_attempts": draw(st.sampled_from([1, 2, 3])),
+                "fatal": draw(st.integers(0, 9)) == 0,
+                "resources": draw(st.integers(0, 9)) == 0,
+                "items": draw(st.sampled_from([None, None, None, 0, 1, 5, 90])),
+            }
+        )
+    return shapes
+
+
+def _run_shapes(shapes: list[dict[str, Any]], fuse: bool) -> tuple[Any, dict[str, Any], dict[str, int]]:
+    with tempfile.TemporaryDirectory() as folder:
+        home = Path(folder)
+        steps = [
+            Step(
+                id=f"s{i}",
+                python="teststeps:tally",
+                with_={
+                    "counter": str(home / f"s{i}") + ("" if shape["items"] is None else "-${item}"),
+                    "fail_times": shape["fail_times"],
+                    "fatal": shape["fatal"],
+                    "given": [f"${{steps.s{n}.output}}" for n in shape["needs"]]
+                    + ([] if shape["items"] is None else ["${item}"]),
+                },
+                retry=RetryPolicy(max_attempts=shape["max_attempts"], backoff=0.0),
+                resources={"num_cpus": 0.5} if shape["resources"] else {},
+                for_each=None if shape["items"] is None else list(range(shape["items"])),
+            )
+            for i, shape in enumerate(shapes)
+        ]
+        result, store, _ = run(home, Workflow(name="shapes", base_dir=FIXTURES, steps=steps), fuse)
+        try:
+            states = {s.step_id: (s.status.value, s.attempts, s.output_json) for s in store.get_steps("r1")}
+            ran = {
+                f"s{i}": sum(len(c.read_text()) for c in [*home.glob(f"s{i}"), *home.glob(f"s{i}-*")])
+                for i in range(len(shapes))
+            }
+            events = [(e.type, e.step_id) for e in store.events(0, "r1")]
+            assert events[-1][0] in ("run.succeeded", "run.failed")
+            for step_id, (status, attempts, _) in states.items():
+                if shapes[int(step_id[1:])]["items"] is not None:
+                    assert all(i.attempts >= 1 for i in store.get_items("r1", step_id))
+                    continue
+                assert ran[step_id] == attempts  # every attempt counted ran once, none ran uncounted
+                started = events.count(("step.started", step_id))
+                assert started == (attempts if status != "skipped" else 0), (step_id, events)
+            return result, states, ran
+        finally:
+            store.close()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes=chained_dags())
+def test_chains_in_one_task_do_what_a_task_a_step_does(shapes: list[dict[str, Any]]) -> None:
+    """Chains run as one task each and short items several per task, or every step and item as
+    its own task: the same run, step by step (statuses, attempts, outputs), each attempt's code
+    run once."""
+    fused, fused_states, fused_ran = _run_shapes(shapes, True)
+    alone, alone_states, alone_ran = _run_shapes(shapes, False)
+    assert (fused.status, fused.outputs) == (alone.status, alone.outputs)
+    for step_id in [s for s, (status, _, _) in alone_states.items() if status == "failed"]:
+        if shapes[int(step_id[1:])]["items"] is not None:
+            # a for_each step failing for good stops its other items: how many ran before is a race
+            fused_states[step_id] = alone_states[step_id] = ("failed", 0, None)
+            fused_ran[step_id] = alone_ran[step_id] = 0
+    assert fused_states == alone_states
+    assert fused_ran == alone_ran
+
+
+def test_short_items_go_several_per_task_once_their_time_is_known(tmp_path: Path) -> None:
+    """A for_each of quick items: the first ones go alone (twice the cluster's CPUs: 2 here);
+    once one came back, the others go in tasks of up to 64, and each item is committed on its own."""
+    workflow = Workflow(
+        name="items",
+        base_dir=FIXTURES,
+        steps=[
+            Step(id="fan", python="teststeps:add", for_each=list(range(300)), with_={"a": "${item}", "b": 1}),
+            Step(id="total", python="teststeps:echo", with_={"value": "${steps.fan.output}"}),
+        ],
+    )
+    result, store, backend = run(tmp_path, workflow)
+    try:
+        assert result.status == RunStatus.SUCCEEDED, result.error
+        assert result.outputs["total"] == list(range(1, 301))
+        assert backend.item_tasks and max(backend.item_tasks) == 64 and sum(backend.item_tasks) == 298
+        assert [i.output_json for i in store.get_items("r1", "fan")] == [str(n) for n in range(1, 301)]
+        assert {i.attempts for i in store.get_items("r1", "fan")} == {1}
+    finally:
+        store.close()
+
+    result, store, backend = run(tmp_path / "alone", workflow, False)
+    try:
+        assert result.outputs["total"] == list(range(1, 301)) and backend.item_tasks == []
+    finally:
+        store.close()
+
+
+def test_items_that_fail_in_a_task_of_several_are_retried_alone(tmp_path: Path) -> None:
+    workflow = Workflow(
+        name="items-retry",
+        base_dir=FIXTURES,
+        steps=[
+            Step(
+                id="fan",
+                python="teststeps:tally",
+                for_each=list(range(40)),
+                with_={"counter": str(tmp_path / "c") + "-${item}", "fail_times": 1, "given": ["${item}"]},
+                retry=RetryPolicy(max_attempts=2, backoff=0.0),
+            )
+        ],
+    )
+    result, store, _ = run(tmp_path, workflow)
+    try:
+        assert result.status == RunStatus.SUCCEEDED, result.error
+        assert result.outputs["fan"] == list(range(1, 41))
+        assert {i.attempts for i in store.get_items("r1", "fan")} == {2}
+        assert sum(len(c.read_text()) for c in tmp_path.glob("c-*")) == 80  # each item twice, no more
     finally:
         store.close()

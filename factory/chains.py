@@ -1,0 +1,153 @@
+"""Chains: python steps that follow one another, run as one Ray task each.
+
+A step whose only dependant needs nothing but its result (and the dependant likewise) can run
+right after it in the same worker: :class:`ChainBook` keeps what the coordinator's driver
+needs to know about such tasks while they run (no Ray here). Each step of a chain still
+reports on its own as it ends, and is decided and committed then; a chain stops at its first
+step that did not succeed, and its steps after that one never ran.
+
+Its dependants outside the chain need its result, which exists only once the chain reports
+it: their submissions wait here, with each of their dependencies bound as it was when the
+scheduler submitted them (the ref, the chain that will report it, or the waiting submission
+it is in), as Ray binds a task's arguments when it is submitted. A submission whose
+dependency's chain stopped before it is told the dependency did not succeed, as a task given
+a failed result would say.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from factory.outcome import Outcome
+from factory.scheduler import SubmitStep
+
+# Steps of a chain run in one Ray task at most (each outcome still comes back as it ends); a
+# longer chain is several such tasks, each started as the one before reports its last step.
+MAX_CHAIN_STEPS = 1_000
+
+# what a step submitted against a dependency that did not succeed says at once (runtime.run_attempt)
+NOT_RUN = Outcome(ok=False, skipped=True, error="a dependency did not succeed")
+
+
+@dataclass(slots=True)
+class Chain:
+    """A chain in flight: its steps and their tokens that have not reported, in order; the first
+    is the one running."""
+
+    step_ids: deque[str]
+    tokens: deque[int]
+
+
+@dataclass(eq=False, slots=True)
+class Waiting:
+    """Submissions (one step, or a chain) made while a dependency ran in a chain that had not
+    reported it yet."""
+
+    actions: list[SubmitStep]
+    deps: dict[str, Any]  # dependency -> the ref it is given; None until its chain reports it
+    missing: int
+    settled: bool = False
+
+
+@dataclass
+class ChainBook:
+    """The chains in flight and the submissions waiting for their steps."""
+
+    chains: dict[Any, Chain] = field(default_factory=dict)  # stream -> what it has not reported
+    pending_in: dict[str, Any] = field(default_factory=dict)  # step id -> the stream that will report it
+    parked: dict[str, Waiting] = field(default_factory=dict)  # step id -> the waiting submission it is in
+    # (stream or Waiting, step id) -> the submissions waiting for that step from there
+    _waiting: dict[tuple[Any, str], list[Waiting]] = field(default_factory=dict)
+
+    def pending(self, step_id: str) -> bool:
+        """Whether the step's result is yet to come: a chain has not reported it, or it waits."""
+        return step_id in self.pending_in or step_id in self.parked
+
+    def add(self, stream: Any, actions: list[SubmitStep]) -> None:
+        self.chains[stream] = Chain(deque(a.step_id for a in actions), deque(a.token for a in actions))
+        for action in actions:
+            self.pending_in[action.step_id] = stream
+
+    def wait(self, actions: list[SubmitStep], deps: dict[str, Any]) -> None:
+        """Submissions whose dependencies with no ref (None) are :meth:`pending`."""
+        missing = [d for d, ref in deps.items() if ref is None]
+        waiting = Waiting(actions, deps, len(missing))
+        for dep in missing:
+            where = self.pending_in[dep] if dep in self.pending_in else self.parked[dep]
+            self._waiting.setdefault((where, dep), []).append(waiting)
+        for action in actions:
+            self.parked[action.step_id] = waiting
+
+    def went(self, waiting: Waiting, refs: dict[str, Any]) -> list[Waiting]:
+        """A waiting submission went to Ray: each of its steps has a ref now (``refs``), or is
+        pending in the chain it went in. Returns the submissions that can go now."""
+        ready = []
+        for action in waiting.actions:
+            step_id = action.step_id
+            if self.parked.get(step_id) is waiting:
+                del self.parked[step_id]
+            for other in self._waiting.pop((waiting, step_id), []):
+                if other.settled:
+                    continue
+                if step_id in self.pending_in:
+                    self._waiting.setdefault((self.pending_in[step_id], step_id), []).append(other)
+                    continue
+                other.deps[step_id] = refs[step_id]
+                other.missing -= 1
+                if other.missing == 0:
+                    other.settled = True
+                    ready.append(other)
+        return ready
+
+    def dropped(self, waiting: Waiting) -> list[Waiting]:
+        """A waiting submission will not go: nor will those that waited for its steps."""
+        gone = []
+        for action in waiting.actions:
+            if self.parked.get(action.step_id) is waiting:
+                del self.parked[action.step_id]
+            for other in self._waiting.pop((waiting, action.step_id), []):
+                if not other.settled:
+                    other.settled = True
+                    gone.append(other)
+        return gone
+
+    def sent_alone(self, step_id: str) -> None:
+        """The step went to Ray as a task of its own: its result is no chain's to report."""
+        self.pending_in.pop(step_id, None)
+
+    def reported(self, stream: Any, step_id: str, ref: Any | None) -> list[Waiting]:
+        """``stream`` reported ``step_id``: succeeded with ``ref`` (the submissions waiting only
+        for it are returned, to go now), or not (None: none of them will go)."""
+        if self.pending_in.get(step_id) is stream:
+            del self.pending_in[step_id]
+        ready = []
+        for waiting in self._waiting.pop((stream, step_id), []):
+            if waiting.settled:
+                continue
+            if ref is None:
+                waiting.settled = True
+                ready.append(waiting)
+                continue
+            waiting.deps[step_id] = ref
+            waiting.missing -= 1
+            if waiting.missing == 0:
+                waiting.settled = True
+                ready.append(waiting)
+        return ready
+
+    def end(self, stream: Any) -> tuple[list[int], list[Waiting]]:
+        """A chain stopped: the tokens of its steps that did not report, in order, and the
+        submissions that waited for one of them (none of them will go)."""
+        chain = self.chains.pop(stream)
+        dropped: list[Waiting] = []
+        for step_id in chain.step_ids:
+            dropped += self.reported(stream, step_id, None)
+        return list(chain.tokens), dropped
+
+    def clear(self) -> None:
+        self.chains.clear()
+        self.pending_in.clear()
+        self.parked.clear()
+        self._waiting.clear()

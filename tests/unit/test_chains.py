@@ -1,0 +1,104 @@
+"""The bookkeeping of chains in flight and of short for_each items (factory.chains,
+factory.batches): pure, no Ray; the driver's use of them is tested in test_driver.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from factory.batches import MAX_ITEMS_PER_TASK, ItemBatcher, items_per_task
+from factory.chains import ChainBook
+from factory.runtime import CallPart
+from factory.scheduler import SubmitStep
+
+pytestmark = pytest.mark.unit
+
+
+def submit(token: int, step_id: str) -> SubmitStep:
+    return SubmitStep(token, step_id)
+
+
+def test_a_submission_waits_for_a_chain_step_and_goes_with_its_ref() -> None:
+    book = ChainBook()
+    book.add("stream", [submit(1, "a"), submit(2, "b")])
+    book.wait([submit(3, "d")], {"b": None, "x": "ref-x"})
+    assert book.pending("b") and book.pending("d")
+    assert book.reported("stream", "a", "ref-a") == []
+    [ready] = book.reported("stream", "b", "ref-b")
+    assert ready.deps == {"b": "ref-b", "x": "ref-x"} and [a.step_id for a in ready.actions] == ["d"]
+    assert not book.pending("b")
+
+
+def test_a_submission_waiting_for_a_waiting_one_goes_after_it() -> None:
+    """b runs in a chain; d waits for b; e (needing d) waits for d: it goes once d went."""
+    book = ChainBook()
+    book.add("stream", [submit(1, "a"), submit(2, "b")])
+    book.wait([submit(3, "d")], {"b": None})
+    book.wait([submit(4, "e")], {"d": None})
+    [d] = book.reported("stream", "b", "ref-b")
+    assert book.went(d, {"d": "ref-d"})[0].deps == {"d": "ref-d"}
+    assert not book.pending("d")
+
+
+def test_a_waiting_submission_that_goes_as_a_chain_makes_its_dependants_wait_for_that_chain() -> None:
+    book = ChainBook()
+    book.add("s1", [submit(1, "a"), submit(2, "b")])
+    book.wait([submit(3, "d"), submit(4, "e")], {"b": None})
+    book.wait([submit(5, "f")], {"e": None})
+    [d] = book.reported("s1", "b", "ref-b")
+    book.add("s2", d.actions)  # d and e went as one chain
+    assert book.went(d, {}) == []
+    [f] = book.reported("s2", "e", "ref-e")
+    assert f.deps == {"e": "ref-e"}
+
+
+def test_when_a_chain_stops_early_what_waited_for_its_later_steps_will_not_go() -> None:
+    book = ChainBook()
+    book.add("stream", [submit(1, "a"), submit(2, "b"), submit(3, "c")])
+    book.wait([submit(4, "d")], {"c": None})
+    book.wait([submit(5, "e")], {"d": None})
+    assert book.reported("stream", "a", "ref-a") == []
+    book.chains["stream"].tokens.popleft()
+    book.chains["stream"].step_ids.popleft()
+    tokens, dropped = book.end("stream")  # b failed: b and c did not report
+    assert tokens == [2, 3] and [a.step_id for w in dropped for a in w.actions] == ["d"]
+    assert [a.step_id for w in book.dropped(dropped[0]) for a in w.actions] == ["e"]
+    assert not book.pending("c") and not book.pending("d")
+
+
+def test_a_step_sent_alone_again_is_no_longer_an_old_chains_to_report() -> None:
+    book = ChainBook()
+    book.add("old", [submit(1, "a"), submit(2, "b")])
+    book.sent_alone("b")
+    assert not book.pending("b")
+    assert book.reported("old", "b", "stale") == []
+
+
+def test_items_per_task_aims_at_a_short_task_and_is_bounded() -> None:
+    assert items_per_task(0.0001) == MAX_ITEMS_PER_TASK
+    assert items_per_task(0.002) == 10
+    assert items_per_task(0.5) == 1
+    assert items_per_task(0.0) == 1  # no time known: one per task
+
+
+def test_items_are_probed_then_held_until_an_items_time_is_known() -> None:
+    batcher = ItemBatcher(probe=2)
+    part = CallPart(arguments={})
+    assert batcher.take("fan", 1, part) and batcher.take("fan", 2, part)
+    assert not any(batcher.take("fan", t, part) for t in range(3, 30))
+    assert batcher.ready() == []  # nothing known yet
+    assert batcher.drop(5) and not batcher.drop(5)
+    batcher.learn("fan", 0.002)  # 10 a task
+    tasks = batcher.ready()
+    assert [len(items) for _, items in tasks] == [10, 10, 6]
+    assert [t for _, items in tasks for t, _ in items] == [t for t in range(3, 30) if t != 5]
+    assert batcher.take("other", 1, part)  # another step is probed on its own
+
+
+def test_slow_items_or_a_dead_worker_go_one_per_task() -> None:
+    batcher = ItemBatcher(probe=1)
+    part = CallPart(arguments={})
+    assert batcher.take("slow", 1, part)
+    assert not batcher.take("slow", 2, part)
+    batcher.learn("slow", None)  # its worker died: nothing learnt, one per task
+    assert [len(items) for _, items in batcher.ready()] == [1]
+    assert batcher.take("slow", 3, part)
