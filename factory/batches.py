@@ -5,10 +5,15 @@ to schedule than to run. The first items of a python for_each step go one per ta
 many as the cluster has CPUs (enough to keep it busy); its other items wait for the first
 outcome. Once an item's time is known, the others go in tasks sized to take about
 :data:`TARGET_TASK_SECONDS` each (at most :data:`MAX_ITEMS_PER_TASK` items), or one per task
-when an item takes longer than that. In such a task the items run one after another and each
-one's outcome comes back as it ends, committed like any item's. A worker that dies fails the
-item it was running; the items after it in that task had not started, and go again in a new
-task, as the same attempts.
+when an item takes longer than that. Two guards keep a wrong guess cheap: the items that go
+at once are spread over at least as many tasks as were probed (a fan-out too small to fill
+every worker with full tasks still uses them all), and an item seen to take longer than the
+first makes the tasks sent after it smaller (never larger).
+
+In such a task the items run one after another and each one's outcome comes back as it ends,
+committed like any item's. A task that dies with several items unreported charges none of
+them (the outcomes of items that ended just before can be lost with the worker): the driver
+sends them again, each alone, as the same attempts (factory.engine).
 
 :class:`ItemBatcher` decides and keeps the bookkeeping (no Ray here); the driver carries it out.
 """
@@ -69,9 +74,12 @@ class ItemBatcher:
         return False
 
     def learn(self, step_id: str, seconds: float | None) -> None:
-        """An item of the step took ``seconds`` (None: unknown, its worker died)."""
+        """An item of the step took ``seconds`` (None: unknown, its worker died). The first
+        sets the step's items per task; a slower one later lowers it."""
         if step_id not in self.size:
             self.size[step_id] = items_per_task(seconds) if seconds is not None else 1
+        elif seconds is not None:
+            self.size[step_id] = min(self.size[step_id], items_per_task(seconds))
 
     def ready(self) -> list[tuple[str, list[tuple[int, CallPart]]]]:
         """Held items that can go now, in tasks: (step id, the task's items)."""
@@ -80,7 +88,8 @@ class ItemBatcher:
             items = list(self.held.pop(step_id).items())
             for token, _ in items:
                 del self._held_by[token]
-            size = self.size[step_id]
+            # never fewer tasks than were probed: the cluster's workers all get some
+            size = min(self.size[step_id], max(1, -(-len(items) // self.probe)))
             tasks += [(step_id, items[i : i + size]) for i in range(0, len(items), size)]
         return tasks
 

@@ -461,7 +461,11 @@ class Coordinator:
 
     def _take_from_chain(self, stream: Any) -> None:
         """The next outcome of a chain in flight: the step it is for is decided; a chain stops at
-        its first step that did not succeed, and the steps after it never ran."""
+        its first step that did not succeed, and the steps after it never ran. A task that died
+        (a RayError: its worker or node) with several steps unreported charges none of them: the
+        outcomes of steps that ended just before the death can be lost on the way, so which one
+        was running is not known. They go again, each as a task of its own (the same attempts):
+        a step that kills its worker then dies alone, and is charged."""
         chain = self._book.chains[stream]
         taken = self.backend.next_result(stream)
         if taken is None:  # it ended without a word for the step it ran (cannot happen with execute_chain)
@@ -470,6 +474,13 @@ class Coordinator:
             self._apply(self._not_run(tokens[1:], waiting))
             return
         ref, result = taken
+        if (
+            not isinstance(result, Outcome)
+            and len(chain.tokens) > 1
+            and all(token in self.scheduler.tokens for token in chain.tokens)
+        ):
+            self._chain_again_alone(stream)
+            return
         token, step_id = chain.tokens.popleft(), chain.step_ids.popleft()
         self._token_refs.pop(token, None)
         ok = isinstance(result, Outcome) and result.ok
@@ -489,6 +500,17 @@ class Coordinator:
             dropped += settled
         self._deliver(token, result)  # first: the scheduler then knows the attempts after it are stale
         self._apply(self._not_run(rest, dropped))
+
+    def _chain_again_alone(self, stream: Any) -> None:
+        """A chain whose task died: its unreported steps go again in order, a task each, as the
+        attempts they were; what waited for one of them waits for that task's result instead."""
+        chain = self._book.chains.pop(stream)
+        self._untrack(stream)
+        for token, step_id in zip(chain.tokens, chain.step_ids, strict=True):
+            self._token_refs.pop(token, None)
+            self._submitted_at.pop(token, None)
+            self._send([SubmitStep(token, step_id)], [self._refs[d] for d in self.graph.deps[step_id]])
+            self._send_waiting(self._book.reported(stream, step_id, self._refs[step_id]))
 
     def _end_chain(self, stream: Any) -> tuple[list[int], list[Waiting]]:
         """Forget a chain that stopped: the tokens of its steps that did not report, in order, and
@@ -630,8 +652,10 @@ class Coordinator:
             self._items.add(stream, step_id, items)
 
     def _take_from_batch(self, stream: Any) -> None:
-        """The next outcome of a task of several items. A worker that died fails the item it was
-        running; the items after it had not started: they go again (the same attempts)."""
+        """The next outcome of a task of several items. A task that died (a RayError: its worker
+        or node) with several items unreported charges none of them (as for a chain: the outcomes
+        of items that ended just before can be lost on the way): they go again, each in a task
+        of its own (the same attempts), and so do the step's later items."""
         assert self._items is not None
         batch = self._items.batches[stream]
         taken = self.backend.next_result(stream)
@@ -639,6 +663,17 @@ class Coordinator:
             result: Outcome | RayError = Outcome(ok=False, error="its task ended without its outcome", retryable=True)
         else:
             result = taken[1]
+        if taken is not None and not isinstance(result, Outcome) and len(batch.tokens) > 1:
+            self._untrack(stream)
+            del self._items.batches[stream]
+            self._items.size[batch.step_id] = 1  # a step whose items can kill their worker: one a task
+            again = [(t, p) for t, p in zip(batch.tokens, batch.parts, strict=True) if t not in batch.stopped]
+            for left in batch.tokens:
+                self._token_refs.pop(left, None)
+                self._submitted_at.pop(left, None)
+            self._items.hold_again(batch.step_id, again)
+            self._send_items()
+            return
         token = batch.tokens.popleft()
         batch.parts.popleft()
         self._token_refs.pop(token, None)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import factory
+from factory.batches import MAX_ITEMS_PER_TASK
 from factory.settings import Settings
 from factory.spec import RetryPolicy, Step, Workflow
 from factory.store import RunStatus
@@ -406,14 +407,16 @@ def _counted_chain(tmp_path: Path, middle: Step) -> tuple[Workflow, Path, Path]:
 def test_a_worker_killed_in_the_middle_of_a_chain_reruns_only_that_step(
     store: SQLiteStore, settings: Settings, tmp_path: Path
 ) -> None:
-    """The chain's task dies with the step that SIGKILLs its worker: the step before it (committed)
-    does not run again, the step is retried (its once() side effect not repeated), and the step
-    after it runs once, after the retry."""
+    """The chain's task dies with the step that SIGKILLs its worker. A death in a task of several
+    steps charges none of them (an outcome yielded just before can be lost with the worker): the
+    unreported steps go again, a task each, as the same attempts. The step kills its worker again,
+    alone now, and is charged; its retry succeeds (its once() side effect not repeated), and the
+    step after it runs once, after the retry."""
     charge = tmp_path / "charge"
     middle = Step(
         id="middle",
         python="teststeps:once_then_fail",
-        with_={"counter": str(charge), "fail_times": 1, "kill": True},
+        with_={"counter": str(charge), "fail_times": 2, "kill": True},
         retry=RetryPolicy(max_attempts=2, backoff=0.01),
         needs=["first"],
     )
@@ -421,7 +424,10 @@ def test_a_worker_killed_in_the_middle_of_a_chain_reruns_only_that_step(
     result = factory.run(workflow, store=store, settings=settings)
     assert result.ok, result.error
     assert result.outputs["last"] == {"charged": 1, "attempt": 2, "key": result.outputs["last"]["key"], "item": None}
-    assert calls(first_counter) == 1 and calls(last_counter) == 1 and calls(charge) == 1
+    # first ran once, or twice when what it yielded was lost with the worker (then it had not been
+    # committed: it ran again as the same attempt)
+    assert calls(first_counter) in (1, 2) and calls(last_counter) == 1 and calls(charge) == 1
+    assert calls(Path(str(charge) + ".attempts")) == 3  # killed in the chain, killed alone, succeeded
     assert {s.step_id: s.attempts for s in store.get_steps(result.run_id)} == {"first": 1, "middle": 2, "last": 1}
     retrying = [e for e in store.events(0, result.run_id) if e.type == "step.retrying"]
     assert [e.step_id for e in retrying] == ["middle"]
@@ -479,15 +485,19 @@ def test_cancel_in_the_middle_of_a_long_chain_stops_it_there(
     assert 4 <= len(done) < 40 and set(final.values()) == {"succeeded", "cancelled"}
     time.sleep(1)
     ran = [int(line) for line in log.read_text().split()]
-    assert ran == list(range(len(ran))) and len(ran) <= len(done) + 1  # nothing ran after the cancel
+    # nothing ran after the cancel: the worker runs ahead of the coordinator, so besides the steps
+    # committed, the step whose outcome came back as the cancel was carried out and the one the worker
+    # had begun meanwhile may have started (each logs as it starts); nothing after those
+    assert ran == list(range(len(ran))) and len(ran) <= len(done) + 2
 
 
 def test_a_worker_killed_in_a_task_of_several_items_reruns_only_that_item(
     store: SQLiteStore, settings: Settings, tmp_path: Path
 ) -> None:
-    """Quick items go several per task once their time is known; the item that kills its worker
-    fails (and is retried), the items after it in that task, which had not started, go again
-    in a new task: every item runs once, the killed one twice."""
+    """Quick items go several per task once their time is known. The item that kills its worker
+    kills the task: none of its items is charged (what the items before it yielded can be lost
+    with the worker), and its unreported items go again, each alone, as the same attempts. Only
+    those ran twice (uncommitted), and the killed one ran twice; every other item ran once."""
     folder = tmp_path / "runs"
     folder.mkdir()
     fan = Step(
@@ -501,9 +511,11 @@ def test_a_worker_killed_in_a_task_of_several_items_reruns_only_that_item(
     assert result.ok, result.error
     assert result.outputs["fan"] == [2 * i for i in range(400)]
     runs = {int(p.name): len(p.read_text()) for p in folder.iterdir()}
-    assert runs == {i: 2 if i == 300 else 1 for i in range(400)}
+    twice = sorted(i for i, n in runs.items() if n == 2)
+    assert set(runs) == set(range(400)) and set(runs.values()) <= {1, 2} and runs[300] == 2
+    assert twice == list(range(twice[0], 301)) and len(twice) <= MAX_ITEMS_PER_TASK  # the killer's task only
     items = store.get_items(result.run_id, "fan")
-    assert [i.attempts for i in items] == [2 if i == 300 else 1 for i in range(400)]
+    assert [i.attempts for i in items] == [1] * 400
 
 
 def test_cancel_in_the_middle_of_a_fan_out_of_quick_items(

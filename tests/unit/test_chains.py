@@ -94,6 +94,29 @@ def test_items_are_probed_then_held_until_an_items_time_is_known() -> None:
     assert batcher.take("other", 1, part)  # another step is probed on its own
 
 
+def test_a_slower_item_makes_later_tasks_smaller_never_larger() -> None:
+    batcher = ItemBatcher(probe=1)
+    part = CallPart(arguments={})
+    assert batcher.take("fan", 1, part)
+    for token in range(2, 200):
+        batcher.take("fan", token, part)
+    batcher.learn("fan", 0.0001)  # quick: as many a task as allowed
+    assert [len(items) for _, items in batcher.ready()][:2] == [MAX_ITEMS_PER_TASK] * 2
+    batcher.learn("fan", 0.005)  # then one took 50 times longer: 4 a task from now on
+    batcher.learn("fan", 0.0001)  # a quick one again does not make them larger
+    batcher.hold_again("fan", [(t, part) for t in range(500, 512)])
+    assert [len(items) for _, items in batcher.ready()] == [4, 4, 4]
+
+
+def test_the_items_that_go_at_once_are_spread_over_as_many_tasks_as_were_probed() -> None:
+    batcher = ItemBatcher(probe=4)
+    part = CallPart(arguments={})
+    assert all(batcher.take("fan", t, part) for t in range(4))
+    assert not any(batcher.take("fan", t, part) for t in range(4, 24))
+    batcher.learn("fan", 0.0001)  # 64 a task would put all 20 on one worker
+    assert [len(items) for _, items in batcher.ready()] == [5, 5, 5, 5]
+
+
 def test_slow_items_or_a_dead_worker_go_one_per_task() -> None:
     batcher = ItemBatcher(probe=1)
     part = CallPart(arguments={})

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ray.exceptions import WorkerCrashedError
 
 from factory.engine import Coordinator, RayBackend
 from factory.outcome import Outcome
@@ -482,5 +483,88 @@ def test_items_that_fail_in_a_task_of_several_are_retried_alone(tmp_path: Path) 
         assert result.outputs["fan"] == list(range(1, 41))
         assert {i.attempts for i in store.get_items("r1", "fan")} == {2}
         assert sum(len(c.read_text()) for c in tmp_path.glob("c-*")) == 80  # each item twice, no more
+    finally:
+        store.close()
+
+
+class DyingRay(InProcessRay):
+    """A task of several (a chain, or items of one step) whose worker dies at the first call that
+    ``killer`` picks, once: the calls before it in that task ran, but their outcomes were lost on
+    the way (as when the worker is killed before Ray delivered what it yielded), and the task
+    reports the death."""
+
+    def __init__(self, killer: Any) -> None:
+        super().__init__()
+        self.killer = killer
+        self.killed = False
+
+    def next_result(self, stream: Any) -> tuple[Any, Any] | None:
+        if not self.killed:
+            rest = stream.calls[stream.taken :]
+            hit = next((i for i, call in enumerate(rest) if self.killer(call)), None)
+            if hit is not None:
+                self.killed = True
+                for _ in range(hit):  # they run; what they yield never arrives
+                    super().next_result(stream)
+                return _Ref(), WorkerCrashedError()
+        return super().next_result(stream)
+
+
+def _run_on(tmp_path: Path, workflow: Workflow, backend: InProcessRay) -> tuple[Any, SQLiteStore]:
+    store = SQLiteStore(tmp_path / "factory.db")
+    store.create_run("r1", workflow.name, workflow.model_dump_json(by_alias=True), {}, [s.id for s in workflow.steps])
+    coordinator = Coordinator(store, workflow, "r1", {}, Settings(home=tmp_path), backend=backend)
+    coordinator.start()
+    return coordinator.execute(), store
+
+
+def test_a_chain_whose_worker_dies_charges_no_step_and_runs_the_unreported_ones_alone(tmp_path: Path) -> None:
+    """Steps a and b ended but their outcomes were lost with the worker that c killed: none of the
+    three is charged a failed attempt (which one was running is not known); all four unreported
+    steps go again, a task each, as the attempts they were, and the run succeeds."""
+    counters = {name: tmp_path / name for name in "abcd"}
+    steps = [Step(id="a", python="teststeps:count_and_echo", with_={"counter": str(counters["a"]), "value": 1})]
+    for before, name in zip("abc", "bcd", strict=False):
+        value = "${steps." + before + ".output}"
+        steps.append(
+            Step(id=name, python="teststeps:count_and_echo", with_={"counter": str(counters[name]), "value": value})
+        )
+    backend = DyingRay(lambda call: call.step_id == "c")
+    result, store = _run_on(tmp_path, Workflow(name="dies", base_dir=FIXTURES, steps=steps), backend)
+    try:
+        assert result.status == RunStatus.SUCCEEDED, result.error
+        assert result.outputs["d"] == 1
+        assert backend.killed and backend.chains == [["a", "b", "c", "d"]]
+        assert {s.step_id: s.attempts for s in store.get_steps("r1")} == dict.fromkeys("abcd", 1)
+        assert {name: len(path.read_text()) for name, path in counters.items()} == {"a": 2, "b": 2, "c": 1, "d": 1}
+        assert backend.submitted == 1 + 4  # the chain, then each step alone
+        assert not [e for e in store.events(0, "r1") if e.type in ("step.retrying", "step.failed")]
+    finally:
+        store.close()
+
+
+def test_items_whose_worker_dies_in_a_task_of_several_are_charged_nothing_and_go_alone(tmp_path: Path) -> None:
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    fan = Step(
+        id="fan",
+        python="teststeps:die_once_at",
+        for_each=list(range(40)),
+        with_={"folder": str(folder), "item": "${item}", "at": -1},
+    )
+    backend = DyingRay(lambda call: call.item == 10)
+    result, store = _run_on(tmp_path, Workflow(name="items-die", base_dir=FIXTURES, steps=[fan]), backend)
+    try:
+        assert result.status == RunStatus.SUCCEEDED, result.error
+        assert result.outputs["fan"] == [2 * i for i in range(40)]
+        assert backend.killed and backend.item_tasks[0] > 10  # item 10 was in a task of several
+        runs = {int(p.name): len(p.read_text()) for p in folder.iterdir()}
+        lost = {i for i, n in runs.items() if n == 2}
+        assert lost and max(lost) == 9 and lost == set(range(min(lost), 10))  # the ones before 10 in its task
+        assert set(runs) == set(range(40)) and set(runs.values()) <= {1, 2}
+        assert [i.attempts for i in store.get_items("r1", "fan")] == [1] * 40
+        # two probed alone, the other 38 in two tasks of 19 (spread over as many tasks as were probed),
+        # then the 19 items of the task that died again, each alone
+        assert backend.item_tasks == [19, 19] and backend.submitted == 2 + 2 + 19
     finally:
         store.close()
