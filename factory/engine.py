@@ -388,12 +388,14 @@ class Coordinator:
         batch = self._items.batches[stream]
         batch.stopped.add(token)
         if batch.all_stopped():
-            del self._items.batches[stream]
-            self._untrack(stream)
-            for left in batch.tokens:
-                self._token_refs.pop(left, None)
-                self._submitted_at.pop(left, None)
+            self._end_batch(stream)  # none to hold again
             self.backend.stop(stream)
+
+    def _forget(self, tokens: Iterable[int]) -> None:
+        """Attempts no longer in the task they were sent in (it ended, or they go again)."""
+        for token in tokens:
+            self._token_refs.pop(token, None)
+            self._submitted_at.pop(token, None)
 
     def _successor(self, before: str) -> str | None:
         """The step that may run in the same task as ``before``, right after it: it needs
@@ -507,8 +509,6 @@ class Coordinator:
         chain = self._book.chains.pop(stream)
         self._untrack(stream)
         for token, step_id in zip(chain.tokens, chain.step_ids, strict=True):
-            self._token_refs.pop(token, None)
-            self._submitted_at.pop(token, None)
             self._send([SubmitStep(token, step_id)], [self._refs[d] for d in self.graph.deps[step_id]])
             self._send_waiting(self._book.reported(stream, step_id, self._refs[step_id]))
 
@@ -517,9 +517,7 @@ class Coordinator:
         the submissions that waited for one of them."""
         tokens, dropped = self._book.end(stream)
         self._untrack(stream)
-        for token in tokens:
-            self._token_refs.pop(token, None)
-            self._submitted_at.pop(token, None)
+        self._forget(tokens)
         return tokens, dropped
 
     def _not_run(self, tokens: list[int], dropped: list[Waiting]) -> list[Action]:
@@ -664,14 +662,8 @@ class Coordinator:
         else:
             result = taken[1]
         if taken is not None and not isinstance(result, Outcome) and len(batch.tokens) > 1:
-            self._untrack(stream)
-            del self._items.batches[stream]
             self._items.size[batch.step_id] = 1  # a step whose items can kill their worker: one a task
-            again = [(t, p) for t, p in zip(batch.tokens, batch.parts, strict=True) if t not in batch.stopped]
-            for left in batch.tokens:
-                self._token_refs.pop(left, None)
-                self._submitted_at.pop(left, None)
-            self._items.hold_again(batch.step_id, again)
+            self._end_batch(stream)
             self._send_items()
             return
         token = batch.tokens.popleft()
@@ -681,13 +673,18 @@ class Coordinator:
             self._inflight[stream] = batch.tokens[0]
             self._submitted_at[batch.tokens[0]] = time.monotonic()
         else:
-            self._untrack(stream)
-            del self._items.batches[stream]
-            again = [(t, p) for t, p in zip(batch.tokens, batch.parts, strict=True) if t not in batch.stopped]
-            self._items.hold_again(batch.step_id, again)  # sent once the scheduler has this outcome
-            for held, _ in again:
-                self._token_refs.pop(held, None)
+            self._end_batch(stream)  # its items left are sent once the scheduler has this outcome
         self._deliver(token, result)
+
+    def _end_batch(self, stream: Any) -> None:
+        """Forget a task of several items that ended early: its items left that were not stopped
+        are held again, to go in new tasks (the same attempts)."""
+        assert self._items is not None
+        batch = self._items.batches.pop(stream)
+        self._untrack(stream)
+        self._forget(batch.tokens)
+        again = [(t, p) for t, p in zip(batch.tokens, batch.parts, strict=True) if t not in batch.stopped]
+        self._items.hold_again(batch.step_id, again)
 
     def _call(
         self, step: Step, arguments: dict[str, Any], resolved: bool, item: Any = None, has_item: bool = False

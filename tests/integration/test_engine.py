@@ -497,7 +497,9 @@ def test_a_worker_killed_in_a_task_of_several_items_reruns_only_that_item(
     """Quick items go several per task once their time is known. The item that kills its worker
     kills the task: none of its items is charged (what the items before it yielded can be lost
     with the worker), and its unreported items go again, each alone, as the same attempts. Only
-    those ran twice (uncommitted), and the killed one ran twice; every other item ran once."""
+    those ran twice (uncommitted), and the killed one ran twice; every other item ran once. When
+    the killer was the only item of its task left unreported (the last of its task, or alone in
+    one), it is the one that died, and it is charged: its second run is its second attempt."""
     folder = tmp_path / "runs"
     folder.mkdir()
     fan = Step(
@@ -514,8 +516,9 @@ def test_a_worker_killed_in_a_task_of_several_items_reruns_only_that_item(
     twice = sorted(i for i, n in runs.items() if n == 2)
     assert set(runs) == set(range(400)) and set(runs.values()) <= {1, 2} and runs[300] == 2
     assert twice == list(range(twice[0], 301)) and len(twice) <= MAX_ITEMS_PER_TASK  # the killer's task only
-    items = store.get_items(result.run_id, "fan")
-    assert [i.attempts for i in items] == [1] * 400
+    attempts = {i.index: i.attempts for i in store.get_items(result.run_id, "fan")}
+    assert attempts[300] == 1 or (attempts[300] == 2 and twice == [300])
+    assert {i: n for i, n in attempts.items() if i != 300} == {i: 1 for i in range(400) if i != 300}
 
 
 def test_cancel_in_the_middle_of_a_fan_out_of_quick_items(

@@ -134,9 +134,11 @@ class InProcessRay(RayBackend):
         self.stopped += 1
 
 
-def run(tmp_path: Path, workflow: Workflow, fuse_chains: bool = True) -> tuple[Any, SQLiteStore, InProcessRay]:
+def run(
+    tmp_path: Path, workflow: Workflow, fuse_chains: bool = True, backend: InProcessRay | None = None
+) -> tuple[Any, SQLiteStore, InProcessRay]:
     store = SQLiteStore(tmp_path / "factory.db")
-    backend = InProcessRay()
+    backend = backend or InProcessRay()
     graph_order = [s.id for s in workflow.steps]
     store.create_run("r1", workflow.name, workflow.model_dump_json(by_alias=True), {}, graph_order)
     settings = Settings(home=tmp_path, fuse_chains=fuse_chains, batch_items=fuse_chains)
@@ -510,14 +512,6 @@ class DyingRay(InProcessRay):
         return super().next_result(stream)
 
 
-def _run_on(tmp_path: Path, workflow: Workflow, backend: InProcessRay) -> tuple[Any, SQLiteStore]:
-    store = SQLiteStore(tmp_path / "factory.db")
-    store.create_run("r1", workflow.name, workflow.model_dump_json(by_alias=True), {}, [s.id for s in workflow.steps])
-    coordinator = Coordinator(store, workflow, "r1", {}, Settings(home=tmp_path), backend=backend)
-    coordinator.start()
-    return coordinator.execute(), store
-
-
 def test_a_chain_whose_worker_dies_charges_no_step_and_runs_the_unreported_ones_alone(tmp_path: Path) -> None:
     """Steps a and b ended but their outcomes were lost with the worker that c killed: none of the
     three is charged a failed attempt (which one was running is not known); all four unreported
@@ -530,7 +524,7 @@ def test_a_chain_whose_worker_dies_charges_no_step_and_runs_the_unreported_ones_
             Step(id=name, python="teststeps:count_and_echo", with_={"counter": str(counters[name]), "value": value})
         )
     backend = DyingRay(lambda call: call.step_id == "c")
-    result, store = _run_on(tmp_path, Workflow(name="dies", base_dir=FIXTURES, steps=steps), backend)
+    result, store, _ = run(tmp_path, Workflow(name="dies", base_dir=FIXTURES, steps=steps), backend=backend)
     try:
         assert result.status == RunStatus.SUCCEEDED, result.error
         assert result.outputs["d"] == 1
@@ -553,7 +547,7 @@ def test_items_whose_worker_dies_in_a_task_of_several_are_charged_nothing_and_go
         with_={"folder": str(folder), "item": "${item}", "at": -1},
     )
     backend = DyingRay(lambda call: call.item == 10)
-    result, store = _run_on(tmp_path, Workflow(name="items-die", base_dir=FIXTURES, steps=[fan]), backend)
+    result, store, _ = run(tmp_path, Workflow(name="items-die", base_dir=FIXTURES, steps=[fan]), backend=backend)
     try:
         assert result.status == RunStatus.SUCCEEDED, result.error
         assert result.outputs["fan"] == [2 * i for i in range(40)]
