@@ -69,9 +69,12 @@ class ItemBatcher:
         if size is None and self.probed.get(step_id, 0) < self.probe:
             self.probed[step_id] = self.probed.get(step_id, 0) + 1
             return True
+        self._hold(step_id, token, part)
+        return False
+
+    def _hold(self, step_id: str, token: int, part: CallPart) -> None:
         self.held.setdefault(step_id, {})[token] = part
         self._held_by[token] = step_id
-        return False
 
     def learn(self, step_id: str, seconds: float | None) -> None:
         """An item of the step took ``seconds`` (None: unknown, its worker died). The first
@@ -107,8 +110,7 @@ class ItemBatcher:
     def hold_again(self, step_id: str, items: list[tuple[int, CallPart]]) -> None:
         """Items of a task that stopped before they started: they go again with the next tasks."""
         for token, part in items:
-            self.held.setdefault(step_id, {})[token] = part
-            self._held_by[token] = step_id
+            self._hold(step_id, token, part)
 
     def add(self, stream: Any, step_id: str, items: list[tuple[int, CallPart]]) -> None:
         self.batches[stream] = Batch(step_id, deque(t for t, _ in items), deque(p for _, p in items))

@@ -50,6 +50,15 @@ class Waiting:
     missing: int
     settled: bool = False
 
+    def bind(self, step_id: str, ref: Any) -> bool:
+        """Its dependency ``step_id`` has a ref now; whether that was the last one missing (it
+        is settled then: it goes)."""
+        self.deps[step_id] = ref
+        self.missing -= 1
+        if self.missing == 0:
+            self.settled = True
+        return self.settled
+
 
 @dataclass
 class ChainBook:
@@ -94,10 +103,7 @@ class ChainBook:
                 if step_id in self.pending_in:
                     self._waiting.setdefault((self.pending_in[step_id], step_id), []).append(other)
                     continue
-                other.deps[step_id] = refs[step_id]
-                other.missing -= 1
-                if other.missing == 0:
-                    other.settled = True
+                if other.bind(step_id, refs[step_id]):
                     ready.append(other)
         return ready
 
@@ -130,10 +136,7 @@ class ChainBook:
                 waiting.settled = True
                 ready.append(waiting)
                 continue
-            waiting.deps[step_id] = ref
-            waiting.missing -= 1
-            if waiting.missing == 0:
-                waiting.settled = True
+            if waiting.bind(step_id, ref):
                 ready.append(waiting)
         return ready
 

@@ -391,6 +391,11 @@ class Coordinator:
             self._end_batch(stream)  # none to hold again
             self.backend.stop(stream)
 
+    def _runs_next(self, stream: Any, token: int) -> None:
+        """A task of several steps or items goes on: ``token``'s attempt starts as the one before ends."""
+        self._inflight[stream] = token
+        self._submitted_at[token] = time.monotonic()
+
     def _forget(self, tokens: Iterable[int]) -> None:
         """Attempts no longer in the task they were sent in (it ended, or they go again)."""
         for token in tokens:
@@ -492,8 +497,7 @@ class Coordinator:
         rest: list[int] = []
         dropped: list[Waiting] = []
         if ok and chain.tokens:
-            self._inflight[stream] = chain.tokens[0]
-            self._submitted_at[chain.tokens[0]] = time.monotonic()  # it starts as the one before ends
+            self._runs_next(stream, chain.tokens[0])
         else:
             rest, dropped = self._end_chain(stream)
         if ok:
@@ -670,8 +674,7 @@ class Coordinator:
         batch.parts.popleft()
         self._token_refs.pop(token, None)
         if taken is not None and isinstance(result, Outcome) and batch.tokens:
-            self._inflight[stream] = batch.tokens[0]
-            self._submitted_at[batch.tokens[0]] = time.monotonic()
+            self._runs_next(stream, batch.tokens[0])
         else:
             self._end_batch(stream)  # its items left are sent once the scheduler has this outcome
         self._deliver(token, result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,24 @@ def calls(counter: Path) -> int:
 
 def statuses(store: SQLiteStore, run_id: str) -> dict[str, str]:
     return {s.step_id: s.status.value for s in store.get_steps(run_id)}
+
+
+def cancelled_once(workflow: Workflow, store: SQLiteStore, settings: Settings, ready: Callable[[str], bool]) -> str:
+    """Runs ``workflow`` in a thread, cancels it once ``ready(run_id)`` holds (or after 30 s),
+    and returns the run's id once the run has ended cancelled."""
+    started: list[str] = []
+    results: list[factory.RunResult] = []
+    thread = threading.Thread(
+        target=lambda: results.append(factory.run(workflow, store=store, settings=settings, on_start=started.append))
+    )
+    thread.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (started and ready(started[0])):
+        time.sleep(0.05)
+    assert factory.cancel(started[0], store=store)
+    thread.join(30)
+    assert results and results[0].status == RunStatus.CANCELLED
+    return started[0]
 
 
 def test_doc_report_example(store: SQLiteStore, settings: Settings, tmp_path: Path) -> None:
@@ -229,20 +248,9 @@ def test_cancel_stops_attempts_in_flight(store: SQLiteStore, settings: Settings,
         Step(id="slow", python="teststeps:sleepy", with_={"seconds": 20, "marker": str(marker)}),
         Step(id="after", python="teststeps:echo", with_={"value": "${steps.slow.output}"}),
     )
-    started: list[str] = []
-    results: list[factory.RunResult] = []
-    thread = threading.Thread(
-        target=lambda: results.append(factory.run(workflow, store=store, settings=settings, on_start=started.append))
-    )
-    thread.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (started and statuses(store, started[0])["slow"] == "running"):
-        time.sleep(0.05)
-    assert factory.cancel(started[0], store=store)
-    thread.join(30)
-    assert results and results[0].status == RunStatus.CANCELLED
-    assert statuses(store, started[0]) == {"slow": "cancelled", "after": "cancelled"}
-    assert not factory.cancel(started[0], store=store)  # already finished
+    run_id = cancelled_once(workflow, store, settings, lambda run: statuses(store, run)["slow"] == "running")
+    assert statuses(store, run_id) == {"slow": "cancelled", "after": "cancelled"}
+    assert not factory.cancel(run_id, store=store)  # already finished
     time.sleep(1)
     assert not marker.exists()
 
@@ -468,19 +476,8 @@ def test_cancel_in_the_middle_of_a_long_chain_stops_it_there(
         )
         for i in range(1, 40)
     ]
-    started: list[str] = []
-    results: list[factory.RunResult] = []
-    thread = threading.Thread(
-        target=lambda: results.append(factory.run(wf(*steps), store=store, settings=settings, on_start=started.append))
-    )
-    thread.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (started and statuses(store, started[0]).get("s3") == "succeeded"):
-        time.sleep(0.05)
-    assert factory.cancel(started[0], store=store)
-    thread.join(30)
-    assert results and results[0].status == RunStatus.CANCELLED
-    final = statuses(store, started[0])
+    run_id = cancelled_once(wf(*steps), store, settings, lambda run: statuses(store, run).get("s3") == "succeeded")
+    final = statuses(store, run_id)
     done = [s for s, status in final.items() if status == "succeeded"]
     assert 4 <= len(done) < 40 and set(final.values()) == {"succeeded", "cancelled"}
     time.sleep(1)
@@ -532,19 +529,8 @@ def test_cancel_in_the_middle_of_a_fan_out_of_quick_items(
         for_each=list(range(2000)),
         with_={"folder": str(folder), "item": "${item}", "at": -1, "seconds": 0.005},
     )
-    started: list[str] = []
-    results: list[factory.RunResult] = []
-    thread = threading.Thread(
-        target=lambda: results.append(factory.run(wf(fan), store=store, settings=settings, on_start=started.append))
-    )
-    thread.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (started and len(store.get_items(started[0], "fan")) >= 100):
-        time.sleep(0.05)
-    assert factory.cancel(started[0], store=store)
-    thread.join(30)
-    assert results and results[0].status == RunStatus.CANCELLED
-    committed = len(store.get_items(started[0], "fan"))
+    run_id = cancelled_once(wf(fan), store, settings, lambda run: len(store.get_items(run, "fan")) >= 100)
+    committed = len(store.get_items(run_id, "fan"))
     time.sleep(1)
     ran = sum(len(p.read_text()) for p in folder.iterdir())
     assert 100 <= committed < 2000 and ran < 2000  # the tasks of items in flight stopped
