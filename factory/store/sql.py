@@ -13,6 +13,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from factory.errors import LeaseLostError, RunNotFoundError, ScheduleConflictError, StepContextError
@@ -41,6 +42,144 @@ from factory.store.base import (
     StepStatus,
     TickRecord,
 )
+
+# The statements of Store.record (the commit path), each run for its rows of a batch (executemany).
+_UPDATE_STEP = """UPDATE steps SET status=?,
+       attempts=COALESCE(?, attempts),
+       output_json=CASE WHEN ? THEN ? ELSE output_json END,
+       error=?,
+       started_at=CASE WHEN ? THEN COALESCE(started_at, ?) ELSE COALESCE(?, started_at) END,
+       finished_at=?,
+       cached=?
+   WHERE run_id=? AND step_id=?"""
+_UPSERT_ATTEMPT = (
+    "INSERT INTO attempts (run_id, step_id, attempt, status, error, logs, duration, finished_at)"
+    " VALUES (?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (run_id, step_id, attempt) DO UPDATE SET status=excluded.status,"
+    " error=excluded.error, logs=excluded.logs, duration=excluded.duration,"
+    " finished_at=excluded.finished_at"
+)
+_UPDATE_RUN = """UPDATE runs SET status=?, error=?,
+       started_at=CASE WHEN ? THEN COALESCE(started_at, ?) ELSE started_at END,
+       finished_at=?
+   WHERE id=?"""
+_UPSERT_ITEM = (
+    "INSERT INTO step_items (run_id, step_id, idx, total, output_json, attempts, logs, cached, finished_at)"
+    " VALUES (?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (run_id, step_id, idx) DO UPDATE SET total=excluded.total,"
+    " output_json=excluded.output_json, attempts=excluded.attempts, logs=excluded.logs,"
+    " cached=excluded.cached, finished_at=excluded.finished_at"
+)
+
+
+def _text(value: str | None) -> str | None:
+    """Logs and errors as stored: a NUL character (a step may print one) becomes U+FFFD on every
+    store, as PostgreSQL's text cannot hold it (it refused the whole batch, and the run with it)."""
+    return value.replace("\x00", "\ufffd") if value and "\x00" in value else value
+
+
+def _step_row(change: StepChange, now: float) -> tuple[Any, ...]:
+    """The change's row for _UPDATE_STEP."""
+    now = change.at if change.at is not None else now
+    status = change.status
+    return (
+        status.value,
+        change.attempts,
+        status == StepStatus.SUCCEEDED,
+        change.output_json,
+        _text(change.error),
+        # an approval gate's wait starts once: reopened after a resume, it keeps its deadline
+        status == StepStatus.WAITING,
+        now,
+        now if status == StepStatus.RUNNING else None,
+        now if status in FINAL_STEP_STATUSES else None,
+        change.cached,
+        change.run_id,
+        change.step_id,
+    )
+
+
+def _attempt_row(change: StepChange, now: float) -> tuple[Any, ...]:
+    """The row for _UPSERT_ATTEMPT of a change that ends an attempt."""
+    now = change.at if change.at is not None else now
+    succeeded = change.status == StepStatus.SUCCEEDED
+    return (
+        change.run_id,
+        change.step_id,
+        change.attempts,
+        (StepStatus.SUCCEEDED if succeeded else StepStatus.FAILED).value,
+        _text(change.error),
+        _text(change.attempt_logs),
+        change.attempt_duration,
+        now,
+    )
+
+
+def _run_row(change: RunChange, now: float) -> tuple[Any, ...]:
+    """The change's row for _UPDATE_RUN."""
+    now = change.at if change.at is not None else now
+    status = change.status
+    return (
+        status.value,
+        _text(change.error),
+        status == RunStatus.RUNNING,
+        now,
+        now if status in FINAL_RUN_STATUSES else None,
+        change.run_id,
+    )
+
+
+def _item_row(change: ItemChange, now: float) -> tuple[Any, ...]:
+    """The change's row for _UPSERT_ITEM."""
+    return (
+        change.run_id,
+        change.step_id,
+        change.index,
+        change.total,
+        change.output_json,
+        change.attempts,
+        _text(change.logs),
+        change.cached,
+        now,
+    )
+
+
+@dataclass(slots=True)
+class RecordRows:
+    """What one ``Store.record`` call writes: each table's rows in the order of the changes, and
+    the runs whose lease it checks (sorted, the order their rows are locked in)."""
+
+    run_ids: list[str]
+    steps: list[tuple[Any, ...]] = field(default_factory=list)
+    attempts: list[tuple[Any, ...]] = field(default_factory=list)
+    runs: list[tuple[Any, ...]] = field(default_factory=list)
+    items: list[tuple[Any, ...]] = field(default_factory=list)
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, changes: list[Change], now: float) -> RecordRows:
+        rows = cls(sorted({c.run_id for c in changes}))
+        for change in changes:
+            if isinstance(change, ItemChange):
+                rows.items.append(_item_row(change, now))
+                continue
+            if isinstance(change, EventChange):
+                rows.events.append((change.run_id, change.step_id, change.event, json.dumps(change.data), now))
+                continue
+            data = dict(change.data)
+            if change.error is not None:
+                data["error"] = _text(change.error)
+            if isinstance(change, StepChange):
+                rows.steps.append(_step_row(change, now))
+                if change.attempt_logs is not None and change.attempts is not None:
+                    rows.attempts.append(_attempt_row(change, now))
+                if change.attempts is not None:
+                    data["attempt"] = change.attempts
+                rows.events.append((change.run_id, change.step_id, change.event, json.dumps(data), now))
+            else:
+                rows.runs.append(_run_row(change, now))
+                rows.events.append((change.run_id, None, change.event, json.dumps(data), now))
+        return rows
 
 
 class Cursor(Protocol):
@@ -167,67 +306,35 @@ class SQLStore(ABC):
     def record(self, changes: list[Change], owner: str | None = None) -> None:
         if not changes:
             return
-        now = time.time()
+        rows = RecordRows.of(changes, time.time())
         with self._write() as cur:
-            if owner is not None:
-                for run_id in sorted({c.run_id for c in changes}):
-                    row = self._lock_run(cur, run_id)
-                    if row is None:
-                        raise self._not_found(run_id)
-                    if row[0] != owner:
-                        raise LeaseLostError(
-                            f"run {run_id} is now owned by another coordinator ({row[0] or 'none'}); "
-                            "this one lost its lease and stops"
-                        )
-            events: list[tuple[Any, ...]] = []
-            items: list[tuple[Any, ...]] = []
-            for change in changes:
-                if isinstance(change, ItemChange):
-                    items.append(
-                        (
-                            change.run_id,
-                            change.step_id,
-                            change.index,
-                            change.total,
-                            change.output_json,
-                            change.attempts,
-                            change.logs,
-                            change.cached,
-                            now,
-                        )
-                    )
-                    continue
-                if items:  # keep the rows in the order of the changes (an event after them sees them)
-                    self._insert_items(cur, items)
-                    items = []
-                if isinstance(change, EventChange):
-                    events.append((change.run_id, change.step_id, change.event, json.dumps(change.data), now))
-                    continue
-                data = dict(change.data)
-                if change.error is not None:
-                    data["error"] = change.error
-                if isinstance(change, StepChange):
-                    self._apply_step(cur, change, now)
-                    if change.attempts is not None:
-                        data["attempt"] = change.attempts
-                    events.append((change.run_id, change.step_id, change.event, json.dumps(data), now))
-                else:
-                    self._apply_run(cur, change, now)
-                    events.append((change.run_id, None, change.event, json.dumps(data), now))
-            if items:
-                self._insert_items(cur, items)
-            self._insert_events(cur, events)
+            self._apply_record(cur, rows, owner)
 
-    def _insert_items(self, cur: Cursor, rows: list[tuple[Any, ...]]) -> None:
-        cur.executemany(
-            self._sql(
-                "INSERT INTO step_items (run_id, step_id, idx, total, output_json, attempts, logs, cached, finished_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?)"
-                " ON CONFLICT (run_id, step_id, idx) DO UPDATE SET total=excluded.total,"
-                " output_json=excluded.output_json, attempts=excluded.attempts, logs=excluded.logs,"
-                " cached=excluded.cached, finished_at=excluded.finished_at"
-            ),
-            rows,
+    def _apply_record(self, cur: Cursor, rows: RecordRows, owner: str | None) -> None:
+        """Check the lease of each run the changes touch (when ``owner`` is given), then write
+        them: each statement for its rows, in the order of the changes (a row's later change lands
+        after its earlier one; the tables' rows do not depend on one another)."""
+        if owner is not None:
+            for run_id in rows.run_ids:
+                row = self._lock_run(cur, run_id)
+                if row is None:
+                    raise self._not_found(run_id)
+                if row[0] != owner:
+                    raise self._lease_lost(run_id, row[0])
+        for statement, table_rows in (
+            (_UPDATE_STEP, rows.steps),
+            (_UPSERT_ATTEMPT, rows.attempts),
+            (_UPDATE_RUN, rows.runs),
+            (_UPSERT_ITEM, rows.items),
+        ):
+            if table_rows:
+                cur.executemany(self._sql(statement), table_rows)
+        self._insert_events(cur, rows.events)
+
+    def _lease_lost(self, run_id: str, now_owner: str | None) -> LeaseLostError:
+        return LeaseLostError(
+            f"run {run_id} is now owned by another coordinator ({now_owner or 'none'}); "
+            "this one lost its lease and stops"
         )
 
     def set_run_spec(self, run_id: str, spec_json: str) -> None:
@@ -304,78 +411,6 @@ class SQLStore(ABC):
             )
             for row in rows
         ]
-
-    def _apply_step(self, cur: Cursor, change: StepChange, now: float) -> None:
-        now = change.at if change.at is not None else now
-        status = change.status
-        succeeded = status == StepStatus.SUCCEEDED
-        cur.execute(
-            self._sql(
-                """UPDATE steps SET status=?,
-                       attempts=COALESCE(?, attempts),
-                       output_json=CASE WHEN ? THEN ? ELSE output_json END,
-                       error=?,
-                       started_at=CASE WHEN ? THEN COALESCE(started_at, ?) ELSE COALESCE(?, started_at) END,
-                       finished_at=?,
-                       cached=?
-                   WHERE run_id=? AND step_id=?"""
-            ),
-            (
-                status.value,
-                change.attempts,
-                succeeded,
-                change.output_json,
-                change.error,
-                # an approval gate's wait starts once: reopened after a resume, it keeps its deadline
-                status == StepStatus.WAITING,
-                now,
-                now if status == StepStatus.RUNNING else None,
-                now if status in FINAL_STEP_STATUSES else None,
-                change.cached,
-                change.run_id,
-                change.step_id,
-            ),
-        )
-        if change.attempt_logs is not None and change.attempts is not None:
-            cur.execute(
-                self._sql(
-                    "INSERT INTO attempts (run_id, step_id, attempt, status, error, logs, duration, finished_at)"
-                    " VALUES (?,?,?,?,?,?,?,?)"
-                    " ON CONFLICT (run_id, step_id, attempt) DO UPDATE SET status=excluded.status,"
-                    " error=excluded.error, logs=excluded.logs, duration=excluded.duration,"
-                    " finished_at=excluded.finished_at"
-                ),
-                (
-                    change.run_id,
-                    change.step_id,
-                    change.attempts,
-                    (StepStatus.SUCCEEDED if succeeded else StepStatus.FAILED).value,
-                    change.error,
-                    change.attempt_logs,
-                    change.attempt_duration,
-                    now,
-                ),
-            )
-
-    def _apply_run(self, cur: Cursor, change: RunChange, now: float) -> None:
-        now = change.at if change.at is not None else now
-        status = change.status
-        cur.execute(
-            self._sql(
-                """UPDATE runs SET status=?, error=?,
-                       started_at=CASE WHEN ? THEN COALESCE(started_at, ?) ELSE started_at END,
-                       finished_at=?
-                   WHERE id=?"""
-            ),
-            (
-                status.value,
-                change.error,
-                status == RunStatus.RUNNING,
-                now,
-                now if status in FINAL_RUN_STATUSES else None,
-                change.run_id,
-            ),
-        )
 
     def append_event(self, run_id: str, step_id: str | None, type: str, data: dict[str, Any]) -> None:
         with self._write() as cur:

@@ -181,6 +181,26 @@ def test_a_failure_skips_dependants_but_not_other_branches(
     assert ok.ok and ok.outputs == {"a": 3}
 
 
+def test_a_step_that_prints_a_nul_character_is_recorded_and_its_run_ends(
+    store: SQLiteStore, settings: Settings
+) -> None:
+    """PostgreSQL's text cannot hold NUL: before, its commit failed and the coordinator with it."""
+    result = factory.run(
+        wf(
+            Step(id="ok", python="teststeps:nul_printer", with_={"x": 1}),
+            Step(id="bad", python="teststeps:nul_printer", with_={"x": -1}),
+            Step(id="each", python="teststeps:nul_printer", for_each=[2, 3], with_={"x": "${item}"}),
+        ),
+        store=store,
+        settings=settings,
+    )
+    assert result.status == RunStatus.FAILED and result.outputs == {"ok": 1, "each": [2, 3]}
+    attempts = {a.step_id: a for a in store.get_attempts(result.run_id)}
+    assert "a\ufffdb 1" in attempts["ok"].logs and "a\ufffdb -1" in attempts["bad"].logs
+    assert "bad\ufffdvalue -1" in (attempts["bad"].error or "")
+    assert [i.logs.strip() for i in store.get_items(result.run_id, "each")] == ["a\ufffdb 2", "a\ufffdb 3"]
+
+
 def test_for_each_retries_only_the_failing_item(store: SQLiteStore, settings: Settings, tmp_path: Path) -> None:
     counter = tmp_path / "c"
     result = factory.run(

@@ -28,7 +28,7 @@ from factory.settings import Settings
 from factory.spec import Step, Workflow
 from factory.store import RunChange, RunStatus, StepChange, StepStatus
 from factory.store.postgres import PostgresStore
-from factory.store.sql import Cursor
+from factory.store.sql import Cursor, RecordRows
 from tests.conftest import POSTGRES_URL
 from tests.fixtures.private_postgres import PrivatePostgres
 
@@ -144,18 +144,19 @@ def test_terminated_backends_mid_run(
 
 
 class DroppingStore(PostgresStore):
-    """Terminates its own backend just before it appends events, ``drops`` times."""
+    """Terminates its own backend in a record's transaction, before it writes (its transaction
+    has begun and has its id), ``drops`` times."""
 
     drops = 0
     admin: psycopg.Connection[Any]
 
-    def _before_events(self, cur: Cursor) -> None:
+    def _apply_record(self, cur: Cursor, rows: RecordRows, owner: str | None) -> None:
         if self.drops:
             self.drops -= 1
             pid = cur.connection.info.backend_pid  # type: ignore[attr-defined]
             self.admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
             time.sleep(0.1)
-        super()._before_events(cur)
+        super()._apply_record(cur, rows, owner)
 
 
 def test_a_transaction_cut_off_mid_way_is_run_again_once(postgres_url: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 
 from factory.errors import LeaseLostError, RunNotFoundError
 from factory.events import tail
-from factory.store import RunChange, RunStatus, StepChange, StepStatus, Store, open_store
+from factory.store import (
+    Change,
+    EventChange,
+    ItemChange,
+    RunChange,
+    RunStatus,
+    StepChange,
+    StepStatus,
+    Store,
+    open_store,
+)
 
 
 @pytest.fixture
@@ -396,3 +408,143 @@ def test_removing_a_schedule_forgets_its_ticks_but_keeps_its_runs(db: Store) -> 
     assert db.get_run("run-1").status == RunStatus.PENDING
     db.add_schedule(_schedule())  # type: ignore[arg-type]  # the name is free again, its ticks decided anew
     assert db.decide_tick(tick, NewRun("run-2", "wf", "{}", {}, ["a"]))
+
+
+def _every_kind_of_change(run_id: str) -> list[list[Change]]:
+    """Record calls with each kind of change, a step's several changes in one batch (started,
+    failed, started again, succeeded), items written twice, outputs, logs and errors with quotes,
+    a backslash, non-ASCII text, a JSON-escaped NUL and a NUL character (which a step may print),
+    and times given (``at``) where a change has one."""
+    t = 1_733_600_000.123456
+    odd = 'quote " back \\ é 日本 \\u0000 and a NUL \x00 end'
+    return [
+        [RunChange(run_id, RunStatus.RUNNING, "run.started", at=t)],
+        [
+            StepChange(run_id, "a", StepStatus.RUNNING, "step.started", attempts=1, at=t + 1),
+            StepChange(
+                run_id,
+                "a",
+                StepStatus.RETRYING,
+                "step.retrying",
+                attempts=1,
+                error="E: " + odd,
+                attempt_logs=odd,
+                attempt_duration=0.25,
+                at=t + 2,
+            ),
+            StepChange(run_id, "a", StepStatus.RUNNING, "step.started", attempts=2, at=t + 3),
+            StepChange(
+                run_id,
+                "a",
+                StepStatus.SUCCEEDED,
+                "step.succeeded",
+                attempts=2,
+                output_json=json.dumps(odd),
+                attempt_logs="",
+                attempt_duration=0.5,
+                data={"why": odd},
+                at=t + 4,
+            ),
+            StepChange(run_id, "w", StepStatus.WAITING, "step.waiting", at=t + 5),
+            ItemChange(run_id, "b", 0, 2, "1", logs=odd),
+            ItemChange(run_id, "b", 1, 2, "[2]", attempts=2),
+            EventChange(run_id, "b", "step.progress", {"done": 1}),
+        ],
+        [
+            ItemChange(run_id, "b", 1, 2, '"again"', attempts=3, cached=True),
+            StepChange(run_id, "w", StepStatus.WAITING, "step.waiting", at=t + 6),  # reopened: keeps its start
+            StepChange(
+                run_id,
+                "b",
+                StepStatus.SUCCEEDED,
+                "step.succeeded",
+                attempts=1,
+                output_json="[1]",
+                cached=True,
+                at=t + 7,
+            ),
+            StepChange(run_id, "c", StepStatus.SKIPPED, "step.skipped", error="a dependency did not succeed"),
+            RunChange(run_id, RunStatus.FAILED, "run.failed", error=odd, at=t + 8),
+        ],
+    ]
+
+
+def _what_is_kept(store: Store, run_id: str) -> dict[str, object]:
+    run = store.get_run(run_id)
+    return {
+        "run": (run.status, run.error, run.started_at, run.finished_at),
+        "steps": [
+            (s.step_id, s.status, s.attempts, s.output_json, s.error, s.started_at, s.finished_at, s.cached)
+            for s in store.get_steps(run_id)
+            if s.step_id != "c"  # its times are those of the commit
+        ],
+        "c": [(s.status, s.error) for s in store.get_steps(run_id) if s.step_id == "c"],
+        "attempts": [(a.step_id, a.attempt, a.status, a.error, a.logs, a.duration) for a in store.get_attempts(run_id)],
+        "items": [
+            (i.step_id, i.index, i.total, i.output_json, i.attempts, i.logs, i.cached) for i in store.get_items(run_id)
+        ],
+        "events": [(e.step_id, e.type, e.data) for e in store.events(0, run_id)],
+    }
+
+
+def test_postgresql_writes_a_batch_as_sqlite_does_in_one_statement_or_row_by_row(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL records a batch with one call of factory_record, or row by row when its rows
+    are large: both keep what SQLite keeps, change for change."""
+    from factory.store import postgres
+    from factory.store.postgres import PostgresStore
+    from factory.store.sqlite import SQLiteStore
+
+    sqlite, pg = SQLiteStore(tmp_path / "f.db"), PostgresStore(postgres_url)
+    try:
+        kept = []
+        for store, run_id, limit in ((sqlite, "r", None), (pg, "one", None), (pg, "rows", 0)):
+            if limit is not None:
+                monkeypatch.setattr(postgres, "MAX_RECORD_JSON_CHARS", limit)
+            store.create_run(run_id, "wf", "{}", {}, ["a", "b", "c", "w"])
+            for batch in _every_kind_of_change(run_id):
+                store.record(batch)
+            kept.append(_what_is_kept(store, run_id))
+        assert kept[0]["run"] == (
+            RunStatus.FAILED,
+            'quote " back \\ é 日本 \\u0000 and a NUL \ufffd end',
+            1_733_600_000.123456,
+            1_733_600_008.123456,
+        )
+        assert [e[1] for e in kept[0]["events"]][-3:] == ["step.succeeded", "step.skipped", "run.failed"]
+        assert kept[1] == kept[0]
+        assert kept[2] == kept[0]
+    finally:
+        sqlite.close()
+        pg.close()
+
+
+@pytest.mark.parametrize("row_by_row", [False, True])
+def test_postgresql_checks_every_runs_lease_before_it_writes(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, row_by_row: bool
+) -> None:
+    from factory.store import postgres
+    from factory.store.postgres import PostgresStore
+
+    if row_by_row:
+        monkeypatch.setattr(postgres, "MAX_RECORD_JSON_CHARS", 0)
+    pg = PostgresStore(postgres_url)
+    try:
+        for run_id in ("r1", "r2"):
+            pg.create_run(run_id, "wf", "{}", {}, ["a"])
+        assert pg.claim_run("r1", "me", 30) and pg.claim_run("r2", "other", 30)
+        before = pg.events(0)
+        batch: list[Change] = [
+            StepChange("r1", "a", StepStatus.RUNNING, "step.started", attempts=1),
+            StepChange("r2", "a", StepStatus.RUNNING, "step.started", attempts=1),
+        ]
+        with pytest.raises(LeaseLostError, match="run r2 is now owned by another coordinator \\(other\\)"):
+            pg.record(batch, owner="me")
+        with pytest.raises(RunNotFoundError, match="no run 'r3'"):
+            pg.record([StepChange("r3", "a", StepStatus.RUNNING, "step.started")], owner="me")
+        assert pg.events(0) == before and pg.get_steps("r1")[0].status == StepStatus.PENDING
+        pg.record(batch[:1], owner="me")
+        assert pg.get_steps("r1")[0].status == StepStatus.RUNNING
+    finally:
+        pg.close()
