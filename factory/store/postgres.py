@@ -10,8 +10,9 @@
 - ``NOTIFY factory_events`` at each commit wakes event tailers (LISTEN), so they
   do not poll.
 - A dropped connection (a restarted server, a terminated backend, a network cut) is
-  not an error the caller sees: the pool checks connections before handing them
-  out, and every public method is retried, with backoff, for up to
+  not an error the caller sees: the pool checks a connection before handing it out
+  (unless it served a call within the last second), and every public method is
+  retried, with backoff, for up to
   ``retry_seconds``, when it failed on a connection error and its transaction is
   known not to have committed. When the connection drops during COMMIT, the store
   asks the server (``pg_xact_status``) whether that transaction committed: if it
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # a Store.record batch whose rows take more JSON than this goes row by row (_apply_record)
 MAX_RECORD_JSON_CHARS = 8 * 1024 * 1024
+# a pooled connection that served a call this recently is handed out without a check (_check_connection)
+RECENTLY_USED_SECONDS = 1.0
 
 # factory_record(owner, run ids, then each table's rows as JSON arrays of arrays, in the order of
 # the changes; the positions are those of sql.py's _step_row, _attempt_row, _run_row, _item_row
@@ -396,6 +399,7 @@ class PostgresStore(SQLStore):
             check=self._check_connection,  # a connection that died while idle is replaced, not used
             timeout=min(10.0, max(retry_seconds, 1.0)),  # waiting for a connection is retried like the rest
         )
+        self._used_at: dict[int, float] = {}  # id() of a pooled connection -> when it last served a call
         self._listen_lock = threading.Lock()
         self._listener: Any = None
 
@@ -410,9 +414,14 @@ class PostgresStore(SQLStore):
         return state is None or state.startswith("08") or state in _CONNECTION_STATES  # None: client-side
 
     def _check_connection(self, conn: Any) -> None:
-        """The pool's check before it hands out a connection. When one is found dead, the
-        server probably dropped all of them: check every idle one now, rather than let the
-        pool find them one at a time (it waits a second after the second dead one)."""
+        """The pool's check before it hands out a connection (a round trip): of one that served
+        a call within the last RECENTLY_USED_SECONDS, it is skipped (were it dead since, its call
+        fails on a connection error and is retried on another; the pool drops a broken one).
+        When one is found dead, the server probably dropped all of them: check every idle one
+        now, rather than let the pool find them one at a time (it waits a second after the
+        second dead one)."""
+        if time.monotonic() - self._used_at.pop(id(conn), -RECENTLY_USED_SECONDS) < RECENTLY_USED_SECONDS:
+            return
         try:
             self._pool.check_connection(conn)
         except Exception:
@@ -439,6 +448,7 @@ class PostgresStore(SQLStore):
                     yield cur
                     body_done = True
                 # leaving conn.transaction() sent COMMIT
+                self._used_at[id(conn)] = time.monotonic()
         except self._psycopg.OperationalError as exc:
             if not self._is_connection_error(exc):
                 raise
@@ -481,8 +491,10 @@ class PostgresStore(SQLStore):
     @contextmanager
     def _read(self) -> Iterator[Cursor]:
         try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
-                yield cur
+            with self._pool.connection() as conn:
+                with conn.cursor() as cur:
+                    yield cur
+                self._used_at[id(conn)] = time.monotonic()
         except self._psycopg.OperationalError as exc:
             if not self._is_connection_error(exc):
                 raise
