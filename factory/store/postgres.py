@@ -420,6 +420,8 @@ class PostgresStore(SQLStore):
         When one is found dead, the server probably dropped all of them: check every idle one
         now, rather than let the pool find them one at a time (it waits a second after the
         second dead one)."""
+        if len(self._used_at) > 64:  # entries of connections the pool closed: forget them all
+            self._used_at.clear()
         if time.monotonic() - self._used_at.pop(id(conn), -RECENTLY_USED_SECONDS) < RECENTLY_USED_SECONDS:
             return
         try:
