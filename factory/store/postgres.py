@@ -340,6 +340,28 @@ def migrate(conn: Any) -> list[int]:
 _NOT_RETRIED = frozenset({"close", "wait_for_events"})
 
 
+@functools.cache
+def _nul_free_dumpers() -> tuple[type, ...]:
+    """psycopg's dumpers of ``str`` for text parameters, with a NUL character turned into U+FFFD:
+    PostgreSQL's text cannot hold one, and psycopg refuses the whole statement (a comment, a search
+    or a name given to the API with a NUL in it failed with an internal error)."""
+    from psycopg.types.string import StrDumper, StrDumperUnknown
+
+    def nul_free(base: Any) -> type:
+        def dump(self: Any, obj: str) -> Any:
+            return base.dump(self, obj.replace("\x00", "\ufffd") if "\x00" in obj else obj)
+
+        return type(f"NulFree{base.__name__}", (base,), {"dump": dump})
+
+    return nul_free(StrDumper), nul_free(StrDumperUnknown)  # the second is the default for %s
+
+
+def _configure_connection(conn: Any) -> None:
+    """Each pooled connection, once made."""
+    for dumper in _nul_free_dumpers():
+        conn.adapters.register_dumper(str, dumper)
+
+
 def _json_rows(rows: list[tuple[Any, ...]]) -> str:
     return json.dumps(rows, ensure_ascii=False)
 
@@ -396,6 +418,7 @@ class PostgresStore(SQLStore):
             kwargs={"autocommit": True},
             open=True,
             name="factory-store",
+            configure=_configure_connection,
             check=self._check_connection,  # a connection that died while idle is replaced, not used
             timeout=min(10.0, max(retry_seconds, 1.0)),  # waiting for a connection is retried like the rest
         )

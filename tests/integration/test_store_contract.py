@@ -11,9 +11,11 @@ import pytest
 from factory.errors import LeaseLostError, RunNotFoundError
 from factory.events import tail
 from factory.store import (
+    ApprovalRecord,
     Change,
     EventChange,
     ItemChange,
+    RouteCorrection,
     RunChange,
     RunStatus,
     StepChange,
@@ -548,3 +550,25 @@ def test_postgresql_checks_every_runs_lease_before_it_writes(
         assert pg.get_steps("r1")[0].status == StepStatus.RUNNING
     finally:
         pg.close()
+
+
+def test_text_with_a_nul_character_is_kept_or_replaced_never_refused(db: Store) -> None:
+    """PostgreSQL's text cannot hold NUL: its store turns one into U+FFFD (psycopg refused the
+    statement, so a comment, a name or a search given to the API with a NUL failed with an
+    internal error); SQLite keeps it."""
+
+    def same(kept: str | None, given: str) -> bool:
+        return kept is not None and kept.replace("\x00", "\ufffd") == given.replace("\x00", "\ufffd")
+
+    db.create_run("r1", "wf\x00name", "{}", {"x": "in\x00put"}, ["a"])
+    assert same(db.get_run("r1").workflow_name, "wf\x00name") and db.get_run("r1").inputs == {"x": "in\x00put"}
+    decided, _ = db.decide_approval(
+        ApprovalRecord(run_id="r1", step_id="a", approved=True, by="me\x00", comment="ok\x00then", decided_at=1.0)
+    )
+    assert same(decided.comment, "ok\x00then") and same(decided.by, "me\x00")
+    kept = db.add_route_correction(RouteCorrection(text="route\x00me", agent="writer", created_at=1.0))
+    assert same(kept.text, "route\x00me") and same(db.route_corrections()[-1].text, "route\x00me")
+    assert [r.id for r in db.run_summaries(text="wf")] == ["r1"]
+    assert db.run_summaries(text="no\x00such") == []
+    with pytest.raises(RunNotFoundError):
+        db.get_run("r\x001")
