@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray.exceptions import WorkerCrashedError
 
+from factory import batches
 from factory.engine import Coordinator, RayBackend
 from factory.outcome import Outcome
 from factory.runtime import CallPart, StepCall, run_attempt
@@ -437,6 +438,14 @@ def test_chains_in_one_task_do_what_a_task_a_step_does(shapes: list[dict[str, An
     assert fused_ran == alone_ran
 
 
+@pytest.fixture
+def items_always_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tasks of items sized as if every item were short, whatever this machine's load makes of
+    their time (at 20 ms a task, an item slowed past 1 ms on a busy machine made smaller tasks)."""
+    monkeypatch.setattr(batches, "TARGET_TASK_SECONDS", 60.0)
+
+
+@pytest.mark.usefixtures("items_always_short")
 def test_short_items_go_several_per_task_once_their_time_is_known(tmp_path: Path) -> None:
     """A for_each of quick items: the first ones go alone (twice the cluster's CPUs: 2 here);
     once one came back, the others go in tasks of up to 64, and each item is committed on its own."""
@@ -537,6 +546,7 @@ def test_a_chain_whose_worker_dies_charges_no_step_and_runs_the_unreported_ones_
         store.close()
 
 
+@pytest.mark.usefixtures("items_always_short")
 def test_items_whose_worker_dies_in_a_task_of_several_are_charged_nothing_and_go_alone(tmp_path: Path) -> None:
     folder = tmp_path / "runs"
     folder.mkdir()
