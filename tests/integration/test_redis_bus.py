@@ -299,3 +299,27 @@ def test_two_stores_share_one_redis_each_under_its_own_keys(
         assert consumed == pending  # a consumer group sees each event once
     first.close()
     second.close()
+
+
+def test_a_write_redis_refuses_stops_the_batch_and_is_published_later(
+    own_redis: RedisServer, factory_home: Path
+) -> None:
+    """Redis refuses one event's XADD (here its run's stream key holds a string): the batch stops
+    at that event with the cursor unmoved, the publisher reports the error, and once the cause is
+    gone the next publication adds that event and the rest, none twice. (Before, the batch's
+    later events went through and that one could never be added below them.)"""
+    store = SQLiteStore(factory_home / "factory.db")
+    for i in range(3):
+        store.create_run(f"r{i}", "wf", "{}", {}, ["a", "b"])  # 3 events each
+    publisher = RedisEventPublisher(store, own_redis.url)
+    publisher.redis.set(publisher.keys.run("r1"), "not a stream")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        publisher.publish_pending()
+    assert publisher.cursor() == 0
+    bus = RedisEventBus.for_store(store, own_redis.url)
+    assert bus.replay(0) == store.events(0)[:4]  # r0's three, and r1's first in the store's stream
+    publisher.redis.delete(publisher.keys.run("r1"))
+    assert publisher.publish_pending() == 9
+    _assert_streams_match(store, own_redis.url)
+    assert publisher.cursor() == store.last_event_id()
+    store.close()
