@@ -39,7 +39,8 @@ FINAL_EVENTS = {"run.succeeded", "run.failed", "run.cancelled"}
 # its run's, under the entry id <event id>-0; the run's stream of a final event expires after
 # ARGV[2] s; then the cursor (KEYS[2]) moves forward to the batch's last id (never back). An entry
 # id already there ("equal or smaller") was published before: skipped; any other error stops the
-# batch, the cursor unmoved. ARGV[1]: MAXLEN (~) of each stream, 0 for none. ARGV[3]: the events,
+# batch, the cursor unmoved. KEYS[3...]: the batch's run streams. ARGV[1]: MAXLEN (~) of each
+# stream, 0 for none. ARGV[3]: the events,
 # JSON [[id, run stream, run id, step id, type, data, ts, final], ...], all strings but final
 # (numbers are strings: Lua's cjson keeps 14 digits).
 _PUBLISH = """
@@ -176,8 +177,9 @@ class RedisEventPublisher:
                 )
             # one command a batch (two XADDs an event, packed by redis-py, cost about 85 us of
             # this process's CPU an event; the coordinator's, while a run goes on)
+            run_streams = list(dict.fromkeys(row[1] for row in rows))  # declared, as a script's keys must be
             self._publish(
-                keys=[self.keys.events, self.keys.cursor],
+                keys=[self.keys.events, self.keys.cursor, *run_streams],
                 args=[self.maxlen or 0, self.run_stream_ttl, json.dumps(rows)],
             )
             total += len(events)
