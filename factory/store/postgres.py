@@ -27,6 +27,7 @@ import functools
 import inspect
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -362,8 +363,20 @@ def _configure_connection(conn: Any) -> None:
         conn.adapters.register_dumper(str, dumper)
 
 
-def _json_rows(rows: list[tuple[Any, ...]]) -> str:
-    return json.dumps(rows, ensure_ascii=False)
+# JSON's escape of a NUL character: "\u0000" after an even number of backslashes (after an odd
+# number, it is a backslash, then the text "u0000")
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _json_rows(rows: list[tuple[Any, ...]]) -> str | None:
+    """The rows as a JSONB argument of factory_record; None when JSONB cannot carry them: a NUL
+    character (JSONB refuses \\u0000; the row-by-row path's dumpers replace it) or a float NaN or
+    infinity (not JSON)."""
+    try:
+        text = json.dumps(rows, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return None
+    return None if _NUL_ESCAPE.search(text) else text
 
 
 def _retry_public_methods[S: PostgresStore](cls: type[S]) -> type[S]:
@@ -445,8 +458,9 @@ class PostgresStore(SQLStore):
         second dead one)."""
         if len(self._used_at) > 64:  # entries of connections the pool closed: forget them all
             self._used_at.clear()
-        if time.monotonic() - self._used_at.pop(id(conn), -RECENTLY_USED_SECONDS) < RECENTLY_USED_SECONDS:
-            return
+        used_at = self._used_at.pop(id(conn), -RECENTLY_USED_SECONDS)
+        if self.retry_seconds >= 1.0 and time.monotonic() - used_at < RECENTLY_USED_SECONDS:
+            return  # (with almost no time to retry, every connection is checked)
         try:
             self._pool.check_connection(conn)
         except Exception:
@@ -544,9 +558,10 @@ class PostgresStore(SQLStore):
     def _apply_record(self, cur: Cursor, rows: RecordRows, owner: str | None) -> None:
         """The same as SQLStore's, in one statement (factory_record): one round trip a batch
         instead of one a row. A batch whose rows are large (outputs of several MiB) goes row by
-        row, as a JSONB argument is bounded (255 MB) and parsed whole."""
+        row, as a JSONB argument is bounded (255 MB) and parsed whole; so does one JSONB cannot
+        carry (_json_rows)."""
         tables = [_json_rows(table) for table in (rows.steps, rows.attempts, rows.runs, rows.items, rows.events)]
-        if sum(len(table) for table in tables) > MAX_RECORD_JSON_CHARS:
+        if any(table is None for table in tables) or sum(len(t or "") for t in tables) > MAX_RECORD_JSON_CHARS:
             super()._apply_record(cur, rows, owner)
             return
         problem = cur.execute(

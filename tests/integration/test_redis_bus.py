@@ -306,8 +306,8 @@ def test_a_write_redis_refuses_stops_the_batch_and_is_published_later(
 ) -> None:
     """Redis refuses one event's XADD (here its run's stream key holds a string): the batch stops
     at that event with the cursor unmoved, the publisher reports the error, and once the cause is
-    gone the next publication adds that event and the rest, none twice. (Before, the batch's
-    later events went through and that one could never be added below them.)"""
+    gone the next publication adds that event and the rest, none twice. (Before, the rest of the
+    batch went on past it: here the store's stream got all nine.)"""
     store = SQLiteStore(factory_home / "factory.db")
     for i in range(3):
         store.create_run(f"r{i}", "wf", "{}", {}, ["a", "b"])  # 3 events each

@@ -496,17 +496,24 @@ def test_postgresql_writes_a_batch_as_sqlite_does_in_one_statement_or_row_by_row
     are large: both keep what SQLite keeps, change for change."""
     from factory.store import postgres
     from factory.store.postgres import PostgresStore
+    from factory.store.sql import SQLStore
     from factory.store.sqlite import SQLiteStore
+
+    def not_row_by_row(*args: object) -> None:
+        raise AssertionError("this batch should have gone in one call of factory_record")
 
     sqlite, pg = SQLiteStore(tmp_path / "f.db"), PostgresStore(postgres_url)
     try:
         kept = []
         for store, run_id, limit in ((sqlite, "r", None), (pg, "one", None), (pg, "rows", 0)):
-            if limit is not None:
-                monkeypatch.setattr(postgres, "MAX_RECORD_JSON_CHARS", limit)
-            store.create_run(run_id, "wf", "{}", {}, ["a", "b", "c", "w"])
-            for batch in _every_kind_of_change(run_id):
-                store.record(batch)
+            with monkeypatch.context() as patch:
+                if limit is not None:
+                    patch.setattr(postgres, "MAX_RECORD_JSON_CHARS", limit)
+                elif store is pg:
+                    patch.setattr(SQLStore, "_apply_record", not_row_by_row)
+                store.create_run(run_id, "wf", "{}", {}, ["a", "b", "c", "w"])
+                for batch in _every_kind_of_change(run_id):
+                    store.record(batch)
             kept.append(_what_is_kept(store, run_id))
         assert kept[0]["run"] == (
             RunStatus.FAILED,
@@ -519,6 +526,46 @@ def test_postgresql_writes_a_batch_as_sqlite_does_in_one_statement_or_row_by_row
         assert kept[2] == kept[0]
     finally:
         sqlite.close()
+        pg.close()
+
+
+def test_postgresql_writes_row_by_row_what_jsonb_cannot_carry(postgres_url: str) -> None:
+    """A NUL character in an id (JSONB refuses it; the store's text parameters turn it into
+    U+FFFD) or a NaN duration (not JSON): the batch goes row by row instead of failing."""
+    from factory.store.postgres import PostgresStore
+
+    pg = PostgresStore(postgres_url)
+    try:
+        pg.create_run("r\x001", "wf", "{}", {}, ["s\x00a", "b"])
+        pg.record(
+            [
+                StepChange(
+                    "r\x001",
+                    "s\x00a",
+                    StepStatus.SUCCEEDED,
+                    "step.succeeded",
+                    attempts=1,
+                    output_json="1",
+                    attempt_logs="",
+                    attempt_duration=0.5,
+                ),
+                StepChange(
+                    "r\x001",
+                    "b",
+                    StepStatus.SUCCEEDED,
+                    "step.succeeded",
+                    attempts=1,
+                    output_json="2",
+                    attempt_logs="",
+                    attempt_duration=float("nan"),
+                ),
+            ]
+        )
+        steps = {s.step_id: s for s in pg.get_steps("r\ufffd1")}
+        assert steps["s\ufffda"].status == StepStatus.SUCCEEDED and steps["b"].output_json == "2"
+        durations = {a.step_id: a.duration for a in pg.get_attempts("r\ufffd1")}
+        assert durations["s\ufffda"] == 0.5 and durations["b"] != durations["b"]  # NaN
+    finally:
         pg.close()
 
 
