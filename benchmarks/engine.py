@@ -22,9 +22,13 @@ SIZE items, each in a fresh child process: wall time and that process's peak RSS
 ``--profile``: the chain, fan-out and lattice once more under cProfile (the coordinator
 runs in this thread): the top functions by own and cumulative time.
 Given any of these three, the DAG table runs only if ``--only`` names its DAGs.
-``--no-fuse``: a chain of python steps is not run as one Ray task, nor short for_each items
-several per task (``fuse_chains=False``, ``batch_items=False``): each step and each item is its
-own task, as raw Ray runs them.
+``--no-fuse``: a chain of python steps is not run as one Ray task, nor short steps with joins
+nor short for_each items several per task (``fuse_chains=False``, ``batch_items=False``): each
+step and each item is its own task, as raw Ray runs them.
+
+Short steps go several to a task once their function's time is known in this process
+(factory.groups): the best of ``--repeat`` runs is such a run; the first run of each DAG,
+before that, is printed after the table.
 """
 
 from __future__ import annotations
@@ -116,13 +120,16 @@ def raw_lattice(n: int) -> Any:
     return ray.get(refs[n - 1, n - 1])
 
 
-def _best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    best, result = float("inf"), None
-    for _ in range(repeat):
+def _best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any, float]:
+    """The best time of ``repeat`` runs, the last result, and the first run's time."""
+    best, result, first = float("inf"), None, 0.0
+    for i in range(repeat):
         start = time.perf_counter()
         result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        took = time.perf_counter() - start
+        best = min(best, took)
+        first = took if i == 0 else first
+    return best, result, first
 
 
 def _table(
@@ -138,9 +145,10 @@ def _table(
         header += f"{label + ' s':>18}{'ratio':>7}"
     print(header)
     overheads: dict[str, dict[str, float]] = {}
+    firsts: list[str] = []
     for name in names:
         title, raw_fn, workflow, last = cases[name]
-        raw_time, raw_result = _best(raw_fn, repeat)
+        raw_time, raw_result, _ = _best(raw_fn, repeat)
         line = f"{title:<26}{raw_time:>11.3f}"
         for label, backend, backend_settings in backends:
 
@@ -149,12 +157,16 @@ def _table(
             ) -> factory.RunResult:
                 return factory.run(wf, store=st, settings=se)
 
-            fac_time, result = _best(through_factory, repeat)
+            fac_time, result, first = _best(through_factory, repeat)
+            firsts.append(f"{name} {label} {first:.3f} s ({first / raw_time:.2f})")
             assert result.ok, result.error
             assert result.outputs[last] == raw_result, (result.outputs[last], raw_result)
             line += f"{fac_time:>18.3f}{fac_time / raw_time:>7.2f}"
             overheads.setdefault(name, {})[label] = (fac_time - raw_time) / tasks[name]
         print(f"{line}   {engine_scale.load()}")
+    if firsts:
+        # the steps' functions were not known short then (factory.groups): a lattice's steps went alone
+        print("first run of each in this process, before its functions' times were known: " + ", ".join(firsts))
     if len(backends) > 1:
         for name, per_backend in overheads.items():
             base, other = per_backend["sqlite"], per_backend[backends[1][0]]
@@ -220,7 +232,7 @@ def main() -> None:
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cpus, "
         f"Python {platform.python_version()}, Ray {ray.__version__}; {engine_scale.load()} at the start; "
-        f"{'chains in one task, short items several a task' if fuse else 'a task a step and an item (--no-fuse)'}"
+        + ("chains in one task, short steps and items several a task" if fuse else "a task a step, an item (--no-fuse)")
     )
     for label, backend, backend_settings in backends:
         events = mask_secrets(backend_settings.events_url or "embedded (the store's event log)")

@@ -38,6 +38,7 @@ class Chain:
 
     step_ids: deque[str]
     tokens: deque[int]
+    group: bool = False  # a group (factory.groups): it goes on past a step that did not succeed
 
 
 @dataclass(eq=False, slots=True)
@@ -48,6 +49,7 @@ class Waiting:
     actions: list[SubmitStep]
     deps: dict[str, Any]  # dependency -> the ref it is given; None until its chain reports it
     missing: int
+    group: bool = False  # a group goes even if a dependency did not succeed (its steps that need it say so)
     settled: bool = False
 
     def bind(self, step_id: str, ref: Any) -> bool:
@@ -74,15 +76,15 @@ class ChainBook:
         """Whether the step's result is yet to come: a chain has not reported it, or it waits."""
         return step_id in self.pending_in or step_id in self.parked
 
-    def add(self, stream: Any, actions: list[SubmitStep]) -> None:
-        self.chains[stream] = Chain(deque(a.step_id for a in actions), deque(a.token for a in actions))
+    def add(self, stream: Any, actions: list[SubmitStep], group: bool = False) -> None:
+        self.chains[stream] = Chain(deque(a.step_id for a in actions), deque(a.token for a in actions), group)
         for action in actions:
             self.pending_in[action.step_id] = stream
 
-    def wait(self, actions: list[SubmitStep], deps: dict[str, Any]) -> None:
+    def wait(self, actions: list[SubmitStep], deps: dict[str, Any], group: bool = False) -> None:
         """Submissions whose dependencies with no ref (None) are :meth:`pending`."""
         missing = [d for d, ref in deps.items() if ref is None]
-        waiting = Waiting(actions, deps, len(missing))
+        waiting = Waiting(actions, deps, len(missing), group)
         for dep in missing:
             where = self.pending_in[dep] if dep in self.pending_in else self.parked[dep]
             self._waiting.setdefault((where, dep), []).append(waiting)
@@ -107,47 +109,62 @@ class ChainBook:
                     ready.append(other)
         return ready
 
-    def dropped(self, waiting: Waiting) -> list[Waiting]:
-        """A waiting submission will not go: nor will those that waited for its steps."""
-        gone = []
+    def dropped(self, waiting: Waiting, not_run: Any) -> tuple[list[Waiting], list[Waiting]]:
+        """A waiting submission will not go: nor will those that waited for its steps, but
+        groups, given ``not_run`` (the ref of a step that did not run) for them instead. Returns
+        the submissions that can go now, and those that will not."""
+        ready: list[Waiting] = []
+        gone: list[Waiting] = []
         for action in waiting.actions:
             if self.parked.get(action.step_id) is waiting:
                 del self.parked[action.step_id]
             for other in self._waiting.pop((waiting, action.step_id), []):
-                if not other.settled:
+                if other.settled:
+                    continue
+                if other.group:
+                    if other.bind(action.step_id, not_run):
+                        ready.append(other)
+                else:
                     other.settled = True
                     gone.append(other)
-        return gone
+        return ready, gone
 
     def sent_alone(self, step_id: str) -> None:
         """The step went to Ray as a task of its own: its result is no chain's to report."""
         self.pending_in.pop(step_id, None)
 
-    def reported(self, stream: Any, step_id: str, ref: Any | None) -> list[Waiting]:
-        """``stream`` reported ``step_id``: succeeded with ``ref`` (the submissions waiting only
-        for it are returned, to go now), or not (None: none of them will go)."""
+    def reported(self, stream: Any, step_id: str, ref: Any, ok: bool = True) -> tuple[list[Waiting], list[Waiting]]:
+        """``stream`` reported ``step_id``, held by ``ref``: it succeeded (``ok``), or not (or did
+        not run). Returns the submissions that can go now (those waiting only for it; groups go
+        either way, as tasks given its result would) and those that will not go (a step or a
+        chain that needs a result that did not succeed)."""
         if self.pending_in.get(step_id) is stream:
             del self.pending_in[step_id]
-        ready = []
+        ready: list[Waiting] = []
+        gone: list[Waiting] = []
         for waiting in self._waiting.pop((stream, step_id), []):
             if waiting.settled:
                 continue
-            if ref is None:
+            if ok or waiting.group:
+                if waiting.bind(step_id, ref):
+                    ready.append(waiting)
+            else:
                 waiting.settled = True
-                ready.append(waiting)
-                continue
-            if waiting.bind(step_id, ref):
-                ready.append(waiting)
-        return ready
+                gone.append(waiting)
+        return ready, gone
 
-    def end(self, stream: Any) -> tuple[list[int], list[Waiting]]:
-        """A chain stopped: the tokens of its steps that did not report, in order, and the
-        submissions that waited for one of them (none of them will go)."""
+    def end(self, stream: Any, not_run: Any) -> tuple[list[int], list[Waiting], list[Waiting]]:
+        """A chain or group stopped: the tokens of its steps that did not report, in order; the
+        submissions that waited for one of them and go now (groups, given ``not_run`` for it);
+        and those that will not go."""
         chain = self.chains.pop(stream)
-        dropped: list[Waiting] = []
+        ready: list[Waiting] = []
+        gone: list[Waiting] = []
         for step_id in chain.step_ids:
-            dropped += self.reported(stream, step_id, None)
-        return list(chain.tokens), dropped
+            now, never = self.reported(stream, step_id, not_run, ok=False)
+            ready += now
+            gone += never
+        return list(chain.tokens), ready, gone
 
     def clear(self) -> None:
         self.chains.clear()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import json
 import os
 import random
@@ -32,11 +33,28 @@ from factory.chains import MAX_CHAIN_STEPS, NOT_RUN, ChainBook, Waiting
 from factory.costs import price_table
 from factory.dag import Graph, build_graph
 from factory.errors import LeaseLostError, RunStateError
+from factory.groups import (
+    GROUP_BUDGET_SECONDS,
+    GROUP_TASK_SECONDS,
+    MAX_GROUP_STEPS,
+    STEP_TIMES,
+    HeldSteps,
+    StepTimes,
+    plan,
+)
 from factory.lease import LeaseKeeper
 from factory.outcome import Outcome
 from factory.owner import new_owner_id
 from factory.policy import check_python_grants, owner_namespace
-from factory.runtime import CallPart, StepCall, execute_chain, execute_part, execute_parts, execute_step
+from factory.runtime import (
+    CallPart,
+    StepCall,
+    execute_chain,
+    execute_group,
+    execute_part,
+    execute_parts,
+    execute_step,
+)
 from factory.scheduler import (
     ITEM_PROGRESS_SECONDS,
     MAX_NODE_LOSSES,
@@ -115,6 +133,11 @@ class RayBackend:
         task = execute_chain.options(**options) if options else execute_chain
         return task.remote(calls, *deps)
 
+    def submit_group(self, calls: list[StepCall], sources: list[tuple[int, ...]], deps: list[Any]) -> Any:
+        """Short steps of a DAG with joins, in one task (runtime.execute_group; factory.groups):
+        a stream of their outcomes in order, taken like a chain's; it may end before its last."""
+        return execute_group.remote(calls, sources, GROUP_BUDGET_SECONDS, *deps)
+
     def next_result(self, stream: Any) -> tuple[Any, Outcome | RayError] | None:
         """A ready stream's next outcome with the ref that holds it (what dependants are given);
         None once the stream has ended."""
@@ -170,6 +193,9 @@ class _Queue(deque[Action]):
         self._chains = chains
         self._submits: dict[str, SubmitStep] = {}  # step id -> its first submission still queued
         self._taken: set[int] = set()  # id() of submissions that went out in a chain
+        # short steps that go at once, as counted by the first of their groups, and the size of each
+        self.share_left = 0
+        self.share = 1
         if chains:
             self._index(actions)
 
@@ -190,6 +216,10 @@ class _Queue(deque[Action]):
         if action is not None:
             self._taken.add(id(action))
         return action
+
+    def taken(self, action: SubmitStep) -> bool:
+        """Whether ``action`` (still queued) went out in a chain already."""
+        return id(action) in self._taken
 
     def went_out(self, action: SubmitStep) -> bool:
         """Whether ``action`` (just popped) went out in a chain already; else it goes now."""
@@ -282,6 +312,7 @@ class Coordinator:
         cache: ResultCache | None = None,
         grants: RunGrants | None = None,
         backend: RayBackend | None = None,
+        step_times: StepTimes | None = None,
     ) -> None:
         self.store = store
         self.grants = grants  # what the run may use (runs submitted over the API); None: started here
@@ -296,6 +327,7 @@ class Coordinator:
         self._step_agents = agent_dispatcher.step_agents() if agent_dispatcher is not None else None
         self.cache: ResultCache = cache or store
         self.backend = backend or RayBackend()
+        self.step_times = step_times if step_times is not None else STEP_TIMES  # what python steps took
         self.owner = _owner_id()
         self._lease = LeaseKeeper(store, run_id, self.owner, settings.heartbeat_seconds)
         # a run submitted over the API imports only from its workflow's folder and installed packages
@@ -330,6 +362,9 @@ class Coordinator:
         self._decided: set[str] = set()  # approval gates whose decision the scheduler was given
         self._agent_steps_sent: set[str] = set()  # agent and route steps with a task sent to a pool
         self._book = ChainBook()  # chains in flight (one task each), and submissions waiting for their steps
+        self._cpus: int | None = None  # the cluster's, once a group is made
+        self._held: HeldSteps | None = None  # steps waiting for their function's time (made when needed)
+        self._not_run_ref: Any = None  # NOT_RUN in Ray's object store, once needed (see _not_run_result)
         self._items: ItemBatcher | None = None  # short for_each items, several per task (made when needed)
 
     # -- carrying out the scheduler's actions ----------------------------------------------------
@@ -346,6 +381,8 @@ class Coordinator:
             if isinstance(action, SubmitStep):
                 if queue.went_out(action):  # already submitted in a chain
                     continue
+                if self._held is not None and self._held.waits_for_held(action, self.graph.deps[action.step_id]):
+                    continue  # it needs a step that waits for its function's time to be known
                 chain = [action]
                 while len(chain) < MAX_CHAIN_STEPS:
                     after = self._successor(chain[-1].step_id)
@@ -353,6 +390,13 @@ class Coordinator:
                     if follow is None:
                         break
                     chain.append(follow)
+                if len(chain) == 1 and self.settings.fuse_chains:
+                    group = self._group_from(action, queue)
+                    if len(group) > 1:
+                        queue.extend(self._submit_steps(group, group=True))
+                        continue
+                    if self._probes_or_holds(action):
+                        continue
                 queue.extend(self._submit_steps(chain))
             elif isinstance(action, SubmitCall):
                 queue.extend(self._submit_call(action))
@@ -364,6 +408,8 @@ class Coordinator:
                 self._decided.add(standing.step_id)
                 queue.extend(self.scheduler.on_decision(standing, time.monotonic()))
             elif isinstance(action, Stop):
+                if self._held is not None:
+                    self._held.ended(action.token)
                 ref = self._token_refs.pop(action.token, None)
                 self._submitted_at.pop(action.token, None)
                 self._cache_keys.pop(action.token, None)
@@ -372,7 +418,10 @@ class Coordinator:
                 elif self._items is not None and ref in self._items.batches:
                     self._stop_in_batch(ref, action.token)
                 elif ref is not None and ref in self._book.chains:
-                    if self._book.chains[ref].tokens[0] == action.token:  # the step it runs: the task stops
+                    if self._book.chains[ref].group and self._book.chains[ref].tokens[0] == action.token:
+                        self.backend.stop(ref)  # the step it runs: the task stops, the steps left that count go alone
+                        queue.extend(self._not_run(*self._group_left(ref)))
+                    elif self._book.chains[ref].tokens[0] == action.token:  # the step it runs: the task stops
                         tokens, dropped = self._end_chain(ref)
                         queue.extend(self._not_run(tokens[1:], dropped))  # the steps after it never ran
                         self.backend.stop(ref)
@@ -418,6 +467,72 @@ class Coordinator:
         step = self._steps[step_id]
         return step.python is not None and not self._options(step)
 
+    def _short(self, step_id: str) -> float | None:
+        """What the step's function took last, if it may go in a group (factory.groups): a
+        python step that asks Ray for nothing in particular, whose function was short."""
+        step = self._steps[step_id]
+        if step.python is None or self._options(step):
+            return None
+        return self.step_times.short(step.python)
+
+    def _group_from(self, first: SubmitStep, queue: _Queue) -> list[SubmitStep]:
+        """``first`` and the submissions right after it in the queue, while their steps are
+        short and the group takes about GROUP_TASK_SECONDS at most. The queue is in an order
+        where each step comes after what it needs, so groups cut from it never wait for one
+        another in a circle."""
+        seconds = self._short(first.step_id)
+        if seconds is None:
+            return [first]
+        if queue.share_left <= 0:  # the first group of short steps that go at once: their share
+            cpus = self._parallelism()
+            ahead = 1  # (looked for as far as every CPU's full group)
+            for follow in itertools.islice(queue, cpus * MAX_GROUP_STEPS - 1):
+                if not isinstance(follow, SubmitStep) or self._short(follow.step_id) is None:
+                    break
+                ahead += 1
+            queue.share_left, queue.share = ahead, min(MAX_GROUP_STEPS, -(-ahead // cpus))
+        most = queue.share
+        group, left = [first], GROUP_TASK_SECONDS - seconds
+        while queue and len(group) < most:
+            follow = queue[0]
+            if not isinstance(follow, SubmitStep):
+                break
+            held = self._held.held_ids if self._held is not None else ()
+            if held and any(dep in held for dep in self.graph.deps[follow.step_id]):
+                break  # it needs a step that waits
+            if not queue.taken(follow):
+                seconds = self._short(follow.step_id)
+                if seconds is None or seconds > left:
+                    break
+                group.append(follow)
+                left -= seconds
+            queue.popleft()
+            queue.went_out(follow)
+        queue.share_left -= len(group)
+        return group
+
+    def _parallelism(self) -> int:
+        if self._cpus is None:
+            self._cpus = self.backend.parallelism()
+        return self._cpus
+
+    def _probes_or_holds(self, action: SubmitStep) -> bool:
+        """A python step whose function's time is not known goes alone as a probe (False), or
+        waits for a probe of it to end (True): then it may go in a group (factory.groups)."""
+        step = self._steps[action.step_id]
+        if step.python is None or self._options(step) or self.step_times.known(step.python):
+            return False
+        if self._held is None:
+            self._held = HeldSteps(probe=2 * self._parallelism())
+        return self._held.probes_or_holds(action, step.python)
+
+    def _not_run_result(self) -> Any:
+        """The result a step that did not run gives its dependants (a group given it goes, and
+        its steps that needed it say so without running)."""
+        if self._not_run_ref is None:
+            self._not_run_ref = self.backend.put(NOT_RUN)
+        return self._not_run_ref
+
     def _step_call(self, action: SubmitStep) -> StepCall:
         step = self._steps[action.step_id]
         call = self._call(step, self._arguments(step), False)
@@ -425,26 +540,42 @@ class Coordinator:
         call.attempt = state.attempts + (state.status != StepStatus.RUNNING)  # counted when it runs
         return call
 
-    def _submit_steps(self, actions: list[SubmitStep]) -> list[Action]:
-        """One step's attempt as a task, or a chain of steps (each the only dependant of the one
-        before) as one task whose outcomes stream back one by one (RayBackend.submit_chain).
-        A dependency pending in a chain that has not reported it: they go once it has."""
-        dep_ids = self.graph.deps[actions[0].step_id]
+    def _submit_steps(self, actions: list[SubmitStep], group: bool = False) -> list[Action]:
+        """One step's attempt as a task; a chain of steps (each the only dependant of the one
+        before) as one task whose outcomes stream back one by one (RayBackend.submit_chain); or
+        a group of short steps (RayBackend.submit_group). A dependency pending in a chain or
+        group that has not reported it: they go once it has."""
+        if group:
+            dep_ids, _ = plan([a.step_id for a in actions], self.graph.deps)
+        else:
+            dep_ids = self.graph.deps[actions[0].step_id]
         deps: dict[str, Any] = {}
         for dep_id in dep_ids:
             pending = self._book.pending(dep_id)
             deps[dep_id] = None if pending else self._refs.get(dep_id)
             if deps[dep_id] is None and not pending:  # its chain stopped before it
-                return self._not_run([a.token for a in actions], [])
+                if not group:
+                    return self._not_run([a.token for a in actions], [])
+                deps[dep_id] = self._not_run_result()  # its steps that need it say so
         if any(ref is None for ref in deps.values()):
-            self._book.wait(actions, deps)
+            self._book.wait(actions, deps, group)
             return []
-        self._send(actions, [deps[d] for d in dep_ids])
+        self._send(actions, list(deps.values()), group)
         return []
 
-    def _send(self, actions: list[SubmitStep], deps: list[Any]) -> None:
+    def _send(self, actions: list[SubmitStep], deps: list[Any], group: bool = False) -> None:
+        """``deps``: the results the task is given (of the dependencies outside it, in order)."""
         first = self._steps[actions[0].step_id]
         calls = [self._step_call(action) for action in actions]
+        if group:
+            _, sources = plan([a.step_id for a in actions], self.graph.deps)
+            stream = self.backend.submit_group(calls, sources, deps)
+            self._track(stream, actions[0].token, deps)
+            for action in actions:
+                self._refs.pop(action.step_id, None)  # each result is known as it comes back
+                self._token_refs[action.token] = stream
+            self._book.add(stream, actions, group=True)
+            return
         if len(actions) == 1:
             ref = self.backend.submit_step(calls[0], deps, self._options(first))
             self._refs[first.id] = ref
@@ -463,24 +594,36 @@ class Coordinator:
         queue = deque(waiting)
         while queue:
             each = queue.popleft()
-            self._send(each.actions, [each.deps[d] for d in self.graph.deps[each.actions[0].step_id]])
+            self._send(each.actions, list(each.deps.values()), each.group)
             queue.extend(self._book.went(each, self._refs))
 
     def _take_from_chain(self, stream: Any) -> None:
-        """The next outcome of a chain in flight: the step it is for is decided; a chain stops at
-        its first step that did not succeed, and the steps after it never ran. A task that died
-        (a RayError: its worker or node) with several steps unreported charges none of them: the
-        outcomes of steps that ended just before the death can be lost on the way, so which one
-        was running is not known. They go again, each as a task of its own (the same attempts):
-        a step that kills its worker then dies alone, and is charged."""
+        """The next outcome of a chain or group in flight: the step it is for is decided. A
+        chain stops at its first step that did not succeed, and the steps after it never ran;
+        a group goes on (its steps that needed that one say so). A task that died (a RayError:
+        its worker or node) with several steps unreported charges none of them: the outcomes of
+        steps that ended just before the death can be lost on the way, so which one was running
+        is not known. They go again, each as a task of its own (the same attempts): a step that
+        kills its worker then dies alone, and is charged."""
         chain = self._book.chains[stream]
         taken = self.backend.next_result(stream)
+        if taken is None and chain.group:  # it stopped at its budget: the steps left go alone
+            self._apply(self._not_run(*self._group_left(stream)))
+            return
         if taken is None:  # it ended without a word for the step it ran (cannot happen with execute_chain)
             tokens, waiting = self._end_chain(stream)
             self._deliver(tokens[0], Outcome(ok=False, error="its task ended without its outcome", retryable=True))
             self._apply(self._not_run(tokens[1:], waiting))
             return
         ref, result = taken
+        if not isinstance(result, Outcome) and chain.group:
+            live = [token for token in chain.tokens if self.scheduler.current(token)]
+            charged = live[0] if len(live) == 1 else None  # the one left that counts ran when it died
+            left = self._group_left(stream, charged)
+            if charged is not None:
+                self._deliver(charged, result)
+            self._apply(self._not_run(*left))
+            return
         if (
             not isinstance(result, Outcome)
             and len(chain.tokens) > 1
@@ -493,17 +636,14 @@ class Coordinator:
         ok = isinstance(result, Outcome) and result.ok
         if ok and self._book.pending_in.get(step_id) is stream:  # (not if the step went again since)
             self._refs[step_id] = ref
-        settled = self._book.reported(stream, step_id, ref if ok else None)
+        settled, dropped = self._book.reported(stream, step_id, ref, ok)
         rest: list[int] = []
-        dropped: list[Waiting] = []
-        if ok and chain.tokens:
+        if chain.tokens and (ok or chain.group):
             self._runs_next(stream, chain.tokens[0])
         else:
-            rest, dropped = self._end_chain(stream)
-        if ok:
-            self._send_waiting(settled)  # its dependants outside the chain go, as on Ray they would have
-        else:
-            dropped += settled
+            rest, ended = self._end_chain(stream)
+            dropped += ended
+        self._send_waiting(settled)  # its dependants outside the chain go, as on Ray they would have
         self._deliver(token, result)  # first: the scheduler then knows the attempts after it are stale
         self._apply(self._not_run(rest, dropped))
 
@@ -514,20 +654,47 @@ class Coordinator:
         self._untrack(stream)
         for token, step_id in zip(chain.tokens, chain.step_ids, strict=True):
             self._send([SubmitStep(token, step_id)], [self._refs[d] for d in self.graph.deps[step_id]])
-            self._send_waiting(self._book.reported(stream, step_id, self._refs[step_id]))
+            self._send_waiting(self._book.reported(stream, step_id, self._refs[step_id])[0])
+
+    def _group_left(self, stream: Any, charged: int | None = None) -> tuple[list[int], list[Waiting]]:
+        """A group that stopped before its end (its budget, a Stop, its worker's death): its
+        unreported steps whose attempts still count go again in order, a task each, as the
+        attempts they were (but ``charged``, whose outcome the caller delivers). Returns the
+        tokens of the others (they will not run) and the submissions that will not go with
+        them, for :meth:`_not_run` once ``charged``'s outcome is delivered."""
+        chain = self._book.chains.pop(stream)
+        self._untrack(stream)
+        self._forget(chain.tokens)
+        gone: list[int] = []
+        dropped: list[Waiting] = []
+        for token, step_id in zip(chain.tokens, chain.step_ids, strict=True):
+            if token != charged and self.scheduler.current(token):
+                self._send([SubmitStep(token, step_id)], [self._refs[d] for d in self.graph.deps[step_id]])
+                ready, never = self._book.reported(stream, step_id, self._refs[step_id])
+            else:
+                if token != charged:
+                    gone.append(token)
+                ready, never = self._book.reported(stream, step_id, self._not_run_result(), ok=False)
+            self._send_waiting(ready)
+            dropped += never
+        return gone, dropped
 
     def _end_chain(self, stream: Any) -> tuple[list[int], list[Waiting]]:
-        """Forget a chain that stopped: the tokens of its steps that did not report, in order, and
-        the submissions that waited for one of them."""
-        tokens, dropped = self._book.end(stream)
+        """Forget a chain or group that stopped: the tokens of its steps that did not report, in
+        order, and the submissions that waited for one of them and will not go (groups that
+        waited for one go now, given that it did not run)."""
+        not_run = self._not_run_result() if self._book.chains[stream].step_ids else None
+        tokens, ready, dropped = self._book.end(stream, not_run)
         self._untrack(stream)
         self._forget(tokens)
+        self._send_waiting(ready)
         return tokens, dropped
 
     def _not_run(self, tokens: list[int], dropped: list[Waiting]) -> list[Action]:
         """Attempts that will not run, for a dependency of theirs did not succeed (or its chain
         stopped before it): the scheduler is told so, as it would be by a task given that result
-        (they are stale by then: the scheduler retried or failed that dependency)."""
+        (they are stale by then: the scheduler retried or failed that dependency). Groups that
+        waited for one of them go, given that it did not run."""
         actions: list[Action] = []
         now = time.monotonic()
         tokens = list(tokens)
@@ -535,8 +702,12 @@ class Coordinator:
         while gone:  # and the submissions that waited for those
             each = gone.popleft()
             tokens += [a.token for a in each.actions]
-            gone.extend(self._book.dropped(each))
+            ready, never = self._book.dropped(each, self._not_run_result())
+            self._send_waiting(ready)
+            gone.extend(never)
         for token in tokens:
+            if self._held is not None:
+                self._held.ended(token)
             actions += self.scheduler.on_result(token, NOT_RUN, now)
         return actions
 
@@ -762,12 +933,18 @@ class Coordinator:
         """An attempt's outcome (or what Ray raised for it) to the scheduler."""
         started = self._submitted_at.pop(token, time.monotonic())
         key = self._cache_keys.pop(token, None)
+        if self._held is not None:
+            self._held.ended(token)
         attempt = self.scheduler.tokens.get(token)
         if self._items is not None and attempt is not None and attempt.step_id in self._items.probed:
             self._items.learn(attempt.step_id, result.duration if isinstance(result, Outcome) else None)
         node_lost = False
         if isinstance(result, Outcome):
             outcome = result
+            if attempt is not None and attempt.index is None and not outcome.skipped:
+                target = self._steps[attempt.step_id].python
+                if target is not None:
+                    self.step_times.learn(target, outcome.duration)  # may it go in a group next time
         else:
             exc = result
             step = self._steps[attempt.step_id] if attempt is not None else None
@@ -818,6 +995,8 @@ class Coordinator:
         self._book.clear()
         if self._items is not None:
             self._items.clear()
+        if self._held is not None:
+            self._held.take()
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -903,6 +1082,8 @@ class Coordinator:
                     self.cancel("cancel requested")
                 return  # only people can move the run on: stop here, hold nothing while they decide
             self._wait()
+            if self._held is not None and self._held.due:  # a probe ended: its function's time is known
+                self._apply(self._held.take())
             self._flush()
             now = time.monotonic()
             if now - last_poll >= CANCEL_POLL_SECONDS:

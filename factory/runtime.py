@@ -305,6 +305,28 @@ def execute_chain(calls: list[StepCall], *deps: Outcome) -> Iterator[Outcome]:
 
 
 @ray.remote(max_retries=0)
+def execute_group(
+    calls: list[StepCall], sources: list[tuple[int, ...]], budget: float, *deps: Outcome
+) -> Iterator[Outcome]:
+    """Ray streaming generator task: short python steps of a DAG with joins (a group), run one
+    after another in this worker in an order where each comes after what it needs. A step's
+    dependencies are the outcomes of earlier steps of the group (a source ``i >= 0``) or the
+    task's arguments (``~i``). Every step runs as a task of its own would: one whose
+    dependency did not succeed says so without running. Each outcome goes back as it ends.
+    Once the group has run for ``budget`` seconds it stops: its steps left go again, each as a
+    task of its own (the coordinator sends them), so a step longer than was known costs the
+    group's parallelism once, not for every step after it."""
+    started = time.perf_counter()
+    outcomes: list[Outcome] = []
+    for call, source in zip(calls, sources, strict=True):
+        if outcomes and time.perf_counter() - started > budget:
+            return
+        outcome = run_attempt(call, tuple(outcomes[i] if i >= 0 else deps[~i] for i in source))
+        outcomes.append(outcome)
+        yield outcome
+
+
+@ray.remote(max_retries=0)
 def execute_item(call: StepCall) -> Outcome:
     """Ray task: one item of a for_each step, with arguments the coordinator resolved."""
     return run_attempt(call, ())

@@ -301,6 +301,15 @@ class RunScheduler:
     def in_flight(self) -> list[int]:
         return list(self.tokens)
 
+    def current(self, token: int) -> bool:
+        """Whether ``token``'s attempt still counts: not stopped, nor superseded (a dependency it
+        was submitted against failed, or the run ended), so its outcome would be decided."""
+        attempt = self.tokens.get(token)
+        if attempt is None:
+            return False
+        state = self.states[attempt.step_id]
+        return attempt.generation == state.generation and state.status not in FINAL_STEP_STATUSES
+
     @property
     def parked(self) -> bool:
         """Nothing is in flight or due, and approval gates wait: the run waits for people, and

@@ -12,6 +12,8 @@ import pytest
 
 import factory
 from factory.batches import MAX_ITEMS_PER_TASK
+from factory.engine import RayBackend
+from factory.groups import STEP_TIMES
 from factory.settings import Settings
 from factory.spec import RetryPolicy, Step, Workflow
 from factory.store import RunStatus
@@ -556,3 +558,96 @@ def test_cancel_in_the_middle_of_a_fan_out_of_quick_items(
     assert 100 <= committed < 2000 and ran < 2000  # the tasks of items in flight stopped
     # no item ran twice (a file can be empty: its item's worker was killed as it began to write)
     assert all(len(p.read_text()) <= 1 for p in folder.iterdir())
+
+
+@pytest.fixture
+def groups_seen(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The steps of each group the engine sends to Ray (RayBackend.submit_group, spied on)."""
+    seen: list[list[str]] = []
+    submit_group = RayBackend.submit_group
+
+    def spy(self: RayBackend, calls: list[Any], sources: list[tuple[int, ...]], deps: list[Any]) -> Any:
+        seen.append([call.step_id for call in calls])
+        return submit_group(self, calls, sources, deps)
+
+    monkeypatch.setattr(RayBackend, "submit_group", spy)
+    return seen
+
+
+def _fan_and_join(folder: Path, killer: int = -1, sleeper: int = -1, retry: RetryPolicy | None = None) -> Workflow:
+    """root -> b1..b6 -> join, every step short (die_once_at, known to be short in this process):
+    they go in groups. Step b``killer`` SIGKILLs its worker on its first run; b``sleeper``
+    sleeps 0.3 s (longer than a group's budget)."""
+    known = 0.0001
+    for _ in range(5):
+        STEP_TIMES.learn("teststeps:die_once_at", known)
+        STEP_TIMES.learn("teststeps:tally", known)
+    steps = [Step(id="root", python="teststeps:die_once_at", with_={"folder": str(folder), "item": 0, "at": -1})]
+    for i in range(1, 7):
+        steps.append(
+            Step(
+                id=f"b{i}",
+                python="teststeps:die_once_at",
+                with_={"folder": str(folder), "item": i, "at": killer, "seconds": 0.3 if i == sleeper else 0.0},
+                needs=["root"],
+                retry=retry or RetryPolicy(),
+            )
+        )
+    given = [f"${{steps.b{i}.output}}" for i in range(1, 7)]
+    join = {"counter": str(folder / "join"), "fail_times": 0, "given": given}
+    steps.append(Step(id="join", python="teststeps:tally", with_=join))
+    return wf(*steps, name="fan-and-join")
+
+
+def test_short_steps_with_joins_go_in_groups_and_a_killed_worker_charges_none_but_the_killer(
+    store: SQLiteStore, settings: Settings, tmp_path: Path, groups_seen: list[list[str]]
+) -> None:
+    """On Ray: the steps go in groups (8 short steps at once, shared by the CPUs). b3 kills its
+    worker in its group: the group's steps that had not reported go again alone, as the same
+    attempts (the ones whose outcomes were lost with the worker run again); b3 is charged only
+    if it was the only one left (then its retry succeeds); the run succeeds, the join once."""
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    result = factory.run(
+        _fan_and_join(folder, killer=3, retry=RetryPolicy(max_attempts=2, backoff=0.01)), store=store, settings=settings
+    )
+    assert result.ok, result.error
+    assert result.outputs["join"] == 1 + sum(2 * i for i in range(1, 7))
+    group = next(g for g in groups_seen if "b3" in g)
+    assert len(group) > 1 and group.index("b3") > 0 and sum(map(len, groups_seen)) == 8
+    runs = {int(p.name): len(p.read_text()) for p in folder.iterdir() if p.name != "join"}
+    assert runs[3] == 2 and set(runs.values()) <= {1, 2} and calls(folder / "join") == 1
+    before = group[: group.index("b3")]  # ran in the group before b3: lost or reported
+    assert all(runs[0 if s == "root" else int(s[1:])] in (1, 2) for s in before)
+    attempts = {s.step_id: s.attempts for s in store.get_steps(result.run_id)}
+    assert attempts == {**dict.fromkeys(["root", "b1", "b2", "b4", "b5", "b6", "join"], 1), "b3": attempts["b3"]}
+    retrying = [e.step_id for e in store.events(0, result.run_id) if e.type == "step.retrying"]
+    assert retrying == (["b3"] if attempts["b3"] == 2 else [])
+
+
+def test_a_group_past_its_budget_stops_and_its_steps_left_go_alone(
+    store: SQLiteStore, settings: Settings, tmp_path: Path, groups_seen: list[list[str]]
+) -> None:
+    """b2 was known short but sleeps 0.3 s, past a group's budget (0.1 s): its group stops after
+    it and the steps left in it go as tasks of their own. Every step runs once."""
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    sent_alone: list[str] = []
+    submit_step = RayBackend.submit_step
+
+    def spy(self: RayBackend, call: Any, deps: list[Any], options: dict[str, Any]) -> Any:
+        sent_alone.append(call.step_id)
+        return submit_step(self, call, deps, options)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RayBackend, "submit_step", spy)
+        result = factory.run(_fan_and_join(folder, sleeper=2), store=store, settings=settings)
+    assert result.ok, result.error
+    group = next(g for g in groups_seen if "b2" in g)
+    left = group[group.index("b2") + 1 :]
+    assert left and set(left) <= set(sent_alone)  # after b2, the group had run past its budget
+    runs = {int(p.name): len(p.read_text()) for p in folder.iterdir() if p.name != "join"}
+    assert runs == dict.fromkeys(range(7), 1) and calls(folder / "join") == 1
+    assert {s.step_id: s.attempts for s in store.get_steps(result.run_id)} == dict.fromkeys(
+        ["root", *(f"b{i}" for i in range(1, 7)), "join"], 1
+    )

@@ -7,6 +7,7 @@ import pytest
 
 from factory.batches import MAX_ITEMS_PER_TASK, ItemBatcher, items_per_task
 from factory.chains import ChainBook
+from factory.groups import StepTimes, plan
 from factory.runtime import CallPart
 from factory.scheduler import SubmitStep
 
@@ -22,8 +23,8 @@ def test_a_submission_waits_for_a_chain_step_and_goes_with_its_ref() -> None:
     book.add("stream", [submit(1, "a"), submit(2, "b")])
     book.wait([submit(3, "d")], {"b": None, "x": "ref-x"})
     assert book.pending("b") and book.pending("d")
-    assert book.reported("stream", "a", "ref-a") == []
-    [ready] = book.reported("stream", "b", "ref-b")
+    assert book.reported("stream", "a", "ref-a") == ([], [])
+    [ready], [] = book.reported("stream", "b", "ref-b")
     assert ready.deps == {"b": "ref-b", "x": "ref-x"} and [a.step_id for a in ready.actions] == ["d"]
     assert not book.pending("b")
 
@@ -34,7 +35,7 @@ def test_a_submission_waiting_for_a_waiting_one_goes_after_it() -> None:
     book.add("stream", [submit(1, "a"), submit(2, "b")])
     book.wait([submit(3, "d")], {"b": None})
     book.wait([submit(4, "e")], {"d": None})
-    [d] = book.reported("stream", "b", "ref-b")
+    [d], [] = book.reported("stream", "b", "ref-b")
     assert book.went(d, {"d": "ref-d"})[0].deps == {"d": "ref-d"}
     assert not book.pending("d")
 
@@ -44,10 +45,10 @@ def test_a_waiting_submission_that_goes_as_a_chain_makes_its_dependants_wait_for
     book.add("s1", [submit(1, "a"), submit(2, "b")])
     book.wait([submit(3, "d"), submit(4, "e")], {"b": None})
     book.wait([submit(5, "f")], {"e": None})
-    [d] = book.reported("s1", "b", "ref-b")
+    [d], [] = book.reported("s1", "b", "ref-b")
     book.add("s2", d.actions)  # d and e went as one chain
     assert book.went(d, {}) == []
-    [f] = book.reported("s2", "e", "ref-e")
+    [f], [] = book.reported("s2", "e", "ref-e")
     assert f.deps == {"e": "ref-e"}
 
 
@@ -56,12 +57,13 @@ def test_when_a_chain_stops_early_what_waited_for_its_later_steps_will_not_go() 
     book.add("stream", [submit(1, "a"), submit(2, "b"), submit(3, "c")])
     book.wait([submit(4, "d")], {"c": None})
     book.wait([submit(5, "e")], {"d": None})
-    assert book.reported("stream", "a", "ref-a") == []
+    assert book.reported("stream", "a", "ref-a") == ([], [])
     book.chains["stream"].tokens.popleft()
     book.chains["stream"].step_ids.popleft()
-    tokens, dropped = book.end("stream")  # b failed: b and c did not report
-    assert tokens == [2, 3] and [a.step_id for w in dropped for a in w.actions] == ["d"]
-    assert [a.step_id for w in book.dropped(dropped[0]) for a in w.actions] == ["e"]
+    tokens, ready, dropped = book.end("stream", "not-run")  # b failed: b and c did not report
+    assert tokens == [2, 3] and ready == [] and [a.step_id for w in dropped for a in w.actions] == ["d"]
+    ready, gone = book.dropped(dropped[0], "not-run")
+    assert ready == [] and [a.step_id for w in gone for a in w.actions] == ["e"]
     assert not book.pending("c") and not book.pending("d")
 
 
@@ -70,7 +72,51 @@ def test_a_step_sent_alone_again_is_no_longer_an_old_chains_to_report() -> None:
     book.add("old", [submit(1, "a"), submit(2, "b")])
     book.sent_alone("b")
     assert not book.pending("b")
-    assert book.reported("old", "b", "stale") == []
+    assert book.reported("old", "b", "stale") == ([], [])
+
+
+def test_a_group_goes_even_when_a_step_it_needs_did_not_succeed_or_run() -> None:
+    """A group waiting for a chain's step is given that step's result whether it succeeded or
+    not (its steps that need it say so themselves, as tasks given it would); a plain submission
+    waiting beside it will not go. A group waiting for a submission that will not go is given
+    the result of a step that did not run."""
+    book = ChainBook()
+    book.add("stream", [submit(1, "a"), submit(2, "b")])
+    book.wait([submit(3, "g1"), submit(4, "g2")], {"a": None, "x": "ref-x"}, group=True)
+    book.wait([submit(5, "d")], {"a": None})
+    book.wait([submit(6, "h1"), submit(7, "h2")], {"d": None}, group=True)
+    [group], [plain] = book.reported("stream", "a", "failed-a", ok=False)
+    assert group.deps == {"a": "failed-a", "x": "ref-x"} and [a.step_id for a in plain.actions] == ["d"]
+    [after], gone = book.dropped(plain, "not-run")
+    assert gone == [] and after.deps == {"d": "not-run"} and after.group
+    tokens, ready, dropped = book.end("stream", "not-run")
+    assert tokens == [1, 2] and ready == dropped == []
+
+
+def test_a_group_is_laid_out_with_what_it_is_given_and_where_each_step_finds_its_dependencies() -> None:
+    deps = {"a": ["x"], "b": ["a", "y"], "c": ["b", "x", "a"], "x": [], "y": []}
+    given, sources = plan(["a", "b", "c"], deps)
+    assert given == ["x", "y"]
+    assert sources == [(~0,), (0, ~1), (1, ~0, 0)]
+    with pytest.raises(ValueError, match="comes before"):
+        plan(["b", "a"], deps)
+
+
+def test_step_times_are_the_median_of_recent_attempts_and_only_short_ones_count() -> None:
+    times = StepTimes(capacity=2)
+    assert times.short("m:f") is None  # never seen
+    for seconds in (0.0002, 0.05, 0.0003):  # one slow attempt (a first import) does not decide
+        times.learn("m:f", seconds)
+    assert times.short("m:f") == 0.0003
+    for seconds in (0.2, 0.3, 0.4):  # it became long: three of five say so
+        times.learn("m:f", seconds)
+    assert times.short("m:f") is None
+    times.learn("m:g", 0.0001)
+    times.learn("m:h", 0.0001)  # over capacity: the function seen least recently is forgotten
+    assert times.short("m:f") is None and times.short("m:g") == times.short("m:h") == 0.0001
+    times.learn("m:g", 0.0001)
+    times.learn("m:i", 0.0001)
+    assert times.short("m:h") is None and times.short("m:g") == 0.0001
 
 
 def test_items_per_task_aims_at_a_short_task_and_is_bounded() -> None:

@@ -5,6 +5,7 @@ the store is a real SQLite file."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import tempfile
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from ray.exceptions import WorkerCrashedError
 
 from factory import batches
 from factory.engine import Coordinator, RayBackend
+from factory.groups import StepTimes
 from factory.outcome import Outcome
 from factory.runtime import CallPart, StepCall, run_attempt
 from factory.settings import Settings
@@ -52,6 +54,34 @@ class _Stream:
 
 
 @dataclass(eq=False)
+class _GroupStream:
+    """A group's task (RayBackend.submit_group): its steps run in turn, each given the outcomes
+    it needs from the task's arguments or the steps before it (as runtime.execute_group); it
+    stops after ``stop_after`` steps, as a group past its budget does."""
+
+    calls: list[StepCall]
+    sources: list[tuple[int, ...]]
+    deps: list[_Ref]
+    stop_after: int | None = None
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def taken(self) -> int:
+        return len(self.outcomes)
+
+    def ready(self) -> bool:
+        return all(d.value is not None for d in self.deps)
+
+    def next(self) -> Outcome | None:
+        if self.taken == len(self.calls) or (self.stop_after is not None and self.taken >= self.stop_after):
+            return None
+        given = [self.outcomes[i] if i >= 0 else self.deps[~i].value for i in self.sources[self.taken]]
+        outcome = run_attempt(self.calls[self.taken], tuple(o for o in given if o is not None))
+        self.outcomes.append(outcome)
+        return outcome
+
+
+@dataclass(eq=False)
 class _PartsStream:
     """A task of several items of one step (RayBackend.submit_parts): each runs in turn."""
 
@@ -70,6 +100,9 @@ class InProcessRay(RayBackend):
         self.submitted = 0
         self.stopped = 0
         self.chains: list[list[str]] = []  # the steps of each chain submitted as one task
+        self.groups: list[list[str]] = []  # the steps of each group submitted as one task
+        self.group_stops_after: int | None = None  # groups stop after this many steps (their budget)
+        self.cpus = 1
         self.item_tasks: list[int] = []  # items in each task of several items
         self._ids = itertools.count()
 
@@ -89,15 +122,23 @@ class InProcessRay(RayBackend):
         self.chains.append([call.step_id for call in calls])
         return _Stream(calls, list(deps))
 
+    def submit_group(self, calls: list[StepCall], sources: list[tuple[int, ...]], deps: list[Any]) -> Any:
+        self.submitted += 1
+        self.groups.append([call.step_id for call in calls])
+        return _GroupStream(calls, sources, list(deps), self.group_stops_after)
+
     def submit_parts(self, shared: Any, parts: list[CallPart], options: dict[str, Any]) -> Any:
         self.submitted += 1
         self.item_tasks.append(len(parts))
         return _PartsStream([part.apply(shared) for part in parts])
 
     def parallelism(self) -> int:
-        return 1
+        return self.cpus
 
     def next_result(self, stream: Any) -> tuple[Any, Outcome] | None:
+        if isinstance(stream, _GroupStream):
+            outcome = stream.next()
+            return None if outcome is None else (_Ref(value=outcome), outcome)
         if isinstance(stream, _PartsStream):
             if stream.taken == len(stream.calls):
                 return None
@@ -117,7 +158,7 @@ class InProcessRay(RayBackend):
     def wait(self, refs: list[Any], timeout: float) -> list[Any]:
         ready = []
         for ref in refs:
-            if isinstance(ref, (_Stream, _PartsStream)):
+            if isinstance(ref, (_Stream, _PartsStream, _GroupStream)):
                 if ref.ready():
                     ready.append(ref)
                 continue
@@ -136,14 +177,22 @@ class InProcessRay(RayBackend):
 
 
 def run(
-    tmp_path: Path, workflow: Workflow, fuse_chains: bool = True, backend: InProcessRay | None = None
+    tmp_path: Path,
+    workflow: Workflow,
+    fuse_chains: bool = True,
+    backend: InProcessRay | None = None,
+    step_times: StepTimes | None = None,
 ) -> tuple[Any, SQLiteStore, InProcessRay]:
+    """``step_times``: what the steps' functions are known to take (by default nothing: the
+    first steps of a function go alone as probes, and short ones after them in groups)."""
     store = SQLiteStore(tmp_path / "factory.db")
     backend = backend or InProcessRay()
     graph_order = [s.id for s in workflow.steps]
     store.create_run("r1", workflow.name, workflow.model_dump_json(by_alias=True), {}, graph_order)
     settings = Settings(home=tmp_path, fuse_chains=fuse_chains, batch_items=fuse_chains)
-    coordinator = Coordinator(store, workflow, "r1", {}, settings, backend=backend)
+    coordinator = Coordinator(
+        store, workflow, "r1", {}, settings, backend=backend, step_times=step_times or StepTimes()
+    )
     coordinator.start()
     return coordinator.execute(), store, backend
 
@@ -356,6 +405,9 @@ def test_without_fusion_each_step_is_its_own_task(tmp_path: Path) -> None:
         store.close()
 
 
+GROUPED: collections.Counter[int] = collections.Counter()  # sizes of the groups the examples made
+
+
 @st.composite
 def chained_dags(draw: st.DrawFn) -> list[dict[str, Any]]:
     """Mostly chains (a step given the one before), with forks, joins and steps on their own;
@@ -379,7 +431,11 @@ def chained_dags(draw: st.DrawFn) -> list[dict[str, Any]]:
     return shapes
 
 
-def _run_shapes(shapes: list[dict[str, Any]], fuse: bool) -> tuple[Any, dict[str, Any], dict[str, int]]:
+def _run_shapes(
+    shapes: list[dict[str, Any]], fuse: bool, group_stops_after: int | None = None, known: bool = True
+) -> tuple[Any, dict[str, Any], dict[str, int], InProcessRay]:
+    """``known``: the steps' function is known short before the run (else its first steps go
+    alone as probes, and the others wait for their outcome)."""
     with tempfile.TemporaryDirectory() as folder:
         home = Path(folder)
         steps = [
@@ -399,7 +455,12 @@ def _run_shapes(shapes: list[dict[str, Any]], fuse: bool) -> tuple[Any, dict[str
             )
             for i, shape in enumerate(shapes)
         ]
-        result, store, _ = run(home, Workflow(name="shapes", base_dir=FIXTURES, steps=steps), fuse)
+        backend = InProcessRay()
+        backend.group_stops_after = group_stops_after
+        times = StepTimes()
+        if known:
+            times.learn("teststeps:tally", 0.0001)  # short: steps that are not in a chain go in groups
+        result, store, _ = run(home, Workflow(name="shapes", base_dir=FIXTURES, steps=steps), fuse, backend, times)
         try:
             states = {s.step_id: (s.status.value, s.attempts, s.output_json) for s in store.get_steps("r1")}
             ran = {
@@ -415,19 +476,23 @@ def _run_shapes(shapes: list[dict[str, Any]], fuse: bool) -> tuple[Any, dict[str
                 assert ran[step_id] == attempts  # every attempt counted ran once, none ran uncounted
                 started = events.count(("step.started", step_id))
                 assert started == (attempts if status != "skipped" else 0), (step_id, events)
-            return result, states, ran
+            return result, states, ran, backend
         finally:
             store.close()
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(shapes=chained_dags())
-def test_chains_in_one_task_do_what_a_task_a_step_does(shapes: list[dict[str, Any]]) -> None:
-    """Chains run as one task each and short items several per task, or every step and item as
-    its own task: the same run, step by step (statuses, attempts, outputs), each attempt's code
-    run once."""
-    fused, fused_states, fused_ran = _run_shapes(shapes, True)
-    alone, alone_states, alone_ran = _run_shapes(shapes, False)
+@given(shapes=chained_dags(), stops_after=st.sampled_from([None, None, 1, 2, 3]), known=st.booleans())
+def test_chains_and_groups_in_one_task_do_what_a_task_a_step_does(
+    shapes: list[dict[str, Any]], stops_after: int | None, known: bool
+) -> None:
+    """Chains run as one task each, short steps with joins in groups, and short items several
+    per task (groups stopping early, as past their budget, after ``stops_after`` steps; the
+    steps' function known short, or probed first), or every step and item as its own task: the
+    same run, step by step (statuses, attempts, outputs), each attempt's code run once."""
+    fused, fused_states, fused_ran, backend = _run_shapes(shapes, True, stops_after, known)
+    alone, alone_states, alone_ran, _ = _run_shapes(shapes, False)
+    GROUPED.update(len(g) for g in backend.groups)
     assert (fused.status, fused.outputs) == (alone.status, alone.outputs)
     for step_id in [s for s, (status, _, _) in alone_states.items() if status == "failed"]:
         if shapes[int(step_id[1:])]["items"] is not None:
@@ -436,6 +501,106 @@ def test_chains_in_one_task_do_what_a_task_a_step_does(shapes: list[dict[str, An
             fused_ran[step_id] = alone_ran[step_id] = 0
     assert fused_states == alone_states
     assert fused_ran == alone_ran
+
+
+@st.composite
+def joined_dags(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Steps that each need any of the steps before them (joins, forks, steps on their own),
+    some failing retryably a few times, a few for good."""
+    shapes = []
+    for i in range(draw(st.integers(2, 24))):
+        needs = sorted(draw(st.sets(st.integers(0, i - 1), max_size=min(i, 3)))) if i else []
+        shapes.append(
+            {
+                "needs": needs,
+                "fail_times": draw(st.sampled_from([0, 0, 0, 0, 1, 2])),
+                "max_attempts": draw(st.sampled_from([1, 2, 3])),
+                "fatal": draw(st.integers(0, 19)) == 0,
+                "resources": draw(st.integers(0, 19)) == 0,
+                "items": None,
+            }
+        )
+    return shapes
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes=joined_dags(), stops_after=st.sampled_from([None, None, 1, 2, 3]), known=st.booleans())
+def test_groups_of_steps_with_joins_do_what_a_task_a_step_does(
+    shapes: list[dict[str, Any]], stops_after: int | None, known: bool
+) -> None:
+    """DAGs with joins, their short steps in groups (stopping early, as past their budget, after
+    ``stops_after`` steps; their function known short, or probed first), or each step its own
+    task: the same run, step by step, each attempt's code run once."""
+    fused, fused_states, fused_ran, backend = _run_shapes(shapes, True, stops_after, known)
+    alone, alone_states, alone_ran, _ = _run_shapes(shapes, False)
+    GROUPED.update(len(g) for g in backend.groups)
+    assert (fused.status, fused.outputs) == (alone.status, alone.outputs)
+    assert fused_states == alone_states
+    assert fused_ran == alone_ran
+
+
+def _lattice(n: int, counters: Path) -> Workflow:
+    steps = []
+    for i in range(n):
+        for j in range(n):
+            given = [f"${{steps.n{i - 1}_{j}.output}}" if i else 1, f"${{steps.n{i}_{j - 1}.output}}" if j else 1]
+            steps.append(
+                Step(
+                    id=f"n{i}_{j}",
+                    python="teststeps:tally",
+                    with_={"counter": str(counters / f"n{i}_{j}"), "fail_times": 0, "given": given},
+                )
+            )
+    return Workflow(name="lattice", base_dir=FIXTURES, steps=steps)
+
+
+def test_short_steps_with_joins_go_in_groups_once_their_time_is_known(tmp_path: Path) -> None:
+    """A lattice's function is not known at first: its first steps go alone (probes, twice the 4
+    CPUs), the others wait for a probe's outcome, then go in groups. The next run (the function
+    known short in this process) sends every step in groups, a group at most a quarter of the
+    steps that go at once. The same outputs, each step run once, every step's events."""
+    times = StepTimes()
+    outputs, tasks = [], []
+    for attempt in ("first", "second"):
+        folder = tmp_path / attempt
+        (folder / "counters").mkdir(parents=True)
+        backend = InProcessRay()
+        backend.cpus = 4
+        result, store, _ = run(folder, _lattice(6, folder / "counters"), backend=backend, step_times=times)
+        try:
+            assert result.status == RunStatus.SUCCEEDED, result.error
+            assert {p.name: len(p.read_text()) for p in (folder / "counters").iterdir()} == {
+                f"n{i}_{j}": 1 for i in range(6) for j in range(6)
+            }
+            events = [(e.type, e.step_id) for e in store.events(0, "r1")]
+            for step_id in result.outputs:
+                assert events.count(("step.started", step_id)) == events.count(("step.succeeded", step_id)) == 1
+            outputs.append(result.outputs)
+            tasks.append((backend.submitted, backend.groups))
+        finally:
+            store.close()
+    expected: dict[str, int] = {}
+    for i in range(6):
+        for j in range(6):
+            expected[f"n{i}_{j}"] = (
+                1 + (expected[f"n{i - 1}_{j}"] if i else 1) + (expected[f"n{i}_{j - 1}"] if j else 1)
+            )
+    assert outputs[0] == outputs[1] == expected
+    submitted, groups = tasks[0]
+    assert len([s for g in groups for s in g]) == 36 - 8 and submitted == 8 + len(groups)  # 8 probes alone
+    submitted, groups = tasks[1]
+    assert sorted(step for group in groups for step in group) == sorted(outputs[1])  # all in groups
+    assert submitted == len(groups) == 4 and max(len(group) for group in groups) == 9
+
+
+def test_a_step_known_to_be_long_does_not_go_in_a_group(tmp_path: Path) -> None:
+    times = StepTimes()
+    times.learn("teststeps:tally", 0.5)
+    (tmp_path / "counters").mkdir()
+    result, store, backend = run(tmp_path, _lattice(3, tmp_path / "counters"), step_times=times)
+    store.close()
+    assert result.status == RunStatus.SUCCEEDED, result.error
+    assert backend.groups == [] and backend.submitted == 9
 
 
 @pytest.fixture
@@ -570,5 +735,30 @@ def test_items_whose_worker_dies_in_a_task_of_several_are_charged_nothing_and_go
         # two probed alone, the other 38 in two tasks of 19 (spread over as many tasks as were probed),
         # then the 19 items of the task that died again, each alone
         assert backend.item_tasks == [19, 19] and backend.submitted == 2 + 2 + 19
+    finally:
+        store.close()
+
+
+def test_a_group_whose_worker_dies_charges_no_step_and_runs_the_unreported_ones_alone(tmp_path: Path) -> None:
+    """A lattice in groups; the worker of one dies at n1_1, after running the steps before it
+    in its group, whose outcomes were lost: none is charged, each unreported step goes again
+    alone as the same attempt, and the run succeeds."""
+    times = StepTimes()
+    times.learn("teststeps:tally", 0.0001)
+    (tmp_path / "counters").mkdir()
+    backend = DyingRay(lambda call: call.step_id == "n1_1")
+    result, store, _ = run(tmp_path, _lattice(3, tmp_path / "counters"), backend=backend, step_times=times)
+    try:
+        assert result.status == RunStatus.SUCCEEDED, result.error
+        assert backend.killed and any("n1_1" in group for group in backend.groups)
+        assert {s.step_id: s.attempts for s in store.get_steps("r1")} == {
+            f"n{i}_{j}": 1 for i in range(3) for j in range(3)
+        }
+        runs = {p.name: len(p.read_text()) for p in (tmp_path / "counters").iterdir()}
+        group = next(g for g in backend.groups if "n1_1" in g)
+        lost = group[: group.index("n1_1")]
+        assert lost and all(runs[step] == 2 for step in lost)  # ran, lost with the worker, ran again
+        assert sum(runs.values()) == 9 + len(lost)
+        assert not [e for e in store.events(0, "r1") if e.type in ("step.retrying", "step.failed")]
     finally:
         store.close()
