@@ -77,9 +77,12 @@ class ChainBook:
         return step_id in self.pending_in or step_id in self.parked
 
     def add(self, stream: Any, actions: list[SubmitStep], group: bool = False) -> None:
+        """A chain or group went. Its steps' results are the stream's to report; a step's
+        latest submission is the one whose result its dependants wait for."""
         self.chains[stream] = Chain(deque(a.step_id for a in actions), deque(a.token for a in actions), group)
         for action in actions:
             self.pending_in[action.step_id] = stream
+            self.parked.pop(action.step_id, None)
 
     def wait(self, actions: list[SubmitStep], deps: dict[str, Any], group: bool = False) -> None:
         """Submissions whose dependencies with no ref (None) are :meth:`pending`."""
@@ -90,6 +93,7 @@ class ChainBook:
             self._waiting.setdefault((where, dep), []).append(waiting)
         for action in actions:
             self.parked[action.step_id] = waiting
+            self.pending_in.pop(action.step_id, None)  # an older submission's stream no longer reports it
 
     def went(self, waiting: Waiting, refs: dict[str, Any]) -> list[Waiting]:
         """A waiting submission went to Ray: each of its steps has a ref now (``refs``), or is
@@ -132,6 +136,7 @@ class ChainBook:
     def sent_alone(self, step_id: str) -> None:
         """The step went to Ray as a task of its own: its result is no chain's to report."""
         self.pending_in.pop(step_id, None)
+        self.parked.pop(step_id, None)
 
     def reported(self, stream: Any, step_id: str, ref: Any, ok: bool = True) -> tuple[list[Waiting], list[Waiting]]:
         """``stream`` reported ``step_id``, held by ``ref``: it succeeded (``ok``), or not (or did

@@ -41,6 +41,7 @@ from factory.groups import (
     HeldSteps,
     StepTimes,
     plan,
+    timed_as,
 )
 from factory.lease import LeaseKeeper
 from factory.outcome import Outcome
@@ -362,6 +363,7 @@ class Coordinator:
         self._decided: set[str] = set()  # approval gates whose decision the scheduler was given
         self._agent_steps_sent: set[str] = set()  # agent and route steps with a task sent to a pool
         self._book = ChainBook()  # chains in flight (one task each), and submissions waiting for their steps
+        self._given: dict[Any, dict[str, Any]] = {}  # group in flight -> step id -> the result its steps had
         self._cpus: int | None = None  # the cluster's, once a group is made
         self._held: HeldSteps | None = None  # steps waiting for their function's time (made when needed)
         self._not_run_ref: Any = None  # NOT_RUN in Ray's object store, once needed (see _not_run_result)
@@ -473,7 +475,10 @@ class Coordinator:
         step = self._steps[step_id]
         if step.python is None or self._options(step):
             return None
-        return self.step_times.short(step.python)
+        return self.step_times.short(self._timed(step.python))
+
+    def _timed(self, target: str) -> str:
+        return timed_as(target, self.workflow.base_dir)
 
     def _group_from(self, first: SubmitStep, queue: _Queue) -> list[SubmitStep]:
         """``first`` and the submissions right after it in the queue, while their steps are
@@ -520,11 +525,26 @@ class Coordinator:
         """A python step whose function's time is not known goes alone as a probe (False), or
         waits for a probe of it to end (True): then it may go in a group (factory.groups)."""
         step = self._steps[action.step_id]
-        if step.python is None or self._options(step) or self.step_times.known(step.python):
+        if step.python is None or self._options(step) or self.step_times.known(self._timed(step.python)):
             return False
         if self._held is None:
             self._held = HeldSteps(probe=2 * self._parallelism())
-        return self._held.probes_or_holds(action, step.python)
+        ready = self.scheduler.step_status(action.step_id) == StepStatus.RUNNING  # its dependencies succeeded
+        return self._held.probes_or_holds(action, self._timed(step.python), ready)
+
+    def _release_held(self) -> list[Action]:
+        """Held steps, to be decided again now that a probe ended; those whose attempt no longer
+        counts (a dependency failed meanwhile) are told they did not run, and never go."""
+        assert self._held is not None
+        actions: list[Action] = []
+        now = time.monotonic()
+        for action in self._held.take():
+            assert isinstance(action, SubmitStep)
+            if self.scheduler.current(action.token):
+                actions.append(action)
+            else:
+                actions += self.scheduler.on_result(action.token, NOT_RUN, now)
+        return actions
 
     def _not_run_result(self) -> Any:
         """The result a step that did not run gives its dependants (a group given it goes, and
@@ -568,8 +588,9 @@ class Coordinator:
         first = self._steps[actions[0].step_id]
         calls = [self._step_call(action) for action in actions]
         if group:
-            _, sources = plan([a.step_id for a in actions], self.graph.deps)
+            given, sources = plan([a.step_id for a in actions], self.graph.deps)
             stream = self.backend.submit_group(calls, sources, deps)
+            self._given[stream] = dict(zip(given, deps, strict=True))
             self._track(stream, actions[0].token, deps)
             for action in actions:
                 self._refs.pop(action.step_id, None)  # each result is known as it comes back
@@ -592,10 +613,18 @@ class Coordinator:
     def _send_waiting(self, waiting: list[Waiting]) -> None:
         """Waiting submissions whose dependencies are all known go; then those waiting for them."""
         queue = deque(waiting)
+        never: list[Waiting] = []
         while queue:
             each = queue.popleft()
+            if not any(self.scheduler.current(a.token) for a in each.actions):  # nothing counts on it
+                ready, gone = self._book.dropped(each, self._not_run_result())
+                queue.extend(ready)
+                never += [each, *gone]
+                continue
             self._send(each.actions, list(each.deps.values()), each.group)
             queue.extend(self._book.went(each, self._refs))
+        if never:
+            self._apply(self._not_run([], never))
 
     def _take_from_chain(self, stream: Any) -> None:
         """The next outcome of a chain or group in flight: the step it is for is decided. A
@@ -618,7 +647,8 @@ class Coordinator:
         ref, result = taken
         if not isinstance(result, Outcome) and chain.group:
             live = [token for token in chain.tokens if self.scheduler.current(token)]
-            charged = live[0] if len(live) == 1 else None  # the one left that counts ran when it died
+            charged = live[0] if len(live) == 1 else None  # the only one left that counts: as if alone
+            self.backend.stop(stream)  # (an error that is not its worker's death: it must not run on)
             left = self._group_left(stream, charged)
             if charged is not None:
                 self._deliver(charged, result)
@@ -637,6 +667,8 @@ class Coordinator:
         if ok and self._book.pending_in.get(step_id) is stream:  # (not if the step went again since)
             self._refs[step_id] = ref
         settled, dropped = self._book.reported(stream, step_id, ref, ok)
+        if chain.group:
+            self._given[stream][step_id] = ref
         rest: list[int] = []
         if chain.tokens and (ok or chain.group):
             self._runs_next(stream, chain.tokens[0])
@@ -663,18 +695,23 @@ class Coordinator:
         tokens of the others (they will not run) and the submissions that will not go with
         them, for :meth:`_not_run` once ``charged``'s outcome is delivered."""
         chain = self._book.chains.pop(stream)
+        given = self._given.pop(stream)  # each step is given again what it had (or its step's new result)
         self._untrack(stream)
-        self._forget(chain.tokens)
+        self._forget(token for token in chain.tokens if token != charged)
+        if charged is not None:
+            self._token_refs.pop(charged, None)  # (its start stays: what Ray said is told with its time)
         gone: list[int] = []
         dropped: list[Waiting] = []
         for token, step_id in zip(chain.tokens, chain.step_ids, strict=True):
             if token != charged and self.scheduler.current(token):
-                self._send([SubmitStep(token, step_id)], [self._refs[d] for d in self.graph.deps[step_id]])
-                ready, never = self._book.reported(stream, step_id, self._refs[step_id])
+                self._send([SubmitStep(token, step_id)], [given[d] for d in self.graph.deps[step_id]])
+                given[step_id] = self._refs[step_id]
+                ready, never = self._book.reported(stream, step_id, given[step_id])
             else:
                 if token != charged:
                     gone.append(token)
-                ready, never = self._book.reported(stream, step_id, self._not_run_result(), ok=False)
+                given[step_id] = self._not_run_result()
+                ready, never = self._book.reported(stream, step_id, given[step_id], ok=False)
             self._send_waiting(ready)
             dropped += never
         return gone, dropped
@@ -684,6 +721,7 @@ class Coordinator:
         order, and the submissions that waited for one of them and will not go (groups that
         waited for one go now, given that it did not run)."""
         not_run = self._not_run_result() if self._book.chains[stream].step_ids else None
+        self._given.pop(stream, None)
         tokens, ready, dropped = self._book.end(stream, not_run)
         self._untrack(stream)
         self._forget(tokens)
@@ -944,7 +982,7 @@ class Coordinator:
             if attempt is not None and attempt.index is None and not outcome.skipped:
                 target = self._steps[attempt.step_id].python
                 if target is not None:
-                    self.step_times.learn(target, outcome.duration)  # may it go in a group next time
+                    self.step_times.learn(self._timed(target), outcome.duration)  # may it go in a group
         else:
             exc = result
             step = self._steps[attempt.step_id] if attempt is not None else None
@@ -993,6 +1031,7 @@ class Coordinator:
         self._dependants.clear()
         self._token_refs.clear()
         self._book.clear()
+        self._given.clear()
         if self._items is not None:
             self._items.clear()
         if self._held is not None:
@@ -1083,7 +1122,7 @@ class Coordinator:
                 return  # only people can move the run on: stop here, hold nothing while they decide
             self._wait()
             if self._held is not None and self._held.due:  # a probe ended: its function's time is known
-                self._apply(self._held.take())
+                self._apply(self._release_held())
             self._flush()
             now = time.monotonic()
             if now - last_poll >= CANCEL_POLL_SECONDS:

@@ -12,14 +12,15 @@ dependency did not succeed says so without running), and each outcome comes back
 committed as it ends.
 
 What a function takes is learned from its attempts' outcomes in this process
-(:class:`StepTimes`): a function seen taking longer than :data:`SHORT_STEP_SECONDS` runs in a
-task of its own. Of a function never seen, the first steps go alone, twice as many as the
-cluster has CPUs (probes, as for the items of a for_each); its other steps, and the steps
-that need them, wait (:class:`HeldSteps`) until a probe's outcome tells its time (or a probe
-ended without one, and another goes). A group takes no more steps than its
-share of those that go at once, by the cluster's CPUs, so that a wide DAG still spreads. A guess can be wrong (the same
-function given other arguments): a group stops once it has run for
-:data:`GROUP_BUDGET_SECONDS`, and its steps left go again, each in a task of its own.
+(:class:`StepTimes`, keyed by :func:`timed_as`): a function seen taking longer than
+:data:`SHORT_STEP_SECONDS` runs in a task of its own. Of a function never seen, steps that can
+run now (their dependencies succeeded) go alone as probes, at most twice as many as the
+cluster has CPUs (as for the items of a for_each); while a probe runs, the function's other
+steps, and the steps that need them, wait (:class:`HeldSteps`) until a probe's outcome tells
+its time (or a probe ended without one, and another may go). A group takes no more steps than
+its share of those that go at once, by the cluster's CPUs, so that a wide DAG still spreads.
+A guess can be wrong (the same function given other arguments): a group stops once it has
+run for :data:`GROUP_BUDGET_SECONDS`, and its steps left go again, each in a task of its own.
 
 :func:`plan` lays a group out (no Ray here); the driver (factory.engine) carries it out.
 """
@@ -70,6 +71,11 @@ class StepTimes:
     def known(self, target: str) -> bool:
         return target in self._median
 
+    def clear(self) -> None:
+        with self._lock:
+            self._recent.clear()
+            self._median.clear()
+
     def short(self, target: str) -> float | None:
         """What ``target`` takes, if that is short; None if not, or never seen."""
         seconds = self._median.get(target)
@@ -77,6 +83,12 @@ class StepTimes:
 
 
 STEP_TIMES = StepTimes()  # this process's
+
+
+def timed_as(target: str, base_dir: str | None) -> str:
+    """What a python function's time is known by: the function and the folder its workflow
+    imports from (two workflows' ``steps:work`` need not be the same function)."""
+    return f"{target} {base_dir or ''}"
 
 
 def plan(step_ids: Sequence[str], deps: Mapping[str, Sequence[str]]) -> tuple[list[str], list[tuple[int, ...]]]:
@@ -121,15 +133,20 @@ class HeldSteps:
             return True
         return False
 
-    def probes_or_holds(self, action: SubmitStep, target: str) -> bool:
-        """``action``'s function's time is not known: it goes alone as a probe (False), or is
-        held until a probe ends (True)."""
-        if self.probing.get(target, 0) < self.probe:
-            self.probing[target] = self.probing.get(target, 0) + 1
+    def probes_or_holds(self, action: SubmitStep, target: str, ready: bool) -> bool:
+        """``action``'s function's time is not known: whether it is held (True) until a probe of
+        the function ends. A step that can run now (``ready``: its dependencies succeeded)
+        goes alone as a probe while there are fewer than :attr:`probe`; the others wait while a
+        probe of it runs (a probe can run: it ends), and go as before when none does."""
+        probing = self.probing.get(target, 0)
+        if ready and probing < self.probe:
+            self.probing[target] = probing + 1
             self.probes[action.token] = target
             return False
-        self._hold(action)
-        return True
+        if probing:
+            self._hold(action)
+            return True
+        return False
 
     def ended(self, token: int) -> None:
         """An attempt ended (or was stopped, or will not run). A probe's end frees its place:

@@ -154,7 +154,7 @@ class Settings(BaseSettings):
         default=True,
         description=(
             "Run a chain of python steps (each the only dependant of the one before, none asking for "
-            "resources) in one Ray task, and python steps known to take under 1 ms (a lattice's) several "
+            "resources) in one Ray task, and python steps known to take 1 ms or less (a lattice's) several "
             "to a task; each step's outcome still comes back and is committed as it ends."
         ),
     )

@@ -28,6 +28,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(getattr(pytest.mark, marker))
 
 
+@pytest.fixture(autouse=True)
+def _step_times_unknown() -> Iterator[None]:
+    """Each test starts as a fresh process would: no python function's time known (the engine
+    learns them as steps run, and sends short ones in groups: factory.groups)."""
+    from factory.groups import STEP_TIMES
+
+    STEP_TIMES.clear()
+    yield
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[str]:
     """A local Ray shared by the whole session; yields its GCS address for subprocesses."""

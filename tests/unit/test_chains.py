@@ -93,6 +93,24 @@ def test_a_group_goes_even_when_a_step_it_needs_did_not_succeed_or_run() -> None
     assert tokens == [1, 2] and ready == dropped == []
 
 
+def test_a_steps_latest_submission_is_the_one_its_dependants_wait_for() -> None:
+    """b went in an old group, then was submitted again (its dependency retried) and waits: a
+    dependant submitted now waits for the new b, not the old group's (whose b no longer counts);
+    and once the new b goes in a group of its own, the old group's report of b binds nothing."""
+    book = ChainBook()
+    book.add("old", [submit(1, "a"), submit(2, "b")], group=True)
+    book.add("x", [submit(3, "x"), submit(4, "y")])
+    book.wait([submit(5, "b")], {"y": None})  # b again, waiting for y of chain x
+    book.wait([submit(6, "d")], {"b": None})
+    assert book.reported("old", "b", "stale-b") == ([], [])  # nothing waits there
+    [b], [] = book.reported("x", "y", "ref-y")
+    book.add("new", b.actions, group=True)
+    assert book.went(b, {}) == []
+    assert book.reported("old", "b", "stale-b") == ([], [])
+    [d], [] = book.reported("new", "b", "ref-b")
+    assert d.deps == {"b": "ref-b"}
+
+
 def test_a_group_is_laid_out_with_what_it_is_given_and_where_each_step_finds_its_dependencies() -> None:
     deps = {"a": ["x"], "b": ["a", "y"], "c": ["b", "x", "a"], "x": [], "y": []}
     given, sources = plan(["a", "b", "c"], deps)
@@ -111,9 +129,12 @@ def test_step_times_are_the_median_of_recent_attempts_and_only_short_ones_count(
     for seconds in (0.2, 0.3, 0.4):  # it became long: three of five say so
         times.learn("m:f", seconds)
     assert times.short("m:f") is None
+    for _ in range(5):
+        times.learn("m:f", 0.0001)  # short again
+    assert times.short("m:f") == 0.0001
     times.learn("m:g", 0.0001)
     times.learn("m:h", 0.0001)  # over capacity: the function seen least recently is forgotten
-    assert times.short("m:f") is None and times.short("m:g") == times.short("m:h") == 0.0001
+    assert not times.known("m:f") and times.short("m:g") == times.short("m:h") == 0.0001
     times.learn("m:g", 0.0001)
     times.learn("m:i", 0.0001)
     assert times.short("m:h") is None and times.short("m:g") == 0.0001
