@@ -76,13 +76,15 @@ class ChainBook:
         """Whether the step's result is yet to come: a chain has not reported it, or it waits."""
         return step_id in self.pending_in or step_id in self.parked
 
-    def add(self, stream: Any, actions: list[SubmitStep], group: bool = False) -> None:
-        """A chain or group went. Its steps' results are the stream's to report; a step's
-        latest submission is the one whose result its dependants wait for."""
+    def add(self, stream: Any, actions: list[SubmitStep], group: bool = False, claimed: set[str] | None = None) -> None:
+        """A chain or group went. Its steps' results are the stream's to report (those in
+        ``claimed``, when given: the others' attempts no longer count, and a newer submission of
+        theirs may be in flight); a step's latest submission is the one its dependants wait for."""
         self.chains[stream] = Chain(deque(a.step_id for a in actions), deque(a.token for a in actions), group)
         for action in actions:
-            self.pending_in[action.step_id] = stream
-            self.parked.pop(action.step_id, None)
+            if claimed is None or action.step_id in claimed:
+                self.pending_in[action.step_id] = stream
+                self.parked.pop(action.step_id, None)
 
     def wait(self, actions: list[SubmitStep], deps: dict[str, Any], group: bool = False) -> None:
         """Submissions whose dependencies with no ref (None) are :meth:`pending`."""
@@ -95,23 +97,34 @@ class ChainBook:
             self.parked[action.step_id] = waiting
             self.pending_in.pop(action.step_id, None)  # an older submission's stream no longer reports it
 
-    def went(self, waiting: Waiting, refs: dict[str, Any]) -> list[Waiting]:
+    def went(
+        self, waiting: Waiting, refs: dict[str, Any], not_run: Any, claimed: set[str] | None = None
+    ) -> tuple[list[Waiting], list[Waiting]]:
         """A waiting submission went to Ray: each of its steps has a ref now (``refs``), or is
-        pending in the chain it went in. Returns the submissions that can go now."""
-        ready = []
+        pending in the chain it went in; but a step not in ``claimed`` (when given), whose
+        attempt no longer counts: what waited for it is told it did not run (``not_run``).
+        Returns the submissions that can go now, and those that will not go."""
+        ready: list[Waiting] = []
+        gone: list[Waiting] = []
         for action in waiting.actions:
             step_id = action.step_id
             if self.parked.get(step_id) is waiting:
                 del self.parked[step_id]
+            counts = claimed is None or step_id in claimed
             for other in self._waiting.pop((waiting, step_id), []):
                 if other.settled:
                     continue
-                if step_id in self.pending_in:
+                if not counts and not other.group:
+                    other.settled = True
+                    gone.append(other)
+                elif not counts:
+                    if other.bind(step_id, not_run):
+                        ready.append(other)
+                elif step_id in self.pending_in:
                     self._waiting.setdefault((self.pending_in[step_id], step_id), []).append(other)
-                    continue
-                if other.bind(step_id, refs[step_id]):
+                elif other.bind(step_id, refs[step_id]):
                     ready.append(other)
-        return ready
+        return ready, gone
 
     def dropped(self, waiting: Waiting, not_run: Any) -> tuple[list[Waiting], list[Waiting]]:
         """A waiting submission will not go: nor will those that waited for its steps, but

@@ -422,7 +422,7 @@ class Coordinator:
                 elif ref is not None and ref in self._book.chains:
                     if self._book.chains[ref].group and self._book.chains[ref].tokens[0] == action.token:
                         self.backend.stop(ref)  # the step it runs: the task stops, the steps left that count go alone
-                        queue.extend(self._not_run(*self._group_left(ref)))
+                        queue.extend(self._not_run(*self._left_alone(ref)))
                     elif self._book.chains[ref].tokens[0] == action.token:  # the step it runs: the task stops
                         tokens, dropped = self._end_chain(ref)
                         queue.extend(self._not_run(tokens[1:], dropped))  # the steps after it never ran
@@ -583,8 +583,12 @@ class Coordinator:
         self._send(actions, list(deps.values()), group)
         return []
 
-    def _send(self, actions: list[SubmitStep], deps: list[Any], group: bool = False) -> None:
-        """``deps``: the results the task is given (of the dependencies outside it, in order)."""
+    def _send(
+        self, actions: list[SubmitStep], deps: list[Any], group: bool = False, claimed: set[str] | None = None
+    ) -> None:
+        """``deps``: the results the task is given (of the dependencies outside it, in order).
+        ``claimed``: a group's steps whose attempts count (when not all do): only their results
+        are the group's to give (the others may have a newer submission in flight)."""
         first = self._steps[actions[0].step_id]
         calls = [self._step_call(action) for action in actions]
         if group:
@@ -593,9 +597,10 @@ class Coordinator:
             self._given[stream] = dict(zip(given, deps, strict=True))
             self._track(stream, actions[0].token, deps)
             for action in actions:
-                self._refs.pop(action.step_id, None)  # each result is known as it comes back
+                if claimed is None or action.step_id in claimed:
+                    self._refs.pop(action.step_id, None)  # each result is known as it comes back
                 self._token_refs[action.token] = stream
-            self._book.add(stream, actions, group=True)
+            self._book.add(stream, actions, group=True, claimed=claimed)
             return
         if len(actions) == 1:
             ref = self.backend.submit_step(calls[0], deps, self._options(first))
@@ -604,6 +609,7 @@ class Coordinator:
             self._track(ref, actions[0].token, deps)
             return
         stream = self.backend.submit_chain(calls, deps, self._options(first))
+        self._given[stream] = dict(zip(self.graph.deps[first.id], deps, strict=True))
         self._track(stream, actions[0].token, deps)
         for action in actions:
             self._refs.pop(action.step_id, None)  # each result is known as it comes back
@@ -611,20 +617,50 @@ class Coordinator:
         self._book.add(stream, actions)
 
     def _send_waiting(self, waiting: list[Waiting]) -> None:
-        """Waiting submissions whose dependencies are all known go; then those waiting for them."""
-        queue = deque(waiting)
-        never: list[Waiting] = []
-        while queue:
-            each = queue.popleft()
-            if not any(self.scheduler.current(a.token) for a in each.actions):  # nothing counts on it
-                ready, gone = self._book.dropped(each, self._not_run_result())
-                queue.extend(ready)
-                never += [each, *gone]
+        """Waiting submissions whose dependencies are all known go; then those waiting for them.
+        Those none of whose attempts counts any more do not (nor what waited for them)."""
+        stale = self._settle(waiting, [])
+        if stale:
+            self._apply(self._tell_not_run(stale))
+
+    def _settle(self, ready: list[Waiting], never: list[Waiting]) -> list[int]:
+        """Waiting submissions: those in ``ready`` go, and then those that waited for them; those
+        in ``never`` will not go, nor will those that waited for them (but groups, which go given
+        that the step did not run). A submission none of whose attempts counts any more does
+        not go either, and a group goes with its steps that count only. Returns the tokens of
+        the attempts that will not run."""
+        go, stop = deque(ready), deque(never)
+        tokens: list[int] = []
+        while go or stop:
+            if go:
+                each = go.popleft()
+                counting = {a.step_id for a in each.actions if self.scheduler.current(a.token)}
+                if counting:
+                    claimed = counting if each.group and len(counting) < len(each.actions) else None
+                    self._send(each.actions, list(each.deps.values()), each.group, claimed)
+                    more, gone = self._book.went(each, self._refs, self._not_run_result(), claimed)
+                    go.extend(more)
+                    stop.extend(gone)
+                    continue
+                stop.append(each)
                 continue
-            self._send(each.actions, list(each.deps.values()), each.group)
-            queue.extend(self._book.went(each, self._refs))
-        if never:
-            self._apply(self._not_run([], never))
+            each = stop.popleft()
+            tokens += [a.token for a in each.actions]
+            more, gone = self._book.dropped(each, self._not_run_result())
+            go.extend(more)
+            stop.extend(gone)
+        return tokens
+
+    def _tell_not_run(self, tokens: list[int]) -> list[Action]:
+        """The scheduler is told these attempts did not run (as a task given a failed result
+        would say); the actions it decides."""
+        actions: list[Action] = []
+        now = time.monotonic()
+        for token in tokens:
+            if self._held is not None:
+                self._held.ended(token)
+            actions += self.scheduler.on_result(token, NOT_RUN, now)
+        return actions
 
     def _take_from_chain(self, stream: Any) -> None:
         """The next outcome of a chain or group in flight: the step it is for is decided. A
@@ -637,7 +673,7 @@ class Coordinator:
         chain = self._book.chains[stream]
         taken = self.backend.next_result(stream)
         if taken is None and chain.group:  # it stopped at its budget: the steps left go alone
-            self._apply(self._not_run(*self._group_left(stream)))
+            self._apply(self._not_run(*self._left_alone(stream)))
             return
         if taken is None:  # it ended without a word for the step it ran (cannot happen with execute_chain)
             tokens, waiting = self._end_chain(stream)
@@ -645,21 +681,15 @@ class Coordinator:
             self._apply(self._not_run(tokens[1:], waiting))
             return
         ref, result = taken
-        if not isinstance(result, Outcome) and chain.group:
-            live = [token for token in chain.tokens if self.scheduler.current(token)]
-            charged = live[0] if len(live) == 1 else None  # the only one left that counts: as if alone
+        if not isinstance(result, Outcome) and (chain.group or len(chain.tokens) > 1):
+            # charged only if it was the last one left (as a task of its own would be), and counts
+            first = chain.tokens[0]
+            charged = first if len(chain.tokens) == 1 and self.scheduler.current(first) else None
             self.backend.stop(stream)  # (an error that is not its worker's death: it must not run on)
-            left = self._group_left(stream, charged)
+            left = self._left_alone(stream, charged)
             if charged is not None:
                 self._deliver(charged, result)
             self._apply(self._not_run(*left))
-            return
-        if (
-            not isinstance(result, Outcome)
-            and len(chain.tokens) > 1
-            and all(token in self.scheduler.tokens for token in chain.tokens)
-        ):
-            self._chain_again_alone(stream)
             return
         token, step_id = chain.tokens.popleft(), chain.step_ids.popleft()
         self._token_refs.pop(token, None)
@@ -669,6 +699,8 @@ class Coordinator:
         settled, dropped = self._book.reported(stream, step_id, ref, ok)
         if chain.group:
             self._given[stream][step_id] = ref
+        else:  # the next step of a chain needs only this one's result
+            self._given[stream] = {step_id: ref}
         rest: list[int] = []
         if chain.tokens and (ok or chain.group):
             self._runs_next(stream, chain.tokens[0])
@@ -679,21 +711,13 @@ class Coordinator:
         self._deliver(token, result)  # first: the scheduler then knows the attempts after it are stale
         self._apply(self._not_run(rest, dropped))
 
-    def _chain_again_alone(self, stream: Any) -> None:
-        """A chain whose task died: its unreported steps go again in order, a task each, as the
-        attempts they were; what waited for one of them waits for that task's result instead."""
-        chain = self._book.chains.pop(stream)
-        self._untrack(stream)
-        for token, step_id in zip(chain.tokens, chain.step_ids, strict=True):
-            self._send([SubmitStep(token, step_id)], [self._refs[d] for d in self.graph.deps[step_id]])
-            self._send_waiting(self._book.reported(stream, step_id, self._refs[step_id])[0])
-
-    def _group_left(self, stream: Any, charged: int | None = None) -> tuple[list[int], list[Waiting]]:
-        """A group that stopped before its end (its budget, a Stop, its worker's death): its
-        unreported steps whose attempts still count go again in order, a task each, as the
-        attempts they were (but ``charged``, whose outcome the caller delivers). Returns the
-        tokens of the others (they will not run) and the submissions that will not go with
-        them, for :meth:`_not_run` once ``charged``'s outcome is delivered."""
+    def _left_alone(self, stream: Any, charged: int | None = None) -> tuple[list[int], list[Waiting]]:
+        """A chain or group that stopped before its end (a group's budget or Stop, its worker's
+        death): its unreported steps whose attempts still count go again in order, a task
+        each, as the attempts they were, given what they had (or the new result of a step
+        before them that goes again); but ``charged``, whose outcome the caller delivers.
+        Returns the tokens of the others (they will not run) and the submissions that will not
+        go with them, for :meth:`_not_run` once ``charged``'s outcome is delivered."""
         chain = self._book.chains.pop(stream)
         given = self._given.pop(stream)  # each step is given again what it had (or its step's new result)
         self._untrack(stream)
@@ -733,21 +757,7 @@ class Coordinator:
         stopped before it): the scheduler is told so, as it would be by a task given that result
         (they are stale by then: the scheduler retried or failed that dependency). Groups that
         waited for one of them go, given that it did not run."""
-        actions: list[Action] = []
-        now = time.monotonic()
-        tokens = list(tokens)
-        gone = deque(dropped)
-        while gone:  # and the submissions that waited for those
-            each = gone.popleft()
-            tokens += [a.token for a in each.actions]
-            ready, never = self._book.dropped(each, self._not_run_result())
-            self._send_waiting(ready)
-            gone.extend(never)
-        for token in tokens:
-            if self._held is not None:
-                self._held.ended(token)
-            actions += self.scheduler.on_result(token, NOT_RUN, now)
-        return actions
+        return self._tell_not_run([*tokens, *self._settle([], dropped)])
 
     def _track(self, ref: Any, token: int, deps: Sequence[Any] = ()) -> None:
         self._inflight[ref] = token

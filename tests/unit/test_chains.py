@@ -3,6 +3,8 @@ factory.batches): pure, no Ray; the driver's use of them is tested in test_drive
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from factory.batches import MAX_ITEMS_PER_TASK, ItemBatcher, items_per_task
@@ -36,7 +38,7 @@ def test_a_submission_waiting_for_a_waiting_one_goes_after_it() -> None:
     book.wait([submit(3, "d")], {"b": None})
     book.wait([submit(4, "e")], {"d": None})
     [d], [] = book.reported("stream", "b", "ref-b")
-    assert book.went(d, {"d": "ref-d"})[0].deps == {"d": "ref-d"}
+    assert book.went(d, {"d": "ref-d"}, "not-run")[0][0].deps == {"d": "ref-d"}
     assert not book.pending("d")
 
 
@@ -47,7 +49,7 @@ def test_a_waiting_submission_that_goes_as_a_chain_makes_its_dependants_wait_for
     book.wait([submit(5, "f")], {"e": None})
     [d], [] = book.reported("s1", "b", "ref-b")
     book.add("s2", d.actions)  # d and e went as one chain
-    assert book.went(d, {}) == []
+    assert book.went(d, {}, "not-run") == ([], [])
     [f], [] = book.reported("s2", "e", "ref-e")
     assert f.deps == {"e": "ref-e"}
 
@@ -105,10 +107,37 @@ def test_a_steps_latest_submission_is_the_one_its_dependants_wait_for() -> None:
     assert book.reported("old", "b", "stale-b") == ([], [])  # nothing waits there
     [b], [] = book.reported("x", "y", "ref-y")
     book.add("new", b.actions, group=True)
-    assert book.went(b, {}) == []
+    assert book.went(b, {}, "not-run") == ([], [])
     assert book.reported("old", "b", "stale-b") == ([], [])
     [d], [] = book.reported("new", "b", "ref-b")
     assert d.deps == {"b": "ref-b"}
+
+
+def test_a_group_that_goes_with_a_step_that_no_longer_counts_leaves_that_step_to_its_newer_submission() -> None:
+    """Group [p, q] waited for z; q's attempt stopped counting meanwhile (a dependency retried)
+    and q went again alone. The group goes with p only claimed: what waited for the old q is
+    told it did not run (a step is dropped, a group given ``not_run``), and q stays the newer
+    submission's (the group's stream does not report it)."""
+    book = ChainBook()
+    book.add("g0", [submit(1, "y"), submit(2, "z")], group=True)
+    waiting = waiting_group(book, [submit(3, "p"), submit(4, "q")], {"z": None})
+    book.wait([submit(5, "r")], {"q": None})  # r, submitted against the old q
+    book.wait([submit(6, "g1"), submit(7, "g2")], {"q": None}, group=True)
+    book.sent_alone("q")  # q again, alone (the driver's refs hold its new result)
+    [ready], [] = book.reported("g0", "z", "ref-z")
+    assert ready is waiting
+    book.add("gw", waiting.actions, group=True, claimed={"p"})
+    assert book.pending_in.get("p") == "gw" and "q" not in book.pending_in
+    more, gone = book.went(waiting, {"q": "new-q"}, "not-run", claimed={"p"})
+    assert [w.actions[0].step_id for w in gone] == ["r"]
+    assert [w.actions[0].step_id for w in more] == ["g1"] and more[0].deps == {"q": "not-run"}
+    assert book.reported("gw", "q", "stale-q", ok=False) == ([], [])
+
+
+def waiting_group(book: ChainBook, actions: list[SubmitStep], deps: dict[str, object]) -> Any:
+    """The waiting submission ``book.wait`` made of ``actions`` (a group)."""
+    book.wait(actions, deps, group=True)
+    return book.parked[actions[0].step_id]
 
 
 def test_a_group_is_laid_out_with_what_it_is_given_and_where_each_step_finds_its_dependencies() -> None:
