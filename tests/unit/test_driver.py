@@ -841,3 +841,78 @@ def test_the_property_tests_made_groups_of_every_size() -> None:
     if not GROUPED:
         pytest.skip("the property tests did not run in this session")
     assert min(GROUPED) == 2 and max(GROUPED) >= 8 and sum(GROUPED.values()) >= 50
+
+
+class LosingRay(InProcessRay):
+    """The first attempt of step ``lost`` dies with its worker (Ray's error in place of its
+    outcome); a task given that result fails with it before running anything, as Ray fails a
+    task whose argument is lost."""
+
+    def __init__(self, lost: str) -> None:
+        super().__init__()
+        self.lost = lost
+        self.done = False
+
+    def wait(self, refs: list[Any], timeout: float) -> list[Any]:
+        for ref in refs:
+            if isinstance(ref, _Ref) and ref.call and ref.call.step_id == self.lost and not self.done:
+                self.done = True
+                ref.value = WorkerCrashedError()  # type: ignore[assignment]
+        return super().wait(refs, timeout)
+
+    def next_result(self, stream: Any) -> tuple[Any, Any] | None:
+        if isinstance(stream, (_Stream, _GroupStream)) and stream.taken == 0:
+            failed = next((d.value for d in stream.deps if isinstance(d.value, Exception)), None)
+            if failed is not None:
+                return _Ref(), failed
+        return super().next_result(stream)
+
+
+def _after_a_lost_step(counters: Path, chained: bool) -> Workflow:
+    """a (alone: it asks for resources; its first attempt lost with its worker, retried), then b
+    and c: a group [b, c] where b needs a and c needs nothing, or a chain b -> c after a."""
+    a = Step(
+        id="a",
+        python="teststeps:square_or_fail",
+        with_={"x": 3, "bad": -1, "counter": str(counters / "unused")},
+        retry=RetryPolicy(max_attempts=2, backoff=0.0),
+        resources={"num_cpus": 0.5},
+    )
+    b = _tally("b", counters, ["${steps.a.output}"])
+    c = _tally("c", counters, ["${steps.b.output}"] if chained else [])
+    return Workflow(name="lost", base_dir=FIXTURES, steps=[a, b, c])
+
+
+def test_a_group_failed_by_a_lost_argument_charges_none_of_its_steps(tmp_path: Path) -> None:
+    """Ray fails the group [b, c] because a's result was lost; b no longer counts (a is retried)
+    and c, which needs nothing, is not charged: it goes again alone and the run succeeds."""
+    counters = tmp_path / "counters"
+    counters.mkdir()
+    times = StepTimes()
+    times.learn(timed_as("teststeps:tally", FIXTURES), 0.0001)
+    backend = LosingRay("a")
+    result, store, _ = run(tmp_path, _after_a_lost_step(counters, False), backend=backend, step_times=times)
+    try:
+        assert result.status == RunStatus.SUCCEEDED, result.error
+        assert backend.done and backend.groups == [["b", "c"]]
+        assert {s.step_id: s.attempts for s in store.get_steps("r1")} == {"a": 2, "b": 1, "c": 1}
+        assert {p.name: len(p.read_text()) for p in counters.iterdir()} == {"b": 1, "c": 1}
+        assert [e.step_id for e in store.events(0, "r1") if e.type == "step.retrying"] == ["a"]
+    finally:
+        store.close()
+
+
+def test_a_chain_failed_by_a_lost_argument_runs_only_after_the_retry(tmp_path: Path) -> None:
+    """Ray fails the chain b -> c because a's result was lost: neither counts any more (a is
+    retried), so neither goes again from that chain; they run once, after a's retry."""
+    counters = tmp_path / "counters"
+    counters.mkdir()
+    backend = LosingRay("a")
+    result, store, _ = run(tmp_path, _after_a_lost_step(counters, True), backend=backend)
+    try:
+        assert result.status == RunStatus.SUCCEEDED, result.error
+        assert backend.done and backend.chains[0] == ["b", "c"]
+        assert {s.step_id: s.attempts for s in store.get_steps("r1")} == {"a": 2, "b": 1, "c": 1}
+        assert {p.name: len(p.read_text()) for p in counters.iterdir()} == {"b": 1, "c": 1}
+    finally:
+        store.close()
