@@ -472,13 +472,16 @@ class Coordinator:
     def _short(self, step_id: str) -> float | None:
         """What the step's function took last, if it may go in a group (factory.groups): a
         python step that asks Ray for nothing in particular, whose function was short."""
+        timed = self._timed(step_id)
+        return self.step_times.short(timed) if timed is not None else None
+
+    def _timed(self, step_id: str) -> str | None:
+        """What the step's function's time is known by (factory.groups.timed_as), if the step
+        may go in a group or probe its function: a python step asking Ray for nothing."""
         step = self._steps[step_id]
         if step.python is None or self._options(step):
             return None
-        return self.step_times.short(self._timed(step.python))
-
-    def _timed(self, target: str) -> str:
-        return timed_as(target, self.workflow.base_dir)
+        return timed_as(step.python, self.workflow.base_dir)
 
     def _group_from(self, first: SubmitStep, queue: _Queue) -> list[SubmitStep]:
         """``first`` and the submissions right after it in the queue, while their steps are
@@ -524,13 +527,13 @@ class Coordinator:
     def _probes_or_holds(self, action: SubmitStep) -> bool:
         """A python step whose function's time is not known goes alone as a probe (False), or
         waits for a probe of it to end (True): then it may go in a group (factory.groups)."""
-        step = self._steps[action.step_id]
-        if step.python is None or self._options(step) or self.step_times.known(self._timed(step.python)):
+        timed = self._timed(action.step_id)
+        if timed is None or self.step_times.known(timed):
             return False
         if self._held is None:
             self._held = HeldSteps(probe=2 * self._parallelism())
         ready = self.scheduler.step_status(action.step_id) == StepStatus.RUNNING  # its dependencies succeeded
-        return self._held.probes_or_holds(action, self._timed(step.python), ready)
+        return self._held.probes_or_holds(action, timed, ready)
 
     def _release_held(self) -> list[Action]:
         """Held steps, to be decided again now that a probe ended; those whose attempt no longer
@@ -591,30 +594,25 @@ class Coordinator:
         are the group's to give (the others may have a newer submission in flight)."""
         first = self._steps[actions[0].step_id]
         calls = [self._step_call(action) for action in actions]
-        if group:
-            given, sources = plan([a.step_id for a in actions], self.graph.deps)
-            stream = self.backend.submit_group(calls, sources, deps)
-            self._given[stream] = dict(zip(given, deps, strict=True))
-            self._track(stream, actions[0].token, deps)
-            for action in actions:
-                if claimed is None or action.step_id in claimed:
-                    self._refs.pop(action.step_id, None)  # each result is known as it comes back
-                self._token_refs[action.token] = stream
-            self._book.add(stream, actions, group=True, claimed=claimed)
-            return
-        if len(actions) == 1:
+        if len(actions) == 1 and not group:
             ref = self.backend.submit_step(calls[0], deps, self._options(first))
             self._refs[first.id] = ref
             self._book.sent_alone(first.id)
             self._track(ref, actions[0].token, deps)
             return
-        stream = self.backend.submit_chain(calls, deps, self._options(first))
-        self._given[stream] = dict(zip(self.graph.deps[first.id], deps, strict=True))
+        if group:
+            given, sources = plan([a.step_id for a in actions], self.graph.deps)
+            stream = self.backend.submit_group(calls, sources, deps)
+        else:
+            given = self.graph.deps[first.id]
+            stream = self.backend.submit_chain(calls, deps, self._options(first))
+        self._given[stream] = dict(zip(given, deps, strict=True))
         self._track(stream, actions[0].token, deps)
         for action in actions:
-            self._refs.pop(action.step_id, None)  # each result is known as it comes back
+            if claimed is None or action.step_id in claimed:
+                self._refs.pop(action.step_id, None)  # each result is known as it comes back
             self._token_refs[action.token] = stream
-        self._book.add(stream, actions)
+        self._book.add(stream, actions, group, claimed)
 
     def _send_waiting(self, waiting: list[Waiting]) -> None:
         """Waiting submissions whose dependencies are all known go; then those waiting for them.
@@ -638,7 +636,8 @@ class Coordinator:
                 if counting:
                     claimed = counting if each.group and len(counting) < len(each.actions) else None
                     self._send(each.actions, list(each.deps.values()), each.group, claimed)
-                    more, gone = self._book.went(each, self._refs, self._not_run_result(), claimed)
+                    not_run = self._not_run_result() if claimed is not None else None  # (only then needed)
+                    more, gone = self._book.went(each, self._refs, not_run, claimed)
                     go.extend(more)
                     stop.extend(gone)
                     continue
@@ -992,7 +991,8 @@ class Coordinator:
             if attempt is not None and attempt.index is None and not outcome.skipped:
                 target = self._steps[attempt.step_id].python
                 if target is not None:
-                    self.step_times.learn(self._timed(target), outcome.duration)  # may it go in a group
+                    timed = timed_as(target, self.workflow.base_dir)
+                    self.step_times.learn(timed, outcome.duration)  # may it go in a group
         else:
             exc = result
             step = self._steps[attempt.step_id] if attempt is not None else None

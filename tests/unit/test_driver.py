@@ -546,13 +546,7 @@ def _lattice(n: int, counters: Path) -> Workflow:
     for i in range(n):
         for j in range(n):
             given = [f"${{steps.n{i - 1}_{j}.output}}" if i else 1, f"${{steps.n{i}_{j - 1}.output}}" if j else 1]
-            steps.append(
-                Step(
-                    id=f"n{i}_{j}",
-                    python="teststeps:tally",
-                    with_={"counter": str(counters / f"n{i}_{j}"), "fail_times": 0, "given": given},
-                )
-            )
+            steps.append(_tally(f"n{i}_{j}", counters, given))
     return Workflow(name="lattice", base_dir=FIXTURES, steps=steps)
 
 
