@@ -161,25 +161,21 @@ class RedisEventPublisher:
         Raises redis.ConnectionError while Redis is unreachable."""
         total = 0
         while True:
-            events = self.store.events(self.cursor(), limit=self.batch)
+            events = self.store.event_rows(self.cursor(), self.batch)
             if not events:
                 return total
-            rows = []
-            for event in events:
-                fields = _fields(event)
-                rows.append(
-                    [
-                        str(event.id),
-                        self.keys.run(event.run_id),
-                        *(fields[name] for name in ("run_id", "step_id", "type", "data", "ts")),
-                        event.type in FINAL_EVENTS,
-                    ]
-                )
+            # the events as the store keeps them, their data as its JSON text: not parsed to be
+            # written again (11 us of this process's CPU an event that way, 3 us so: the
+            # coordinator's, while a run goes on)
+            run_streams = {run_id: self.keys.run(run_id) for run_id in {event[1] for event in events}}
+            rows = [
+                [str(id_), run_streams[run_id], run_id, step_id or "", type_, data, repr(ts), type_ in FINAL_EVENTS]
+                for id_, run_id, step_id, type_, data, ts in events
+            ]
             # one command a batch (two XADDs an event, packed by redis-py, cost about 85 us of
-            # this process's CPU an event; the coordinator's, while a run goes on)
-            run_streams = list(dict.fromkeys(row[1] for row in rows))  # declared, as a script's keys must be
+            # this process's CPU an event); the run streams declared, as a script's keys must be
             self._publish(
-                keys=[self.keys.events, self.keys.cursor, *run_streams],
+                keys=[self.keys.events, self.keys.cursor, *run_streams.values()],
                 args=[self.maxlen or 0, self.run_stream_ttl, json.dumps(rows)],
             )
             total += len(events)

@@ -235,6 +235,10 @@ class Event(BaseModel):
     ts: float
 
 
+# an event as the store keeps it: (id, run_id, step_id, type, data as JSON text, ts)
+EventRow = tuple[int, str, str | None, str, str, float]
+
+
 @dataclass
 class RunChange:
     """A run's new status, with the event that records it."""
@@ -401,6 +405,10 @@ class Store(Protocol):
         """Oldest first; with ``limit``, only the newest ``limit`` of them."""
 
     def events(self, after_id: int = 0, run_id: str | None = None, limit: int = 1000) -> list[Event]: ...
+
+    def event_rows(self, after_id: int, limit: int) -> list[EventRow]:
+        """The events after ``after_id`` as stored, their data as its JSON text, in id order: for
+        copying them elsewhere (the Redis publisher) without parsing them."""
 
     def latest_events(self, run_id: str, type: str, limit: int = 1000) -> list[Event]:
         """The run's newest events of this type, newest first."""

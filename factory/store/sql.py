@@ -26,6 +26,7 @@ from factory.store.base import (
     Change,
     Event,
     EventChange,
+    EventRow,
     ItemChange,
     ItemRecord,
     NewRun,
@@ -97,6 +98,39 @@ def _step_row(change: StepChange, now: float) -> tuple[Any, ...]:
         change.run_id,
         change.step_id,
     )
+
+
+def fold_step_rows(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """_UPDATE_STEP's rows with one row a step: each step's rows, composed in order, as one row
+    whose update leaves the step as its rows applied one after another do (a batch often holds
+    a step's start and its end). For a statement that updates a row once, whatever the order.
+
+    Composing a later row ``b`` onto an earlier ``a``: status, error, finished_at and cached are
+    ``b``'s; attempts and the output are ``b``'s if it sets them, else ``a``'s. started_at is
+    what the two do to it in turn: each sets it (a start), sets it only if unset (a wait), or
+    keeps it; a set followed by anything but a set stays that set, as does an only-if-unset
+    followed by an only-if-unset; a keep is the identity."""
+    folded: dict[tuple[Any, Any], tuple[Any, ...]] = {}
+    for row in rows:
+        key = (row[10], row[11])
+        a = folded.get(key)
+        if a is None:
+            folded[key] = row
+            continue
+        attempts = row[1] if row[1] is not None else a[1]
+        has_output, output = (row[2], row[3]) if row[2] else (a[2], a[3])
+        if row[7] is not None and not row[5]:  # b sets started_at
+            waits, wait_at, start_at = False, row[6], row[7]
+        elif not row[5]:  # b keeps it: a's
+            waits, wait_at, start_at = a[5], a[6], a[7]
+        elif a[5]:  # b sets it only if unset, after a that did the same: a's value comes first
+            waits, wait_at, start_at = True, a[6], None
+        elif a[7] is not None:  # after a that set it: still set
+            waits, wait_at, start_at = False, a[6], a[7]
+        else:  # after a that kept it: b's
+            waits, wait_at, start_at = True, row[6], None
+        folded[key] = (row[0], attempts, has_output, output, row[4], waits, wait_at, start_at, *row[8:])
+    return list(folded.values())
 
 
 def _attempt_row(change: StepChange, now: float) -> tuple[Any, ...]:
@@ -235,7 +269,15 @@ class SQLStore(ABC):
     def _not_found(self, run_id: str) -> RunNotFoundError:
         return RunNotFoundError(f"no run {run_id!r}; `factory runs` lists the runs")
 
+    def _insert_steps(self, cur: Cursor, run_id: str, step_ids: list[str]) -> None:
+        """A new run's steps, pending, in the order given."""
+        cur.executemany(
+            self._sql("INSERT INTO steps (run_id, step_id, status, position) VALUES (?,?,?,?)"),
+            [(run_id, step_id, StepStatus.PENDING.value, i) for i, step_id in enumerate(step_ids)],
+        )
+
     def _insert_events(self, cur: Cursor, rows: list[tuple[Any, ...]]) -> None:
+        """Events (run_id, step_id, type, data JSON, ts), their ids in the order of the rows."""
         self._before_events(cur)
         cur.executemany(self._sql("INSERT INTO events (run_id, step_id, type, data, ts) VALUES (?,?,?,?,?)"), rows)
         self._after_events(cur)
@@ -293,10 +335,7 @@ class SQLStore(ABC):
                 grants.model_dump_json() if grants else None,
             ),
         )
-        cur.executemany(
-            self._sql("INSERT INTO steps (run_id, step_id, status, position) VALUES (?,?,?,?)"),
-            [(run_id, step_id, StepStatus.PENDING.value, i) for i, step_id in enumerate(step_ids)],
-        )
+        self._insert_steps(cur, run_id, step_ids)
         rows: list[tuple[Any, ...]] = [
             (run_id, None, "run.created", json.dumps({"workflow": workflow_name, "steps": len(step_ids)}), now)
         ]
@@ -684,6 +723,14 @@ class SQLStore(ABC):
             Event(id=row[0], run_id=row[1], step_id=row[2], type=row[3], data=json.loads(row[4]), ts=row[5])
             for row in rows
         ]
+
+    def event_rows(self, after_id: int, limit: int) -> list[EventRow]:
+        with self._read() as cur:
+            rows = cur.execute(
+                self._sql("SELECT id, run_id, step_id, type, data, ts FROM events WHERE id > ? ORDER BY id LIMIT ?"),
+                (after_id, limit),
+            ).fetchall()
+        return [(row[0], row[1], row[2], row[3], row[4], row[5]) for row in rows]
 
     def latest_events(self, run_id: str, type: str, limit: int = 1000) -> list[Event]:
         with self._read() as cur:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from benchmarks import engine_scale
 from benchmarks.engine import chain_workflow, fanout_workflow
 from factory.settings import Settings
@@ -55,3 +57,24 @@ def test_a_large_workflow_runs_in_a_fresh_process() -> None:
 def test_the_breakdown_runs_the_factory_tasks_without_a_coordinator(ray_cluster: str) -> None:
     assert engine_scale.wrapper_only(chain_workflow(5)) == 5
     assert engine_scale.wrapper_only(fanout_workflow(4)) == 0 + 1 + 4 + 9
+
+
+def test_the_table_runs_the_backends_in_turn_and_compares_them(
+    ray_cluster: str, factory_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.engine import _table, raw_chain
+
+    settings = Settings(home=factory_home)
+    one, other = SQLiteStore(factory_home / "one.db"), SQLiteStore(factory_home / "other.db")
+    try:
+        cases = {"chain": ("chain of 4", lambda: raw_chain(4), chain_workflow(4), "s3")}
+        _table(["chain"], cases, [("one", one, settings), ("other", other, settings)], 2, {"chain": 4})
+    finally:
+        one.close()
+        other.close()
+    printed = capsys.readouterr().out
+    assert "chain of 4" in printed and "first run of each" in printed
+    assert "chain: other / one, best against best" in printed and "each round's, median" in printed
+    other = SQLiteStore(factory_home / "other.db")
+    assert len(other.list_runs()) == 3  # a first run, then 2 rounds
+    other.close()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from factory.errors import LeaseLostError, RunNotFoundError
 from factory.events import tail
@@ -79,6 +82,21 @@ def test_run_lifecycle_with_events_in_order(db: Store) -> None:
     ids = [e.id for e in events]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert events[-2].data["error"] == "ValueError: x"
+
+
+def test_a_new_runs_steps_and_events_keep_their_order_and_event_rows_are_the_events_as_stored(db: Store) -> None:
+    ids = [f"s{(i * 7) % 30}" for i in range(30)]  # not in sorted order
+    db.create_run("r1", "wf", "{}", {}, ids)
+    db.record([StepChange("r1", "s3", StepStatus.RUNNING, "step.started", attempts=1, data={"why": "é \u2603"})])
+    assert [s.step_id for s in db.get_steps("r1")] == ids
+    events = db.events(0, "r1")
+    assert [e.step_id for e in events] == [None, *ids, "s3"]
+    rows = db.event_rows(0, 1000)
+    assert [(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows] == [
+        (e.id, e.run_id, e.step_id, e.type, e.data, e.ts) for e in events
+    ]
+    assert rows[-1][4] == json.dumps({"why": "é \u2603", "attempt": 1})  # the data's text as written
+    assert db.event_rows(rows[2][0], 3) == rows[3:6]
 
 
 def test_a_failed_transaction_leaves_nothing_behind(db: Store) -> None:
@@ -492,8 +510,10 @@ def _what_is_kept(store: Store, run_id: str) -> dict[str, object]:
 def test_postgresql_writes_a_batch_as_sqlite_does_in_one_statement_or_row_by_row(
     postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """PostgreSQL records a batch with one call of factory_record, or row by row when its rows
-    are large: both keep what SQLite keeps, change for change."""
+    """PostgreSQL records a batch with one call of factory_record (a statement a table), its
+    steps' rows folded to one a step or not (as a client older than the fold sends them: the
+    function goes row by row then), or row by row from the client when its rows are large: each
+    keeps what SQLite keeps, change for change."""
     from factory.store import postgres
     from factory.store.postgres import PostgresStore
     from factory.store.sql import SQLStore
@@ -505,12 +525,15 @@ def test_postgresql_writes_a_batch_as_sqlite_does_in_one_statement_or_row_by_row
     sqlite, pg = SQLiteStore(tmp_path / "f.db"), PostgresStore(postgres_url)
     try:
         kept = []
-        for store, run_id, limit in ((sqlite, "r", None), (pg, "one", None), (pg, "rows", 0)):
+        ways = ((sqlite, "r", ""), (pg, "one", "one"), (pg, "unfolded", "one"), (pg, "rows", "rows"))
+        for store, run_id, how in ways:
             with monkeypatch.context() as patch:
-                if limit is not None:
-                    patch.setattr(postgres, "MAX_RECORD_JSON_CHARS", limit)
-                elif store is pg:
+                if how == "rows":
+                    patch.setattr(postgres, "MAX_RECORD_JSON_CHARS", 0)
+                elif how == "one":
                     patch.setattr(SQLStore, "_apply_record", not_row_by_row)
+                if run_id == "unfolded":
+                    patch.setattr(postgres, "fold_step_rows", list)
                 store.create_run(run_id, "wf", "{}", {}, ["a", "b", "c", "w"])
                 for batch in _every_kind_of_change(run_id):
                     store.record(batch)
@@ -524,8 +547,130 @@ def test_postgresql_writes_a_batch_as_sqlite_does_in_one_statement_or_row_by_row
         assert [e[1] for e in kept[0]["events"]][-3:] == ["step.succeeded", "step.skipped", "run.failed"]
         assert kept[1] == kept[0]
         assert kept[2] == kept[0]
+        assert kept[3] == kept[0]
     finally:
         sqlite.close()
+        pg.close()
+
+
+_STEPS = ("a", "b", "c")
+_random_changes = st.lists(
+    st.one_of(
+        st.builds(
+            StepChange,
+            run_id=st.just(""),
+            step_id=st.sampled_from(_STEPS),
+            status=st.sampled_from(list(StepStatus)),
+            event=st.sampled_from(["step.started", "step.retrying", "step.succeeded", "step.waiting"]),
+            attempts=st.none() | st.integers(1, 2),
+            output_json=st.none() | st.sampled_from(['"x"', "[1, 2]", '{"k": "\\u00e9"}']),
+            error=st.none() | st.sampled_from(["boom", 'a "quoted" error']),
+            attempt_logs=st.sampled_from([None, "", "line\n", "more"]),
+            attempt_duration=st.none() | st.floats(0, 10),
+            cached=st.booleans(),
+            data=st.sampled_from([{}, {"why": "é"}]),
+            at=st.floats(1e9, 2e9),
+        ),
+        st.builds(
+            ItemChange,
+            run_id=st.just(""),
+            step_id=st.sampled_from(_STEPS),
+            index=st.integers(0, 2),
+            total=st.just(3),
+            output_json=st.sampled_from(["1", '"two"']),
+            attempts=st.integers(1, 3),
+            logs=st.sampled_from(["", "log"]),
+            cached=st.booleans(),
+        ),
+        st.builds(
+            RunChange,
+            run_id=st.just(""),
+            status=st.sampled_from(list(RunStatus)),
+            event=st.just("run.changed"),
+            error=st.none() | st.just("failed"),
+            at=st.floats(1e9, 2e9),
+        ),
+    ),
+    max_size=16,
+)
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[Store]:
+    from factory.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "f.db")
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def postgres_store(postgres_url: str) -> Iterator[Store]:
+    from factory.store.postgres import PostgresStore
+
+    store = PostgresStore(postgres_url)
+    yield store
+    store.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=_random_changes, cuts=st.lists(st.integers(0, 16), max_size=4))
+@example(  # an attempt ended twice in one batch (its last row wins), and a step started and ended
+    changes=[
+        StepChange("", "a", StepStatus.RUNNING, "step.started", attempts=1, at=4.0),
+        StepChange("", "a", StepStatus.RETRYING, "step.retrying", attempts=1, attempt_logs="one", at=5.0),
+        StepChange("", "a", StepStatus.SUCCEEDED, "step.succeeded", attempts=1, attempt_logs="two", at=6.0),
+    ],
+    cuts=[],
+)
+def test_postgresql_keeps_what_sqlite_keeps_for_any_batches_of_changes(
+    postgres_store: Store, sqlite_store: Store, changes: list[Change], cuts: list[int]
+) -> None:
+    """Random changes (a step's several in a batch, an item or an attempt written twice in one),
+    cut into random batches: PostgreSQL (a statement a table, steps folded) keeps what SQLite
+    (a statement a row) keeps."""
+    import dataclasses
+    import itertools
+    import uuid
+
+    bounds = sorted({0, len(changes), *(c for c in cuts if c < len(changes))})
+    kept = []
+    for store in (sqlite_store, postgres_store):
+        run_id = uuid.uuid4().hex[:12]
+        store.create_run(run_id, "wf", "{}", {}, list(_STEPS))
+        mine = [dataclasses.replace(change, run_id=run_id) for change in changes]
+        for lo, hi in itertools.pairwise(bounds):
+            store.record(mine[lo:hi])
+        what = _what_is_kept(store, run_id)
+        what["steps"] = [
+            (s.step_id, s.status, s.attempts, s.output_json, s.error, s.started_at, s.finished_at, s.cached)
+            for s in store.get_steps(run_id)
+        ]
+        kept.append(what)
+    assert kept[1] == kept[0]
+
+
+def test_a_database_made_before_the_record_function_went_a_table_at_a_time_is_migrated(postgres_url: str) -> None:
+    """Migration 11 remakes factory_record in a database where 10 made it (here: one that only fails)."""
+    import psycopg
+
+    from factory.store.postgres import PostgresStore
+
+    PostgresStore(postgres_url).close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM schema_migrations WHERE version = 11")
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION factory_record(p_owner TEXT, p_run_ids TEXT[], p_steps JSONB,"
+            " p_attempts JSONB, p_runs JSONB, p_items JSONB, p_events JSONB, OUT problem TEXT, OUT problem_run TEXT,"
+            " OUT run_owner TEXT) LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'the old function'; END $$"
+        )
+    pg = PostgresStore(postgres_url)
+    try:
+        assert pg.applied_migrations == [11]
+        pg.create_run("r", "wf", "{}", {}, ["a"])
+        pg.record([StepChange("r", "a", StepStatus.RUNNING, "step.started", attempts=1)])
+        assert pg.get_steps("r")[0].status == StepStatus.RUNNING
+    finally:
         pg.close()
 
 
