@@ -408,7 +408,8 @@ class Store(Protocol):
 
     def event_rows(self, after_id: int, limit: int) -> list[EventRow]:
         """The events after ``after_id`` as stored, their data as its JSON text, in id order: for
-        copying them elsewhere (the Redis publisher) without parsing them."""
+        copying them elsewhere (the Redis publisher) without parsing them (the text as written:
+        ``json.dumps`` of the event's data, so parsing it gives what :meth:`events` gives)."""
 
     def latest_events(self, run_id: str, type: str, limit: int = 1000) -> list[Event]:
         """The run's newest events of this type, newest first."""

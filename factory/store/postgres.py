@@ -53,14 +53,18 @@ RECENTLY_USED_SECONDS = 1.0
 # factory_record(owner, run ids, then each table's rows as JSON arrays of arrays, in the order of
 # the changes; the positions are those of sql.py's _step_row, _attempt_row, _run_row, _item_row
 # and event rows): what SQLStore._apply_record's statements do one row at a time, in the same
-# order, done a table at a time (the 1,000 changes of a chain of 500: 29 ms in the server with a
-# statement a row in a loop, 13 ms so; and a call of the function cost 2.2 ms of its CPU, now 0.45):
+# order, done a table at a time (`python -m benchmarks.commit_path`: a batch of 200 steps took
+# 29.7 ms with a statement a row in a loop, 10.8 ms so; 20 steps 3.7 ms, 2.1; one step the same):
 # - steps: one UPDATE, when no step has two rows (the client folds a step's rows into one,
 #   sql.fold_step_rows: an UPDATE changes a row once however many rows of its FROM match it);
 #   otherwise row by row, in order, as before;
 # - attempts, items: an upsert replaces every column but the key, so a key's last row alone
-#   gives what its rows in order give (and one INSERT may not upsert a row twice);
-# - events: inserted in the order of the changes (their ids, from the sequence, follow it).
+#   gives what its rows in order give (and one INSERT may not upsert a row twice); a key's
+#   earlier rows are not written, so a NOT NULL one of them breaks is not refused (no caller
+#   sends such a row);
+# - events: inserted in the order of the changes. Their ids follow it: nextval() is taken as
+#   each row leaves the ordered scan, one at a time (not documented, but what the executor does;
+#   the store contract's tests check the order on every run of them).
 _RECORD_FUNCTION = f"""
 CREATE OR REPLACE FUNCTION factory_record(
     p_owner TEXT, p_run_ids TEXT[], p_steps JSONB, p_attempts JSONB, p_runs JSONB, p_items JSONB,
@@ -601,7 +605,7 @@ class PostgresStore(SQLStore):
     # was made in 20 ms with a statement a row, as executemany sends them, and is in 13 ms so)
     def _insert_steps(self, cur: Cursor, run_id: str, step_ids: list[str]) -> None:
         ids = _json_rows(step_ids)
-        if ids is None:  # what JSONB cannot carry (a NUL character): a statement a row
+        if ids is None or len(ids) > MAX_RECORD_JSON_CHARS:  # what JSONB cannot carry: a statement a row
             super()._insert_steps(cur, run_id, step_ids)
             return
         cur.execute(
@@ -612,7 +616,7 @@ class PostgresStore(SQLStore):
 
     def _insert_events(self, cur: Cursor, rows: list[tuple[Any, ...]]) -> None:
         events = _json_rows(rows)
-        if events is None:
+        if events is None or len(events) > MAX_RECORD_JSON_CHARS:
             super()._insert_events(cur, rows)
             return
         self._before_events(cur)
