@@ -710,6 +710,15 @@ class SQLStore(ABC):
         return [AttemptRecord.model_validate(dict(zip(keys, row, strict=True))) for row in rows]
 
     def events(self, after_id: int = 0, run_id: str | None = None, limit: int = 1000) -> list[Event]:
+        return [
+            Event(id=row[0], run_id=row[1], step_id=row[2], type=row[3], data=json.loads(row[4]), ts=row[5])
+            for row in self._event_rows(after_id, run_id, limit)
+        ]
+
+    def event_rows(self, after_id: int, limit: int) -> list[EventRow]:
+        return self._event_rows(after_id, None, limit)
+
+    def _event_rows(self, after_id: int, run_id: str | None, limit: int) -> list[EventRow]:
         query = "SELECT id, run_id, step_id, type, data, ts FROM events WHERE id > ?"
         args: list[Any] = [after_id]
         if run_id is not None:
@@ -719,17 +728,6 @@ class SQLStore(ABC):
         args.append(limit)
         with self._read() as cur:
             rows = cur.execute(self._sql(query), args).fetchall()
-        return [
-            Event(id=row[0], run_id=row[1], step_id=row[2], type=row[3], data=json.loads(row[4]), ts=row[5])
-            for row in rows
-        ]
-
-    def event_rows(self, after_id: int, limit: int) -> list[EventRow]:
-        with self._read() as cur:
-            rows = cur.execute(
-                self._sql("SELECT id, run_id, step_id, type, data, ts FROM events WHERE id > ? ORDER BY id LIMIT ?"),
-                (after_id, limit),
-            ).fetchall()
         return [(row[0], row[1], row[2], row[3], row[4], row[5]) for row in rows]
 
     def latest_events(self, run_id: str, type: str, limit: int = 1000) -> list[Event]:

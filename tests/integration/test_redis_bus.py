@@ -289,7 +289,8 @@ def test_two_stores_share_one_redis_each_under_its_own_keys(
         pending = store.events(cursor)
         assert len(pending) == 12 and bus.replay(cursor) == pending[:5]
         half = pending[5]
-        crashing.redis.xadd(crashing.keys.events, _fields(half), id=f"{half.id}-0")
+        (half_row,) = store.event_rows(half.id - 1, 1)
+        crashing.redis.xadd(crashing.keys.events, _fields(half_row), id=f"{half.id}-0")
         # A new publisher (the next coordinator, or `factory publish-events`) starts from the cursor.
         restarted = RedisEventPublisher(store, own_redis.url)
         assert restarted.publish_pending() == 12
